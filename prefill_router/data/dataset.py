@@ -1,0 +1,75 @@
+"""The one in-memory routing dataset every stage reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import numpy as np
+
+# A prompt is plain text or OpenAI-style chat messages [{"role": ..., "content": ...}, ...].
+Prompt = Union[str, list]
+
+
+@dataclass
+class RoutingDataset:
+    """Prompts, target names, labels and costs.
+
+    Y[i, k] in [0, 1] is how well target k answered prompt i (1 = correct); NaN where target k was not run.
+    C[i, k] is the cost in USD of sending prompt i to target k; NaN where unknown.
+    groups, when given, is a category per prompt (used for stratified splits and per-category reports).
+    notes collects caveats a report must repeat (for example imputed output-token counts).
+    """
+
+    prompt_ids: list[str]
+    prompts: list[Prompt]
+    targets: list[str]
+    Y: np.ndarray
+    C: np.ndarray
+    groups: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.Y = np.asarray(self.Y, dtype=np.float64)
+        self.C = np.asarray(self.C, dtype=np.float64)
+        n, k = len(self.prompt_ids), len(self.targets)
+        if len(self.prompts) != n:
+            raise ValueError(f"prompts has {len(self.prompts)} entries, prompt_ids has {n}")
+        if self.Y.shape != (n, k):
+            raise ValueError(f"Y has shape {self.Y.shape}, expected ({n}, {k})")
+        if self.C.shape != (n, k):
+            raise ValueError(f"C has shape {self.C.shape}, expected ({n}, {k})")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"groups has {len(self.groups)} entries, expected {n}")
+        if len(set(self.targets)) != k:
+            raise ValueError(f"target names repeat: {self.targets}")
+
+    @property
+    def n(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def k(self) -> int:
+        return len(self.targets)
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> "RoutingDataset":
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return RoutingDataset(
+            prompt_ids=[self.prompt_ids[i] for i in rows],
+            prompts=[self.prompts[i] for i in rows],
+            targets=list(self.targets),
+            Y=self.Y[rows],
+            C=self.C[rows],
+            groups=None if self.groups is None else [self.groups[i] for i in rows],
+            notes=list(self.notes),
+        )
+
+    def select_targets(self, names: Sequence[str]) -> "RoutingDataset":
+        unknown = [t for t in names if t not in self.targets]
+        if unknown:
+            raise KeyError(f"unknown target(s) {unknown}; known: {self.targets}")
+        cols = [self.targets.index(t) for t in names]
+        return RoutingDataset(self.prompt_ids, self.prompts, list(names), self.Y[:, cols], self.C[:, cols],
+                              self.groups, list(self.notes))

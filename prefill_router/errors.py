@@ -1,0 +1,35 @@
+"""Errors that name what is wrong, so a user can fix their input without reading our code."""
+
+from __future__ import annotations
+
+
+class PrefillRouterError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class DataError(PrefillRouterError, ValueError):
+    """Bad routing data. Names the file, the line (1-based, header is line 1 for CSV) and the field."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        self.file, self.line, self.field, self.reason = file, line, field, message
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{': '.join([', '.join(where)] if where else [])}{': ' if where else ''}{message}")
+
+
+class ConfigError(PrefillRouterError, ValueError):
+    """A configuration file or argument is invalid. The message names the field."""
+
+
+class EncoderError(PrefillRouterError, ValueError):
+    """The encoder cannot run on this input (empty prompt, unknown encoder, bad spec)."""
+
+
+class CheckpointError(PrefillRouterError, ValueError):
+    """A router checkpoint is missing, corrupt, or does not match the encoder in use."""

@@ -1,0 +1,67 @@
+"""Shared test fixtures. Tests run offline on CPU: no hub downloads, tiny random models built here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+SHARED_DATA = Path(os.environ.get("PREFILL_ROUTER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared routing data folder; tests that need it are skipped where it is absent."""
+    if not (SHARED_DATA / "mmlu-pro").exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, max_positions: int = 128,
+                      seed: int = 0) -> Path:
+    """Save a tiny randomly initialised Llama and a real (locally trained) tokenizer with a chat template.
+
+    Loading it goes through the same code path as any Hugging Face folder.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    special = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? A. paris B. rome",
+              "user assistant system question answer option", "0123456789 + - * / = ( ) . , ? !"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.model_max_length = max_positions
+    fast.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, pad_token_id=fast.pad_token_id,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 32, context 128) with a chat-template tokenizer, saved to disk."""
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
