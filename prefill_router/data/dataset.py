@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
+
+# Notes that describe how C was computed start with COST_NOTE_PREFIX, so that recomputing C can replace them.
+from prefill_router.data.prices import COST_NOTE_PREFIX
+
+if TYPE_CHECKING:
+    from prefill_router.data.prices import CostModel, PriceTable
 
 # A prompt is plain text or OpenAI-style chat messages [{"role": ..., "content": ...}, ...].
 Prompt = Union[str, list]
@@ -19,6 +25,9 @@ class RoutingDataset:
     C[i, k] is the cost in USD of sending prompt i to target k; NaN where unknown.
     groups, when given, is a category per prompt (used for stratified splits and per-category reports).
     notes collects caveats a report must repeat (for example imputed output-token counts).
+    input_tokens[i], when known, is the prompt's token count; output_tokens[i, k] the answer length of target k
+    in tokens, NaN where unknown. prices, when known, is the table C was computed from. Together they let
+    `with_costs` recompute C with output lengths imputed from training rows only.
     """
 
     prompt_ids: list[str]
@@ -28,11 +37,22 @@ class RoutingDataset:
     C: np.ndarray
     groups: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    input_tokens: np.ndarray | None = None  # [N]
+    output_tokens: np.ndarray | None = None  # [N, K], NaN where unknown
+    prices: "PriceTable | None" = None
 
     def __post_init__(self) -> None:
         self.Y = np.asarray(self.Y, dtype=np.float64)
         self.C = np.asarray(self.C, dtype=np.float64)
         n, k = len(self.prompt_ids), len(self.targets)
+        if self.input_tokens is not None:
+            self.input_tokens = np.asarray(self.input_tokens, dtype=np.float64)
+            if self.input_tokens.shape != (n,):
+                raise ValueError(f"input_tokens has shape {self.input_tokens.shape}, expected ({n},)")
+        if self.output_tokens is not None:
+            self.output_tokens = np.asarray(self.output_tokens, dtype=np.float64)
+            if self.output_tokens.shape != (n, k):
+                raise ValueError(f"output_tokens has shape {self.output_tokens.shape}, expected ({n}, {k})")
         if len(self.prompts) != n:
             raise ValueError(f"prompts has {len(self.prompts)} entries, prompt_ids has {n}")
         if self.Y.shape != (n, k):
@@ -64,6 +84,9 @@ class RoutingDataset:
             C=self.C[rows],
             groups=None if self.groups is None else [self.groups[i] for i in rows],
             notes=list(self.notes),
+            input_tokens=None if self.input_tokens is None else self.input_tokens[rows],
+            output_tokens=None if self.output_tokens is None else self.output_tokens[rows],
+            prices=self.prices,
         )
 
     def select_targets(self, names: Sequence[str]) -> "RoutingDataset":
@@ -72,4 +95,19 @@ class RoutingDataset:
             raise KeyError(f"unknown target(s) {unknown}; known: {self.targets}")
         cols = [self.targets.index(t) for t in names]
         return RoutingDataset(self.prompt_ids, self.prompts, list(names), self.Y[:, cols], self.C[:, cols],
-                              self.groups, list(self.notes))
+                              self.groups, list(self.notes), input_tokens=self.input_tokens,
+                              output_tokens=None if self.output_tokens is None else self.output_tokens[:, cols],
+                              prices=self.prices)
+
+    def with_costs(self, cost_model: "CostModel") -> "RoutingDataset":
+        """A copy whose C is recomputed by `cost_model` from this dataset's token counts.
+
+        Known output lengths are used as they are; unknown ones take the model's medians, which
+        `CostModel.fit(dataset, train_rows)` computes over training rows only.
+        """
+        C = cost_model.costs(self)
+        # Earlier cost notes describe the costs being replaced, so they go.
+        notes = [n for n in self.notes if not n.startswith(COST_NOTE_PREFIX)] + list(cost_model.notes)
+        return RoutingDataset(self.prompt_ids, self.prompts, list(self.targets), self.Y, C, self.groups, notes,
+                              input_tokens=self.input_tokens, output_tokens=self.output_tokens,
+                              prices=cost_model.prices)
