@@ -10,6 +10,9 @@ A targets file is YAML or TOML:
         usd_per_m_input: 2.5
         usd_per_m_output: 10.0
         timeout_s: 60
+        max_concurrency: 8              # optional, used by `collect`: requests in flight at once
+        requests_per_second: 5          # optional, used by `collect`
+        tokens_per_minute: 200000       # optional, used by `collect` (input + output tokens)
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class TargetConfig(BaseModel):
     usd_per_m_input: float = Field(default=0.0, ge=0)
     usd_per_m_output: float = Field(default=0.0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    # Client-side limits for label collection (`prefill-router collect`); None = the command's default / unlimited.
+    max_concurrency: int | None = Field(default=None, ge=1)
+    requests_per_second: float | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
 
     @field_validator("base_url")
     @classmethod
