@@ -37,7 +37,7 @@ class TargetConfig(BaseModel):
     usd_per_m_input: float = Field(default=0.0, ge=0)
     usd_per_m_output: float = Field(default=0.0, ge=0)
     timeout_s: float = Field(default=60.0, gt=0)
-    # Client-side limits for label collection (`prefill-router collect`); None = the command's default / unlimited.
+    # Client-side limits for label collection (`prefill-router collect`); None: its default, or no limit.
     max_concurrency: int | None = Field(default=None, ge=1)
     requests_per_second: float | None = Field(default=None, gt=0)
     tokens_per_minute: int | None = Field(default=None, gt=0)
