@@ -1,0 +1,310 @@
+"""The OpenAI-compatible routing gateway (FastAPI).
+
+    POST /v1/chat/completions   route, then proxy to the chosen upstream (stream passthrough included)
+    POST /v1/route              the routing decision only
+    GET  /v1/models             router aliases and targets
+    GET  /health                encoder loaded, upstreams configured
+    GET  /metrics               Prometheus
+
+Every error the gateway itself produces has OpenAI's shape {"error": {"message", "type", "code"}}.
+An upstream's own 4xx reply (other than 408/429) is passed through unchanged; see `upstream.py` for the rules.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from prefill_router.errors import ConfigError, EncoderError
+from prefill_router.serve.config import GatewayConfig
+from prefill_router.serve.engine import BadMessages, RoutingEngine, Scorer, routing_messages
+from prefill_router.serve.metrics import GatewayMetrics
+from prefill_router.serve.models import ModelChoice, UnknownModel, model_ids, resolve_model
+from prefill_router.serve.upstream import AllUpstreamsFailed, Attempt, UpstreamPool, UpstreamReply
+
+log = logging.getLogger("prefill_router.serve")
+
+# Not forwarded from the upstream's reply: they describe the upstream connection, not the body.
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date",
+               "server"}
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def error_body(message: str, type_: str, code: str | None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+class UpstreamStream(Response):
+    """Relays an open upstream SSE response byte for byte.
+
+    The upstream response is closed when the stream ends, fails, or the client disconnects; closing it drops
+    the upstream connection, which cancels the generation there.
+    """
+
+    def __init__(self, upstream: httpx.Response, headers: dict[str, str], on_disconnect, on_error):
+        # Not Response.__init__: that would declare a Content-Length for an empty body.
+        self.status_code = upstream.status_code
+        self.background = None
+        self.init_headers(headers)
+        self.upstream = upstream
+        self.on_disconnect = on_disconnect
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def relay(cancel: anyio.CancelScope) -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            try:
+                async for chunk in self.upstream.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                # Too late to fall back: tell the client in the stream's own format, then end it.
+                self.on_error(exc)
+                event = error_body(f"upstream stream failed: {type(exc).__name__}", "upstream_error",
+                                   "upstream_stream_failed")
+                await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(),
+                            "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            cancel.cancel()
+
+        async def watch(cancel: anyio.CancelScope) -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.on_disconnect()
+                    cancel.cancel()
+                    return
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(relay, group.cancel_scope)
+                group.start_soon(watch, group.cancel_scope)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.upstream.aclose()
+
+
+def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The gateway for `config`, routing with `scorer` (see `RouterScorer` for a trained `Router`)."""
+    missing = [t for t in scorer.targets if t not in {c.name for c in config.targets}]
+    if missing:
+        raise ConfigError(f"targets: the router predicts for {missing}, which have no upstream entry in the config")
+    metrics = GatewayMetrics()
+    client_keys = config.auth.all_keys()
+    target_names = [t.name for t in config.targets]
+    routed_targets = list(scorer.targets)
+
+    def on_attempt_failed(attempt: Attempt) -> None:
+        metrics.upstream_errors.labels(target=attempt.target).inc()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await app.state.engine.close()
+        await app.state.pool.aclose()
+
+    app = FastAPI(title="prefill-router gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.engine = RoutingEngine(scorer, max_batch_size=config.batching.max_batch_size,
+                                     max_wait_ms=config.batching.max_wait_ms, cache_size=config.cache_size,
+                                     metrics=metrics)
+    app.state.pool = UpstreamPool(config.targets, retries=config.retries, on_attempt_failed=on_attempt_failed,
+                                  transport=transport)
+
+    def fail(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.errors.labels(status=str(status), code=code or "").inc()
+        return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return fail(exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return fail(exc.status_code, str(exc.detail), "invalid_request_error", code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return fail(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
+
+    def check_auth(request: Request) -> None:
+        if not client_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise GatewayError(401, "missing bearer key: send 'Authorization: Bearer <key>'",
+                               "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in client_keys):
+            raise GatewayError(401, "invalid bearer key", "invalid_request_error", "invalid_api_key",
+                               {"WWW-Authenticate": "Bearer"})
+
+    async def read_json(request: Request) -> dict:
+        limit = config.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = GatewayError(413, f"request body is larger than max_body_bytes={limit}", "invalid_request_error",
+                               "request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise too_big
+        try:
+            body = json.loads(bytes(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GatewayError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+        return body
+
+    def choose_model(body: dict, default: str | None = None) -> ModelChoice:
+        try:
+            return resolve_model(body.get("model", default), target_names, config.presets,
+                                 default_policy=config.router.policy, default_lam=config.router.lam)
+        except UnknownModel as exc:
+            raise GatewayError(400, str(exc), code="model_not_found") from None
+
+    def messages_of(body: dict) -> list[dict]:
+        try:
+            return routing_messages(body.get("messages"))
+        except BadMessages as exc:
+            raise GatewayError(400, str(exc), code="invalid_messages") from None
+
+    async def decide(choice: ModelChoice, messages: list[dict]):
+        if choice.pinned is not None:
+            return None, None
+        try:
+            return await app.state.engine.decide(messages, policy=choice.policy, lam=choice.lam)
+        except (EncoderError, ValueError) as exc:
+            raise GatewayError(400, f"cannot route this prompt: {exc}", code="routing_failed") from None
+
+    def routing_headers(decision, source: str | None, chosen: str) -> dict[str, str]:
+        headers = {"x-router-chosen": chosen}
+        if decision is None:
+            headers["x-router-latency-ms"] = "0"
+            return headers
+        headers["x-router-probabilities"] = json.dumps({t: round(p, 6) for t, p in decision.probabilities.items()},
+                                                       separators=(",", ":"))
+        headers["x-router-latency-ms"] = f"{decision.latency_ms:.3f}"
+        headers["x-router-cache"] = source or "miss"
+        headers["x-router-truncated"] = "true" if decision.truncated else "false"
+        return headers
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_auth(request)
+        body = await read_json(request)
+        choice = choose_model(body)
+        messages = messages_of(body)
+        stream = bool(body.get("stream"))
+        decision, source = await decide(choice, messages)
+        chosen = choice.pinned or decision.target
+        # A pinned target is what the caller asked for by name: retried, never silently replaced.
+        chain = [chosen] if choice.pinned else config.fallback_chain(chosen)
+        headers = routing_headers(decision, source, chosen)
+        try:
+            reply: UpstreamReply = await app.state.pool.chat(chain, body, stream=stream)
+        except AllUpstreamsFailed as exc:
+            for name in dict.fromkeys(a.target for a in exc.attempts):
+                metrics.fallbacks.labels(target=name).inc()
+            headers["x-router-fallbacks"] = json.dumps(list(dict.fromkeys(a.target for a in exc.attempts)))
+            raise GatewayError(502, str(exc), "upstream_error", "all_upstreams_failed", headers) from None
+        for name in reply.fallbacks:
+            metrics.fallbacks.labels(target=name).inc()
+        metrics.requests.labels(target=reply.target, status=str(reply.response.status_code)).inc()
+        headers["x-router-target"] = reply.target
+        headers["x-router-fallbacks"] = json.dumps(reply.fallbacks)
+        headers["x-router-upstream-ms"] = f"{reply.upstream_ms:.3f}"
+        for key, value in reply.response.headers.items():
+            if key.lower() not in HOP_HEADERS and not key.lower().startswith("x-router-"):
+                headers.setdefault(key, value)
+        if stream and reply.response.status_code < 400:
+            target = reply.target
+
+            def on_disconnect() -> None:
+                metrics.stream_disconnects.labels(target=target).inc()
+
+            def on_error(exc: Exception) -> None:
+                metrics.upstream_errors.labels(target=target).inc()
+                log.warning("stream from %s failed mid-way: %r", target, exc)
+
+            return UpstreamStream(reply.response, headers, on_disconnect, on_error)
+        return Response(content=reply.response.content, status_code=reply.response.status_code, headers=headers)
+
+    @app.post("/v1/route")
+    async def route(request: Request) -> JSONResponse:
+        check_auth(request)
+        body = await read_json(request)
+        choice = choose_model(body, default="router")
+        messages = messages_of(body)
+        if choice.pinned is not None:
+            raise GatewayError(400, f"model '{choice.pinned}' is a target, not a router alias; /v1/route needs "
+                               "'router', 'router:<lambda>' or 'router:<preset>'", code="model_not_found")
+        decision, source = await decide(choice, messages)
+        return JSONResponse({
+            "target": decision.target,
+            "probabilities": decision.probabilities,
+            "estimated_cost": decision.estimated_cost,
+            "latency_ms": decision.latency_ms,
+            "truncated": decision.truncated,
+            "cache": source,
+            "model": choice.requested,
+            "fallback_chain": config.fallback_chain(decision.target),
+        })
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        check_auth(request)
+        data: list[dict[str, Any]] = []
+        for model_id in model_ids(target_names, config.presets):
+            is_target = model_id in target_names
+            data.append({"id": model_id, "object": "model", "created": 0,
+                         "owned_by": "upstream" if is_target else "prefill-router",
+                         "routed": is_target and model_id in routed_targets})
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        upstreams = {}
+        for t in config.targets:
+            if not t.api_key_env:
+                key = "not needed"
+            else:
+                key = "set" if os.environ.get(t.api_key_env) else f"missing ({t.api_key_env})"
+            upstreams[t.name] = {"base_url": t.base_url, "model": t.upstream_model, "api_key": key,
+                                 "routed": t.name in routed_targets}
+        ready = all(v["api_key"] != f"missing ({t.api_key_env})" for t, v in zip(config.targets,
+                                                                                  upstreams.values()))
+        return JSONResponse({"status": "ok" if ready else "degraded",
+                             "encoder_loaded": bool(getattr(scorer, "encoder_loaded", True)),
+                             "encoder": encoder_info or getattr(scorer, "encoder_info", None),
+                             "targets": routed_targets, "upstreams": upstreams})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app

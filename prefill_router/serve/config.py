@@ -1,0 +1,164 @@
+"""The gateway's configuration file (YAML or TOML), validated at start with errors that name the field.
+
+    router:
+      checkpoint: runs/router            # relative paths are read from the config file's folder
+      policy: null                       # null: the checkpoint's default policy
+      lam: null                          # null: the checkpoint's default lambda
+    presets:                             # `model: "router:<name>"` picks one of these per request
+      best: {policy: argmax}
+      cheap: {policy: utility, lam: 2000}
+    targets:                             # the same entries `collect` reads (prefill_router/targets.py), plus:
+      - name: gpt-4o
+        base_url: https://api.openai.com/v1
+        model: gpt-4o-2024-08-06
+        api_key_env: OPENAI_API_KEY
+        usd_per_m_input: 2.5
+        usd_per_m_output: 10
+        timeout_s: 60
+        fallbacks: [llama-70b]           # optional: who to try when this target fails (default: fallback_order)
+    fallback_order: [gpt-4o, llama-70b]  # optional: default order after the chosen target (default: targets order)
+    retries: 1                           # retries of the same target on timeout, connection error, 408/429/5xx
+    listen: {host: 127.0.0.1, port: 8000}
+    auth: {keys: [], keys_env: GATEWAY_KEYS}   # bearer keys; keys_env holds comma-separated keys
+    max_body_bytes: 1000000
+    batching: {max_batch_size: 16, max_wait_ms: 5}
+    cache_size: 4096                     # routing decisions kept in the LRU cache; 0 turns it off
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prefill_router.errors import ConfigError
+from prefill_router.targets import TargetConfig, read_config_file, validation_message
+
+ROUTER_ALIAS = "router"
+
+
+class GatewayTarget(TargetConfig):
+    fallbacks: list[str] | None = None
+
+
+class RouterSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path
+    encoder: str | None = None  # load this encoder instead of the one the checkpoint names (must match it)
+    policy: str | None = None
+    lam: float | None = Field(default=None, ge=0)
+
+
+class Preset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = None
+    lam: float | None = Field(default=None, ge=0)
+
+
+class Listen(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+
+class Auth(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[str] = Field(default_factory=list)
+    keys_env: str | None = None
+
+    def all_keys(self) -> set[str]:
+        keys = {k for k in self.keys if k}
+        if self.keys_env:
+            value = os.environ.get(self.keys_env)
+            if value is None:
+                raise ConfigError(f"auth.keys_env: environment variable {self.keys_env} is not set")
+            keys |= {k.strip() for k in value.split(",") if k.strip()}
+        return keys
+
+
+class Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=16, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+
+
+def _default_presets() -> dict[str, Preset]:
+    # "best" ignores cost; "cheap" uses the utility policy with a large cost weight. Both are overridable.
+    return {"best": Preset(policy="argmax"), "cheap": Preset(policy="utility", lam=1e4)}
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    router: RouterSection
+    targets: list[GatewayTarget] = Field(min_length=1)
+    presets: dict[str, Preset] = Field(default_factory=_default_presets)
+    fallback_order: list[str] | None = None
+    retries: int = Field(default=1, ge=0, le=5)
+    listen: Listen = Field(default_factory=Listen)
+    auth: Auth = Field(default_factory=Auth)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    batching: Batching = Field(default_factory=Batching)
+    cache_size: int = Field(default=4096, ge=0)
+
+    @field_validator("presets")
+    @classmethod
+    def _preset_names(cls, presets: dict[str, Preset]) -> dict[str, Preset]:
+        for name in presets:
+            if not name or ":" in name:
+                raise ValueError(f"preset name {name!r} must be non-empty and contain no ':'")
+        return presets
+
+    @model_validator(mode="after")
+    def _names_refer_to_targets(self) -> "GatewayConfig":
+        names = [t.name for t in self.targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"targets: duplicate name(s) {dupes}")
+        reserved = [n for n in names if n == ROUTER_ALIAS or n.startswith(ROUTER_ALIAS + ":")]
+        if reserved:
+            raise ValueError(f"targets: name(s) {reserved} clash with the '{ROUTER_ALIAS}' model alias")
+        known = set(names)
+        if self.fallback_order is not None:
+            unknown = [n for n in self.fallback_order if n not in known]
+            if unknown:
+                raise ValueError(f"fallback_order: unknown target(s) {unknown}; known: {names}")
+        for i, t in enumerate(self.targets):
+            unknown = [n for n in (t.fallbacks or []) if n not in known]
+            if unknown:
+                raise ValueError(f"targets.{i}.fallbacks: unknown target(s) {unknown}; known: {names}")
+        return self
+
+    def fallback_chain(self, first: str) -> list[str]:
+        """The targets to try, in order, when `first` is chosen: first itself, then its fallbacks."""
+        by_name = {t.name: t for t in self.targets}
+        rest = by_name[first].fallbacks
+        if rest is None:
+            rest = self.fallback_order if self.fallback_order is not None else [t.name for t in self.targets]
+        chain = [first]
+        for name in rest:
+            if name not in chain:
+                chain.append(name)
+        return chain
+
+
+def parse_gateway_config(data: dict, path: str | Path = "<config>") -> GatewayConfig:
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(path, exc)) from exc
+    base = Path(path).parent if str(path) != "<config>" else Path.cwd()
+    if not config.router.checkpoint.is_absolute():
+        config.router.checkpoint = (base / config.router.checkpoint).resolve()
+    return config
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway config file; ConfigError names the file and each bad field."""
+    return parse_gateway_config(read_config_file(path), path)

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one gateway app. Each app has its own registry, so several apps (tests) never collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "prefill_router"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class GatewayMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Chat requests answered, by the target that answered and "
+                                "the HTTP status it returned", ["target", "status"], registry=r)
+        self.upstream_errors = Counter(f"{PREFIX}_upstream_errors", "Failed upstream attempts (timeouts, "
+                                       "connection errors, 408/429/5xx), retries included", ["target"], registry=r)
+        self.fallbacks = Counter(f"{PREFIX}_fallbacks", "Requests that left a target for the next one in its "
+                                 "fallback chain, by the target given up on", ["target"], registry=r)
+        self.errors = Counter(f"{PREFIX}_errors", "Requests the gateway answered with an error of its own, by "
+                              "HTTP status and error code", ["status", "code"], registry=r)
+        self.routing_latency = Histogram(f"{PREFIX}_routing_latency_seconds", "Time to a routing decision "
+                                         "(queueing, encoder prefill, MLP, policy)", buckets=LATENCY_BUCKETS,
+                                         registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Prompts per encoder forward pass",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.cache = Counter(f"{PREFIX}_cache_lookups", "Routing cache lookups, by result", ["result"], registry=r)
+        self.stream_disconnects = Counter(f"{PREFIX}_stream_disconnects", "Streams the client closed before the "
+                                          "end (the upstream call is cancelled)", ["target"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
