@@ -1,0 +1,206 @@
+"""Loaders for the known routing datasets: MMLU-Pro (12,002 questions x 28 LLMs) and RouteLLM's GPT-4 vs Mixtral.
+
+The data folder comes from the `root` argument or the PREFILL_ROUTER_DATA environment variable. It holds
+`mmlu-pro/` and `routellm/` as described in that folder's README.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from prefill_router.data.dataset import RoutingDataset
+from prefill_router.data.prices import CostModel, PriceTable
+from prefill_router.data.tokens import cache_dir, count_tokens, counting_tokenizer
+from prefill_router.errors import DataError
+
+DATA_ENV = "PREFILL_ROUTER_DATA"
+
+# MMLU-Pro records each answer's length in characters, not tokens. English text with numbers and formulas
+# runs close to 4 characters per token with common LLM tokenizers, so output tokens = chars / 4 (rounded).
+CHARS_PER_TOKEN = 4.0
+
+ROUTELLM_WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+ROUTELLM_STRONG = "gpt-4-1106-preview"
+# Assumed prices, USD per million tokens. gpt-4-1106-preview: OpenAI's list price ($10 input, $30 output).
+# Mixtral-8x7B-Instruct: $0.24 for input and output alike, the hosted price RouteLLM's paper (Ong et al. 2024,
+# arXiv 2406.18665, section 5) assumes; the same paper summarises GPT-4 as a blended $24.7 per million tokens.
+ROUTELLM_PRICES = {ROUTELLM_WEAK: (0.24, 0.24), ROUTELLM_STRONG: (10.0, 30.0)}
+
+
+def data_root(root: str | Path | None = None) -> Path:
+    """The shared data folder: `root` if given, else $PREFILL_ROUTER_DATA."""
+    source = "the root argument"
+    if root is None:
+        root, source = os.environ.get(DATA_ENV), DATA_ENV
+        if not root:
+            raise DataError(f"no data folder: pass root= (--data-root on the command line) or set {DATA_ENV}")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data folder given by {source} does not exist (pass root= / --data-root or set "
+                        f"{DATA_ENV})", file=str(path))
+    return path
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise DataError("expected data file is missing", file=str(path))
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _cached_token_counts(prompts: list[str], source: Path, tag: str) -> np.ndarray:
+    """count_tokens(prompts), cached on disk by source file content, prompt format tag and tokenizer."""
+    tokenizer = counting_tokenizer().name
+    path = cache_dir() / "token_counts" / f"{tag}-{_file_digest(source)}-{tokenizer}.npy"
+    if path.is_file():
+        counts = np.load(path, allow_pickle=False)
+        if counts.shape == (len(prompts),):
+            return counts
+    counts = count_tokens(prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, counts, allow_pickle=False)
+    os.replace(tmp, path)
+    return counts
+
+
+def mmlu_pro_prompt(question: str, options: Sequence[str]) -> str:
+    """`question\\nA. option\\nB. option...`: the format the reference features were computed on."""
+    return question + "\n" + "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(options))
+
+
+def load_mmlu_pro(root: str | Path | None = None, *, targets: Sequence[str] | None = None,
+                  limit: int | None = None) -> RoutingDataset:
+    """MMLU-Pro: 12,002 questions x 28 LLMs, rows in the file order of questions.jsonl.gz.
+
+    Y = correct (0/1). groups = category. Cost uses models.csv prices, input tokens counted with
+    `count_tokens` and output tokens = output_chars / 4; output_chars == 0 means unrecorded and is imputed by
+    median output tokens (over all rows here; refit on training rows with `ds.with_costs(CostModel.fit(ds, train))`).
+    """
+    folder = data_root(root) / "mmlu-pro"
+    questions_path = _require(folder / "questions.jsonl.gz")
+    outcomes_path = _require(folder / "outcomes.csv.gz")
+    models_path = _require(folder / "models.csv")
+
+    prices = PriceTable.load(models_path)
+    all_targets = prices.targets
+    if targets is not None:
+        unknown = [t for t in targets if t not in prices]
+        if unknown:
+            raise DataError(f"unknown MMLU-Pro model(s) {unknown}; known: {all_targets}", file=str(models_path),
+                            field="model")
+        all_targets = list(targets)
+
+    ids, prompts, groups = [], [], []
+    with gzip.open(questions_path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                q = json.loads(line)
+                ids.append(str(q["question_id"]))
+                prompts.append(mmlu_pro_prompt(q["question"], q["options"]))
+                groups.append(q["category"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"bad question record: {exc}", file=str(questions_path), line=line_no) from None
+    input_tokens = _cached_token_counts(prompts, questions_path, "mmlu-pro-v1")
+    if limit is not None:
+        ids, prompts, groups, input_tokens = ids[:limit], prompts[:limit], groups[:limit], input_tokens[:limit]
+
+    outcomes = pd.read_csv(outcomes_path, dtype={"question_id": str, "model": str})
+    for column in ("question_id", "model", "correct", "output_chars"):
+        if column not in outcomes.columns:
+            raise DataError("missing column", file=str(outcomes_path), line=1, field=column)
+    unknown = sorted(set(outcomes["model"].unique()) - set(prices.targets))
+    if unknown:
+        raise DataError(f"model(s) {unknown} have no price in models.csv", file=str(outcomes_path), field="model")
+    row_of = pd.Series(np.arange(len(ids)), index=ids)
+    col_of = pd.Series(np.arange(len(all_targets)), index=all_targets)
+    outcomes = outcomes[outcomes["question_id"].isin(row_of.index) & outcomes["model"].isin(col_of.index)]
+    rows = row_of[outcomes["question_id"]].to_numpy()
+    cols = col_of[outcomes["model"]].to_numpy()
+
+    Y = np.full((len(ids), len(all_targets)), np.nan)
+    Y[rows, cols] = outcomes["correct"].to_numpy(dtype=np.float64)
+    chars = outcomes["output_chars"].to_numpy(dtype=np.float64)
+    output_tokens = np.full(Y.shape, np.nan)
+    output_tokens[rows, cols] = np.where(chars > 0, np.round(chars / CHARS_PER_TOKEN), np.nan)
+
+    notes = [f"output tokens = recorded answer characters / {CHARS_PER_TOKEN:g} (an assumption), unknown where "
+             f"no answer text was recorded ({int(np.isnan(output_tokens).sum())} of {output_tokens.size} pairs)",
+             f"input tokens counted with the {counting_tokenizer().name} tokenizer",
+             "prices are models.csv's assumed 2024 list prices, not measurements"]
+    ds = RoutingDataset(ids, prompts, list(all_targets), Y, np.zeros(Y.shape), groups, notes,
+                        input_tokens=input_tokens, output_tokens=output_tokens, prices=prices)
+    return ds.with_costs(CostModel.fit(ds))
+
+
+def load_routellm(root: str | Path | None = None, *, benchmark: str = "mmlu",
+                  exclude_contaminated: bool = True) -> RoutingDataset:
+    """RouteLLM's evaluation data: Mixtral-8x7B-Instruct (weak, column 0) vs gpt-4-1106-preview (strong, column 1).
+
+    Contaminated prompts are dropped as RouteLLM's benchmarks do: every row whose prompt equals an
+    `eval_prompt` of `<benchmark>_contaminated_prompts.jsonl`. prompt_ids are `<benchmark>-<row in file>`.
+    Output lengths are not recorded, so costs count input tokens only.
+    """
+    if benchmark not in ("mmlu", "gsm8k"):
+        raise DataError(f"unknown RouteLLM benchmark '{benchmark}'; choose 'mmlu' or 'gsm8k'", field="benchmark")
+    folder = data_root(root) / "routellm"
+    csv_path = _require(folder / f"{benchmark}.csv.gz")
+    frame = pd.read_csv(csv_path)
+    for column in ("prompt", ROUTELLM_WEAK, ROUTELLM_STRONG):
+        if column not in frame.columns:
+            raise DataError("missing column", file=str(csv_path), line=1, field=column)
+    ids = [f"{benchmark}-{i}" for i in range(len(frame))]
+    input_tokens = _cached_token_counts(frame["prompt"].tolist(), csv_path, f"routellm-{benchmark}-v1")
+    notes = []
+    keep = np.ones(len(frame), dtype=bool)
+    if exclude_contaminated:
+        contaminated_path = _require(folder / f"{benchmark}_contaminated_prompts.jsonl")
+        contaminated = set()
+        with open(contaminated_path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        contaminated.add(json.loads(line)["eval_prompt"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                        raise DataError(f"bad record: {exc}", file=str(contaminated_path), line=line_no,
+                                        field="eval_prompt") from None
+        keep = ~frame["prompt"].isin(contaminated).to_numpy()
+        notes.append(f"excluded {int((~keep).sum())} of {len(frame)} prompts listed as contaminated in "
+                     f"{contaminated_path.name} (exact prompt match, as RouteLLM does)")
+
+    targets = [ROUTELLM_WEAK, ROUTELLM_STRONG]
+    Y = np.column_stack([_as_correct(frame[t], csv_path, t) for t in targets])
+    groups = frame["subject"].astype(str).tolist() if "subject" in frame.columns else None
+    prices = PriceTable(ROUTELLM_PRICES, source="RouteLLM default prices (assumed)")
+    notes.append("prices assumed: gpt-4-1106-preview $10/$30 per M input/output tokens, "
+                 "Mixtral-8x7B-Instruct $0.24/$0.24")
+    ds = RoutingDataset(ids, frame["prompt"].tolist(), targets, Y, np.zeros(Y.shape), groups, notes,
+                        input_tokens=input_tokens, output_tokens=np.full(Y.shape, np.nan), prices=prices)
+    ds = ds.with_costs(CostModel.fit(ds))
+    return ds.subset(np.flatnonzero(keep)) if exclude_contaminated else ds
+
+
+def _as_correct(column: pd.Series, path: Path, name: str) -> np.ndarray:
+    if column.dtype == bool:
+        return column.to_numpy(dtype=np.float64)
+    mapped = column.map({True: 1.0, False: 0.0, "True": 1.0, "False": 0.0, 1: 1.0, 0: 0.0})
+    bad = mapped.isna() & column.notna()
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"expected True/False, got {column.iloc[i]!r}", file=str(path), line=i + 2, field=name)
+    return mapped.to_numpy(dtype=np.float64)
