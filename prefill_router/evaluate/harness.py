@@ -1,0 +1,229 @@
+"""K-fold evaluation of named predictors, with the fixed baselines (random, best single, oracle) alongside.
+
+    report = evaluate_contenders(Y, C, folds, [
+        Contender("prefill-mlp", lambda: SharedTrunkNet(...), features),       # X: [N, D] floats
+        Contender("knn-minilm", lambda: KNNRouter(k=20), embeddings),           # X: [N, E] floats
+        Contender("oracle-check", lambda: LabelOracle(Y), np.arange(N)),        # X: row indices
+    ], targets=dataset.targets)
+    report.save("runs/eval")        # report.json, report.md, cost_quality.png
+
+For every fold and contender: a fresh predictor from `make_predictor()` is fitted on the training rows and
+predicts the test rows; every number is then computed on test rows only. The best single target is chosen on
+training rows and scored on test rows. See `FOLD_METRICS` for what is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from prefill_router.evaluate import metrics
+from prefill_router.evaluate.report import Report, ReportRow
+from prefill_router.evaluate.sweep import (DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve)
+from prefill_router.router.base import Predictor
+
+# What each fold reports (all on the fold's test rows). Rows that are not predictors leave NaN where a
+# metric needs predictions.
+FOLD_METRICS = {
+    "accuracy": "routed accuracy of the argmax policy",
+    "cost_per_1k": "mean USD per 1,000 queries of the argmax policy",
+    "gap_captured": "(accuracy - best single) / (oracle - best single), best single chosen on training rows",
+    "savings_vs_most_expensive": "1 - cost / cost of always calling the target with the highest mean cost",
+    "mean_auc": "mean over targets of the per-target ROC AUC of the predicted probabilities",
+    "aiq": "RouterBench AIQ of the utility-lambda sweep, over the cost range [cheapest per-row choice, "
+           "most expensive single target]",
+    "savings_at_best_single_accuracy": "cost savings vs the most expensive target at the cheapest lambda of "
+                                       "the test-row sweep whose accuracy reaches the best single target's",
+    "cost_per_1k_at_best_single_accuracy": "USD per 1,000 queries at that point",
+    "lambda_at_best_single_accuracy": "that lambda (chosen on test rows: an optimistic reading)",
+    "lambda_train": "lambda calibrated on training rows: the cheapest lambda whose in-sample accuracy "
+                    "reaches the best single target's training accuracy (the most accurate lambda if none does)",
+    "accuracy_at_lambda_train": "test accuracy of the utility policy at lambda_train",
+    "cost_per_1k_at_lambda_train": "test USD per 1,000 queries at lambda_train",
+    "savings_at_lambda_train": "test cost savings vs the most expensive target at lambda_train",
+    "gap_captured_at_lambda_train": "test gap captured at lambda_train",
+    "missing_labels": "test rows whose argmax-chosen target has no label (left out of accuracy)",
+}
+
+
+@dataclass
+class Contender:
+    """A named predictor to evaluate: `make_predictor()` returns a fresh, unfitted Predictor, and `X` holds
+    its input for every row of the dataset (any row-indexable: a float array, an object array of prompts,
+    a list, or row indices for an oracle)."""
+
+    name: str
+    make_predictor: Callable[[], Predictor]
+    X: Any
+
+
+def take_rows(X: Any, rows: np.ndarray) -> Any:
+    """Rows `rows` of X: fancy indexing for arrays, a list comprehension for sequences."""
+    if isinstance(X, np.ndarray) or hasattr(X, "__array__") and not isinstance(X, (list, tuple)):
+        return np.asarray(X)[rows]
+    return [X[int(i)] for i in rows]
+
+
+def _row_count(X: Any) -> int:
+    try:
+        return len(X)
+    except TypeError:
+        raise ValueError(f"contender input X must be row-indexable with a length, got {type(X).__name__}") from None
+
+
+def _check_folds(folds: Sequence[tuple], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    if not len(folds):
+        raise ValueError("folds is empty; pass at least one (train_idx, test_idx) pair")
+    out = []
+    for f, pair in enumerate(folds):
+        try:
+            train, test = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"fold {f} must be a (train_idx, test_idx) pair") from None
+        train, test = np.asarray(train, dtype=np.int64).ravel(), np.asarray(test, dtype=np.int64).ravel()
+        if not train.size or not test.size:
+            raise ValueError(f"fold {f} has {train.size} training and {test.size} test rows; both need rows")
+        for name, idx in (("train", train), ("test", test)):
+            if idx.min() < 0 or idx.max() >= n:
+                raise ValueError(f"fold {f} {name} indices fall outside [0, {n - 1}]")
+        overlap = np.intersect1d(train, test)
+        if overlap.size:
+            raise ValueError(f"fold {f}: {overlap.size} rows are in both train and test (e.g. row {overlap[0]})")
+        out.append((train, test))
+    return out
+
+
+def _predict(contender: Contender, rows_fit: np.ndarray, rows_pred: list[np.ndarray], Y: np.ndarray,
+             fold: int) -> tuple[Predictor, list[np.ndarray]]:
+    predictor = contender.make_predictor()
+    predictor.fit(take_rows(contender.X, rows_fit), Y[rows_fit])
+    outs = []
+    for rows in rows_pred:
+        P = np.asarray(predictor.predict_proba(take_rows(contender.X, rows)), dtype=np.float64)
+        if P.shape != (rows.size, Y.shape[1]):
+            raise ValueError(f"contender {contender.name!r}, fold {fold}: predict_proba returned shape {P.shape}, "
+                             f"expected ({rows.size}, {Y.shape[1]})")
+        outs.append(P)
+    return predictor, outs
+
+
+def _blank() -> dict[str, float]:
+    return {name: float("nan") for name in FOLD_METRICS}
+
+
+def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Contender], *,
+                        targets: Sequence[str] | None = None, lambdas=None, cost_scale: float | None = None,
+                        notes: Sequence[str] = (), progress: bool = True) -> Report:
+    """Evaluate every contender on every fold, with random, best single and oracle rows. Returns a Report.
+
+    Y[N, K] labels in [0, 1] (NaN = not run), C[N, K] USD per query, folds = [(train_idx, test_idx), ...].
+    `lambdas` is the utility-policy grid (default sweep.DEFAULT_LAMBDAS); `cost_scale` goes to UtilityPolicy.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    C = np.asarray(C, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape != C.shape:
+        raise ValueError(f"Y and C must share one [N, K] shape; got {Y.shape} and {C.shape}")
+    n, k = Y.shape
+    targets = list(targets) if targets is not None else [f"target_{j}" for j in range(k)]
+    if len(targets) != k:
+        raise ValueError(f"targets names {len(targets)} entries, Y has {k} columns")
+    names = [c.name for c in contenders]
+    fixed = {"random", "best single", "oracle"}
+    clash = sorted(set(n_ for n_ in names if names.count(n_) > 1) | (set(names) & fixed))
+    if clash:
+        raise ValueError(f"contender names must be unique and differ from the fixed rows {sorted(fixed)}: {clash}")
+    for c in contenders:
+        if _row_count(c.X) != n:
+            raise ValueError(f"contender {c.name!r}: X has {_row_count(c.X)} rows, Y has {n}")
+    folds = _check_folds(folds, n)
+    grid = DEFAULT_LAMBDAS if lambdas is None else np.asarray(lambdas, dtype=np.float64)
+
+    per_fold: dict[str, list[dict]] = {name: [] for name in ["random", "best single", "oracle", *names]}
+    curves: dict[str, list[dict]] = {name: [] for name in names}
+    distributions: dict[str, list[list[float]]] = {name: [] for name in per_fold}
+    target_points: list[dict] = []
+
+    steps = tqdm(total=len(folds) * max(len(contenders), 1), desc="evaluate", disable=not progress)
+    for f, (train, test) in enumerate(folds):
+        Yte, Cte, Ytr, Ctr = Y[test], C[test], Y[train], C[train]
+        best_k, best_train_acc, _ = metrics.best_single(Ytr, Ctr)
+        best_choice = np.full(test.size, best_k)
+        best_acc = metrics.routed_accuracy(Yte, best_choice)
+        oracle_acc, oracle_cost, oracle_choice = metrics.oracle(Yte, Cte)
+        _, top_cost = metrics.most_expensive(Cte)
+        cost_range = (float(np.nanmean(np.nanmin(Cte, axis=1))), top_cost)
+        target_points.append({"accuracy": metrics.target_accuracy(Yte).tolist(),
+                              "cost": metrics.target_cost(Cte).tolist()})
+
+        def outcome(acc: float, cost: float) -> dict[str, float]:
+            row = _blank()
+            row.update(accuracy=acc, cost_per_1k=cost * 1000,
+                       gap_captured=metrics.gap_captured(acc, best_acc, oracle_acc),
+                       savings_vs_most_expensive=metrics.cost_savings(cost, top_cost))
+            return row
+
+        rand_acc, rand_cost = metrics.random_router(Yte, Cte)
+        per_fold["random"].append(outcome(rand_acc, rand_cost))
+        distributions["random"].append([1.0 / k] * k)
+        row = outcome(best_acc, metrics.routed_cost(Cte, best_choice))
+        row["missing_labels"] = metrics.missing_choice_labels(Yte, best_choice)
+        per_fold["best single"].append(row)
+        distributions["best single"].append(metrics.routing_distribution(best_choice, k).tolist())
+        row = outcome(oracle_acc, oracle_cost)
+        row["missing_labels"] = metrics.missing_choice_labels(Yte, oracle_choice)
+        per_fold["oracle"].append(row)
+        distributions["oracle"].append(metrics.routing_distribution(oracle_choice, k).tolist())
+
+        for contender in contenders:
+            steps.set_postfix_str(f"fold {f + 1}/{len(folds)} {contender.name}")
+            _, (Pte, Ptr) = _predict(contender, train, [test, train], Y, f)
+            curve = cost_quality_curve(Pte, Yte, Cte, "utility", grid, cost_scale)
+            argmax_i = int(np.flatnonzero(curve.params == 0.0)[0]) if np.any(curve.params == 0.0) else None
+            if argmax_i is not None:
+                acc, cost, dist, missing = (curve.accuracy[argmax_i], curve.cost[argmax_i],
+                                            curve.distribution[argmax_i], curve.missing[argmax_i])
+            else:
+                extra = cost_quality_curve(Pte, Yte, Cte, "utility", [0.0], cost_scale)
+                acc, cost, dist, missing = extra.accuracy[0], extra.cost[0], extra.distribution[0], extra.missing[0]
+            row = outcome(float(acc), float(cost))
+            row["missing_labels"] = int(missing)
+            row["mean_auc"] = float(np.nanmean(metrics.per_target_auc(Yte, Pte))) \
+                if np.any(np.isfinite(metrics.per_target_auc(Yte, Pte))) else float("nan")
+            row["aiq"] = curve.aiq(cost_range)
+
+            point = cheapest_point_reaching(curve, best_acc)
+            if point is not None:
+                row.update(savings_at_best_single_accuracy=metrics.cost_savings(point.cost, top_cost),
+                           cost_per_1k_at_best_single_accuracy=point.cost * 1000,
+                           lambda_at_best_single_accuracy=point.param)
+
+            train_curve = cost_quality_curve(Ptr, Ytr, Ctr, "utility", grid, cost_scale)
+            point = cheapest_point_reaching(train_curve, best_train_acc)
+            lam = point.param if point is not None else float(grid[int(np.nanargmax(train_curve.accuracy))])
+            at_lam = cost_quality_curve(Pte, Yte, Cte, "utility", [lam], cost_scale)
+            row.update(lambda_train=lam, accuracy_at_lambda_train=float(at_lam.accuracy[0]),
+                       cost_per_1k_at_lambda_train=float(at_lam.cost[0]) * 1000,
+                       savings_at_lambda_train=metrics.cost_savings(float(at_lam.cost[0]), top_cost),
+                       gap_captured_at_lambda_train=metrics.gap_captured(float(at_lam.accuracy[0]),
+                                                                         best_acc, oracle_acc))
+            per_fold[contender.name].append(row)
+            curves[contender.name].append(curve.to_dict())
+            distributions[contender.name].append(np.asarray(dist).tolist())
+            steps.update(1)
+    steps.close()
+
+    rows = [ReportRow(name, "baseline", per_fold[name], [], distributions[name])
+            for name in ("random", "best single", "oracle")]
+    rows += [ReportRow(name, "router", per_fold[name], curves[name], distributions[name]) for name in names]
+    all_notes = [
+        "All numbers are on held-out (test) rows, mean ± std (ddof=1) across folds.",
+        "Best single target chosen on training rows; most expensive target = highest mean cost on test rows.",
+        "Router accuracy and cost use the argmax policy; curves sweep the utility policy P - lambda * C / "
+        + ("(row's priciest cost)." if cost_scale is None else f"{cost_scale:g} USD."),
+        *notes,
+    ]
+    return Report(targets=targets, n_rows=n, n_folds=len(folds), rows=rows, notes=all_notes,
+                  target_points=target_points, metric_help=dict(FOLD_METRICS))

@@ -1,0 +1,260 @@
+"""An evaluation report: per-fold numbers for every contender, summarised as mean ± std across folds.
+
+    report.to_json("report.json");  Report.from_json("report.json")
+    print(report.to_markdown())
+    report.plot("cost_quality.png")
+    report.save("runs/eval")   # report.json, report.md, cost_quality.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from prefill_router.evaluate.sweep import Curve
+
+FORMAT_VERSION = 1
+
+# (column title, metric key, how to print it) for the main table
+_MAIN_COLUMNS = [
+    ("accuracy", "accuracy", "pct"),
+    ("USD / 1k queries", "cost_per_1k", "usd"),
+    ("gap captured", "gap_captured", "pct"),
+    ("cost savings vs most expensive", "savings_vs_most_expensive", "pct"),
+    ("mean AUC", "mean_auc", "num"),
+    ("AIQ", "aiq", "num"),
+]
+_OPERATING_COLUMNS = [
+    ("savings at best-single accuracy", "savings_at_best_single_accuracy", "pct"),
+    ("USD / 1k there", "cost_per_1k_at_best_single_accuracy", "usd"),
+    ("lambda (train-calibrated)", "lambda_train", "num"),
+    ("accuracy at it", "accuracy_at_lambda_train", "pct"),
+    ("USD / 1k at it", "cost_per_1k_at_lambda_train", "usd"),
+    ("savings at it", "savings_at_lambda_train", "pct"),
+    ("gap captured at it", "gap_captured_at_lambda_train", "pct"),
+]
+
+
+@dataclass
+class ReportRow:
+    """One line of the report: a router or a fixed baseline.
+
+    folds: one dict of metric -> value per fold; curves: one `Curve.to_dict()` per fold (routers only);
+    distributions: per fold, the share of test rows routed to each target.
+    """
+
+    name: str
+    kind: str  # "router" or "baseline"
+    folds: list[dict]
+    curves: list[dict] = field(default_factory=list)
+    distributions: list[list[float]] = field(default_factory=list)
+
+    def stat(self, metric: str) -> tuple[float, float]:
+        """(mean, std) of `metric` across folds, NaN folds ignored; std uses ddof=1 (0 with one fold)."""
+        values = np.array([f.get(metric, np.nan) for f in self.folds], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return float("nan"), float("nan")
+        return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+    def mean_curve(self) -> Curve | None:
+        """The fold-mean accuracy and cost at each grid point (folds share one grid), or None."""
+        if not self.curves:
+            return None
+        cs = [Curve.from_dict(c) for c in self.curves]
+        return Curve(cs[0].policy, cs[0].params, np.mean([c.accuracy for c in cs], axis=0),
+                     np.mean([c.cost for c in cs], axis=0), np.mean([c.distribution for c in cs], axis=0),
+                     np.sum([c.missing for c in cs], axis=0))
+
+
+def _clean(x):
+    """JSON cannot hold NaN or inf: write them as null."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _unclean(x):
+    if isinstance(x, dict):
+        return {k: _unclean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unclean(v) for v in x]
+    return float("nan") if x is None else x
+
+
+def _fmt(mean: float, std: float, how: str) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    # round first and add 0.0 so that a value like -1e-17 prints as 0.00, not -0.00
+    if how == "pct":
+        mean, std = round(mean * 100, 2) / 100 + 0.0, round(std * 100, 2) / 100 + 0.0
+    if how == "pct":
+        return f"{mean * 100:.2f}% ± {std * 100:.2f}"
+    if how == "usd":
+        return f"${mean:.4f} ± {std:.4f}"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+@dataclass
+class Report:
+    """Evaluation results. `rows` hold per-fold metrics (see harness.FOLD_METRICS for their meaning)."""
+
+    targets: list[str]
+    n_rows: int
+    n_folds: int
+    rows: list[ReportRow]
+    notes: list[str] = field(default_factory=list)
+    target_points: list[dict] = field(default_factory=list)  # per fold: each target's test accuracy and cost
+    metric_help: dict[str, str] = field(default_factory=dict)
+
+    def row(self, name: str) -> ReportRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row named {name!r} in the report; rows: {[r.name for r in self.rows]}")
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{row name: {metric: {"mean": m, "std": s}}} over every metric any fold reported."""
+        out = {}
+        for r in self.rows:
+            keys = sorted({k for f in r.folds for k in f})
+            out[r.name] = {k: dict(zip(("mean", "std"), r.stat(k))) for k in keys}
+        return out
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict:
+        return _clean({
+            "format_version": FORMAT_VERSION,
+            "targets": self.targets, "n_rows": self.n_rows, "n_folds": self.n_folds, "notes": self.notes,
+            "metric_help": self.metric_help, "summary": self.summary(), "target_points": self.target_points,
+            "rows": [{"name": r.name, "kind": r.kind, "folds": r.folds, "curves": r.curves,
+                      "distributions": r.distributions} for r in self.rows],
+        })
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"report format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
+        d = _unclean(d)
+        rows = [ReportRow(r["name"], r["kind"], r["folds"], r["curves"], r["distributions"]) for r in d["rows"]]
+        return cls(d["targets"], int(d["n_rows"]), int(d["n_folds"]), rows, d["notes"], d["target_points"],
+                   d.get("metric_help", {}))
+
+    def to_json(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path) -> "Report":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+        return cls.from_dict(data)
+
+    # ------------------------------------------------------------------ presentation
+
+    def _table(self, columns, rows) -> list[str]:
+        lines = ["| | " + " | ".join(title for title, _, _ in columns) + " |",
+                 "|---|" + "---:|" * len(columns)]
+        for r in rows:
+            cells = [_fmt(*r.stat(key), how) for _, key, how in columns]
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+        return lines
+
+    def to_markdown(self) -> str:
+        """Markdown tables (mean ± std across folds) followed by the notes."""
+        lines = [f"# Routing evaluation: {self.n_rows} prompts, {len(self.targets)} targets, "
+                 f"{self.n_folds} fold{'s' if self.n_folds != 1 else ''}", ""]
+        lines += self._table(_MAIN_COLUMNS, self.rows)
+        routers = [r for r in self.rows if r.kind == "router"]
+        if routers:
+            lines += ["", "## Utility-policy operating points", ""]
+            lines += self._table(_OPERATING_COLUMNS, routers)
+        lines += ["", "## Routing distribution (share of test prompts per target, mean over folds)", ""]
+        lines += ["| | " + " | ".join(self.targets) + " |", "|---|" + "---:|" * len(self.targets)]
+        for r in self.rows:
+            if r.distributions:
+                share = np.mean(np.asarray(r.distributions, dtype=np.float64), axis=0)
+                lines.append(f"| {r.name} | " + " | ".join(f"{s * 100:.1f}%" for s in share) + " |")
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path) -> Path:
+        """Cost-quality PNG: each router's fold-mean utility sweep and its convex hull, the fixed baselines
+        and every single target, cost in USD per 1,000 queries."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from prefill_router.evaluate.metrics import convex_hull
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        if self.target_points:
+            acc = np.nanmean([p["accuracy"] for p in self.target_points], axis=0)
+            cost = np.nanmean([p["cost"] for p in self.target_points], axis=0) * 1000
+            ax.scatter(cost, acc, s=14, color="0.6", label="single targets", zorder=2)
+        markers = {"random": ("s", "0.85"), "best single": ("D", "0.45"), "oracle": ("*", "black")}
+        for r in self.rows:
+            if r.kind == "baseline":
+                m_acc, m_cost = r.stat("accuracy")[0], r.stat("cost_per_1k")[0]
+                if math.isfinite(m_acc) and math.isfinite(m_cost):
+                    marker, color = markers.get(r.name, ("o", "0.3"))
+                    ax.scatter([m_cost], [m_acc], marker=marker, color=color, s=80, zorder=4,
+                               label=r.name, edgecolor="black")
+        for r in self.rows:
+            curve = r.mean_curve()
+            if curve is None:
+                continue
+            ok = np.isfinite(curve.cost) & np.isfinite(curve.accuracy)
+            if not ok.any():
+                continue
+            (line,) = ax.plot(curve.cost[ok] * 1000, curve.accuracy[ok], marker=".", lw=1, zorder=3,
+                              label=r.name)
+            hc, ha = convex_hull(curve.cost[ok], curve.accuracy[ok])
+            # the hull is straight in linear cost; sample it densely so a log axis shows its true shape
+            dense = np.unique(np.concatenate([np.linspace(a, b, 40) for a, b in zip(hc[:-1], hc[1:])] + [hc]))
+            hc, ha = dense, np.interp(dense, hc, ha)
+            ax.plot(hc * 1000, ha, ls="--", lw=1.5, color=line.get_color(), zorder=3,
+                    label=f"{r.name} hull")
+        xs = [x for line in ax.get_lines() for x in line.get_xdata()]
+        xs += [x for coll in ax.collections for x in coll.get_offsets()[:, 0]]
+        log = bool(xs) and min(xs) > 0  # costs span orders of magnitude; log only when none is free
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("USD per 1,000 queries" + (" (log scale)" if log else ""))
+        ax.set_ylabel("accuracy")
+        ax.set_title("Cost-quality on held-out prompts (mean over folds)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def save(self, folder) -> dict[str, Path]:
+        """Write report.json, report.md and cost_quality.png into `folder` (created if needed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        md = folder / "report.md"
+        md.write_text(self.to_markdown())
+        return {"json": self.to_json(folder / "report.json"), "markdown": md,
+                "plot": self.plot(folder / "cost_quality.png")}

@@ -1,0 +1,234 @@
+"""Routing policies: turn predicted P(correct)[N, K] and cost C[N, K] (USD) into one target index per row.
+
+    ArgmaxPolicy()          the most likely target; ties go to the cheaper one
+    TolerancePolicy(tol)    the cheapest target whose P is within `tol` of the row's best P
+    UtilityPolicy(lam)      maximise P - lam * C / scale (scale: the row's most expensive target by default)
+
+`policy_from_spec("utility:0.3")` builds one from a short string (CLI, config, request model names), and
+`calibrate_lambda` picks the utility weight that meets a budget or a traffic share on training rows.
+
+Unknown costs (NaN) rank after every known cost; a target whose P is NaN is never chosen unless the whole
+row is NaN, in which case the cheapest target is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from prefill_router.errors import ConfigError
+
+
+def _inputs(P, C) -> tuple[np.ndarray, np.ndarray]:
+    P = np.asarray(P, dtype=np.float64)
+    C = np.asarray(C, dtype=np.float64)
+    if P.ndim != 2:
+        raise ValueError(f"P must be a 2-D array [N, K], got shape {P.shape}")
+    if C.shape != P.shape:
+        raise ValueError(f"C has shape {C.shape} but P has shape {P.shape}")
+    return P, C
+
+
+def _cheapest_among(candidate: np.ndarray, P: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Per row, the cheapest candidate; equal costs go to the higher P, then the lower index."""
+    if not P.shape[0]:
+        return np.zeros(0, dtype=np.int64)
+    candidate = candidate.copy()
+    candidate[~candidate.any(axis=1)] = True
+    # unknown costs rank after every known cost, but still before non-candidates
+    costs = np.where(candidate, np.where(np.isnan(C), np.finfo(np.float64).max, C), np.inf)
+    tied = costs == costs.min(axis=1, keepdims=True)
+    probs = np.where(np.isnan(P), np.finfo(np.float64).min, P)
+    return np.argmax(np.where(tied, probs, -np.inf), axis=1).astype(np.int64)  # argmax: first = lowest index
+
+
+@dataclass(frozen=True)
+class ArgmaxPolicy:
+    """Pick the target with the highest P; exact ties go to the cheaper target."""
+
+    def choose(self, P, C) -> np.ndarray:
+        P, C = _inputs(P, C)
+        probs = np.where(np.isnan(P), -np.inf, P)
+        best = probs.max(axis=1, initial=-np.inf)
+        return _cheapest_among(probs == best[:, None], P, C)
+
+    def spec(self) -> str:
+        return "argmax"
+
+
+@dataclass(frozen=True)
+class TolerancePolicy:
+    """Pick the cheapest target whose P >= (row max P) - tol. tol = 0 is argmax; tol >= 1 is always-cheapest."""
+
+    tol: float
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.tol) or self.tol < 0:
+            raise ConfigError(f"tolerance must be a finite number >= 0, got {self.tol!r}")
+
+    def choose(self, P, C) -> np.ndarray:
+        P, C = _inputs(P, C)
+        probs = np.where(np.isnan(P), -np.inf, P)
+        best = probs.max(axis=1, initial=-np.inf)
+        return _cheapest_among(probs >= best[:, None] - self.tol, P, C)
+
+    def spec(self) -> str:
+        return f"tolerance:{self.tol:g}"
+
+
+@dataclass(frozen=True)
+class UtilityPolicy:
+    """Pick the target maximising P - lam * C / scale; ties go to the cheaper target.
+
+    Why a scale: C is USD per query (often 1e-5 .. 1e-2), which would make raw lam values unreadable. By
+    default scale is each row's most expensive known cost, so lam = 0.3 reads "calling the priciest target
+    is worth 0.3 of a probability point"; lam = 0 is argmax and a large lam approaches always-cheapest.
+    Pass `cost_scale` (USD) to use one fixed scale for every row instead (lam is then P per cost_scale USD).
+    For a fixed row, the chosen cost never increases as lam grows, which `calibrate_lambda` relies on.
+    """
+
+    lam: float
+    cost_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.lam) or self.lam < 0:
+            raise ConfigError(f"utility lambda must be a finite number >= 0, got {self.lam!r}")
+        if self.cost_scale is not None and not (np.isfinite(self.cost_scale) and self.cost_scale > 0):
+            raise ConfigError(f"cost_scale must be a positive number of USD, got {self.cost_scale!r}")
+
+    def choose(self, P, C) -> np.ndarray:
+        P, C = _inputs(P, C)
+        scaled = scale_costs(C, self.cost_scale)
+        probs = np.where(np.isnan(P), -np.inf, P)
+        # lam * inf would be NaN at lam = 0; an unknown cost then simply does not count
+        with np.errstate(invalid="ignore"):
+            penalty = np.where(np.isinf(scaled), np.inf if self.lam > 0 else 0.0, self.lam * scaled)
+        utility = probs - penalty
+        best = utility.max(axis=1, initial=-np.inf)
+        # a tiny slack so float rounding cannot split ties unpredictably
+        return _cheapest_among(utility >= best[:, None] - 1e-12, P, C)
+
+    def spec(self) -> str:
+        return f"utility:{self.lam:g}"
+
+
+def scale_costs(C, cost_scale: float | None = None) -> np.ndarray:
+    """C divided by `cost_scale`, or by each row's largest known cost when None. Unknown costs become +inf;
+    a row with no known cost (or all zero) becomes all zeros, so its choice falls back to P alone."""
+    C = np.asarray(C, dtype=np.float64)
+    known = ~np.isnan(C)
+    if cost_scale is None:
+        scale = np.where(known, C, -np.inf).max(axis=1, initial=-np.inf)[:, None]
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.nan)
+    else:
+        scale = float(cost_scale)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = C / scale
+    out = np.where(known, out, np.inf)
+    no_scale = np.isnan(np.broadcast_to(scale, C.shape)) if cost_scale is None else np.zeros(C.shape, bool)
+    return np.where(no_scale, 0.0, out)
+
+
+def policy_from_spec(spec: str):
+    """Build a policy from "argmax", "tolerance:<tol>" or "utility:<lambda>" (for example "utility:0.3")."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"policy spec must be a non-empty string like 'argmax', 'tolerance:0.05' or "
+                          f"'utility:0.3', got {spec!r}")
+    name, _, arg = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name == "argmax":
+        if arg.strip():
+            raise ConfigError(f"policy 'argmax' takes no argument, got {spec!r}")
+        return ArgmaxPolicy()
+    if name in ("tolerance", "utility"):
+        if not arg.strip():
+            raise ConfigError(f"policy '{name}' needs a number after ':', e.g. '{name}:0.1'; got {spec!r}")
+        try:
+            value = float(arg)
+        except ValueError:
+            raise ConfigError(f"policy '{name}' argument must be a number, got {arg.strip()!r} in {spec!r}") from None
+        return TolerancePolicy(value) if name == "tolerance" else UtilityPolicy(value)
+    raise ConfigError(f"unknown policy {name!r} in {spec!r}; known: argmax, tolerance:<tol>, utility:<lambda>")
+
+
+def _chosen_cost(P: np.ndarray, C: np.ndarray, lam: float, cost_scale: float | None) -> float:
+    choice = UtilityPolicy(lam, cost_scale).choose(P, C)
+    picked = C[np.arange(len(choice)), choice]
+    return float(np.nanmean(picked)) if np.any(~np.isnan(picked)) else float("nan")
+
+
+def _share(P: np.ndarray, C: np.ndarray, lam: float, cost_scale: float | None, target: int) -> float:
+    return float(np.mean(UtilityPolicy(lam, cost_scale).choose(P, C) == target))
+
+
+def calibrate_lambda(P_train, C_train, *, budget: float | None = None,
+                     share: tuple[int, float] | None = None, cost_scale: float | None = None,
+                     max_lambda: float = 1e9, iterations: int = 100) -> float:
+    """The utility weight lam (see `UtilityPolicy`) meeting a constraint on training rows, by bisection.
+
+    budget=<USD>: the smallest lam whose mean chosen cost per query is <= budget. Raises ConfigError when
+        even always choosing each row's cheapest target costs more.
+    share=(k, fraction): the smallest lam at which the fraction of rows routed to target k reaches
+        `fraction` from the side lam = 0 starts on (<= fraction when raising lam moves traffic away from k,
+        as for the most expensive target; >= fraction when it moves traffic towards k, as for the cheapest).
+        This assumes that fraction moves one way as lam grows, true for the most and least expensive targets.
+    Use only training rows here; apply the returned lam to held-out rows.
+    """
+    P, C = _inputs(P_train, C_train)
+    if (budget is None) == (share is None):
+        raise ConfigError("calibrate_lambda needs exactly one of budget=<USD per query> or "
+                          "share=(target_index, fraction)")
+    if not P.shape[0]:
+        raise ValueError("calibrate_lambda needs at least one training row")
+
+    if budget is not None:
+        if not np.isfinite(budget) or budget < 0:
+            raise ConfigError(f"budget must be a finite USD amount >= 0, got {budget!r}")
+
+        def met(lam: float) -> bool:
+            return _chosen_cost(P, C, lam, cost_scale) <= budget
+
+        floor = _chosen_cost(P, C, max_lambda, cost_scale)
+        if not met(max_lambda):
+            raise ConfigError(f"budget {budget:g} USD per query is below the cheapest achievable mean cost "
+                              f"{floor:g} USD on these rows")
+    else:
+        try:
+            k, fraction = int(share[0]), float(share[1])
+        except (TypeError, ValueError, IndexError):
+            raise ConfigError(f"share must be (target_index, fraction), got {share!r}") from None
+        if not 0 <= k < P.shape[1]:
+            raise ConfigError(f"share target index {k} is outside [0, {P.shape[1] - 1}]")
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"share fraction must be in [0, 1], got {fraction!r}")
+        start = _share(P, C, 0.0, cost_scale, k)
+        end = _share(P, C, max_lambda, cost_scale, k)
+        falling = end <= start
+
+        def met(lam: float) -> bool:
+            s = _share(P, C, lam, cost_scale, k)
+            return s <= fraction if falling else s >= fraction
+
+        if not met(max_lambda):
+            side = "at most" if falling else "at least"
+            raise ConfigError(f"no lambda routes {side} {fraction:g} of rows to target {k}: its share moves "
+                              f"from {start:g} (lambda 0) to {end:g} (lambda {max_lambda:g})")
+
+    if met(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while not met(hi):  # grow geometrically before bisecting, so small lambdas keep their precision
+        lo, hi = hi, hi * 4
+        if hi >= max_lambda:
+            hi = max_lambda
+            break
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if met(mid):
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-9 * max(hi, 1e-12):
+            break
+    return float(hi)
