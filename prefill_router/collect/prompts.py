@@ -1,0 +1,141 @@
+"""Read the prompts to label: JSONL or CSV, one prompt a line.
+
+Fields (JSONL keys or CSV columns):
+- `prompt_id` (or `id`): a stable identifier. Resuming relies on it; when absent, a hash of the prompt is used.
+- `prompt` (text) or `messages` (OpenAI chat messages; in CSV a JSON string).
+- `answer` or `reference`: what the judge compares against (a string, a number, or a list of acceptable
+  answers). Needed by every judge except `llm`, where it is optional.
+- `category` (optional): carried into the dataset for per-category reports and stratified splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefill_router.data.dataset import Prompt
+from prefill_router.errors import DataError
+
+REFERENCE_FIELDS = ("answer", "reference")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    prompt_id: str
+    prompt: Prompt                 # text, or chat messages [{"role", "content"}, ...]
+    reference: Any = None          # str | number | list, or None
+    category: str | None = None
+    line: int = 0                  # where it came from, for error messages
+
+    def messages(self) -> list[dict]:
+        """The chat messages sent to a target."""
+        if isinstance(self.prompt, str):
+            return [{"role": "user", "content": self.prompt}]
+        return list(self.prompt)
+
+    def text(self) -> str:
+        """All message contents joined: what token estimates and the LLM judge read."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return "\n".join(str(m.get("content") or "") for m in self.prompt)
+
+
+def _check_messages(value: Any, file: str, line: int) -> list[dict]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc.msg}", file=file, line=line, field="messages") from exc
+    if not isinstance(value, list) or not value:
+        raise DataError("must be a non-empty list of {role, content} objects", file=file, line=line,
+                        field="messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"message {i} must be an object with 'role' and 'content'", file=file, line=line,
+                            field="messages")
+        if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
+            raise DataError(f"message {i} has unknown role {m['role']!r}", file=file, line=line,
+                            field="messages")
+    if not any(str(m.get("content") or "").strip() for m in value if m["role"] == "user"):
+        raise DataError("no user message with content", file=file, line=line, field="messages")
+    return value
+
+
+def _content_id(prompt: Prompt) -> str:
+    raw = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return "p" + hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+
+
+def _item(row: dict, file: str, line: int, reference_field: str | None) -> PromptItem:
+    has_prompt = row.get("prompt") not in (None, "")
+    has_messages = row.get("messages") not in (None, "")
+    if has_prompt and has_messages:
+        raise DataError("give either 'prompt' or 'messages', not both", file=file, line=line, field="prompt")
+    if has_messages:
+        prompt: Prompt = _check_messages(row["messages"], file, line)
+    elif has_prompt:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            raise DataError(f"must be text, got {type(prompt).__name__}", file=file, line=line, field="prompt")
+        if not prompt.strip():
+            raise DataError("empty prompt", file=file, line=line, field="prompt")
+    else:
+        raise DataError("missing: each line needs 'prompt' (text) or 'messages'", file=file, line=line,
+                        field="prompt")
+    pid = row.get("prompt_id", row.get("id"))
+    if pid in (None, ""):
+        pid = _content_id(prompt)
+    fields = (reference_field,) if reference_field else REFERENCE_FIELDS
+    reference = next((row[f] for f in fields if row.get(f) not in (None, "")), None)
+    category = row.get("category")
+    return PromptItem(str(pid), prompt, reference, None if category in (None, "") else str(category), line)
+
+
+def read_prompts(path: str | Path, *, reference_field: str | None = None) -> list[PromptItem]:
+    """Prompts from a .jsonl / .json-lines or .csv file, with errors naming the file, line and field."""
+    path = Path(path)
+    file = str(path)
+    if not path.exists():
+        raise DataError("file not found", file=file)
+    items: list[PromptItem] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not ({"prompt", "messages"} & set(reader.fieldnames)):
+                raise DataError(f"header needs a 'prompt' or 'messages' column, has {reader.fieldnames}",
+                                file=file, line=1, field="prompt")
+            for line, row in enumerate(reader, start=2):  # header is line 1
+                items.append(_item(row, file, line, reference_field))
+    else:
+        with path.open(encoding="utf-8") as fh:
+            for line, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"malformed JSON: {exc.msg}", file=file, line=line) from exc
+                if not isinstance(row, dict):
+                    raise DataError("each line must be a JSON object", file=file, line=line)
+                items.append(_item(row, file, line, reference_field))
+    if not items:
+        raise DataError("no prompts", file=file)
+    first_line: dict[str, int] = {}
+    for item in items:
+        if item.prompt_id in first_line:
+            raise DataError(f"prompt_id {item.prompt_id!r} repeats (first on line {first_line[item.prompt_id]})",
+                            file=file, line=item.line, field="prompt_id")
+        first_line[item.prompt_id] = item.line
+    return items
+
+
+def require_references(items: list[PromptItem], judge: str, file: str | Path) -> None:
+    """Every judge but `llm` compares against a reference: refuse a prompt without one up front."""
+    for item in items:
+        if item.reference is None:
+            raise DataError(f"judge '{judge}' needs a reference answer ('answer' or 'reference')",
+                            file=str(file), line=item.line, field="answer")
