@@ -1,0 +1,11 @@
+"""Router stage: feature transform, SharedTrunkNet ensemble, baselines, policies, checkpoints."""
+
+from prefill_router.router.base import Policy, Predictor
+from prefill_router.router.checkpoint import Router, RouterTrainConfig, train_router
+from prefill_router.router.decision import RouteDecision
+from prefill_router.router.robust import RobustPolicy, fit_robust_policy
+from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble
+
+__all__ = ["Policy", "Predictor", "RouteDecision", "Router", "RouterTrainConfig", "train_router", "RobustPolicy",
+           "fit_robust_policy", "FeatureTransform", "SharedTrunkNet", "TrunkConfig", "TrunkEnsemble"]

@@ -1,0 +1,483 @@
+"""The trained router as one object and one folder on disk.
+
+A checkpoint folder holds two files:
+
+    router.json          format version, encoder identity and spec, pooling, hidden states, targets, cost model
+                         (prices and median output tokens), policy defaults (and the fitted robust policy),
+                         transform and ensemble metadata, metrics measured at training time, and the SHA-256 of
+    router.safetensors   the tensors: scaler, PCA, and every kept SharedTrunkNet member's weights.
+
+Loading parses JSON and safetensors only; nothing is unpickled, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prefill_router.errors import CheckpointError, ConfigError
+from prefill_router.router.decision import RouteDecision
+from prefill_router.router.policy import UtilityPolicy, policy_from_spec
+from prefill_router.router.robust import DEFAULT_MARGINS, RobustPolicy, fit_robust_policy
+from prefill_router.router.transform import FeatureTransform, select_hidden_states
+from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
+
+FORMAT = "prefill-router-checkpoint/1"
+CONFIG_FILE = "router.json"
+TENSORS_FILE = "router.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# encoder duck typing: the features stage owns encoders; the router only needs identity, encode, count
+# ---------------------------------------------------------------------------------------------------------
+def encoder_identity(encoder) -> dict:
+    """The JSON-safe identity of an encoder (or of an EncoderSpec, or a dict already)."""
+    if isinstance(encoder, dict):
+        return encoder
+    for holder in (encoder, getattr(encoder, "spec", None)):
+        if holder is not None and callable(getattr(holder, "identity", None)):
+            return holder.identity()
+    raise ConfigError(f"cannot read the identity of encoder {encoder!r}: it has no identity() or spec.identity()")
+
+
+def _encoder_spec_dict(encoder) -> dict | None:
+    spec = getattr(encoder, "spec", encoder)
+    if hasattr(spec, "model_dump"):
+        return spec.model_dump(mode="json")
+    if hasattr(spec, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return json.loads(json.dumps(asdict(spec), default=str))
+    return None
+
+
+def _same_identity(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Router
+# ---------------------------------------------------------------------------------------------------------
+class Router:
+    """Encoder prefill -> pooled hidden states -> transform -> SharedTrunkNet ensemble -> policy.
+
+    Use `Router.load(folder)` for a saved router, `train_router(...)` to build one.
+    """
+
+    def __init__(self, *, targets: Sequence[str], transform: FeatureTransform, predictor: TrunkEnsemble,
+                 pooling: str, hidden_states: Sequence[int] | None, encoder_identity: dict | None,
+                 encoder_spec: dict | None = None, cost_model=None, policy: str = "argmax",
+                 robust_policy: RobustPolicy | None = None, metrics: dict | None = None,
+                 training: dict | None = None, encoder=None):
+        self._targets = list(targets)
+        self.transform = transform
+        self.predictor = predictor
+        self.pooling = pooling
+        self.hidden_states = None if hidden_states is None else [int(h) for h in hidden_states]
+        self.encoder_identity = encoder_identity
+        self.encoder_spec = encoder_spec
+        self.cost_model = cost_model
+        self.default_policy = policy
+        self.robust_policy = robust_policy
+        self.metrics = metrics or {}
+        self.training = training or {}
+        self.encoder = None
+        if predictor.n_targets is not None and predictor.n_targets != len(self._targets):
+            raise ConfigError(f"predictor has {predictor.n_targets} outputs for {len(self._targets)} targets")
+        if cost_model is not None and list(cost_model.targets) != self._targets:
+            raise ConfigError(f"cost model targets {cost_model.targets} differ from router targets {self._targets}")
+        self.resolve_policy()  # fail now on a bad default, not at the first request
+        if encoder is not None:
+            self.attach_encoder(encoder)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self._targets)
+
+    # -- encoder -----------------------------------------------------------------------------------------
+    def attach_encoder(self, encoder) -> None:
+        """Use `encoder` for routing; refuses an encoder whose identity differs from the training one."""
+        if self.encoder_identity is not None:
+            given = encoder_identity(encoder)
+            if not _same_identity(given, self.encoder_identity):
+                raise CheckpointError(
+                    "encoder mismatch: the router was trained on features of encoder "
+                    f"{json.dumps(self.encoder_identity, sort_keys=True, default=str)} but the encoder given is "
+                    f"{json.dumps(given, sort_keys=True, default=str)}")
+        self.encoder = encoder
+
+    def _require_encoder(self):
+        if self.encoder is None:
+            if self.encoder_spec is None:
+                raise CheckpointError("this router has no encoder attached and its checkpoint names no encoder "
+                                      "spec to load; pass encoder= to Router.load")
+            from prefill_router.features import load_encoder
+
+            self.attach_encoder(load_encoder(_spec_from_dict(self.encoder_spec)))
+        return self.encoder
+
+    # -- prediction --------------------------------------------------------------------------------------
+    def predict_proba_features(self, X: np.ndarray) -> np.ndarray:
+        """P[N, K] from pooled features [N, hidden_states, H] (exactly the router's hidden states) or the
+        same flattened to [N, D]."""
+        return self.predictor.predict_proba(self.transform.transform(X))
+
+    def encode(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """One encoder forward for the batch: (features [N, L, H], input tokens [N], truncated [N], ms)."""
+        encoder = self._require_encoder()
+        prompts = list(prompts)
+        start = time.perf_counter()
+        out = encoder.encode(prompts, poolings=(self.pooling,), layers=self.hidden_states)
+        ms = (time.perf_counter() - start) * 1e3
+        tokens = np.asarray(encoder.count_tokens(prompts), dtype=np.float64).reshape(-1)
+        truncated = _truncated_flags(encoder, tokens, len(prompts))
+        return np.asarray(out[self.pooling]), tokens, truncated, ms
+
+    def estimate_costs(self, input_tokens: np.ndarray) -> np.ndarray:
+        """C[N, K] in USD from the cost model (zeros when the router has none)."""
+        input_tokens = np.asarray(input_tokens, dtype=np.float64).reshape(-1)
+        if self.cost_model is None:
+            return np.zeros((len(input_tokens), len(self._targets)))
+        return self.cost_model.estimate(input_tokens)
+
+    def predict_batch(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(P[N, K], C[N, K], truncated[N]) for a batch of prompts, with ONE encoder forward. The gateway
+        caches P and applies a per-request policy with `choose`."""
+        X, tokens, truncated, _ = self.encode(prompts)
+        return self.predict_proba_features(X), self.estimate_costs(tokens), truncated
+
+    # -- policy --------------------------------------------------------------------------------------------
+    def resolve_policy(self, policy=None, lam: float | None = None):
+        """A Policy object from: None (the checkpoint default), a spec string ("argmax", "tolerance:0.05",
+        "utility:0.3", "robust", "robust:0.3") or a Policy. `lam` sets the cost weight of the utility or
+        robust policy (with policy=None it applies to the default's kind)."""
+        if policy is None:
+            policy = self.default_policy
+        if not isinstance(policy, str):
+            if not callable(getattr(policy, "choose", None)):
+                raise ConfigError(f"policy must be a spec string or have choose(P, C), got {policy!r}")
+            return policy
+        name, _, arg = policy.strip().partition(":")
+        name = name.strip().lower()
+        if name == "robust":
+            if self.robust_policy is None:
+                raise ConfigError("policy 'robust' needs a router trained with a robust policy "
+                                  "(train with robust_folds >= 2)")
+            value = lam if lam is not None else (float(arg) if arg.strip() else self.robust_policy.lam)
+            return self.robust_policy.with_lambda(value)
+        if lam is not None:
+            if name not in ("utility", "argmax"):
+                raise ConfigError(f"lam applies to the utility or robust policy, not to {policy!r}")
+            return UtilityPolicy(float(lam))
+        return policy_from_spec(policy)
+
+    def choose(self, P: np.ndarray, C: np.ndarray, *, policy=None, lam: float | None = None) -> np.ndarray:
+        return np.asarray(self.resolve_policy(policy, lam).choose(P, C), dtype=np.int64)
+
+    # -- routing ---------------------------------------------------------------------------------------------
+    def route_batch(self, prompts: Sequence, *, policy=None, lam: float | None = None) -> list[RouteDecision]:
+        """One decision per prompt, from ONE encoder forward over the batch. latency_ms is the batch's
+        encoder + transform + MLP + policy time (shared by every prompt in it)."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        chosen_policy = self.resolve_policy(policy, lam)
+        start = time.perf_counter()
+        P, C, truncated = self.predict_batch(prompts)
+        choice = np.asarray(chosen_policy.choose(P, C), dtype=np.int64)
+        ms = (time.perf_counter() - start) * 1e3
+        return [RouteDecision(target=self._targets[int(choice[i])],
+                              probabilities={t: float(P[i, k]) for k, t in enumerate(self._targets)},
+                              estimated_cost={t: float(C[i, k]) for k, t in enumerate(self._targets)},
+                              latency_ms=ms, truncated=bool(truncated[i]))
+                for i in range(len(prompts))]
+
+    def route(self, prompt, *, policy=None, lam: float | None = None) -> RouteDecision:
+        """Route one prompt: text, or chat messages [{"role": ..., "content": ...}, ...]."""
+        if isinstance(prompt, dict):
+            prompt = [prompt]
+        return self.route_batch([prompt], policy=policy, lam=lam)[0]
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {**self.transform.state_arrays(), **self.predictor.state_arrays()}
+        tensors_path = folder / TENSORS_FILE
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tensors_path))
+        meta = {
+            "format": FORMAT,
+            "targets": self._targets,
+            "encoder": {"identity": self.encoder_identity, "spec": self.encoder_spec},
+            "features": {"pooling": self.pooling, "hidden_states": self.hidden_states},
+            "transform": self.transform.meta(),
+            "trunk": self.predictor.meta(),
+            "cost_model": None if self.cost_model is None else self.cost_model.to_dict(),
+            "policy": {"default": self.default_policy,
+                       "robust": None if self.robust_policy is None else self.robust_policy.to_dict()},
+            "metrics": self.metrics,
+            "training": self.training,
+            "tensors_sha256": _sha256(tensors_path),
+        }
+        text = json.dumps(_json_safe(meta), indent=1, allow_nan=False)
+        (folder / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, encoder=None) -> "Router":
+        """Read a checkpoint folder. With `encoder` given, use it (refused when its identity differs from the
+        checkpoint's); otherwise the encoder named in the checkpoint is loaded at the first routing call."""
+        folder = Path(path)
+        config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
+        for p in (config_path, tensors_path):
+            if not p.is_file():
+                raise CheckpointError(f"{p}: file not found (is {folder} a router checkpoint folder?)")
+        try:
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise CheckpointError(f"{config_path}: format is {found!r}, expected {FORMAT!r}")
+        expected_hash = meta.get("tensors_sha256")
+        if expected_hash is not None and _sha256(tensors_path) != expected_hash:
+            raise CheckpointError(f"{tensors_path}: contents do not match the SHA-256 recorded in {config_path} "
+                                  "(the file is corrupt or was replaced)")
+        try:
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(tensors_path))
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise CheckpointError(f"{tensors_path}: cannot read safetensors: {exc}") from exc
+        try:
+            targets = meta["targets"]
+            transform = FeatureTransform.from_state(meta["transform"], arrays)
+            predictor = TrunkEnsemble.from_state(meta["trunk"], arrays)
+            cost_model = None
+            if meta.get("cost_model") is not None:
+                from prefill_router.data.prices import CostModel
+
+                cost_model = CostModel.from_dict(meta["cost_model"])
+            robust = meta["policy"].get("robust")
+            router = cls(targets=targets, transform=transform, predictor=predictor,
+                         pooling=meta["features"]["pooling"], hidden_states=meta["features"]["hidden_states"],
+                         encoder_identity=meta["encoder"]["identity"], encoder_spec=meta["encoder"].get("spec"),
+                         cost_model=cost_model, policy=meta["policy"]["default"],
+                         robust_policy=None if robust is None else RobustPolicy.from_dict(robust),
+                         metrics=meta.get("metrics"), training=meta.get("training"))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{folder}: {exc}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{config_path}: invalid router checkpoint ({type(exc).__name__}: {exc})") from exc
+        if encoder is not None:
+            router.attach_encoder(encoder)
+        return router
+
+
+def _truncated_flags(encoder, tokens: np.ndarray, n: int) -> np.ndarray:
+    flags = getattr(encoder, "last_truncated_mask", None)
+    if flags is not None and len(flags) == n:
+        return np.asarray(flags, dtype=bool)
+    limit = getattr(encoder, "context_length", None)
+    if limit:
+        return tokens > float(limit)
+    return np.zeros(n, dtype=bool)
+
+
+def _spec_from_dict(spec: dict):
+    from prefill_router import features
+
+    spec_type = getattr(features, "EncoderSpec", None)
+    if spec_type is None:
+        return spec
+    if hasattr(spec_type, "model_validate"):
+        return spec_type.model_validate(spec)
+    return spec_type(**spec)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become None and numpy scalars plain numbers, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------
+class RouterTrainConfig(BaseModel):
+    """How `train_router` builds a router. Defaults are the paper's reference recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pooling: str = "mean"
+    layers: list[int] | Literal["all"] = "all"   # hidden-state indices to concatenate
+    pca: int | None = Field(default=200, ge=1)     # None: no PCA, scaler only
+    trunk: TrunkConfig = Field(default_factory=TrunkConfig)
+    policy: str = "robust"                       # the checkpoint's default policy spec
+    robust_folds: int = Field(default=3, ge=0)   # inner folds for out-of-fold predictions; 0 disables "robust"
+    robust_seeds: int = Field(default=3, ge=1)   # ensemble size inside those folds (cheaper than the full one)
+    robust_margins: list[float] = Field(default_factory=lambda: list(DEFAULT_MARGINS))
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, data: dict) -> "RouterTrainConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            lines = ["invalid router training configuration"]
+            lines += [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()]
+            raise ConfigError("\n".join(lines)) from exc
+
+
+def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:
+    """(array [N, L, H] of the wanted hidden states, their indices, the feature set's encoder identity)."""
+    identity = None
+    if hasattr(features, "get") and hasattr(features, "hidden_states") and not isinstance(features, dict):
+        available = list(features.hidden_states)
+        wanted = available if layers == "all" else list(layers)
+        missing = [w for w in wanted if w not in available]
+        if missing:
+            raise ConfigError(f"layers: hidden state(s) {missing} not in the feature set (it holds {available})")
+        X = np.asarray(features.get(pooling, wanted))
+        ident = getattr(features, "identity", None)
+        identity = ident() if callable(ident) else ident
+        if isinstance(identity, dict) and "encoder" in identity and isinstance(identity["encoder"], dict):
+            identity = identity["encoder"]
+        return X, wanted, identity
+    if isinstance(features, dict):
+        if pooling not in features:
+            raise ConfigError(f"pooling: {pooling!r} not among the features given ({sorted(features)})")
+        features = features[pooling]
+    X = np.asarray(features)
+    if X.ndim == 2:
+        if layers != "all":
+            raise ConfigError("layers: a flat [N, D] feature array cannot be split into hidden states")
+        return X, None if hidden_states is None else list(hidden_states), None
+    available = list(range(X.shape[1])) if hidden_states is None else list(hidden_states)
+    wanted = available if layers == "all" else list(layers)
+    return select_hidden_states(X, available, wanted), wanted, None
+
+
+def out_of_fold_proba(X: np.ndarray, Y: np.ndarray, make_predictor, folds: int, seed: int = 0) -> np.ndarray:
+    """P for every row from a predictor fitted on the other folds (rows split at random, seeded)."""
+    order = np.random.default_rng(seed).permutation(len(X))
+    P = np.full(Y.shape, np.nan)
+    for part in np.array_split(order, folds):
+        rest = np.setdiff1d(order, part)
+        P[part] = make_predictor().fit(X[rest], Y[rest]).predict_proba(X[part])
+    return P
+
+
+def train_router(dataset, features, train_rows=None, config: RouterTrainConfig | dict | None = None, *,
+                 encoder=None, hidden_states: Sequence[int] | None = None, cost_model=None,
+                 progress: bool = False) -> Router:
+    """Fit transform, SharedTrunkNet ensemble, cost model and robust policy on `train_rows` of `dataset`.
+
+    dataset: a RoutingDataset (its Y, targets and, when it carries prices, its cost model).
+    features: a FeatureSet (`.get(pooling, layers)`, `.hidden_states`), a dict pooling -> [N, L, H], or an
+        array [N, L, H] whose layer axis holds `hidden_states` (0..L-1 when None). Rows align with dataset.
+    encoder: the encoder (or its spec) that produced the features; its identity goes in the checkpoint so a
+        different encoder is refused at routing time. Without it the feature set's identity is used.
+    """
+    if config is None or isinstance(config, dict):
+        config = RouterTrainConfig.parse(config or {})
+    rows = np.arange(dataset.n) if train_rows is None else np.asarray(train_rows)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    X_all, states, feature_identity = _features_array(features, config.pooling, config.layers, hidden_states)
+    if len(X_all) != dataset.n:
+        raise ConfigError(f"features have {len(X_all)} rows but the dataset has {dataset.n}")
+    X, Y = X_all[rows], dataset.Y[rows]
+    trunk_cfg = config.trunk.model_copy(update={"progress": progress or config.trunk.progress})
+
+    transform = FeatureTransform(dims=config.pca).fit(X, seed=config.seed)
+    Z = transform.transform(X)
+    predictor = TrunkEnsemble(trunk_cfg).fit(Z, Y)
+
+    if cost_model is None and getattr(dataset, "prices", None) is not None:
+        from prefill_router.data.prices import CostModel
+
+        cost_model = CostModel.fit(dataset, rows)
+    C = dataset.C[rows]  # the robust policy's frontier uses the costs the training rows really had
+
+    metrics: dict = {"train_rows": int(len(rows)), "feature_dim": int(Z.shape[1]),
+                     "val_losses": predictor.val_losses}
+    robust = None
+    if config.robust_folds >= 2:
+        # Out-of-fold predictions of the training rows: the robust rules must not see predictions of rows
+        # the model was fitted on, or every target would look trustworthy.
+        small = trunk_cfg.model_copy(update={"seeds": config.robust_seeds,
+                                             "keep": min(trunk_cfg.keep, config.robust_seeds), "progress": False})
+
+        def make():
+            return _TransformThenTrunk(config.pca, small, config.seed)
+
+        P_oof = out_of_fold_proba(X, Y, make, config.robust_folds, config.seed)
+        robust = fit_robust_policy(P_oof, Y, C, margins=config.robust_margins)
+        metrics["oof_auc"] = _per_target_auc(Y, P_oof)
+        metrics["robust"] = robust.fit_info
+    elif config.policy.strip().lower().startswith("robust"):
+        raise ConfigError("policy: 'robust' needs robust_folds >= 2 (out-of-fold predictions to fit it on)")
+
+    identity = encoder_identity(encoder) if encoder is not None else feature_identity
+    spec = _encoder_spec_dict(encoder) if encoder is not None else None
+    training = {"config": config.model_dump(mode="json"), "created_unix": int(time.time()),
+                "notes": list(getattr(dataset, "notes", []))}
+    return Router(targets=dataset.targets, transform=transform, predictor=predictor, pooling=config.pooling,
+                  hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
+                  policy=config.policy, robust_policy=robust, metrics=metrics, training=training,
+                  encoder=encoder if encoder is not None and hasattr(encoder, "encode") else None)
+
+
+class _TransformThenTrunk:
+    """Predictor on raw pooled features: the transform is refitted inside each fold (no leakage)."""
+
+    def __init__(self, pca: int | None, trunk: TrunkConfig, seed: int = 0):
+        self.transform = FeatureTransform(dims=pca)
+        self.trunk = TrunkEnsemble(trunk)
+        self.seed = seed
+
+    def fit(self, X, Y):
+        self.trunk.fit(self.transform.fit_transform(X, seed=self.seed), Y)
+        return self
+
+    def predict_proba(self, X):
+        return self.trunk.predict_proba(self.transform.transform(X))
+
+
+def _per_target_auc(Y: np.ndarray, P: np.ndarray) -> list[float | None]:
+    from sklearn.metrics import roc_auc_score
+
+    out = []
+    for k in range(Y.shape[1]):
+        ok = np.isfinite(Y[:, k]) & np.isfinite(P[:, k])
+        labels = Y[ok, k] >= 0.5
+        out.append(float(roc_auc_score(labels, P[ok, k])) if 0 < labels.sum() < labels.size else None)
+    return out
