@@ -1,0 +1,135 @@
+"""Routing policies: tie-breaking, tolerance, the utility trade-off, lambda calibration and spec parsing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prefill_router.errors import ConfigError
+from prefill_router.router.base import Policy
+from prefill_router.router.policy import (ArgmaxPolicy, TolerancePolicy, UtilityPolicy, calibrate_lambda,
+                                          policy_from_spec)
+
+P = np.array([[0.8, 0.8],
+              [0.9, 0.5],
+              [0.6, 0.7]])
+C = np.array([[2.0, 1.0],
+              [1.0, 2.0],
+              [1.0, 3.0]])
+
+
+def test_policies_follow_the_protocol():
+    for policy in (ArgmaxPolicy(), TolerancePolicy(0.1), UtilityPolicy(0.2)):
+        assert isinstance(policy, Policy)
+
+
+def test_argmax_breaks_ties_towards_the_cheaper_target():
+    assert ArgmaxPolicy().choose(P, C).tolist() == [1, 0, 1]
+
+
+def test_tolerance_takes_the_cheapest_target_near_the_best():
+    # tol 0.15: row 0 both tie -> cheaper 1; row 1 only 0.9 is >= 0.75; row 2 both >= 0.55 -> cheaper 0
+    assert TolerancePolicy(0.15).choose(P, C).tolist() == [1, 0, 0]
+    assert TolerancePolicy(0.0).choose(P, C).tolist() == ArgmaxPolicy().choose(P, C).tolist()
+    assert TolerancePolicy(1.0).choose(P, C).tolist() == [1, 0, 0]  # always the cheapest
+
+
+def test_utility_trades_probability_for_cost():
+    row_p, row_c = P[2:], C[2:]
+    # costs scaled by the row's priciest (3): utilities 0.6 - lam/3 and 0.7 - lam. Equal at lam = 0.15.
+    assert UtilityPolicy(0.1).choose(row_p, row_c).tolist() == [1]
+    assert UtilityPolicy(0.15).choose(row_p, row_c).tolist() == [0]  # the tie goes to the cheaper
+    assert UtilityPolicy(0.2).choose(row_p, row_c).tolist() == [0]
+    # a fixed scale of 1 USD: 0.6 - lam and 0.7 - 3 lam, equal at lam = 0.05
+    assert UtilityPolicy(0.04, cost_scale=1.0).choose(row_p, row_c).tolist() == [1]
+    assert UtilityPolicy(0.06, cost_scale=1.0).choose(row_p, row_c).tolist() == [0]
+    assert UtilityPolicy(0.0).choose(P, C).tolist() == ArgmaxPolicy().choose(P, C).tolist()
+
+
+def test_unknown_costs_and_probabilities():
+    Pn = np.array([[np.nan, 0.4], [0.5, 0.5]])
+    Cn = np.array([[1.0, 2.0], [np.nan, 2.0]])
+    # NaN P is never the argmax; an unknown cost loses a tie to a known one
+    assert ArgmaxPolicy().choose(Pn, Cn).tolist() == [1, 1]
+    assert UtilityPolicy(0.0).choose(Pn, Cn).tolist() == [1, 1]
+    assert UtilityPolicy(0.5).choose(Pn, Cn).tolist() == [1, 1]
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="C has shape"):
+        ArgmaxPolicy().choose(P, C[:2])
+
+
+def _synthetic(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    P = rng.random((n, 3))
+    C = np.array([0.001, 0.004, 0.02]) * rng.uniform(0.5, 2.0, size=(n, 1))
+    return P, C
+
+
+def _mean_cost(P, C, lam):
+    choice = UtilityPolicy(lam).choose(P, C)
+    return C[np.arange(len(C)), choice].mean()
+
+
+def test_calibrate_lambda_meets_a_budget_with_the_smallest_lambda():
+    P, C = _synthetic(400, 0)
+    top = _mean_cost(P, C, 0.0)
+    budget = 0.4 * top
+    lam = calibrate_lambda(P, C, budget=budget)
+    assert lam > 0
+    assert _mean_cost(P, C, lam) <= budget
+    assert _mean_cost(P, C, lam * (1 - 1e-6)) > budget  # any smaller lambda overspends
+    # a budget that argmax already meets needs no trade-off
+    assert calibrate_lambda(P, C, budget=top * 1.01) == 0.0
+
+
+def test_calibrate_lambda_on_one_row_by_hand():
+    # the row switches to the cheap target at lam = 0.15 (see test_utility_trades_probability_for_cost)
+    assert calibrate_lambda(P[2:], C[2:], budget=1.0) == pytest.approx(0.15, rel=1e-6)
+
+
+def test_calibrate_lambda_is_fitted_on_training_rows_only():
+    P, C = _synthetic(600, 1)
+    train, test = np.arange(400), np.arange(400, 600)
+    budget = 0.3 * _mean_cost(P[train], C[train], 0.0)
+    lam = calibrate_lambda(P[train], C[train], budget=budget)
+    assert _mean_cost(P[train], C[train], lam) <= budget
+    # held-out rows land near the budget but are not forced under it
+    assert _mean_cost(P[test], C[test], lam) == pytest.approx(budget, rel=0.35)
+
+
+def test_calibrate_lambda_to_a_traffic_share():
+    P, C = _synthetic(500, 2)
+    lam = calibrate_lambda(P, C, share=(2, 0.1))  # at most 10% to the priciest target
+    share = np.mean(UtilityPolicy(lam).choose(P, C) == 2)
+    assert share <= 0.1
+    assert np.mean(UtilityPolicy(lam * (1 - 1e-6)).choose(P, C) == 2) > 0.1
+    lam = calibrate_lambda(P, C, share=(0, 0.6))  # at least 60% to the cheapest
+    assert np.mean(UtilityPolicy(lam).choose(P, C) == 0) >= 0.6
+
+
+def test_calibrate_lambda_errors_name_the_problem():
+    P, C = _synthetic(50, 3)
+    with pytest.raises(ConfigError, match="below the cheapest achievable"):
+        calibrate_lambda(P, C, budget=1e-9)
+    with pytest.raises(ConfigError, match="exactly one"):
+        calibrate_lambda(P, C)
+    with pytest.raises(ConfigError, match="exactly one"):
+        calibrate_lambda(P, C, budget=1.0, share=(0, 0.5))
+    with pytest.raises(ConfigError, match="outside"):
+        calibrate_lambda(P, C, share=(7, 0.5))
+    with pytest.raises(ConfigError, match="fraction"):
+        calibrate_lambda(P, C, share=(0, 1.5))
+
+
+def test_policy_from_spec():
+    assert policy_from_spec("argmax") == ArgmaxPolicy()
+    assert policy_from_spec(" tolerance:0.05 ") == TolerancePolicy(0.05)
+    assert policy_from_spec("utility:0.3") == UtilityPolicy(0.3)
+    assert policy_from_spec("utility:0.3").spec() == "utility:0.3"
+    for bad, message in [("", "non-empty"), ("utility", "needs a number"), ("utility:abc", "must be a number"),
+                         ("greedy:1", "unknown policy 'greedy'"), ("argmax:3", "takes no argument"),
+                         ("tolerance:-1", ">= 0"), ("utility:nan", ">= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            policy_from_spec(bad)
