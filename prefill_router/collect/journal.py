@@ -11,7 +11,9 @@ format `train` reads, one JSON object per (prompt, target):
     prompt_id, prompt, target, score, cost, input_tokens, output_tokens,
     category, answer, latency_s, attempts, error, judge, judge_error, finish_reason
 
-`score` is null (missing, not wrong) when the call or the judge failed; `error` / `judge_error` say why.
+A failed pair (the call failed, or the judge could not score the answer) is not a row of the dataset, so
+`train` reads it as missing (NaN), never as wrong. It is listed with its reason in `<out stem>.failures.jsonl`
+(same fields, `score` null) and stays in the journal; `--retry-failed` runs it again.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ Key = tuple[str, str]  # (prompt_id, target)
 def journal_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".journal")
+
+
+def failures_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".failures.jsonl")
+
+
+def is_labelled(record: dict) -> bool:
+    """The pair has a usable score: the call succeeded and the judge scored the answer."""
+    return not record.get("error") and not record.get("judge_error") and record.get("score") is not None
 
 
 def _clean(value):

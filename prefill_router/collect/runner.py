@@ -22,7 +22,14 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-from prefill_router.collect.journal import Journal, Key, journal_path, write_dataset
+from prefill_router.collect.journal import (
+    Journal,
+    Key,
+    failures_path,
+    is_labelled,
+    journal_path,
+    write_dataset,
+)
 from prefill_router.collect.judges import DEFAULT_LETTERS, JUDGE_KINDS, JUDGES, check_reference
 from prefill_router.collect.llm_judge import JudgeConfig, LLMJudge
 from prefill_router.collect.openai_api import ChatResult, RateLimiter, RetryPolicy, Sleep, chat_completion
@@ -171,6 +178,7 @@ class CollectSummary:
     rejudged: int
     dataset_path: Path
     journal_path: Path
+    failures_path: Path | None = None
     interrupted: bool = False
 
     def table(self) -> str:
@@ -254,9 +262,23 @@ async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetC
         interrupted = False
     finally:
         journal.close()
-        write_dataset(dataset_rows(prompts, targets, journal.records), out)
+        failures = write_outputs(prompts, targets, journal.records, out)
     return CollectSummary(summarize(prompts, targets, journal.records), calls_made, rejudged, out, journal.path,
-                          interrupted)
+                          failures, interrupted)
+
+
+def write_outputs(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig], records: dict[Key, dict],
+                  out: str | Path) -> Path | None:
+    """The dataset (labelled pairs) and, when any pair failed, the failures file; returns its path or None."""
+    rows = list(dataset_rows(prompts, targets, records))
+    write_dataset([r for r in rows if is_labelled(r)], out)
+    failed = [r for r in rows if not is_labelled(r)]
+    path = failures_path(out)
+    if failed:
+        write_dataset(failed, path)
+        return path
+    path.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    return None
 
 
 def _make_judge(settings: CollectSettings, judge_config: JudgeConfig | None, client: httpx.AsyncClient,
