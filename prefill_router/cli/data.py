@@ -1,0 +1,72 @@
+"""`prefill-router data`: validate a routing data file, or print its statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BUILTINS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="validate routing data and show its statistics",
+                                   description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    validate = sub.add_parser("validate", help="check a routing data file; prints OK and its shape")
+    validate.add_argument("path", help="CSV, JSONL or Parquet file, long or wide layout")
+    _reader_options(validate)
+    validate.set_defaults(func=_validate)
+
+    stats = sub.add_parser("stats", help="per-target accuracy and cost, oracle, best single target")
+    source = stats.add_mutually_exclusive_group(required=True)
+    source.add_argument("path", nargs="?", help="CSV, JSONL or Parquet file")
+    source.add_argument("--builtin", choices=BUILTINS, help="a known dataset from the data folder")
+    stats.add_argument("--data-root", help="data folder for --builtin (default: $PREFILL_ROUTER_DATA)")
+    stats.add_argument("--json", dest="json_out", metavar="OUT", help="also write the statistics as JSON here")
+    _reader_options(stats)
+    stats.set_defaults(func=_stats)
+
+
+def _reader_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prices", help="price table (YAML or CSV: target, usd_per_m_input, usd_per_m_output)")
+    parser.add_argument("--layout", choices=("auto", "long", "wide"), default="auto",
+                        help="long: one row per (prompt, target); wide: one row per prompt (default: auto)")
+
+
+def _load(args):
+    if getattr(args, "builtin", None):
+        from prefill_router.data.builtin import load_mmlu_pro, load_routellm
+
+        if args.builtin == "mmlu-pro":
+            return load_mmlu_pro(args.data_root)
+        return load_routellm(args.data_root, benchmark=args.builtin.split("-", 1)[1])
+    from prefill_router.data.readers import read_routing_data
+
+    return read_routing_data(args.path, layout=args.layout, prices=args.prices)
+
+
+def _validate(args) -> int:
+    ds = _load(args)
+    missing = int(np.isnan(ds.Y).sum())
+    print(f"OK: {args.path}: {ds.n} prompts x {ds.k} targets, {missing} missing (prompt, target) pairs")
+    for note in ds.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _stats(args) -> int:
+    from prefill_router.data.stats import dataset_stats, format_stats
+
+    stats = dataset_stats(_load(args))
+    print(format_stats(stats))
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(stats, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
