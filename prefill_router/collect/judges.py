@@ -40,7 +40,7 @@ def _choice_patterns(letters: str) -> list[re.Pattern]:
     open_ = r"[\s(\[*_\"']*"
     cue = (r"(?i:\b(?:final\s+answer|correct\s+answer|right\s+answer|best\s+answer|correct\s+option|"
            r"correct\s+choice|best\s+option|answer|option|choice)\b)")
-    verb = r"(?i:\s*(?:is|would\s+be|should\s+be|will\s+be|must\s+be|=|:|-)\s*)"
+    verb = r"(?i:\s*(?:(?:is|would\s+be|should\s+be|will\s+be|must\s+be)\s*[:=-]?|[:=-])\s*)"
     filler = r"(?i:(?:therefore|thus|clearly|definitely|probably|likely|most\s+likely|option|choice|letter)[\s:]*)*"
     judged = r"(?i:\s+(?:is|seems|would\s+be)\s+(?:the\s+)?(?:correct|right|best)\b)"
     return [
@@ -126,7 +126,7 @@ def judge_choice(answer: str, reference: Reference, letters: str = DEFAULT_LETTE
 _NUMBER = re.compile(
     r"(?P<sign>-)?\$?(?P<sign2>-)?"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-    r"(?:\s*/\s*(?P<den>\d+)(?![\d.,]))?"
+    r"(?:\s*/\s*(?P<den>\d+)(?!\d|[.,]\d))?"
     r"(?P<exp>[eE][-+]?\d+)?"
 )
 
@@ -160,8 +160,8 @@ def _clean_numeric_text(text: str) -> str:
 def extract_number(text: str, *, fractions: bool = True) -> float | None:
     """The final numeric answer in a reply, or None.
 
-    Order: the GSM8K marker "#### 42"; \\boxed{42}; the last "answer is 42" / "answer: 42"; else the last
-    number in the text. Thousands separators, "$", "%" and trailing units are ignored; negatives, decimals
+    Order: the GSM8K marker "#### 42"; \\boxed{42}; the last "answer is 42" / "answer: 42" (in "answer is
+    5 + 3 = 8", the number after the last "="); else the last number in the text. Thousands separators, "$", "%" and trailing units are ignored; negatives, decimals
     and scientific notation are read; "3/4" and \\frac{3}{4} are 0.75 when `fractions` is on.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -178,6 +178,9 @@ def extract_number(text: str, *, fractions: bool = True) -> float | None:
         regions.append(boxed[-1])
     cues = list(re.finditer(r"\banswer\b\s*(?:is|would\s+be|should\s+be|will\s+be|=|:)\s*:?", text, re.IGNORECASE))
     if cues:
+        # The cue's sentence; in "answer is 0.1 + 0.2 = 0.3" the result follows the last "=".
+        sentence = re.split(r"\n|[.!?](?:\s|$)", text[cues[-1].end():], maxsplit=1)[0]
+        regions.append(sentence.rsplit("=", 1)[-1])
         regions.append(text[cues[-1].end():])
     for region in regions:
         found = _numbers(region, fractions)
