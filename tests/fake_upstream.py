@@ -178,8 +178,9 @@ class FakeUpstream:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"fake-upstream-{self.name}",
-                                        daemon=True)
+        # A short poll interval so stop() returns quickly.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"fake-upstream-{self.name}", daemon=True)
         self._thread.start()
         return self
 

@@ -28,9 +28,9 @@ from starlette.types import Receive, Scope, Send
 
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.serve.config import GatewayConfig
-from prefill_router.serve.engine import BadMessages, RoutingEngine, Scorer, routing_messages
+from prefill_router.serve.engine import BadMessages, RouterScorer, RoutingEngine, Scorer, routing_messages
 from prefill_router.serve.metrics import GatewayMetrics
-from prefill_router.serve.models import ModelChoice, UnknownModel, model_ids, resolve_model
+from prefill_router.serve.models import ModelChoice, UnknownModel, model_ids, preset_policy, resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, Attempt, UpstreamPool, UpstreamReply
 
 log = logging.getLogger("prefill_router.serve")
@@ -106,6 +106,15 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
     missing = [t for t in scorer.targets if t not in {c.name for c in config.targets}]
     if missing:
         raise ConfigError(f"targets: the router predicts for {missing}, which have no upstream entry in the config")
+    check_policy = getattr(scorer, "check_policy", None)
+    if check_policy is not None:  # a policy the router cannot apply fails at start, not at a request
+        for where, policy, lam in [("router.policy/router.lam", config.router.policy, config.router.lam)] + [
+                (f"presets.{name}", *preset_policy(p, config.router.policy, config.router.lam)[1:])
+                for name, p in config.presets.items()]:
+            try:
+                check_policy(policy, lam)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
     metrics = GatewayMetrics()
     client_keys = config.auth.all_keys()
     target_names = [t.name for t in config.targets]
@@ -281,9 +290,11 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         data: list[dict[str, Any]] = []
         for model_id in model_ids(target_names, config.presets):
             is_target = model_id in target_names
-            data.append({"id": model_id, "object": "model", "created": 0,
-                         "owned_by": "upstream" if is_target else "prefill-router",
-                         "routed": is_target and model_id in routed_targets})
+            entry = {"id": model_id, "object": "model", "created": 0,
+                     "owned_by": "upstream" if is_target else "prefill-router"}
+            if is_target:
+                entry["routed"] = model_id in routed_targets  # False: reachable by name or as a fallback only
+            data.append(entry)
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/health")
@@ -308,3 +319,24 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+def load_router(config: GatewayConfig):
+    """The Router named by `router.checkpoint` (with `router.encoder` instead of the checkpoint's, if given)."""
+    from prefill_router.router import Router
+
+    if config.router.checkpoint is None:
+        raise ConfigError("router.checkpoint: required (the folder `prefill-router train --out` wrote)")
+    encoder = None
+    if config.router.encoder:
+        from prefill_router.features import load_encoder
+
+        encoder = load_encoder(config.router.encoder)
+    return Router.load(config.router.checkpoint, encoder=encoder)
+
+
+def build_gateway(config: GatewayConfig, router=None) -> FastAPI:
+    """Load the router (unless given), load its encoder and warm it up, and build the app."""
+    scorer = RouterScorer(router if router is not None else load_router(config))
+    scorer.warm_up()
+    return create_app(config, scorer)

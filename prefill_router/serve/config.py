@@ -5,8 +5,9 @@
       policy: null                       # null: the checkpoint's default policy
       lam: null                          # null: the checkpoint's default lambda
     presets:                             # `model: "router:<name>"` picks one of these per request
-      best: {policy: argmax}
-      cheap: {policy: utility, lam: 2000}
+      best: {lam: 0}                     # policy omitted: the default policy's kind, with this lambda
+      cheap: {lam: 1.0}
+      safe: {policy: "robust:0.2"}       # any policy spec the router accepts: argmax, utility:<l>, robust:<l>
     targets:                             # the same entries `collect` reads (prefill_router/targets.py), plus:
       - name: gpt-4o
         base_url: https://api.openai.com/v1
@@ -45,7 +46,7 @@ class GatewayTarget(TargetConfig):
 class RouterSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Path
+    checkpoint: Path | None = None  # required to serve; `Client` may be given a loaded Router instead
     encoder: str | None = None  # load this encoder instead of the one the checkpoint names (must match it)
     policy: str | None = None
     lam: float | None = Field(default=None, ge=0)
@@ -89,8 +90,9 @@ class Batching(BaseModel):
 
 
 def _default_presets() -> dict[str, Preset]:
-    # "best" ignores cost; "cheap" uses the utility policy with a large cost weight. Both are overridable.
-    return {"best": Preset(policy="argmax"), "cheap": Preset(policy="utility", lam=1e4)}
+    # Both keep the router's default policy kind (utility or robust) and only set its cost weight lambda:
+    # 0 ignores cost; 1 means calling the priciest target must buy a full probability point.
+    return {"best": Preset(lam=0.0), "cheap": Preset(lam=1.0)}
 
 
 class GatewayConfig(BaseModel):
@@ -154,7 +156,7 @@ def parse_gateway_config(data: dict, path: str | Path = "<config>") -> GatewayCo
     except ValidationError as exc:
         raise ConfigError(validation_message(path, exc)) from exc
     base = Path(path).parent if str(path) != "<config>" else Path.cwd()
-    if not config.router.checkpoint.is_absolute():
+    if config.router.checkpoint is not None and not config.router.checkpoint.is_absolute():
         config.router.checkpoint = (base / config.router.checkpoint).resolve()
     return config
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -153,7 +153,33 @@ class RoutingEngine:
             self.metrics.cache.labels(result=result).inc()
 
 
-def decisions_to_scores(decisions: Sequence[RouteDecision], targets: Sequence[str]) -> list[Scores]:
-    return [Scores(np.array([d.probabilities[t] for t in targets], dtype=np.float64),
-                   np.array([d.estimated_cost.get(t, np.nan) for t in targets], dtype=np.float64),
-                   bool(d.truncated)) for d in decisions]
+class RouterScorer:
+    """A trained `prefill_router.router.Router` seen through the `Scorer` interface."""
+
+    def __init__(self, router):
+        self.router = router
+        self.targets = list(router.targets)
+
+    def warm_up(self) -> None:
+        """Load the encoder now (the router loads it lazily) and run one forward, so the first request is fast."""
+        self.router.predict_batch([[{"role": "user", "content": "warm up"}]])
+
+    @property
+    def encoder_loaded(self) -> bool:
+        return getattr(self.router, "encoder", None) is not None
+
+    @property
+    def encoder_info(self) -> dict | None:
+        return getattr(self.router, "encoder_identity", None)
+
+    def check_policy(self, policy: str | None, lam: float | None) -> None:
+        """Raise ConfigError now for a policy/lambda the router cannot apply, rather than at a request."""
+        self.router.resolve_policy(policy, lam)
+
+    def score_batch(self, prompts: list[list[dict]]) -> list[Scores]:
+        P, C, truncated = self.router.predict_batch(prompts)
+        return [Scores(np.asarray(P[i], dtype=np.float64), np.asarray(C[i], dtype=np.float64), bool(truncated[i]))
+                for i in range(len(prompts))]
+
+    def choose(self, scores: Scores, policy: str | None, lam: float | None) -> int:
+        return int(self.router.choose(scores.P[None, :], scores.C[None, :], policy=policy, lam=lam)[0])

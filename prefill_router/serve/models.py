@@ -38,9 +38,7 @@ def resolve_model(name: object, targets: Sequence[str], presets: Mapping[str, Pr
     if name.startswith(ROUTER_ALIAS + ":"):
         suffix = name[len(ROUTER_ALIAS) + 1:]
         if suffix in presets:
-            preset = presets[suffix]
-            return ModelChoice(name, policy=preset.policy if preset.policy is not None else default_policy,
-                               lam=preset.lam if preset.lam is not None else default_lam)
+            return ModelChoice(name, *preset_policy(presets[suffix], default_policy, default_lam))
         try:
             lam = float(suffix)
         except ValueError:
@@ -52,6 +50,15 @@ def resolve_model(name: object, targets: Sequence[str], presets: Mapping[str, Pr
     raise UnknownModel(f"unknown model '{name}'; use 'router', 'router:<lambda>', "
                        + "".join(f"'router:{p}', " for p in sorted(presets))
                        + f"or a target: {', '.join(targets)}")
+
+
+def preset_policy(preset: Preset, default_policy: str | None, default_lam: float | None
+                  ) -> tuple[None, str | None, float | None]:
+    """(pinned=None, policy, lam) of a preset. A preset naming its policy is taken as written; one giving only
+    lambda keeps the default policy's kind with that lambda."""
+    if preset.policy is not None:
+        return None, preset.policy, preset.lam
+    return None, default_policy, preset.lam if preset.lam is not None else default_lam
 
 
 def model_ids(targets: Sequence[str], presets: Mapping[str, Preset]) -> list[str]:
