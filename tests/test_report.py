@@ -1,0 +1,85 @@
+"""Report: fold statistics, Markdown table, JSON round trip and the cost-quality plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from prefill_router.evaluate.report import Report, ReportRow
+from prefill_router.evaluate.sweep import Curve
+
+
+def _curve(acc, cost) -> dict:
+    n = len(acc)
+    return Curve("utility", np.linspace(0, 1, n), np.asarray(acc, float), np.asarray(cost, float),
+                 np.full((n, 2), 0.5), np.zeros(n, int)).to_dict()
+
+
+def small_report() -> Report:
+    nan = float("nan")
+    router = ReportRow("router", "router",
+                       folds=[{"accuracy": 0.5, "cost_per_1k": 2.0, "mean_auc": 0.7, "aiq": nan},
+                              {"accuracy": 0.7, "cost_per_1k": 4.0, "mean_auc": 0.8, "aiq": nan}],
+                       curves=[_curve([0.4, 0.5], [0.001, 0.002]), _curve([0.6, 0.7], [0.003, 0.004])],
+                       distributions=[[0.25, 0.75], [0.75, 0.25]])
+    oracle = ReportRow("oracle", "baseline", folds=[{"accuracy": 0.9, "cost_per_1k": 1.0},
+                                                    {"accuracy": 0.9, "cost_per_1k": 1.0}],
+                       distributions=[[1.0, 0.0], [1.0, 0.0]])
+    return Report(targets=["cheap", "dear"], n_rows=20, n_folds=2, rows=[oracle, router],
+                  notes=["a note"], target_points=[{"accuracy": [0.4, 0.8], "cost": [0.001, 0.005]}] * 2)
+
+
+def test_fold_statistics_by_hand():
+    r = small_report().row("router")
+    mean, std = r.stat("accuracy")
+    assert mean == pytest.approx(0.6)
+    assert std == pytest.approx(math.sqrt((0.1 ** 2 + 0.1 ** 2) / 1))  # ddof = 1
+    assert all(math.isnan(v) for v in r.stat("aiq"))
+    assert all(math.isnan(v) for v in r.stat("not reported"))
+    curve = r.mean_curve()
+    assert curve.accuracy.tolist() == pytest.approx([0.5, 0.6])
+    assert curve.cost.tolist() == pytest.approx([0.002, 0.003])
+    with pytest.raises(KeyError, match="no row named 'nope'"):
+        small_report().row("nope")
+
+
+def test_markdown_table():
+    md = small_report().to_markdown()
+    assert "20 prompts, 2 targets, 2 folds" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| router |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "60.00% ± 14.14"      # accuracy
+    assert cells[2] == "$3.0000 ± 1.4142"    # USD per 1k
+    assert cells[5] == "0.750 ± 0.071"       # mean AUC
+    assert cells[6] == "—"                   # AIQ missing in every fold
+    assert "| router | 50.0% | 50.0% |" in md  # mean routing distribution
+    assert "- a note" in md
+
+
+def test_json_round_trip_writes_nan_as_null(tmp_path):
+    report = small_report()
+    path = report.to_json(tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert data["rows"][1]["folds"][0]["aiq"] is None
+    assert data["summary"]["router"]["accuracy"]["mean"] == pytest.approx(0.6)
+    again = Report.from_json(path)
+    assert again.to_markdown() == report.to_markdown()
+    assert math.isnan(again.row("router").folds[0]["aiq"])
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        Report.from_json(bad)
+    bad.write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ValueError, match="format_version"):
+        Report.from_json(bad)
+
+
+def test_save_writes_all_three_files(tmp_path):
+    paths = small_report().save(tmp_path / "out")
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.json", "report.md", "cost_quality.png"}
+    png = paths["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
