@@ -152,6 +152,8 @@ def test_harness_end_to_end(tmp_path):
         assert peek["cost_per_1k"] == pytest.approx(oracle["cost_per_1k"])
         assert peek["gap_captured"] == pytest.approx(1.0)
         assert peek["mean_auc"] == pytest.approx(1.0)
+        rows, P = report.row("peek").predictions[f]  # held-out predictions stay available in memory
+        assert np.array_equal(rows, test) and np.array_equal(P, Y[test])
 
         # training means as predictions: always the training-best target, so exactly the best single row
         mean = report.row("mean").folds[f]
@@ -212,7 +214,9 @@ def test_missing_labels_are_reported_not_scored_as_wrong():
     X, Y, C, folds = synthetic(90, seed=4)
     Y = Y.copy()
     Y[:, 3] = np.nan  # the dearest target was never run
-    report = evaluate_contenders(Y, C, folds, [Contender("mean", MeanPredictor, X)], progress=False)
+    report = evaluate_contenders(Y, C, folds, [Contender("mean", MeanPredictor, X)], calibration_holdout=0,
+                                 progress=False)
+    assert "in-sample" in report.to_markdown()
     for f in range(len(folds)):
         assert report.row("oracle").folds[f]["missing_labels"] == 0
         assert report.row("mean").folds[f]["missing_labels"] == 0  # NaN-mean target is never argmax

@@ -39,8 +39,10 @@ FOLD_METRICS = {
                                        "the test-row sweep whose accuracy reaches the best single target's",
     "cost_per_1k_at_best_single_accuracy": "USD per 1,000 queries at that point",
     "lambda_at_best_single_accuracy": "that lambda (chosen on test rows: an optimistic reading)",
-    "lambda_train": "lambda calibrated on training rows: the cheapest lambda whose in-sample accuracy "
-                    "reaches the best single target's training accuracy (the most accurate lambda if none does)",
+    "lambda_train": "lambda calibrated on training rows only: the cheapest lambda whose accuracy on a "
+                    "calibration hold-out carved from the training rows (a predictor fitted on the rest) reaches "
+                    "the best single target's accuracy there (the most accurate lambda if none does); "
+                    "in-sample predictions when calibration_holdout = 0",
     "accuracy_at_lambda_train": "test accuracy of the utility policy at lambda_train",
     "cost_per_1k_at_lambda_train": "test USD per 1,000 queries at lambda_train",
     "savings_at_lambda_train": "test cost savings vs the most expensive target at lambda_train",
@@ -114,14 +116,41 @@ def _blank() -> dict[str, float]:
     return {name: float("nan") for name in FOLD_METRICS}
 
 
+def _calibration_split(train: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Split training rows into (fit, calibrate) parts, or None for in-sample calibration."""
+    n_cal = int(round(train.size * holdout))
+    if holdout <= 0 or n_cal < 2 or train.size - n_cal < 2:
+        return None
+    shuffled = np.random.default_rng(seed).permutation(train)
+    return np.sort(shuffled[n_cal:]), np.sort(shuffled[:n_cal])
+
+
+def _calibrated_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, best_k: int, grid: np.ndarray,
+                       cost_scale: float | None) -> float:
+    """The cheapest grid lambda reaching the accuracy of always calling `best_k` on these rows."""
+    level = metrics.routed_accuracy(Y, np.full(len(Y), best_k))
+    curve = cost_quality_curve(P, Y, C, "utility", grid, cost_scale)
+    point = cheapest_point_reaching(curve, level)
+    if point is not None:
+        return point.param
+    return float(grid[int(np.nanargmax(curve.accuracy))])
+
+
 def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Contender], *,
                         targets: Sequence[str] | None = None, lambdas=None, cost_scale: float | None = None,
-                        notes: Sequence[str] = (), progress: bool = True) -> Report:
+                        calibration_holdout: float = 0.2, seed: int = 0, notes: Sequence[str] = (),
+                        progress: bool = True) -> Report:
     """Evaluate every contender on every fold, with random, best single and oracle rows. Returns a Report.
 
     Y[N, K] labels in [0, 1] (NaN = not run), C[N, K] USD per query, folds = [(train_idx, test_idx), ...].
     `lambdas` is the utility-policy grid (default sweep.DEFAULT_LAMBDAS); `cost_scale` goes to UtilityPolicy.
+    `calibration_holdout` is the share of each fold's training rows held out to calibrate lambda_train (an
+    extra fit per fold and contender, on the other training rows; `seed` picks the rows). 0 calibrates on
+    in-sample predictions instead, which is cheaper but optimistic for predictors that overfit.
+    Each router row keeps its held-out predictions in memory as `ReportRow.predictions` [(test_idx, P)].
     """
+    if not 0 <= calibration_holdout < 1:
+        raise ValueError(f"calibration_holdout must be in [0, 1), got {calibration_holdout!r}")
     Y = np.asarray(Y, dtype=np.float64)
     C = np.asarray(C, dtype=np.float64)
     if Y.ndim != 2 or Y.shape != C.shape:
@@ -145,11 +174,12 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
     curves: dict[str, list[dict]] = {name: [] for name in names}
     distributions: dict[str, list[list[float]]] = {name: [] for name in per_fold}
     target_points: list[dict] = []
+    predictions: dict[str, list] = {name: [] for name in names}
 
     steps = tqdm(total=len(folds) * max(len(contenders), 1), desc="evaluate", disable=not progress)
     for f, (train, test) in enumerate(folds):
-        Yte, Cte, Ytr, Ctr = Y[test], C[test], Y[train], C[train]
-        best_k, best_train_acc, _ = metrics.best_single(Ytr, Ctr)
+        Yte, Cte = Y[test], C[test]
+        best_k = metrics.best_single(Y[train], C[train])[0]
         best_choice = np.full(test.size, best_k)
         best_acc = metrics.routed_accuracy(Yte, best_choice)
         oracle_acc, oracle_cost, oracle_choice = metrics.oracle(Yte, Cte)
@@ -179,7 +209,15 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
 
         for contender in contenders:
             steps.set_postfix_str(f"fold {f + 1}/{len(folds)} {contender.name}")
-            _, (Pte, Ptr) = _predict(contender, train, [test, train], Y, f)
+            split = _calibration_split(train, calibration_holdout, seed + f)
+            if split is None:
+                _, (Pte, Pcal) = _predict(contender, train, [test, train], Y, f)
+                cal_rows = train
+            else:
+                fit_rows, cal_rows = split
+                _, (Pcal,) = _predict(contender, fit_rows, [cal_rows], Y, f)
+                _, (Pte,) = _predict(contender, train, [test], Y, f)
+            predictions[contender.name].append((test, Pte))
             curve = cost_quality_curve(Pte, Yte, Cte, "utility", grid, cost_scale)
             argmax_i = int(np.flatnonzero(curve.params == 0.0)[0]) if np.any(curve.params == 0.0) else None
             if argmax_i is not None:
@@ -200,9 +238,7 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
                            cost_per_1k_at_best_single_accuracy=point.cost * 1000,
                            lambda_at_best_single_accuracy=point.param)
 
-            train_curve = cost_quality_curve(Ptr, Ytr, Ctr, "utility", grid, cost_scale)
-            point = cheapest_point_reaching(train_curve, best_train_acc)
-            lam = point.param if point is not None else float(grid[int(np.nanargmax(train_curve.accuracy))])
+            lam = _calibrated_lambda(Pcal, Y[cal_rows], C[cal_rows], best_k, grid, cost_scale)
             at_lam = cost_quality_curve(Pte, Yte, Cte, "utility", [lam], cost_scale)
             row.update(lambda_train=lam, accuracy_at_lambda_train=float(at_lam.accuracy[0]),
                        cost_per_1k_at_lambda_train=float(at_lam.cost[0]) * 1000,
@@ -217,10 +253,13 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
 
     rows = [ReportRow(name, "baseline", per_fold[name], [], distributions[name])
             for name in ("random", "best single", "oracle")]
-    rows += [ReportRow(name, "router", per_fold[name], curves[name], distributions[name]) for name in names]
+    rows += [ReportRow(name, "router", per_fold[name], curves[name], distributions[name], predictions[name])
+             for name in names]
     all_notes = [
         "All numbers are on held-out (test) rows, mean ± std (ddof=1) across folds.",
         "Best single target chosen on training rows; most expensive target = highest mean cost on test rows.",
+        (f"lambda_train: calibrated on a {calibration_holdout:.0%} hold-out of each fold's training rows."
+         if calibration_holdout > 0 else "lambda_train: calibrated on in-sample training predictions."),
         "Router accuracy and cost use the argmax policy; curves sweep the utility policy P - lambda * C / "
         + ("(row's priciest cost)." if cost_scale is None else f"{cost_scale:g} USD."),
         *notes,

@@ -45,6 +45,7 @@ class ReportRow:
 
     folds: one dict of metric -> value per fold; curves: one `Curve.to_dict()` per fold (routers only);
     distributions: per fold, the share of test rows routed to each target.
+    predictions: per fold, (test row indices, P[len, K]) held-out predictions; in memory only (not in JSON).
     """
 
     name: str
@@ -52,6 +53,7 @@ class ReportRow:
     folds: list[dict]
     curves: list[dict] = field(default_factory=list)
     distributions: list[list[float]] = field(default_factory=list)
+    predictions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
     def stat(self, metric: str) -> tuple[float, float]:
         """(mean, std) of `metric` across folds, NaN folds ignored; std uses ddof=1 (0 with one fold)."""
