@@ -1,0 +1,451 @@
+"""The gateway and the Client end to end: a router checkpoint trained here from the tiny random encoder, the
+gateway served by uvicorn on 127.0.0.1, and fake OpenAI-compatible upstreams on their own ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fake_upstream import Answer, Fail, FakeUpstream, Stall
+from prefill_router.client import Client, UpstreamHTTPError
+from prefill_router.data.dataset import RoutingDataset
+from prefill_router.data.prices import CostModel, PriceTable
+from prefill_router.router import Router, train_router
+from prefill_router.serve.app import create_app
+from prefill_router.serve.config import parse_gateway_config
+from prefill_router.serve.engine import RouterScorer
+from prefill_router.serve.models import UnknownModel
+from prefill_router.serve.server import BackgroundServer
+from prefill_router.serve.upstream import AllUpstreamsFailed
+
+TARGETS = ["big", "small", "mid"]
+PRICES = {"big": (10.0, 30.0), "small": (0.1, 0.3), "mid": (1.0, 3.0)}  # USD per million tokens in / out
+
+
+def _load_encoder(path):
+    try:
+        from prefill_router.features import load_encoder
+    except ImportError:  # the features package did not export it yet
+        from prefill_router.features.encoder import load_encoder
+    return load_encoder(str(path))
+
+
+def question(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"question {i}: what is {i} + {3 * i}? " + "fox " * (i % 7)}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_encoder_dir, tmp_path_factory):
+    """Train a small router on a synthetic 3-target dataset with the tiny encoder, save it to disk."""
+    encoder = _load_encoder(tiny_encoder_dir)
+    prompts = [question(i) for i in range(48)]
+    features = encoder.encode(prompts, poolings=("mean",))
+    rng = np.random.default_rng(0)
+    Y = np.stack([np.ones(48), (np.arange(48) % 2).astype(float), rng.integers(0, 2, 48).astype(float)], axis=1)
+    cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([50.0, 50.0, 50.0]))
+    data = RoutingDataset([str(i) for i in range(48)], prompts, TARGETS, Y,
+                          cost_model.estimate(encoder.count_tokens(prompts)))
+    router = train_router(data, features, config={
+        "pca": 8, "policy": "argmax", "robust_folds": 0,
+        "trunk": {"seeds": 2, "keep": 1, "max_epochs": 5, "hidden": [16], "dropout": [0.0], "threads": 1}},
+        encoder=encoder, cost_model=cost_model)
+    folder = router.save(tmp_path_factory.mktemp("router"))
+    return folder, encoder
+
+
+@pytest.fixture(scope="module")
+def router(checkpoint):
+    folder, encoder = checkpoint
+    return Router.load(folder, encoder=encoder)
+
+
+@pytest.fixture(scope="module")
+def upstreams():
+    ups = {name: FakeUpstream(name=name).start() for name in TARGETS}
+    yield ups
+    for up in ups.values():
+        up.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_upstreams(request):
+    if "upstreams" in request.fixturenames:
+        ups = request.getfixturevalue("upstreams")
+        for name, up in ups.items():
+            up.reset()
+            up.default = Answer(f"answer from {name}")
+    yield
+
+
+def gateway_config(ups, **overrides) -> dict:
+    config = {
+        "router": {"checkpoint": None},
+        "targets": [{"name": n, "base_url": ups[n].base_url, "model": f"{n}-upstream", "timeout_s": 2,
+                     "api_key_env": "PR_TEST_UPSTREAM_KEY" if n == "big" else None} for n in TARGETS],
+        "fallback_order": ["mid", "small", "big"],
+        "batching": {"max_batch_size": 8, "max_wait_ms": 2},
+    }
+    config.update(overrides)
+    return config
+
+
+@contextmanager
+def running_gateway(router, ups, **overrides):
+    app = create_app(parse_gateway_config(gateway_config(ups, **overrides)), RouterScorer(router))
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client, server
+
+
+@pytest.fixture(autouse=True)
+def upstream_key(monkeypatch):
+    monkeypatch.setenv("PR_TEST_UPSTREAM_KEY", "sk-upstream-big")
+
+
+def metric(client: httpx.Client, name: str, **labels) -> float:
+    """A sample's value from /metrics (0 when absent)."""
+    text = client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def chat(client, model, messages, **extra):
+    return client.post("/v1/chat/completions", json={"model": model, "messages": messages, **extra})
+
+
+def assert_openai_error(response, status, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+
+
+# --- routing and proxying --------------------------------------------------------------------------------
+def test_chat_routes_like_the_router_and_proxies_unchanged(router, upstreams):
+    msgs = question(5)
+    expected = router.route(msgs)
+    with running_gateway(router, upstreams) as (client, _):
+        r = chat(client, "router", msgs, temperature=0.2)
+    assert r.status_code == 200, r.text
+    target = r.headers["x-router-target"]
+    assert target == r.headers["x-router-chosen"] == expected.target
+    probabilities = json.loads(r.headers["x-router-probabilities"])
+    assert list(probabilities) == TARGETS
+    assert np.allclose([probabilities[t] for t in TARGETS], [expected.probabilities[t] for t in TARGETS],
+                       atol=1e-5)
+    assert float(r.headers["x-router-latency-ms"]) > 0
+    assert json.loads(r.headers["x-router-fallbacks"]) == []
+    assert r.json()["choices"][0]["message"]["content"] == f"answer from {target}"
+    sent = upstreams[target].requests[-1]
+    assert sent.body["model"] == f"{target}-upstream" and sent.body["temperature"] == 0.2
+    assert sent.body["messages"] == msgs
+    if target == "big":
+        assert sent.headers["Authorization"] == "Bearer sk-upstream-big"
+    assert sum(up.calls() for up in upstreams.values()) == 1
+
+
+def test_lambda_and_presets_set_the_trade_off_per_request(router, upstreams):
+    msgs = question(8)
+    with running_gateway(router, upstreams) as (client, _):
+        best = chat(client, "router:best", msgs)
+        cheapest = chat(client, "router:1000000", msgs)
+        cheap = chat(client, "router:cheap", msgs)
+        half = chat(client, "router:0.5", msgs)
+    probabilities = json.loads(best.headers["x-router-probabilities"])
+    assert best.headers["x-router-target"] == max(probabilities, key=probabilities.get)
+    assert cheapest.headers["x-router-target"] == "small"  # the cheapest target once cost dominates
+    assert cheap.headers["x-router-target"] == router.route(msgs, lam=1.0).target
+    assert half.headers["x-router-target"] == router.route(msgs, lam=0.5).target
+    # one forward pass served all four: the policy is applied per request on cached probabilities
+    assert [r.headers["x-router-cache"] for r in (best, cheapest, cheap, half)] == ["miss", "hit", "hit", "hit"]
+
+
+def test_pinned_target_skips_routing(router, upstreams):
+    with running_gateway(router, upstreams) as (client, _):
+        r = chat(client, "mid", question(1))
+        assert metric(client, "prefill_router_batch_size_count") == 0
+    assert r.status_code == 200 and r.headers["x-router-target"] == "mid"
+    assert "x-router-probabilities" not in r.headers
+    assert upstreams["mid"].requests[-1].body["model"] == "mid-upstream"
+
+
+def test_streaming_is_passed_through_as_sse(router, upstreams):
+    msgs = question(2)
+    target = router.route(msgs).target
+    upstreams[target].default = Answer("streamed words arrive in order")
+    with running_gateway(router, upstreams) as (client, _):
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"model": "router", "messages": msgs, "stream": True}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["x-router-target"] == target
+            lines = [line for line in r.iter_lines() if line]
+    assert upstreams[target].requests[-1].body["stream"] is True
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == "streamed words arrive in order"
+    assert upstreams[target].completed_streams == 1
+
+
+# --- faults -----------------------------------------------------------------------------------------------
+def test_retry_then_fallback_is_recorded_in_headers_and_metrics(router, upstreams):
+    msgs = question(3)
+    chosen = router.route(msgs).target
+    chain = [chosen] + [t for t in ["mid", "small", "big"] if t != chosen]
+    upstreams[chosen].script(Fail(503), Fail(500))
+    with running_gateway(router, upstreams) as (client, _):
+        r = chat(client, "router", msgs)
+        assert r.status_code == 200
+        assert r.headers["x-router-chosen"] == chosen
+        assert r.headers["x-router-target"] == chain[1]
+        assert json.loads(r.headers["x-router-fallbacks"]) == [chosen]
+        assert r.json()["choices"][0]["message"]["content"] == f"answer from {chain[1]}"
+        assert upstreams[chosen].calls() == 2  # one retry, then the next target
+        assert metric(client, "prefill_router_fallbacks_total", target=chosen) == 1
+        assert metric(client, "prefill_router_upstream_errors_total", target=chosen) == 2
+        assert metric(client, "prefill_router_requests_total", target=chain[1], status="200") == 1
+
+
+def test_timeout_falls_back(router, upstreams):
+    msgs = question(4)
+    chosen = router.route(msgs).target
+    upstreams[chosen].script(Stall(3), Stall(3))
+    with running_gateway(router, upstreams, targets=[
+            {"name": n, "base_url": upstreams[n].base_url, "timeout_s": 0.3} for n in TARGETS]) as (client, _):
+        r = chat(client, "router", msgs)
+    assert r.status_code == 200 and r.headers["x-router-target"] != chosen
+    assert json.loads(r.headers["x-router-fallbacks"]) == [chosen]
+
+
+def test_every_target_failing_gives_502(router, upstreams):
+    for up in upstreams.values():
+        up.default = Fail(500, "down")
+    with running_gateway(router, upstreams) as (client, _):
+        r = chat(client, "router", question(6))
+        assert_openai_error(r, 502, "all_upstreams_failed")
+        assert r.json()["error"]["type"] == "upstream_error"
+        assert sorted(json.loads(r.headers["x-router-fallbacks"])) == sorted(TARGETS)
+        assert sum(up.calls() for up in upstreams.values()) == 6  # each target: first try and one retry
+        assert metric(client, "prefill_router_errors_total", status="502", code="all_upstreams_failed") == 1
+        assert client.get("/health").status_code == 200  # the server is still up
+
+
+def test_upstream_4xx_is_passed_through_unchanged(router, upstreams):
+    msgs = question(7)
+    chosen = router.route(msgs).target
+    upstreams[chosen].script(Fail(400, "max_tokens is too large"))
+    with running_gateway(router, upstreams) as (client, _):
+        r = chat(client, "router", msgs)
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": "max_tokens is too large", "type": "upstream_error", "code": 400}}
+    assert r.headers["x-router-target"] == chosen
+    assert upstreams[chosen].calls() == 1 and sum(up.calls() for up in upstreams.values()) == 1
+
+
+def test_client_disconnect_mid_stream_cancels_the_upstream_call(router, upstreams):
+    msgs = question(9)
+    target = router.route(msgs).target
+    upstreams[target].default = Answer(" ".join(["word"] * 200), chunk_delay_s=0.05)
+    with running_gateway(router, upstreams) as (client, _):
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"model": "router", "messages": msgs, "stream": True}) as r:
+            first = next(r.iter_bytes())
+            assert first.startswith(b"data: ")
+        # leaving the block closed our connection; the gateway must close its upstream connection too
+        deadline = time.monotonic() + 20
+        while upstreams[target].disconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert upstreams[target].disconnects == 1
+        assert upstreams[target].completed_streams == 0
+        while metric(client, "prefill_router_stream_disconnects_total", target=target) == 0 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(client, "prefill_router_stream_disconnects_total", target=target) == 1
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+def test_bad_requests_get_openai_style_errors(router, upstreams):
+    with running_gateway(router, upstreams, max_body_bytes=2000) as (client, _):
+        url = "/v1/chat/completions"
+        assert_openai_error(client.post(url, content=b"{not json", headers={"content-type": "application/json"}),
+                            400, "invalid_json")
+        assert_openai_error(client.post(url, json=["a", "list"]), 400, "invalid_json")
+        assert_openai_error(client.post(url, json={"model": "router"}), 400, "invalid_messages")
+        assert_openai_error(chat(client, "router", []), 400, "invalid_messages")
+        assert_openai_error(chat(client, "router", [{"role": "user", "content": ""}]), 400, "invalid_messages")
+        assert_openai_error(chat(client, "router", [{"content": "no role"}]), 400, "invalid_messages")
+        unknown = chat(client, "gpt-17", question(1))
+        assert_openai_error(unknown, 400, "model_not_found")
+        assert "gpt-17" in unknown.json()["error"]["message"]
+        assert_openai_error(client.post(url, json={"messages": question(1)}), 400, "model_not_found")
+        assert_openai_error(chat(client, "router:-3", question(1)), 400, "model_not_found")
+        big = chat(client, "router", [{"role": "user", "content": "x" * 5000}])
+        assert_openai_error(big, 413, "request_too_large")
+        # a body without Content-Length (chunked) is cut off at the limit too
+        chunked = client.post(url, content=iter([b'{"model": "router", "messages": [', b" " * 3000, b"]}"]))
+        assert_openai_error(chunked, 413, "request_too_large")
+        assert_openai_error(client.get("/v1/nothing-here"), 404)
+        assert sum(up.calls() for up in upstreams.values()) == 0
+        assert metric(client, "prefill_router_errors_total", status="400", code="invalid_messages") == 4
+        ok = chat(client, "router", question(1))
+        assert ok.status_code == 200  # nothing above broke the server
+
+
+def test_prompt_longer_than_the_encoder_context_is_truncated_not_rejected(router, upstreams):
+    long_prompt = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 200}]
+    with running_gateway(router, upstreams, max_body_bytes=100_000) as (client, _):
+        r = chat(client, "router", long_prompt)
+        decision = client.post("/v1/route", json={"messages": long_prompt}).json()
+    assert r.status_code == 200 and r.headers["x-router-truncated"] == "true"
+    assert decision["truncated"] is True
+
+
+def test_bearer_keys(router, upstreams):
+    with running_gateway(router, upstreams, auth={"keys": ["k-123"]}) as (client, _):
+        assert_openai_error(chat(client, "router", question(1)), 401, "invalid_api_key")
+        wrong = client.post("/v1/chat/completions", json={"model": "router", "messages": question(1)},
+                            headers={"Authorization": "Bearer nope"})
+        assert_openai_error(wrong, 401, "invalid_api_key")
+        assert_openai_error(client.get("/v1/models"), 401)
+        assert_openai_error(client.post("/v1/route", json={"messages": question(1)}), 401)
+        good = client.post("/v1/chat/completions", json={"model": "router", "messages": question(1)},
+                           headers={"Authorization": "Bearer k-123"})
+        assert good.status_code == 200
+        assert client.get("/health").status_code == 200  # health and metrics stay open for probes
+        assert upstreams[good.headers["x-router-target"]].requests[-1].headers.get("Authorization") != \
+            "Bearer k-123"  # the client's gateway key never reaches an upstream
+
+
+# --- other endpoints --------------------------------------------------------------------------------------
+def test_route_models_health(router, upstreams):
+    msgs = question(11)
+    expected = router.route(msgs, lam=0.5)
+    with running_gateway(router, upstreams) as (client, _):
+        decision = client.post("/v1/route", json={"model": "router:0.5", "messages": msgs}).json()
+        models = client.get("/v1/models").json()
+        health = client.get("/health").json()
+        pinned = client.post("/v1/route", json={"model": "big", "messages": msgs})
+    assert decision["target"] == expected.target
+    assert set(decision["probabilities"]) == set(TARGETS)
+    assert decision["estimated_cost"] == pytest.approx(expected.estimated_cost)
+    assert decision["estimated_cost"]["big"] > decision["estimated_cost"]["mid"] > decision["estimated_cost"]["small"]
+    assert decision["latency_ms"] > 0 and decision["fallback_chain"][0] == expected.target
+    assert [m["id"] for m in models["data"]] == ["router", "router:best", "router:cheap", *TARGETS]
+    assert health["encoder_loaded"] is True and health["targets"] == TARGETS
+    assert health["upstreams"]["big"]["api_key"] == "set" and health["status"] == "ok"
+    assert_openai_error(pinned, 400, "model_not_found")
+
+
+def test_metrics_endpoint_is_prometheus_text(router, upstreams):
+    with running_gateway(router, upstreams) as (client, _):
+        chat(client, "router", question(12))
+        text = client.get("/metrics")
+    assert text.headers["content-type"].startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(text.text)}
+    assert {"prefill_router_requests", "prefill_router_routing_latency_seconds", "prefill_router_batch_size",
+            "prefill_router_fallbacks", "prefill_router_upstream_errors", "prefill_router_errors"} <= names
+
+
+# --- micro-batching and the cache -------------------------------------------------------------------------
+async def _concurrent_chats(url: str, prompts: list, model: str = "router") -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/v1/chat/completions",
+                                                  json={"model": model, "messages": p}) for p in prompts))
+
+
+def test_concurrent_requests_share_forward_passes(router, upstreams):
+    prompts = [question(100 + i) for i in range(12)]
+    with running_gateway(router, upstreams, batching={"max_batch_size": 8, "max_wait_ms": 300}) as (client, server):
+        responses = asyncio.run(_concurrent_chats(server.url, prompts))
+        batches = metric(client, "prefill_router_batch_size_count")
+        prompts_batched = metric(client, "prefill_router_batch_size_sum")
+        singles = metric(client, "prefill_router_batch_size_bucket", le="1.0")
+    assert all(r.status_code == 200 for r in responses)
+    assert prompts_batched == 12
+    assert batches < 12 and singles < batches  # at least one forward pass carried more than one prompt
+    # batching does not change decisions: each equals routing that prompt alone
+    assert [r.headers["x-router-target"] for r in responses] == [router.route(p).target for p in prompts]
+
+
+def test_batching_off_runs_one_forward_per_request(router, upstreams):
+    prompts = [question(200 + i) for i in range(6)]
+    with running_gateway(router, upstreams, batching={"max_batch_size": 1, "max_wait_ms": 0}) as (client, server):
+        responses = asyncio.run(_concurrent_chats(server.url, prompts))
+        assert all(r.status_code == 200 for r in responses)
+        assert metric(client, "prefill_router_batch_size_count") == 6
+        assert metric(client, "prefill_router_batch_size_bucket", le="1.0") == 6
+
+
+def test_lru_cache_hits_and_evicts(router, upstreams):
+    a, b = question(300), question(301)
+    with running_gateway(router, upstreams, cache_size=1) as (client, _):
+        sources = [chat(client, "router", m).headers["x-router-cache"] for m in (a, a, b, a)]
+        assert sources == ["miss", "hit", "miss", "miss"]  # b evicted a (size 1)
+        assert metric(client, "prefill_router_batch_size_count") == 3
+        assert metric(client, "prefill_router_cache_lookups_total", result="hit") == 1
+        assert metric(client, "prefill_router_cache_lookups_total", result="miss") == 3
+    with running_gateway(router, upstreams, cache_size=0) as (client, _):
+        assert [chat(client, "router", a).headers["x-router-cache"] for _ in range(2)] == ["miss", "miss"]
+
+
+def test_identical_concurrent_prompts_share_one_forward(router, upstreams):
+    with running_gateway(router, upstreams, batching={"max_batch_size": 8, "max_wait_ms": 200}) as (client, server):
+        responses = asyncio.run(_concurrent_chats(server.url, [question(400)] * 5))
+        assert sorted(r.headers["x-router-cache"] for r in responses) == ["miss"] + ["shared"] * 4
+        assert metric(client, "prefill_router_batch_size_sum") == 1
+
+
+# --- the Python client ------------------------------------------------------------------------------------
+def test_client_routes_in_process_and_calls_the_upstream(router, upstreams):
+    msgs = question(21)
+    expected = router.route(msgs)
+    with Client(gateway_config(upstreams), router=router) as client:
+        reply = client.chat.completions.create(model="router", messages=msgs, max_tokens=5)
+        assert reply.choices[0].message.content == f"answer from {expected.target}"
+        assert reply.routing.target == reply.routing.chosen == expected.target
+        assert reply.routing.probabilities == pytest.approx(expected.probabilities)
+        assert "routing" not in reply  # the dict itself is the upstream's JSON
+        assert upstreams[expected.target].requests[-1].body["max_tokens"] == 5
+        assert client.route(msgs, model="router:1000000").target == "small"
+        pinned = client.chat.completions.create(model="mid", messages=msgs)
+        assert pinned.routing.target == "mid" and pinned.routing.probabilities is None
+
+
+def test_client_streams(router, upstreams):
+    msgs = question(22)
+    target = router.route(msgs).target
+    upstreams[target].default = Answer("a streamed client answer")
+    with Client(gateway_config(upstreams), router=router) as client:
+        stream = client.chat.completions.create(model="router", messages=msgs, stream=True)
+        text = "".join(c.choices[0].delta.get("content") or "" for c in stream if c.choices)
+    assert text == "a streamed client answer" and stream.routing.target == target
+
+
+def test_client_falls_back_and_reports_failures(router, upstreams):
+    msgs = question(23)
+    chosen = router.route(msgs).target
+    upstreams[chosen].script(Fail(502), Fail(502))
+    with Client(gateway_config(upstreams), router=router) as client:
+        reply = client.chat.completions.create(model="router", messages=msgs)
+        assert reply.routing.fallbacks == [chosen] and reply.routing.target != chosen
+        upstreams["mid"].script(Fail(404, "no such model"))
+        with pytest.raises(UpstreamHTTPError) as exc:
+            client.chat.completions.create(model="mid", messages=msgs)
+        assert exc.value.status == 404 and exc.value.target == "mid"
+        for up in upstreams.values():
+            up.default = Fail(503)
+        with pytest.raises(AllUpstreamsFailed):
+            client.chat.completions.create(model="router", messages=msgs)
+        with pytest.raises(UnknownModel):
+            client.chat.completions.create(model="gpt-17", messages=msgs)
