@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prefill_router.errors import CheckpointError, ConfigError
 from prefill_router.router.decision import RouteDecision
 from prefill_router.router.policy import UtilityPolicy, policy_from_spec
-from prefill_router.router.robust import DEFAULT_MARGINS, RobustPolicy, fit_robust_policy
+from prefill_router.router.robust import DEFAULT_MARGINS, RobustPolicy, fit_robust_policy, out_of_fold_proba
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 
@@ -385,16 +385,6 @@ def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.n
     return select_hidden_states(X, available, wanted), wanted, None
 
 
-def out_of_fold_proba(X: np.ndarray, Y: np.ndarray, make_predictor, folds: int, seed: int = 0) -> np.ndarray:
-    """P for every row from a predictor fitted on the other folds (rows split at random, seeded)."""
-    order = np.random.default_rng(seed).permutation(len(X))
-    P = np.full(Y.shape, np.nan)
-    for part in np.array_split(order, folds):
-        rest = np.setdiff1d(order, part)
-        P[part] = make_predictor().fit(X[rest], Y[rest]).predict_proba(X[part])
-    return P
-
-
 def train_router(dataset, features, train_rows=None, config: RouterTrainConfig | dict | None = None, *,
                  encoder=None, hidden_states: Sequence[int] | None = None, cost_model=None,
                  progress: bool = False) -> Router:
@@ -432,14 +422,11 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     robust = None
     if config.robust_folds >= 2:
         # Out-of-fold predictions of the training rows: the robust rules must not see predictions of rows
-        # the model was fitted on, or every target would look trustworthy.
+        # the model was fitted on, or every target would look trustworthy. The transform is unsupervised (no
+        # labels), so the folds reuse the one fitted on all training rows.
         small = trunk_cfg.model_copy(update={"seeds": config.robust_seeds,
                                              "keep": min(trunk_cfg.keep, config.robust_seeds), "progress": False})
-
-        def make():
-            return _TransformThenTrunk(config.pca, small, config.seed)
-
-        P_oof = out_of_fold_proba(X, Y, make, config.robust_folds, config.seed)
+        P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small), config.robust_folds, config.seed)
         robust = fit_robust_policy(P_oof, Y, C, margins=config.robust_margins)
         metrics["oof_auc"] = _per_target_auc(Y, P_oof)
         metrics["robust"] = robust.fit_info
@@ -454,22 +441,6 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
                   hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
                   policy=config.policy, robust_policy=robust, metrics=metrics, training=training,
                   encoder=encoder if encoder is not None and hasattr(encoder, "encode") else None)
-
-
-class _TransformThenTrunk:
-    """Predictor on raw pooled features: the transform is refitted inside each fold (no leakage)."""
-
-    def __init__(self, pca: int | None, trunk: TrunkConfig, seed: int = 0):
-        self.transform = FeatureTransform(dims=pca)
-        self.trunk = TrunkEnsemble(trunk)
-        self.seed = seed
-
-    def fit(self, X, Y):
-        self.trunk.fit(self.transform.fit_transform(X, seed=self.seed), Y)
-        return self
-
-    def predict_proba(self, X):
-        return self.trunk.predict_proba(self.transform.transform(X))
 
 
 def _per_target_auc(Y: np.ndarray, P: np.ndarray) -> list[float | None]:

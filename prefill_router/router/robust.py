@@ -144,3 +144,16 @@ def fit_robust_policy(P_oof: np.ndarray, Y: np.ndarray, C: np.ndarray, *, margin
     info = {"margins": [float(m) for m in margins], "oof_accuracy": scores.tolist(),
             "anchor_oof_accuracy": float(Yfilled[:, anchor].mean()), "eligible_targets": int(eligible.sum())}
     return RobustPolicy(prior, alpha, eligible, anchor, float(margins[best]), float(lam), cost_scale, info)
+
+
+def out_of_fold_proba(X: np.ndarray, Y: np.ndarray, make_predictor, folds: int, seed: int = 0) -> np.ndarray:
+    """P for every row from a fresh `make_predictor()` fitted on the other folds (rows split at random,
+    seeded). This is what `fit_robust_policy` should be given for the training rows."""
+    if folds < 2:
+        raise ConfigError(f"out-of-fold predictions need at least 2 folds, got {folds}")
+    order = np.random.default_rng(seed).permutation(len(X))
+    P = np.full(np.shape(Y), np.nan)
+    for part in np.array_split(order, folds):
+        rest = np.setdiff1d(order, part)
+        P[part] = make_predictor().fit(X[rest], Y[rest]).predict_proba(X[part])
+    return P
