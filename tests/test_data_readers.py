@@ -289,7 +289,8 @@ def test_count_tokens_falls_back_to_minilm(monkeypatch):
 def test_cli_validate(tmp_path, capsys):
     good = write(LONG_ROWS, tmp_path / "good.csv", "csv")
     assert main(["data", "validate", str(good)]) == 0
-    assert "OK" in capsys.readouterr().out and "3 prompts x 2 targets" in capsys.readouterr().out + "3 prompts x 2 targets"
+    out = capsys.readouterr().out
+    assert out.startswith("OK") and "3 prompts x 2 targets, 1 missing" in out
     rows, _ = _long(score=7)
     bad = write(rows, tmp_path / "bad.csv", "csv")
     assert main(["data", "validate", str(bad)]) == 2
