@@ -208,8 +208,9 @@ def test_judge_exact(reply, reference, score):
 
 def test_normalize_text():
     assert normalize_text("  The  Eiffel-Tower! ") == "eiffel tower"
+    assert normalize_text("A.") == "a" and judge_exact("a", "A") == 1.0 and judge_contains("(A)", "A") == 1.0
     with pytest.raises(ValueError, match="empty"):
-        judge_exact("x", "the")
+        judge_exact("x", " ... ")
 
 
 # --------------------------------------------------------------------------------------------- contains

@@ -224,12 +224,13 @@ _PUNCT = str.maketrans({c: " " for c in string.punctuation + "\u2018\u2019\u201c
 def normalize_text(text: str) -> str:
     """Lowercase, Unicode-NFKC, punctuation and the articles a/an/the removed, whitespace collapsed.
 
-    The SQuAD convention: "The Eiffel Tower." and "eiffel tower" compare equal.
+    The SQuAD convention: "The Eiffel Tower." and "eiffel tower" compare equal. A text that is nothing but
+    an article ("A", an option letter) keeps it rather than becoming empty.
     """
     text = unicodedata.normalize("NFKC", str(text)).lower()
-    text = text.translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    text = " ".join(text.translate(_PUNCT).split())
+    # An answer that is only an article ("A" as an option letter) keeps it.
+    return " ".join(_ARTICLES.sub(" ", text).split()) or text
 
 
 def _strip_answer_prefix(answer: str) -> str:

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefill_router.data.dataset import Prompt
 from prefill_router.errors import DataError
+
+# Same shape as prefill_router.data.Prompt; not imported from there so the command starts without pandas.
+Prompt = str | list
 
 REFERENCE_FIELDS = ("answer", "reference")
 

@@ -1,0 +1,282 @@
+"""End to end on 127.0.0.1: three fake OpenAI-compatible targets answer a multiple-choice set with known
+patterns of right and wrong answers, transient 429s and permanent errors; `prefill-router collect` must
+produce exactly the expected labels and costs, never repeat a paid call on rerun or after being killed,
+and its output must train a router."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_upstream import Answer, Fail, FakeUpstream
+
+from prefill_router.cli import main
+from prefill_router.collect.journal import journal_path
+from prefill_router.data.readers import read_routing_data
+
+REPO = Path(__file__).resolve().parents[1]
+LETTERS = "ABCD"
+PRICES = {"strong": (10.0, 30.0), "mid": (1.0, 2.0), "cheap": (0.1, 0.1)}  # USD per M input, output tokens
+
+
+def question(i: int) -> dict:
+    qid = f"q{i:02d}"
+    options = "\n".join(f"{letter}. option {letter.lower()} of question {i}" for letter in LETTERS)
+    return {"prompt_id": qid, "prompt": f"[{qid}] Which option is right for question {i}?\n{options}",
+            "answer": LETTERS[i % 4], "category": "even" if i % 2 == 0 else "odd"}
+
+
+def qid_of(body: dict) -> str:
+    return re.search(r"\[(q\d+)\]", body["messages"][-1]["content"]).group(1)
+
+
+def reference(qid: str) -> str:
+    return LETTERS[int(qid[1:]) % 4]
+
+
+def wrong(letter: str) -> str:
+    return LETTERS[(LETTERS.index(letter) + 1) % 4]
+
+
+# Each target's behaviour, as a function of the question: the labels the test expects follow from these.
+def strong_reply(body: dict) -> str:
+    qid = qid_of(body)
+    if qid == "q07":
+        return "I am not sure about this one."  # no letter: judged wrong (0), not a failure
+    letter = wrong(reference(qid)) if qid == "q03" else reference(qid)
+    return f"Let me think step by step. The answer is ({letter})."
+
+
+def mid_reply(body: dict) -> str:
+    qid = qid_of(body)
+    return f"{reference(qid) if int(qid[1:]) % 2 == 0 else wrong(reference(qid))}."
+
+
+def cheap_reply(body: dict) -> str:
+    return "**A**"
+
+
+REPLIES = {"strong": strong_reply, "mid": mid_reply, "cheap": cheap_reply}
+
+
+def expected_score(target: str, qid: str) -> float:
+    """The label a human grader gives each target's reply pattern above."""
+    i = int(qid[1:])
+    if target == "strong":
+        return 0.0 if qid in ("q03", "q07") else 1.0
+    if target == "mid":
+        return 1.0 if i % 2 == 0 else 0.0
+    return 1.0 if reference(qid) == "A" else 0.0
+
+
+def expected_cost(target: str, q: dict) -> float:
+    # The fake upstream reports prompt_tokens = characters // 4 and completion_tokens = words of the reply.
+    body = {"messages": [{"role": "user", "content": q["prompt"]}]}
+    prompt_tokens = len(q["prompt"]) // 4
+    completion_tokens = len(REPLIES[target](body).split())
+    pin, pout = PRICES[target]
+    return (prompt_tokens * pin + completion_tokens * pout) / 1e6
+
+
+def write_inputs(folder: Path, ups: dict[str, FakeUpstream], n: int, *, concurrency: dict | None = None) -> tuple:
+    questions = [question(i) for i in range(n)]
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    lines = ["targets:"]
+    for name, up in ups.items():
+        pin, pout = PRICES[name]
+        lines += [f"  - name: {name}", f"    base_url: {up.base_url}", f"    model: upstream-{name}",
+                  f"    usd_per_m_input: {pin}", f"    usd_per_m_output: {pout}", "    timeout_s: 10"]
+        if concurrency and name in concurrency:
+            lines.append(f"    max_concurrency: {concurrency[name]}")
+    targets = folder / "targets.yaml"
+    targets.write_text("\n".join(lines) + "\n")
+    return questions, prompts, targets
+
+
+def calls_per_question(up: FakeUpstream) -> Counter:
+    # A request cut off by the kill before its body arrived (body None) was never processed, so never paid.
+    return Counter(qid_of(r.body) for r in up.requests
+                   if r.path.endswith("/chat/completions") and isinstance(r.body, dict))
+
+
+@pytest.fixture
+def upstreams():
+    ups = {name: FakeUpstream(Answer(fn), name=name).start() for name, fn in REPLIES.items()}
+    yield ups
+    for up in ups.values():
+        up.stop()
+
+
+def test_collect_labels_failures_retries_and_resume(tmp_path, upstreams, capsys):
+    questions, prompts, targets = write_inputs(tmp_path, upstreams, 12, concurrency={"mid": 2, "cheap": 1})
+    out = tmp_path / "run" / "labels.jsonl"
+    # mid: the first two requests are rate limited (retried; labels unaffected).
+    upstreams["mid"].script(Fail(429, retry_after=0), Fail(429, retry_after=0))
+    # cheap runs one request at a time, in prompt order: q05 fails on every try, q09 is refused outright.
+    cheap = Answer(cheap_reply)
+    upstreams["cheap"].script(*[cheap] * 5, Fail(500), Fail(500), Fail(500), *[cheap] * 3,
+                              Fail(400, message="unsupported parameter"))
+    args = ["collect", "--prompts", str(prompts), "--targets", str(targets), "--judge", "choice", "--out", str(out),
+            "--letters", "ABCD", "--max-attempts", "3", "--backoff", "0.001", "--max-tokens", "64", "--no-progress"]
+
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "2 pair(s) failed" in printed.err and "--retry-failed" in printed.err
+
+    # Server side: one call per pair, plus the retries of two 429s and two extra tries of q05.
+    assert upstreams["strong"].calls() == 12
+    assert upstreams["mid"].calls() == 14
+    assert upstreams["cheap"].calls() == 14 and calls_per_question(upstreams["cheap"])["q05"] == 3
+    assert all(r.body["max_tokens"] == 64 and r.body["temperature"] == 0 for r in upstreams["mid"].requests)
+
+    # The dataset is what `train` reads: exact labels, NaN (missing, not 0) where the call failed.
+    ds = read_routing_data(out)
+    assert ds.targets == ["strong", "mid", "cheap"]
+    assert ds.prompt_ids == [q["prompt_id"] for q in questions]
+    assert ds.prompts == [q["prompt"] for q in questions]
+    failed = {("q05", "cheap"), ("q09", "cheap")}
+    for i, q in enumerate(questions):
+        for k, target in enumerate(ds.targets):
+            if (q["prompt_id"], target) in failed:
+                assert math.isnan(ds.Y[i, k]) and math.isnan(ds.C[i, k])
+            else:
+                assert ds.Y[i, k] == expected_score(target, q["prompt_id"]), (q["prompt_id"], target)
+                assert ds.C[i, k] == pytest.approx(expected_cost(target, q), rel=1e-9)
+    assert ds.Y[:, 0].tolist().count(1.0) == 10  # strong: all but q03 (wrong letter) and q07 (no letter)
+    assert np.nansum(ds.Y[:, 1]) == 6  # mid: the even questions
+    assert np.nansum(ds.Y[:, 2]) == 3  # cheap: q00, q04, q08 (answer A); q05/q09 failed, not wrong
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 34
+    assert {"answer", "latency_s", "error", "input_tokens", "output_tokens", "cost"} <= set(rows[0])
+    assert rows[0]["answer"] == "Let me think step by step. The answer is (A)." and rows[0]["latency_s"] > 0
+
+    # Failures are kept with their reason, outside the dataset.
+    failures = [json.loads(line) for line in (tmp_path / "run" / "labels.failures.jsonl").read_text().splitlines()]
+    reasons = {(f["prompt_id"], f["target"]): f["error"] for f in failures}
+    assert set(reasons) == failed
+    assert "HTTP 500" in reasons[("q05", "cheap")] and "3 attempts" in reasons[("q05", "cheap")]
+    assert reasons[("q09", "cheap")].startswith("HTTP 400") and "unsupported parameter" in reasons[("q09", "cheap")]
+
+    # A plain rerun repeats nothing: finished pairs and kept failures alike.
+    before = {name: up.calls() for name, up in upstreams.items()}
+    dataset_before = out.read_text()
+    assert main(args) == 0
+    assert {name: up.calls() for name, up in upstreams.items()} == before
+    assert out.read_text() == dataset_before
+
+    # --dry-run with --retry-failed counts exactly the two failed pairs.
+    assert main(args + ["--retry-failed", "--dry-run"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^cheap\s+2\s", table, re.MULTILINE) and re.search(r"^strong\s+0\s", table, re.MULTILINE)
+    assert "mean prompt length" in table
+
+    # --retry-failed re-sends only the failures; the server now answers them.
+    assert main(args + ["--retry-failed"]) == 0
+    assert upstreams["cheap"].calls() == before["cheap"] + 2
+    assert upstreams["strong"].calls() == before["strong"] and upstreams["mid"].calls() == before["mid"]
+    ds = read_routing_data(out)
+    assert not np.isnan(ds.Y).any() and ds.Y[5, 2] == 0.0 and ds.Y[9, 2] == 0.0  # q05, q09: ref B, answer A
+    assert not (tmp_path / "run" / "labels.failures.jsonl").exists()
+
+
+def test_changing_the_judge_rescores_stored_answers_without_calling_again(tmp_path, upstreams):
+    _, prompts, targets = write_inputs(tmp_path, {"mid": upstreams["mid"]}, 4)
+    out = tmp_path / "labels.jsonl"
+    base = ["collect", "--prompts", str(prompts), "--targets", str(targets), "--out", str(out), "--no-progress"]
+    assert main(base + ["--judge", "choice"]) == 0
+    assert upstreams["mid"].calls() == 4
+    # "contains" against the letter reference reads the same stored replies ("A.", "C.", ...).
+    assert main(base + ["--judge", "contains"]) == 0
+    assert upstreams["mid"].calls() == 4
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["judge"] for r in rows} == {"contains"}
+    assert [r["score"] for r in rows] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_prompt_text_changed_under_the_same_id_is_refused(tmp_path, upstreams, capsys):
+    questions, prompts, targets = write_inputs(tmp_path, {"mid": upstreams["mid"]}, 2)
+    out = tmp_path / "labels.jsonl"
+    args = ["collect", "--prompts", str(prompts), "--targets", str(targets), "--judge", "choice", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    edited = [dict(q, prompt=q["prompt"] + " (edited)") if q["prompt_id"] == "q01" else q for q in questions]
+    prompts.write_text("".join(json.dumps(q) + "\n" for q in edited))
+    assert main(args) == 2
+    assert "'q01' was labelled for a different prompt text" in capsys.readouterr().err
+
+
+def test_bad_arguments_name_the_problem(tmp_path, upstreams, capsys):
+    _, prompts, targets = write_inputs(tmp_path, {"mid": upstreams["mid"]}, 2)
+    base = ["collect", "--prompts", str(prompts), "--targets", str(targets), "--out", str(tmp_path / "o.jsonl")]
+    assert main(base + ["--judge", "choice", "--only", "nope"]) == 2
+    assert "--only: unknown target(s) ['nope']" in capsys.readouterr().err
+    assert main(base + ["--judge", "llm"]) == 2
+    assert "--judge-config" in capsys.readouterr().err
+    no_ref = tmp_path / "noref.jsonl"
+    no_ref.write_text(json.dumps({"prompt_id": "1", "prompt": "hi"}) + "\n")
+    assert main(["collect", "--prompts", str(no_ref), "--targets", str(targets), "--judge", "numeric",
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "noref.jsonl, line 1, field 'answer'" in err and "needs a reference" in err
+    assert upstreams["mid"].calls() == 0  # nothing was paid for
+
+
+def test_killed_run_resumes_without_repeating_calls(tmp_path):
+    """SIGKILL the CLI mid-run; the rerun must not call any pair the journal recorded again."""
+    ups = {name: FakeUpstream(Answer(fn, delay_s=0.08), name=name).start() for name, fn in REPLIES.items()}
+    try:
+        questions, prompts, targets = write_inputs(tmp_path, ups, 16, concurrency={n: 1 for n in ups})
+        out = tmp_path / "labels.jsonl"
+        cmd = [sys.executable, "-m", "prefill_router", "collect", "--prompts", str(prompts), "--targets",
+               str(targets), "--judge", "choice", "--out", str(out), "--no-progress"]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        journal = journal_path(out)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if journal.exists() and journal.read_bytes().count(b"\n") >= 8:
+                    break
+                time.sleep(0.01)
+            assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()}"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+
+        recorded = {(r["prompt_id"], r["target"]) for r in map(json.loads, journal.read_text().splitlines())
+                    if r.get("prompt_id")}
+        assert 8 <= len(recorded) < 48
+        calls_at_kill = {name: calls_per_question(up) for name, up in ups.items()}
+
+        done = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+        after = {name: calls_per_question(up) for name, up in ups.items()}
+        for qid, target in recorded:  # journaled pairs are never sent again
+            assert after[target][qid] == calls_at_kill[target][qid] == 1, (qid, target)
+        # Every pair is called at least once; only calls in flight at the kill (at most one per target, as
+        # each runs one request at a time) may have been sent twice.
+        repeated = sum(count - 1 for counts in after.values() for count in counts.values())
+        assert all(after[t][q["prompt_id"]] >= 1 for t in ups for q in questions)
+        assert repeated <= len(ups)
+
+        ds = read_routing_data(out)
+        assert ds.Y.shape == (16, 3) and not np.isnan(ds.Y).any()
+        for i, q in enumerate(questions):
+            assert [ds.Y[i, k] for k in range(3)] == [expected_score(t, q["prompt_id"]) for t in ds.targets]
+    finally:
+        for up in ups.values():
+            up.stop()
