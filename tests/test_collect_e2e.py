@@ -280,3 +280,63 @@ def test_killed_run_resumes_without_repeating_calls(tmp_path):
     finally:
         for up in ups.values():
             up.stop()
+
+
+def test_llm_judge_failures_are_missing_and_rejudged_without_new_target_calls(tmp_path, upstreams, capsys):
+    def grade(body: dict) -> str:
+        user = body["messages"][-1]["content"]
+        ref = user.split("Reference answer:\n")[1].split("\n\n")[0]
+        candidate = user.split("Candidate answer:\n")[1]
+        if "[q02]" in user:
+            return "Looks plausible to me."  # no score: recorded as a judge failure, never guessed
+        return "SCORE: 1" if candidate.strip(" .") == ref else "SCORE: 0"
+
+    with FakeUpstream(Answer(grade), name="judge") as judge:
+        questions, prompts, targets = write_inputs(tmp_path, {"mid": upstreams["mid"]}, 4)
+        judge_file = tmp_path / "judge.yaml"
+        judge_file.write_text(f"judge:\n  name: grader\n  base_url: {judge.base_url}\n  model: judge-model\n"
+                              f"rubric: Grade strictly.\nmax_tokens: 16\n")
+        out = tmp_path / "labels.jsonl"
+        args = ["collect", "--prompts", str(prompts), "--targets", str(targets), "--judge", "llm",
+                "--judge-config", str(judge_file), "--out", str(out), "--no-progress"]
+        assert main(args) == 0
+        assert "1 pair(s) failed" in capsys.readouterr().err
+        assert upstreams["mid"].calls() == 4 and judge.calls() == 4
+        assert judge.requests[0].body["messages"][0] == {"role": "system", "content": "Grade strictly."}
+        ds = read_routing_data(out)
+        assert ds.prompt_ids == ["q00", "q01", "q03"]  # q02 has no label from any target: absent
+        assert ds.Y[:, 0].tolist() == [1.0, 0.0, 0.0]
+        failure = json.loads((tmp_path / "labels.failures.jsonl").read_text())
+        assert failure["prompt_id"] == "q02" and failure["error"] is None and failure["answer"] == "C."
+        assert "judge reply unreadable" in failure["judge_error"]
+
+        judge.default = Answer("SCORE: 1")
+        assert main(args + ["--retry-failed"]) == 0
+        assert upstreams["mid"].calls() == 4 and judge.calls() == 5  # only the judge was asked again
+        ds = read_routing_data(out)
+        assert ds.prompt_ids == [q["prompt_id"] for q in questions] and ds.Y[2, 0] == 1.0
+
+
+def test_dry_run_counts_pending_calls_and_prices_them(tmp_path, upstreams):
+    from prefill_router.collect import CollectSettings, dry_run, read_prompts
+    from prefill_router.data.tokens import count_tokens
+    from prefill_router.targets import load_targets
+
+    questions, prompts, targets_file = write_inputs(tmp_path, upstreams, 5)
+    items, targets = read_prompts(prompts), load_targets(targets_file)
+    out = tmp_path / "labels.jsonl"
+    settings = CollectSettings(judge="choice", max_tokens=100)
+    tokens = count_tokens([q["prompt"] for q in questions])
+    estimate = dry_run(items, targets, out, settings)
+    assert estimate.total_calls == 15 and estimate.assumed_output_tokens == 100
+    assert estimate.mean_prompt_tokens == pytest.approx(tokens.mean())
+    for row in estimate.rows:
+        pin, pout = PRICES[row["target"]]
+        assert row["est_cost_usd"] == pytest.approx((tokens.sum() * pin + 5 * 100 * pout) / 1e6)
+    assert all(up.calls() == 0 for up in upstreams.values())
+
+    # Pairs already in the journal are not counted again.
+    assert main(["collect", "--prompts", str(prompts), "--targets", str(targets_file), "--judge", "choice",
+                 "--out", str(out), "--only", "cheap", "--no-progress"]) == 0
+    estimate = dry_run(items, targets, out, settings, assumed_output_tokens=10)
+    assert [r["calls"] for r in estimate.rows] == [5, 5, 0] and estimate.rows[2]["est_cost_usd"] == 0.0
