@@ -85,8 +85,8 @@ def test_data_root_from_env_or_error(shared_data, monkeypatch, tmp_path):
 @pytest.mark.parametrize("benchmark", ["mmlu", "gsm8k"])
 def test_routellm_excludes_contaminated_prompts(shared_data, benchmark):
     frame = pd.read_csv(shared_data / "routellm" / f"{benchmark}.csv.gz")
-    contaminated = {json.loads(line)["eval_prompt"]
-                    for line in open(shared_data / "routellm" / f"{benchmark}_contaminated_prompts.jsonl")}
+    lines = (shared_data / "routellm" / f"{benchmark}_contaminated_prompts.jsonl").read_text().splitlines()
+    contaminated = {json.loads(line)["eval_prompt"] for line in lines if line.strip()}
     ds = load_routellm(shared_data, benchmark=benchmark)
     full = load_routellm(shared_data, benchmark=benchmark, exclude_contaminated=False)
     dropped = frame["prompt"].isin(contaminated).sum()

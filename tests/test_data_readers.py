@@ -1,4 +1,4 @@
-"""Readers (long/wide x CSV/JSONL/Parquet), refusals that name file/line/field, prices, cost model, token counts."""
+"""Readers (long/wide x CSV/JSONL/Parquet), refusals naming file/line/field, prices, cost model, tokens."""
 
 from __future__ import annotations
 

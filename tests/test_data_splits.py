@@ -44,7 +44,7 @@ def test_duplicates_never_straddle_the_split(seed):
 def test_stratification_keeps_category_proportions():
     groups = ["a"] * 60 + ["b"] * 40 + ["c"] * 20
     ds = make_ds([f"prompt {i}" for i in range(120)], groups)
-    train, test = train_test_split(ds, test_size=0.25, seed=3, stratify=ds.groups)
+    _, test = train_test_split(ds, test_size=0.25, seed=3, stratify=ds.groups)
     labels = np.asarray(groups)
     # 25% of each category, exactly, since no prompt repeats
     assert [(labels[test] == g).sum() for g in "abc"] == [15, 10, 5]

@@ -24,8 +24,8 @@ def test_stats_by_hand():
                   [2, 1, 9],
                   [nan, 4, 9],
                   [nan, nan, nan]], dtype=float)
-    ds = RoutingDataset([str(i) for i in range(6)], [f"p{i}" for i in range(6)], ["cheap", "mid", "dear"], Y, C,
-                        groups=["x", "x", "y", "y", "y", "x"])
+    ds = RoutingDataset([str(i) for i in range(6)], [f"p{i}" for i in range(6)], ["cheap", "mid", "dear"],
+                        Y, C, groups=["x", "x", "y", "y", "y", "x"])
     s = dataset_stats(ds)
     cheap, mid, dear = (s["per_target"][t] for t in ("cheap", "mid", "dear"))
     assert cheap["accuracy"] == pytest.approx(1 / 4) and cheap["coverage"] == pytest.approx(4 / 6)

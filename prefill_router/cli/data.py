@@ -27,13 +27,15 @@ def register(subparsers) -> None:
     source.add_argument("path", nargs="?", help="CSV, JSONL or Parquet file")
     source.add_argument("--builtin", choices=BUILTINS, help="a known dataset from the data folder")
     stats.add_argument("--data-root", help="data folder for --builtin (default: $PREFILL_ROUTER_DATA)")
-    stats.add_argument("--json", dest="json_out", metavar="OUT", help="also write the statistics as JSON here")
+    stats.add_argument("--json", dest="json_out", metavar="OUT",
+                       help="also write the statistics as JSON here")
     _reader_options(stats)
     stats.set_defaults(func=_stats)
 
 
 def _reader_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prices", help="price table (YAML or CSV: target, usd_per_m_input, usd_per_m_output)")
+    parser.add_argument("--prices",
+                        help="price table (YAML or CSV: target, usd_per_m_input, usd_per_m_output)")
     parser.add_argument("--layout", choices=("auto", "long", "wide"), default="auto",
                         help="long: one row per (prompt, target); wide: one row per prompt (default: auto)")
 

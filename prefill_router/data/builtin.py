@@ -1,4 +1,4 @@
-"""Loaders for the known routing datasets: MMLU-Pro (12,002 questions x 28 LLMs) and RouteLLM's GPT-4 vs Mixtral.
+"""Loaders for known routing datasets: MMLU-Pro (12,002 questions x 28 LLMs) and RouteLLM's GPT-4 vs Mixtral.
 
 The data folder comes from the `root` argument or the PREFILL_ROUTER_DATA environment variable. It holds
 `mmlu-pro/` and `routellm/` as described in that folder's README.
@@ -10,8 +10,8 @@ import gzip
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -90,7 +90,8 @@ def load_mmlu_pro(root: str | Path | None = None, *, targets: Sequence[str] | No
 
     Y = correct (0/1). groups = category. Cost uses models.csv prices, input tokens counted with
     `count_tokens` and output tokens = output_chars / 4; output_chars == 0 means unrecorded and is imputed by
-    median output tokens (over all rows here; refit on training rows with `ds.with_costs(CostModel.fit(ds, train))`).
+    median output tokens (over all rows here; refit on training rows with
+    `ds.with_costs(CostModel.fit(ds, train_rows))`).
     """
     folder = data_root(root) / "mmlu-pro"
     questions_path = _require(folder / "questions.jsonl.gz")
@@ -102,8 +103,8 @@ def load_mmlu_pro(root: str | Path | None = None, *, targets: Sequence[str] | No
     if targets is not None:
         unknown = [t for t in targets if t not in prices]
         if unknown:
-            raise DataError(f"unknown MMLU-Pro model(s) {unknown}; known: {all_targets}", file=str(models_path),
-                            field="model")
+            raise DataError(f"unknown MMLU-Pro model(s) {unknown}; known: {all_targets}",
+                            file=str(models_path), field="model")
         all_targets = list(targets)
 
     ids, prompts, groups = [], [], []
@@ -115,10 +116,12 @@ def load_mmlu_pro(root: str | Path | None = None, *, targets: Sequence[str] | No
                 prompts.append(mmlu_pro_prompt(q["question"], q["options"]))
                 groups.append(q["category"])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(f"bad question record: {exc}", file=str(questions_path), line=line_no) from None
+                raise DataError(f"bad question record: {exc}", file=str(questions_path),
+                                line=line_no) from None
     input_tokens = _cached_token_counts(prompts, questions_path, "mmlu-pro-v1")
     if limit is not None:
-        ids, prompts, groups, input_tokens = ids[:limit], prompts[:limit], groups[:limit], input_tokens[:limit]
+        ids, prompts, groups = ids[:limit], prompts[:limit], groups[:limit]
+        input_tokens = input_tokens[:limit]
 
     outcomes = pd.read_csv(outcomes_path, dtype={"question_id": str, "model": str})
     for column in ("question_id", "model", "correct", "output_chars"):
@@ -126,7 +129,8 @@ def load_mmlu_pro(root: str | Path | None = None, *, targets: Sequence[str] | No
             raise DataError("missing column", file=str(outcomes_path), line=1, field=column)
     unknown = sorted(set(outcomes["model"].unique()) - set(prices.targets))
     if unknown:
-        raise DataError(f"model(s) {unknown} have no price in models.csv", file=str(outcomes_path), field="model")
+        raise DataError(f"model(s) {unknown} have no price in models.csv", file=str(outcomes_path),
+                        field="model")
     row_of = pd.Series(np.arange(len(ids)), index=ids)
     col_of = pd.Series(np.arange(len(all_targets)), index=all_targets)
     outcomes = outcomes[outcomes["question_id"].isin(row_of.index) & outcomes["model"].isin(col_of.index)]
@@ -139,8 +143,9 @@ def load_mmlu_pro(root: str | Path | None = None, *, targets: Sequence[str] | No
     output_tokens = np.full(Y.shape, np.nan)
     output_tokens[rows, cols] = np.where(chars > 0, np.round(chars / CHARS_PER_TOKEN), np.nan)
 
-    notes = [f"output tokens = recorded answer characters / {CHARS_PER_TOKEN:g} (an assumption), unknown where "
-             f"no answer text was recorded ({int(np.isnan(output_tokens).sum())} of {output_tokens.size} pairs)",
+    unrecorded = int(np.isnan(output_tokens).sum())
+    notes = [(f"output tokens = recorded answer characters / {CHARS_PER_TOKEN:g} (an assumption), unknown "
+              f"where no answer text was recorded ({unrecorded} of {output_tokens.size} pairs)"),
              f"input tokens counted with the {counting_tokenizer().name} tokenizer",
              "prices are models.csv's assumed 2024 list prices, not measurements"]
     ds = RoutingDataset(ids, prompts, list(all_targets), Y, np.zeros(Y.shape), groups, notes,
@@ -150,14 +155,15 @@ def load_mmlu_pro(root: str | Path | None = None, *, targets: Sequence[str] | No
 
 def load_routellm(root: str | Path | None = None, *, benchmark: str = "mmlu",
                   exclude_contaminated: bool = True) -> RoutingDataset:
-    """RouteLLM's evaluation data: Mixtral-8x7B-Instruct (weak, column 0) vs gpt-4-1106-preview (strong, column 1).
+    """RouteLLM's data: Mixtral-8x7B-Instruct (weak, column 0) vs gpt-4-1106-preview (strong, column 1).
 
     Contaminated prompts are dropped as RouteLLM's benchmarks do: every row whose prompt equals an
     `eval_prompt` of `<benchmark>_contaminated_prompts.jsonl`. prompt_ids are `<benchmark>-<row in file>`.
     Output lengths are not recorded, so costs count input tokens only.
     """
     if benchmark not in ("mmlu", "gsm8k"):
-        raise DataError(f"unknown RouteLLM benchmark '{benchmark}'; choose 'mmlu' or 'gsm8k'", field="benchmark")
+        raise DataError(f"unknown RouteLLM benchmark '{benchmark}'; choose 'mmlu' or 'gsm8k'",
+                        field="benchmark")
     folder = data_root(root) / "routellm"
     csv_path = _require(folder / f"{benchmark}.csv.gz")
     frame = pd.read_csv(csv_path)
@@ -198,9 +204,10 @@ def load_routellm(root: str | Path | None = None, *, benchmark: str = "mmlu",
 def _as_correct(column: pd.Series, path: Path, name: str) -> np.ndarray:
     if column.dtype == bool:
         return column.to_numpy(dtype=np.float64)
-    mapped = column.map({True: 1.0, False: 0.0, "True": 1.0, "False": 0.0, 1: 1.0, 0: 0.0})
+    mapped = column.map({True: 1.0, False: 0.0, "True": 1.0, "False": 0.0})  # 1 == True and 0 == False
     bad = mapped.isna() & column.notna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"expected True/False, got {column.iloc[i]!r}", file=str(path), line=i + 2, field=name)
+        raise DataError(f"expected True/False, got {column.iloc[i]!r}", file=str(path), line=i + 2,
+                        field=name)
     return mapped.to_numpy(dtype=np.float64)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
@@ -25,9 +26,9 @@ class RoutingDataset:
     C[i, k] is the cost in USD of sending prompt i to target k; NaN where unknown.
     groups, when given, is a category per prompt (used for stratified splits and per-category reports).
     notes collects caveats a report must repeat (for example imputed output-token counts).
-    input_tokens[i], when known, is the prompt's token count; output_tokens[i, k] the answer length of target k
-    in tokens, NaN where unknown. prices, when known, is the table C was computed from. Together they let
-    `with_costs` recompute C with output lengths imputed from training rows only.
+    input_tokens[i], when known, is the prompt's token count; output_tokens[i, k] the answer length of
+    target k in tokens, NaN where unknown. prices, when known, is the table C was computed from. Together
+    they let `with_costs` recompute C with output lengths imputed from training rows only.
     """
 
     prompt_ids: list[str]
@@ -39,7 +40,7 @@ class RoutingDataset:
     notes: list[str] = field(default_factory=list)
     input_tokens: np.ndarray | None = None  # [N]
     output_tokens: np.ndarray | None = None  # [N, K], NaN where unknown
-    prices: "PriceTable | None" = None
+    prices: PriceTable | None = None
 
     def __post_init__(self) -> None:
         self.Y = np.asarray(self.Y, dtype=np.float64)
@@ -72,7 +73,7 @@ class RoutingDataset:
     def k(self) -> int:
         return len(self.targets)
 
-    def subset(self, rows: Sequence[int] | np.ndarray) -> "RoutingDataset":
+    def subset(self, rows: Sequence[int] | np.ndarray) -> RoutingDataset:
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
@@ -89,17 +90,18 @@ class RoutingDataset:
             prices=self.prices,
         )
 
-    def select_targets(self, names: Sequence[str]) -> "RoutingDataset":
+    def select_targets(self, names: Sequence[str]) -> RoutingDataset:
         unknown = [t for t in names if t not in self.targets]
         if unknown:
             raise KeyError(f"unknown target(s) {unknown}; known: {self.targets}")
         cols = [self.targets.index(t) for t in names]
         return RoutingDataset(self.prompt_ids, self.prompts, list(names), self.Y[:, cols], self.C[:, cols],
                               self.groups, list(self.notes), input_tokens=self.input_tokens,
-                              output_tokens=None if self.output_tokens is None else self.output_tokens[:, cols],
+                              output_tokens=(None if self.output_tokens is None
+                                             else self.output_tokens[:, cols]),
                               prices=self.prices)
 
-    def with_costs(self, cost_model: "CostModel") -> "RoutingDataset":
+    def with_costs(self, cost_model: CostModel) -> RoutingDataset:
         """A copy whose C is recomputed by `cost_model` from this dataset's token counts.
 
         Known output lengths are used as they are; unknown ones take the model's medians, which
@@ -108,6 +110,7 @@ class RoutingDataset:
         C = cost_model.costs(self)
         # Earlier cost notes describe the costs being replaced, so they go.
         notes = [n for n in self.notes if not n.startswith(COST_NOTE_PREFIX)] + list(cost_model.notes)
-        return RoutingDataset(self.prompt_ids, self.prompts, list(self.targets), self.Y, C, self.groups, notes,
+        return RoutingDataset(self.prompt_ids, self.prompts, list(self.targets), self.Y, C, self.groups,
+                              notes,
                               input_tokens=self.input_tokens, output_tokens=self.output_tokens,
                               prices=cost_model.prices)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,7 +38,8 @@ def _price_value(value, *, file, line, field_name) -> float:
     except (TypeError, ValueError):
         raise DataError(f"price {value!r} is not a number", file=file, line=line, field=field_name) from None
     if not math.isfinite(number) or number < 0:
-        raise DataError(f"price {value!r} must be a finite number >= 0", file=file, line=line, field=field_name)
+        raise DataError(f"price {value!r} must be a finite number >= 0", file=file, line=line,
+                        field=field_name)
     return number
 
 
@@ -45,13 +47,13 @@ class PriceTable:
     """USD per million input and output tokens, per target name."""
 
     def __init__(self, prices: Mapping[str, Price | tuple[float, float]], source: str | None = None):
-        self.prices: dict[str, Price] = {
-            name: p if isinstance(p, Price) else Price(float(p[0]), float(p[1])) for name, p in prices.items()}
+        self.prices: dict[str, Price] = {name: p if isinstance(p, Price) else Price(float(p[0]), float(p[1]))
+                                         for name, p in prices.items()}
         self.source = source
 
     # ---- reading ----
     @classmethod
-    def load(cls, path: str | Path) -> "PriceTable":
+    def load(cls, path: str | Path) -> PriceTable:
         """Read a YAML (`target: {usd_per_m_input: .., usd_per_m_output: ..}` or a list of such rows) or CSV
         (`target, usd_per_m_input, usd_per_m_output`; a `model` column is accepted for `target`)."""
         path = Path(path)
@@ -65,7 +67,7 @@ class PriceTable:
         raise DataError(f"unsupported price file type '{suffix}' (use .yaml, .yml or .csv)", file=str(path))
 
     @classmethod
-    def _load_csv(cls, path: Path) -> "PriceTable":
+    def _load_csv(cls, path: Path) -> PriceTable:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
@@ -78,7 +80,7 @@ class PriceTable:
                                for line, row in rows), str(path))
 
     @classmethod
-    def _load_yaml(cls, path: Path) -> "PriceTable":
+    def _load_yaml(cls, path: Path) -> PriceTable:
         import yaml
 
         try:
@@ -111,7 +113,7 @@ class PriceTable:
                               str(path))
 
     @classmethod
-    def _from_rows(cls, rows: Iterable[tuple], source: str) -> "PriceTable":
+    def _from_rows(cls, rows: Iterable[tuple], source: str) -> PriceTable:
         prices: dict[str, Price] = {}
         for line, name, p_in, p_out in rows:
             name = str(name).strip() if name is not None else ""
@@ -152,7 +154,7 @@ class PriceTable:
                 for name, p in self.prices.items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping, source: str | None = None) -> "PriceTable":
+    def from_dict(cls, data: Mapping, source: str | None = None) -> PriceTable:
         return cls._from_rows(((None, name, e["usd_per_m_input"], e["usd_per_m_output"])
                                for name, e in data.items()), source or "price table")
 
@@ -183,8 +185,8 @@ class CostModel:
             self.prices[t]  # raises a DataError naming an unpriced target now, not at first use
 
     @classmethod
-    def fit(cls, data: "RoutingDataset | np.ndarray", train_rows: Sequence[int] | np.ndarray | None = None, *,
-            prices: PriceTable | None = None, targets: Sequence[str] | None = None) -> "CostModel":
+    def fit(cls, data: RoutingDataset | np.ndarray, train_rows: Sequence[int] | np.ndarray | None = None, *,
+            prices: PriceTable | None = None, targets: Sequence[str] | None = None) -> CostModel:
         """Medians of output tokens over `train_rows` (all rows when None).
 
         data: a RoutingDataset (its output_tokens, targets and prices are used; `prices` overrides) or an
@@ -216,8 +218,8 @@ class CostModel:
         missing = np.isnan(medians)
         if np.isfinite(known).any():
             measured = [t for t, m in zip(targets, missing) if not m]
-            notes.append(f"{COST_NOTE_PREFIX}unknown output lengths take each target's median output tokens over "
-                         f"{scope} (measured for {len(measured)} of {len(targets)} targets)")
+            notes.append(f"{COST_NOTE_PREFIX}unknown output lengths take each target's median output tokens "
+                         f"over {scope} (measured for {len(measured)} of {len(targets)} targets)")
             if missing.any():
                 pooled = float(np.median(known[np.isfinite(known)]))
                 medians[missing] = pooled
@@ -234,7 +236,8 @@ class CostModel:
         out = np.broadcast_to(self.median_output_tokens, (len(input_tokens), len(self.targets)))
         return self._costs(input_tokens, out)
 
-    def costs(self, data: "RoutingDataset | np.ndarray", output_tokens: np.ndarray | None = None) -> np.ndarray:
+    def costs(self, data: RoutingDataset | np.ndarray,
+              output_tokens: np.ndarray | None = None) -> np.ndarray:
         """C[N, K]: known output lengths where given, medians elsewhere.
 
         data: a RoutingDataset (uses its input_tokens, output_tokens) or input_tokens [N].
@@ -268,7 +271,7 @@ class CostModel:
                 "notes": list(self.notes), "price_source": self.prices.source}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "CostModel":
+    def from_dict(cls, data: Mapping) -> CostModel:
         for key in ("targets", "prices", "median_output_tokens"):
             if key not in data:
                 raise DataError("cost model is missing a field", field=key)

@@ -7,8 +7,9 @@ Wide layout, one row per prompt:
     [, cost_<target>, output_tokens_<target>]
 
 prompt_id is optional; without it a prompt's id is a hash of its text, and rows with the same text are one
-prompt. In JSONL a prompt may be chat messages, a list of {"role", "content"}. Scores lie in [0, 1]; True/False
-read as 1/0. A (prompt, target) pair with no row (long) or an empty cell (wide) is NaN in Y: not run, never 0.
+prompt. In JSONL a prompt may be chat messages, a list of {"role", "content"}. Scores lie in [0, 1];
+True/False read as 1/0. A (prompt, target) pair with no row (long) or an empty cell (wide) is NaN in Y:
+not run, never 0.
 
 Costs: a given `cost` is used as it is. Otherwise, with a price table, cost = tokens x price, where the input
 tokens come from the file or are counted (see `tokens.count_tokens`) and unknown output tokens take each
@@ -24,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,8 @@ COST_PREFIX = "cost_"
 OUTPUT_TOKENS_PREFIX = "output_tokens_"
 
 
-def read_routing_data(path: str | Path, *, layout: str = "auto", prices: PriceTable | str | Path | None = None,
+def read_routing_data(path: str | Path, *, layout: str = "auto",
+                      prices: PriceTable | str | Path | None = None,
                       prompt_col: str = "prompt", id_col: str = "prompt_id", target_col: str = "target",
                       score_col: str = "score", category_col: str = "category", cost_col: str = "cost",
                       input_tokens_col: str = "input_tokens", output_tokens_col: str = "output_tokens",
@@ -96,7 +98,8 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise DataError(f"not readable as Parquet: {exc}", file=str(path)) from None
         return frame, np.arange(len(frame)) + 1
-    raise DataError("unsupported file type (use .csv, .jsonl or .parquet; .gz for CSV and JSONL)", file=str(path))
+    raise DataError("unsupported file type (use .csv, .jsonl or .parquet; .gz for CSV and JSONL)",
+                    file=str(path))
 
 
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
@@ -187,7 +190,8 @@ class _Columns:
 class _Builder:
     """Collects prompts and (prompt, target) cells, refusing conflicts, then makes the RoutingDataset."""
 
-    def __init__(self, file: str, names: _Columns, prices: PriceTable | None, has_ids: bool, has_groups: bool):
+    def __init__(self, file: str, names: _Columns, prices: PriceTable | None, has_ids: bool,
+                 has_groups: bool):
         self.file, self.names, self.prices = file, names, prices
         self.has_ids, self.has_groups = has_ids, has_groups
         self.index: dict[str, int] = {}
@@ -197,7 +201,8 @@ class _Builder:
         self.groups: list[str] = []
         self.input_tokens: list[float] = []
         self.target_index: dict[str, int] = {}
-        self.cells: dict[tuple[int, int], tuple[float, float, float, int]] = {}  # score, cost, out tokens, line
+        # (prompt, target) -> (score, cost, output tokens, line)
+        self.cells: dict[tuple[int, int], tuple[float, float, float, int]] = {}
 
     def error(self, message: str, line: int | None, field: str | None) -> DataError:
         return DataError(message, file=self.file, line=line, field=field)
@@ -251,8 +256,8 @@ class _Builder:
         if _prompt_key(self.prompts[i]) != _prompt_key(prompt):
             raise self.error(f"prompt id '{pid}' has a different prompt on line {first}", line, n.prompt)
         if self.has_groups and group != self.groups[i]:
-            raise self.error(f"prompt '{pid}' has category '{self.groups[i]}' on line {first}, '{group}' here",
-                             line, n.category)
+            raise self.error(f"prompt '{pid}' has category '{self.groups[i]}' on line {first}, "
+                             f"'{group}' here", line, n.category)
         if math.isnan(self.input_tokens[i]):
             self.input_tokens[i] = tokens
         return i
@@ -303,7 +308,8 @@ class _Builder:
                 notes.append(f"input tokens of {int(unknown_in.sum())} prompt(s) counted with the "
                              f"{counting_tokenizer().name} tokenizer")
         has_tokens = not np.isnan(input_tokens).any()
-        ds = RoutingDataset(self.ids, self.prompts, names, Y, C, self.groups if self.has_groups else None, notes,
+        ds = RoutingDataset(self.ids, self.prompts, names, Y, C, self.groups if self.has_groups else None,
+                            notes,
                             input_tokens=input_tokens if has_tokens else None, output_tokens=out,
                             prices=self.prices)
         if self.prices is not None:
@@ -368,5 +374,6 @@ def _read_wide(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder, keep: 
     for row, line in zip(_records(frame), lines.tolist()):
         i = builder.add_prompt(row, line)
         for t in targets:
-            builder.add_cell(i, t, row.get(t), row.get(COST_PREFIX + t), row.get(OUTPUT_TOKENS_PREFIX + t), line,
-                             score_field=t, cost_field=COST_PREFIX + t, output_field=OUTPUT_TOKENS_PREFIX + t)
+            cost_field, output_field = COST_PREFIX + t, OUTPUT_TOKENS_PREFIX + t
+            builder.add_cell(i, t, row.get(t), row.get(cost_field), row.get(output_field), line,
+                             score_field=t, cost_field=cost_field, output_field=output_field)

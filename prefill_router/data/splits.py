@@ -8,7 +8,7 @@ stratified by category, and the same seed always gives the same split.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def _cluster_table(clusters: np.ndarray, labels: np.ndarray | None):
     return members, strata
 
 
-def train_test_split(ds_or_n: RoutingDataset | int, test_size: float | int = 0.2, seed: int = 0,
+def train_test_split(ds_or_n: RoutingDataset | int, test_size: float = 0.2, seed: int = 0,
                      stratify: bool | Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx), sorted int64 row indices.
 
@@ -76,7 +76,8 @@ def train_test_split(ds_or_n: RoutingDataset | int, test_size: float | int = 0.2
     elif isinstance(test_size, (int, np.integer)) and 0 < test_size < n:
         fraction = test_size / n
     else:
-        raise ConfigError(f"test_size={test_size!r} must be a fraction in (0, 1) or a row count in [1, {n - 1}]")
+        raise ConfigError(f"test_size={test_size!r} must be a fraction in (0, 1) "
+                          f"or a row count in [1, {n - 1}]")
     if n < 2:
         raise ConfigError(f"cannot split {n} row(s)")
     members, strata = _cluster_table(clusters, labels)
@@ -85,7 +86,7 @@ def train_test_split(ds_or_n: RoutingDataset | int, test_size: float | int = 0.2
     for stratum in dict.fromkeys(strata):
         chosen = [c for c, s in enumerate(strata) if s == stratum]
         rows_in = sum(len(members[c]) for c in chosen)
-        goal = int(round(rows_in * fraction))
+        goal = round(rows_in * fraction)
         taken = 0
         for c in rng.permutation(chosen):
             size = len(members[c])
@@ -102,8 +103,8 @@ def kfold(ds_or_n: RoutingDataset | int, k: int = 5, seed: int = 0,
           stratify: bool | Sequence | None = True) -> list[tuple[np.ndarray, np.ndarray]]:
     """k (train_idx, test_idx) pairs; every row is in exactly one test fold.
 
-    Duplicate clusters stay within one fold. With stratify (True = the dataset's groups, when it has any), each
-    stratum is spread evenly over the folds.
+    Duplicate clusters stay within one fold. With stratify (True = the dataset's groups, when it has any),
+    each stratum is spread evenly over the folds.
     """
     if not isinstance(k, (int, np.integer)) or k < 2:
         raise ConfigError(f"k={k!r} must be an integer >= 2")

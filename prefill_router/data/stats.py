@@ -37,7 +37,7 @@ def dataset_stats(ds: RoutingDataset) -> dict:
             "accuracy": _float(Y[rows, k].mean()) if rows.any() else None,
             "coverage": float(rows.mean()) if ds.n else 0.0,
             "n_scored": int(rows.sum()),
-            "mean_cost": _float(np.nanmean(C[rows, k])) if rows.any() and np.isfinite(C[rows, k]).any() else None,
+            "mean_cost": _float(np.nanmean(C[rows, k])) if np.isfinite(C[rows, k]).any() else None,
         }
     any_scored = scored.any(axis=1)
     oracle_score = np.full(ds.n, np.nan)
@@ -97,14 +97,15 @@ def format_stats(stats: dict, *, max_matrix: int = 8) -> str:
     for name, s in rows:
         lines.append(f"{name:<{width}}  {_fmt(s['accuracy'], '8.4f')}  {s['coverage']:8.4f}  "
                      f"{_fmt(s['mean_cost'], '12.3e')}")
+    best, dear = stats["best_single"], stats["most_expensive"]
     lines += ["",
-              f"best single:     {stats['best_single']}  accuracy {_fmt(stats['best_single_accuracy'], '.4f')}  "
+              f"best single:     {best}  accuracy {_fmt(stats['best_single_accuracy'], '.4f')}  "
               f"mean cost ${_fmt(stats['best_single_cost'], '.3e')}",
-              f"most expensive:  {stats['most_expensive']}  mean cost ${_fmt(stats['most_expensive_cost'], '.3e')}",
+              f"most expensive:  {dear}  mean cost ${_fmt(stats['most_expensive_cost'], '.3e')}",
               f"oracle:          accuracy {_fmt(stats['oracle_accuracy'], '.4f')}  "
               f"mean cost ${_fmt(stats['oracle_cost'], '.3e')}"]
     if stats["prompts_without_scores"]:
-        lines.append(f"({stats['prompts_without_scores']} prompts have no score and are left out of the oracle)")
+        lines.append(f"({stats['prompts_without_scores']} prompts have no score; the oracle leaves them out)")
     if stats.get("groups"):
         lines.append(f"groups:          {len(stats['groups'])} categories")
     k = stats["n_targets"]

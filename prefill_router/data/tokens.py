@@ -15,10 +15,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def _package_folder(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def counting_tokenizer() -> CountingTokenizer:
 
     smollm2 = _package_folder(SMOLLM2_PACKAGE)
     if smollm2 is not None and (smollm2 / SMOLLM2_GGUF).is_file():
-        return CountingTokenizer("SmolLM2-135M-Instruct", Tokenizer.from_file(str(_smollm2_tokenizer_json(smollm2))))
+        path = _smollm2_tokenizer_json(smollm2)
+        return CountingTokenizer("SmolLM2-135M-Instruct", Tokenizer.from_file(str(path)))
     minilm = _package_folder(MINILM_PACKAGE)
     if minilm is not None and (minilm / "model" / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(str(minilm / "model" / "tokenizer.json"))
