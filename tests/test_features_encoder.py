@@ -1,0 +1,166 @@
+"""The encoder on a tiny random Llama, loaded through the real loading code, checked against per-prompt
+forwards computed here directly with transformers (no batching, no padding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prefill_router.errors import ConfigError, EncoderError
+from prefill_router.features import EncoderSpec, load_encoder
+from prefill_router.features.encoder import plan_batches, truncate
+
+PROMPTS = [
+    "what is the capital of france?",
+    "the quick brown fox jumps over the lazy dog " * 3,
+    "A. paris B. rome",
+    [{"role": "system", "content": "answer the question"}, {"role": "user", "content": "1 + 1 = ?"}],
+    "0123456789 + - * / = ( ) . , ? ! question answer option " * 2,
+]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path / "cache"))
+
+
+def reference_features(folder, prompts, template="chat"):
+    """Per-prompt forward with plain transformers: one prompt per call, no padding."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    means, lasts, lengths = [], [], []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        if template == "chat":
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        else:
+            ids = tok(p, add_special_tokens=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        means.append(torch.stack([h[0].mean(0) for h in hs]).numpy())
+        lasts.append(torch.stack([h[0, -1] for h in hs]).numpy())
+        lengths.append(ids.shape[1])
+    return np.stack(means), np.stack(lasts), lengths
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_pooling_matches_single_prompt_reference(tiny_encoder_dir, side):
+    enc = load_encoder(str(tiny_encoder_dir), padding_side=side)
+    ref_mean, ref_last, lengths = reference_features(tiny_encoder_dir, PROMPTS)
+    assert len(set(lengths)) > 2, "prompts must differ in length so the batch holds padding"
+    out = enc.encode(PROMPTS, batch_tokens=10_000)  # one batch: every prompt but the longest is padded
+    assert out["mean"].shape == (len(PROMPTS), enc.num_hidden_states, enc.hidden_size) == ref_mean.shape
+    assert out["mean"].dtype == np.float32
+    np.testing.assert_allclose(out["mean"], ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["last"], ref_last, rtol=1e-4, atol=1e-5)
+    # Tiny budgets (one prompt per batch) give the same numbers, in input order.
+    small = enc.encode(PROMPTS, batch_tokens=1)
+    np.testing.assert_allclose(small["last"], out["last"], rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_properties_and_layer_selection(tiny_encoder_dir):
+    enc = load_encoder(EncoderSpec(model=str(tiny_encoder_dir)))
+    assert (enc.num_hidden_states, enc.hidden_size, enc.context_length) == (3, 32, 128)
+    full = enc.encode(PROMPTS[:3])
+    some = enc.encode(PROMPTS[:3], poolings=["last"], layers=[0, -1])
+    assert list(some) == ["last"]
+    np.testing.assert_allclose(some["last"], full["last"][:, [0, 2]], rtol=1e-5, atol=1e-6)
+    # A single string and a single conversation are each one prompt.
+    assert enc.encode("hello there")["mean"].shape == (1, 3, 32)
+    assert enc.encode([{"role": "user", "content": "hello there"}])["mean"].shape == (1, 3, 32)
+    with pytest.raises(EncoderError, match="layers"):
+        enc.encode(PROMPTS[:1], layers=[3])
+    with pytest.raises(EncoderError, match="poolings"):
+        enc.encode(PROMPTS[:1], poolings=["max"])
+
+
+def test_chat_message_list_equals_plain_user_prompt(tiny_encoder_dir):
+    enc = load_encoder(str(tiny_encoder_dir))
+    a = enc.encode(["what is the capital of france?"])
+    b = enc.encode([[{"role": "user", "content": "what is the capital of france?"}]])
+    np.testing.assert_array_equal(a["mean"], b["mean"])
+
+
+def test_raw_template_reads_text_as_is(tiny_encoder_dir):
+    raw = load_encoder(str(tiny_encoder_dir), template="raw")
+    chat = load_encoder(str(tiny_encoder_dir), template="chat")
+    texts = [p for p in PROMPTS if isinstance(p, str)]
+    ref_mean, ref_last, _ = reference_features(tiny_encoder_dir, texts, template="raw")
+    out = raw.encode(texts)
+    np.testing.assert_allclose(out["mean"], ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["last"], ref_last, rtol=1e-4, atol=1e-5)
+    assert (raw.count_tokens(texts) < chat.count_tokens(texts)).all()  # no template tokens around the text
+    assert raw.identity() != chat.identity()
+    assert raw.identity()["template"] == "raw"
+
+
+def test_long_prompts_are_truncated_by_the_documented_rule(tiny_encoder_dir):
+    from transformers import AutoModel
+
+    enc = load_encoder(str(tiny_encoder_dir), max_tokens=40)
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 20
+    prompts = ["short one", long_prompt]
+    counts = enc.count_tokens(prompts)
+    assert counts[1] > 40 >= counts[0]
+    out = enc.encode(prompts)
+    assert enc.last_truncated == 1
+    # Expected: first 20 and last 20 tokens of the templated prompt, run alone.
+    ids = enc.tokenize(prompts)[1]
+    kept = ids[:20] + ids[-20:]
+    assert truncate(ids, 40) == kept
+    model = AutoModel.from_pretrained(tiny_encoder_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([kept]), output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(out["last"][1], torch.stack([h[0, -1] for h in hs]).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["mean"][1], torch.stack([h[0].mean(0) for h in hs]).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    enc.encode(prompts[:1])
+    assert enc.last_truncated == 0
+    # The context length caps the limit; asking for more is a configuration error naming the field.
+    with pytest.raises(ConfigError, match="max_tokens"):
+        load_encoder(str(tiny_encoder_dir), max_tokens=1000)
+
+
+@pytest.mark.parametrize("bad, row", [("   ", 1), ([], 1), ([{"role": "user", "content": ""}], 1)])
+def test_empty_prompt_is_refused_naming_the_row(tiny_encoder_dir, bad, row):
+    enc = load_encoder(str(tiny_encoder_dir))
+    with pytest.raises(EncoderError, match=f"row {row}"):
+        enc.encode(["fine", bad, "also fine"])
+
+
+def test_unknown_encoder_and_bad_spec_fields_are_named(tmp_path):
+    with pytest.raises(EncoderError, match="unknown encoder"):
+        load_encoder(str(tmp_path / "no-such-model"))
+    with pytest.raises(ConfigError, match="template"):
+        EncoderSpec.parse("smollm2-135m", template="jinja")
+    with pytest.raises(EncoderError, match="config.json"):
+        load_encoder(str(tmp_path))
+
+
+def test_identity_follows_weights_not_folder(tiny_encoder_dir, tmp_path):
+    from conftest import make_tiny_encoder
+
+    same = make_tiny_encoder(tmp_path / "a" / tiny_encoder_dir.name, seed=0)
+    other = make_tiny_encoder(tmp_path / "b" / tiny_encoder_dir.name, seed=1)
+    base = EncoderSpec(model=str(tiny_encoder_dir)).identity()
+    assert EncoderSpec(model=str(same)).identity() == base
+    assert EncoderSpec(model=str(other)).identity() != base
+    assert EncoderSpec(model=str(tiny_encoder_dir), max_tokens=64).identity() != base
+
+
+def test_plan_batches_covers_every_row_once_within_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500)
+    batches = plan_batches(lengths, batch_tokens=1024, max_batch_size=16)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(500))
+    for b in batches:
+        assert len(b) <= 16
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 1024
+    # Longest first, so each batch pads only up to prompts of similar length.
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts, reverse=True)
