@@ -340,3 +340,26 @@ def test_dry_run_counts_pending_calls_and_prices_them(tmp_path, upstreams):
                  "--out", str(out), "--only", "cheap", "--no-progress"]) == 0
     estimate = dry_run(items, targets, out, settings, assumed_output_tokens=10)
     assert [r["calls"] for r in estimate.rows] == [5, 5, 0] and estimate.rows[2]["est_cost_usd"] == 0.0
+
+
+def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir):
+    """collect -> read with the data stage -> tiny-encoder features -> train_router -> route."""
+    from prefill_router.features.encoder import load_encoder
+    from prefill_router.router import Router, train_router
+
+    questions, prompts, targets = write_inputs(tmp_path, upstreams, 24)
+    out = tmp_path / "labels.jsonl"
+    assert main(["collect", "--prompts", str(prompts), "--targets", str(targets), "--judge", "choice",
+                 "--out", str(out), "--no-progress"]) == 0
+    ds = read_routing_data(out)
+    assert ds.Y.shape == (24, 3) and not np.isnan(ds.C).any()
+    encoder = load_encoder(str(tiny_encoder_dir))
+    features = encoder.encode(ds.prompts, poolings=("mean",))
+    router = train_router(ds, features, config={
+        "pca": 4, "policy": "argmax", "robust_folds": 0,
+        "trunk": {"seeds": 2, "keep": 1, "max_epochs": 3, "hidden": [8], "dropout": [0.0], "threads": 1}},
+        encoder=encoder)
+    router = Router.load(router.save(tmp_path / "router"), encoder=encoder)
+    decision = router.route(questions[0]["prompt"])
+    assert router.targets == ["strong", "mid", "cheap"] and decision.target in router.targets
+    assert set(decision.probabilities) == set(router.targets)
