@@ -286,7 +286,8 @@ def _truncated_flags(encoder, tokens: np.ndarray, n: int) -> np.ndarray:
     flags = getattr(encoder, "last_truncated_mask", None)
     if flags is not None and len(flags) == n:
         return np.asarray(flags, dtype=bool)
-    limit = getattr(encoder, "context_length", None)
+    # The encoder truncates past max_tokens (its context length unless the spec sets less).
+    limit = getattr(encoder, "max_tokens", None) or getattr(encoder, "context_length", None)
     if limit:
         return tokens > float(limit)
     return np.zeros(n, dtype=bool)
