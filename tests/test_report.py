@@ -55,7 +55,8 @@ def test_markdown_table():
     assert cells[2] == "$3.0000 ± 1.4142"    # USD per 1k
     assert cells[5] == "0.750 ± 0.071"       # mean AUC
     assert cells[6] == "—"                   # AIQ missing in every fold
-    assert "| router | 50.0% | 50.0% |" in md  # mean routing distribution
+    assert "| target | oracle | router |" in md  # mean routing distribution, one line per target
+    assert "| cheap | 100.0% | 50.0% |" in md
     assert "- a note" in md
 
 

@@ -187,12 +187,15 @@ class Report:
         if routers:
             lines += ["", "## Utility-policy operating points", ""]
             lines += self._table(_OPERATING_COLUMNS, routers)
-        lines += ["", "## Routing distribution (share of test prompts per target, mean over folds)", ""]
-        lines += ["| | " + " | ".join(self.targets) + " |", "|---|" + "---:|" * len(self.targets)]
-        for r in self.rows:
-            if r.distributions:
-                share = np.mean(np.asarray(r.distributions, dtype=np.float64), axis=0)
-                lines.append(f"| {r.name} | " + " | ".join(f"{s * 100:.1f}%" for s in share) + " |")
+        with_dist = [r for r in self.rows if r.distributions]
+        if with_dist:
+            # targets as rows: a table 28 targets wide would not fit a page
+            lines += ["", "## Routing distribution (share of test prompts per target, mean over folds)", ""]
+            lines += ["| target | " + " | ".join(r.name for r in with_dist) + " |",
+                      "|---|" + "---:|" * len(with_dist)]
+            shares = [np.mean(np.asarray(r.distributions, dtype=np.float64), axis=0) for r in with_dist]
+            for j, target in enumerate(self.targets):
+                lines.append(f"| {target} | " + " | ".join(f"{s[j] * 100:.1f}%" for s in shares) + " |")
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -241,7 +244,12 @@ class Report:
         xs += [x for coll in ax.collections for x in coll.get_offsets()[:, 0]]
         log = bool(xs) and min(xs) > 0  # costs span orders of magnitude; log only when none is free
         if log:
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("USD per 1,000 queries" + (" (log scale)" if log else ""))
         ax.set_ylabel("accuracy")
         ax.set_title("Cost-quality on held-out prompts (mean over folds)")
