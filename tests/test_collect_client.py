@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import gzip
 import json
 import threading
 import time
@@ -232,6 +233,10 @@ def test_read_prompts_jsonl_and_csv(tmp_path):
     assert items[0].category == "math" and items[0].messages() == [{"role": "user", "content": "2+2?"}]
     assert items[1].reference == ["Paris", "paris"] and items[1].text() == "Be brief.\nCapital of France?"
     assert items[2].prompt_id.startswith("p") and items[2].prompt_id == read_prompts(jsonl)[2].prompt_id
+
+    packed = tmp_path / "p.jsonl.gz"
+    packed.write_bytes(gzip.compress(jsonl.read_bytes()))
+    assert [i.prompt_id for i in read_prompts(packed)] == [i.prompt_id for i in items]
 
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('prompt_id,prompt,answer\nq1,"Pick one:\nA. x\nB. y",B\nq2,Hello,A\n')

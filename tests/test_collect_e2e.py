@@ -363,3 +363,16 @@ def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir
     decision = router.route(questions[0]["prompt"])
     assert router.targets == ["strong", "mid", "cheap"] and decision.target in router.targets
     assert set(decision.probabilities) == set(router.targets)
+
+
+def test_only_calls_some_targets_but_the_dataset_keeps_all_labels(tmp_path, upstreams):
+    _, prompts, targets = write_inputs(tmp_path, upstreams, 3)
+    out = tmp_path / "labels.jsonl"
+    base = ["collect", "--prompts", str(prompts), "--targets", str(targets), "--judge", "choice", "--out", str(out),
+            "--no-progress", "--only"]
+    assert main(base + ["cheap"]) == 0
+    assert read_routing_data(out).targets == ["cheap"]
+    assert main(base + ["strong"]) == 0
+    ds = read_routing_data(out)
+    assert ds.targets == ["strong", "cheap"] and ds.Y.shape == (3, 2)  # targets-file order
+    assert [up.calls() for up in upstreams.values()] == [3, 0, 3]

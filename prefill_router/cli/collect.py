@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--judge", required=True, choices=["choice", "numeric", "exact", "contains", "llm"],
                    help="how an answer is scored against the reference")
     p.add_argument("--out", required=True, metavar="DATASET", help="output dataset (.jsonl)")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="collect from these targets of the file only")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="call only these targets of the file (the dataset still lists every target's labels)")
     p.add_argument("--judge-config", metavar="FILE", help="judge endpoint and rubric for --judge llm")
     p.add_argument("--reference-field", metavar="NAME",
                    help="prompts-file field holding the reference (default: 'answer', else 'reference')")
@@ -50,16 +51,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _select(targets, only):
-    if not only:
-        return targets
-    names = [t.name for t in targets]
-    unknown = [n for n in only if n not in names]
-    if unknown:
-        raise ConfigError(f"--only: unknown target(s) {unknown}; the targets file has {names}")
-    return [t for t in targets if t.name in only]
-
-
 def run(args: argparse.Namespace) -> int:
     from prefill_router.collect import (
         CollectSettings,
@@ -71,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from prefill_router.targets import load_targets
 
-    targets = _select(load_targets(args.targets), args.only)
+    targets = load_targets(args.targets)
     prompts = read_prompts(args.prompts, reference_field=args.reference_field)
     if args.max_attempts < 1:
         raise ConfigError("--max-attempts: must be at least 1")
@@ -80,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     settings = CollectSettings(judge=args.judge, letters=args.letters, max_tokens=args.max_tokens,
                                temperature=args.temperature, concurrency=args.concurrency,
                                retry=RetryPolicy(max_attempts=args.max_attempts, backoff_s=args.backoff),
-                               retry_failed=args.retry_failed, progress=not args.no_progress)
+                               retry_failed=args.retry_failed, progress=not args.no_progress,
+                               only=tuple(args.only) if args.only else None)
     if args.dry_run:
         estimate = dry_run(prompts, targets, args.out, settings, assumed_output_tokens=args.assume_output_tokens)
         print(estimate.table())

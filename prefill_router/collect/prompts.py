@@ -11,6 +11,7 @@ Fields (JSONL keys or CSV columns):
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -98,14 +99,20 @@ def _item(row: dict, file: str, line: int, reference_field: str | None) -> Promp
 
 
 def read_prompts(path: str | Path, *, reference_field: str | None = None) -> list[PromptItem]:
-    """Prompts from a .jsonl / .json-lines or .csv file, with errors naming the file, line and field."""
+    """Prompts from a JSONL or CSV file (.gz accepted), with errors naming the file, line and field."""
     path = Path(path)
     file = str(path)
     if not path.exists():
         raise DataError("file not found", file=file)
     items: list[PromptItem] = []
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
+    gz = path.suffix.lower() == ".gz"
+    is_csv = (path.with_suffix("") if gz else path).suffix.lower() == ".csv"
+
+    def open_text():
+        return gzip.open(path, "rt", newline="", encoding="utf-8") if gz else path.open(newline="", encoding="utf-8")
+
+    if is_csv:
+        with open_text() as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not ({"prompt", "messages"} & set(reader.fieldnames)):
                 raise DataError(f"header needs a 'prompt' or 'messages' column, has {reader.fieldnames}",
@@ -113,7 +120,7 @@ def read_prompts(path: str | Path, *, reference_field: str | None = None) -> lis
             for line, row in enumerate(reader, start=2):  # header is line 1
                 items.append(_item(row, file, line, reference_field))
     else:
-        with path.open(encoding="utf-8") as fh:
+        with open_text() as fh:
             for line, raw in enumerate(fh, start=1):
                 if not raw.strip():
                     continue

@@ -47,6 +47,7 @@ class CollectSettings:
     concurrency: int = 4                # per target, unless the target config sets max_concurrency
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     retry_failed: bool = False          # re-run recorded failures (calls and judgements)
+    only: tuple[str, ...] | None = None  # call only these targets; the dataset still lists all of them
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -80,12 +81,18 @@ class Plan:
         return sum(len(v) for v in self.calls.values())
 
 
-def check_targets(targets: Sequence[TargetConfig]) -> None:
+def active_targets(targets: Sequence[TargetConfig], settings: CollectSettings) -> list[TargetConfig]:
+    """The targets this run calls, after checking names and API keys (before any paid call is made)."""
     if not targets:
         raise ConfigError("targets: no targets to collect from")
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ConfigError(f"targets: duplicate names in {names}")
+    if settings.only is not None:
+        unknown = [n for n in settings.only if n not in names]
+        if unknown:
+            raise ConfigError(f"--only: unknown target(s) {unknown}; the targets file has {names}")
+    return [t for t in targets if settings.only is None or t.name in settings.only]
 
 
 def check_references(prompts: Sequence[PromptItem], judge: str, letters: str, file: str | Path) -> None:
@@ -116,8 +123,10 @@ def check_journal_matches(prompts: Sequence[PromptItem], records: dict[Key, dict
 
 def make_plan(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig], records: dict[Key, dict],
               settings: CollectSettings) -> Plan:
-    plan = Plan(calls={t.name: [] for t in targets}, rejudge=[], done=0, kept_failures=0)
-    for target in targets:
+    """What is left to do for the active targets, given the journal's records."""
+    active = active_targets(targets, settings)
+    plan = Plan(calls={t.name: [] for t in active}, rejudge=[], done=0, kept_failures=0)
+    for target in active:
         for item in prompts:
             record = records.get((item.prompt_id, target.name))
             if record is None:
@@ -229,10 +238,13 @@ async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetC
                         prompts_file: str | Path = "<prompts>", sleep: Sleep = asyncio.sleep,
                         on_record: Callable[[dict], None] | None = None) -> CollectSummary:
     """Run the collection. `on_record` is called after each record is durably written."""
-    check_targets(targets)
+    for target in active_targets(targets, settings):
+        target.api_key()  # a missing key variable fails now, not after other targets were paid
     check_references(prompts, settings.judge, settings.letters, prompts_file)
     if settings.judge == "llm" and judge_config is None:
         raise ConfigError("judge: 'llm' needs a judge config (--judge-config FILE)")
+    if judge_config is not None:
+        judge_config.judge.api_key()
     out = Path(out)
     if out.suffix.lower() not in (".jsonl", ".json"):
         raise ConfigError(f"--out {out}: the dataset is written as JSON lines; use a .jsonl file name")
@@ -254,7 +266,7 @@ async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetC
                 rejudged = await _rejudge(plan.rejudge, by_name, judge_answer, journal, settings, on_record)
 
             async def run_target(position: int, target: TargetConfig) -> int:
-                return await _run_target(position, target, plan.calls[target.name], client, judge_answer,
+                return await _run_target(position, target, plan.calls.get(target.name, []), client, judge_answer,
                                          journal, settings, sleep, on_record)
 
             made = await asyncio.gather(*(run_target(i, t) for i, t in enumerate(targets)))
@@ -419,7 +431,6 @@ def count_prompt_tokens(prompts: Sequence[PromptItem]) -> tuple[list[int], str]:
 def dry_run(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig], out: str | Path,
             settings: CollectSettings, *, assumed_output_tokens: int | None = None) -> DryRun:
     """What a run would send (pairs already in the journal are skipped) and its estimated cost."""
-    check_targets(targets)
     records = Journal(journal_path(out)).load() if journal_path(out).exists() else {}
     plan = make_plan(prompts, targets, records, settings)
     counts, note = count_prompt_tokens(prompts)
@@ -427,7 +438,7 @@ def dry_run(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig], out:
     out_tokens = assumed_output_tokens if assumed_output_tokens is not None else (settings.max_tokens or 256)
     rows = []
     for target in targets:
-        items = plan.calls[target.name]
+        items = plan.calls.get(target.name, [])
         tin = sum(tokens_of[i.prompt_id] for i in items)
         tout = out_tokens * len(items)
         rows.append({"target": target.name, "calls": len(items), "input_tokens": tin, "output_tokens": tout,
