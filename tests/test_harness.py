@@ -12,7 +12,6 @@ from prefill_router.evaluate.harness import Contender, evaluate_contenders, take
 from prefill_router.evaluate.report import Report
 from prefill_router.evaluate.sweep import cheapest_point_reaching, cost_quality_curve
 
-
 # ---- sweeps on 3 prompts x 2 targets, worked by hand
 P3 = np.array([[0.9, 0.6],
                [0.55, 0.5],

@@ -7,8 +7,13 @@ import pytest
 
 from prefill_router.errors import ConfigError
 from prefill_router.router.base import Policy
-from prefill_router.router.policy import (ArgmaxPolicy, TolerancePolicy, UtilityPolicy, calibrate_lambda,
-                                          policy_from_spec)
+from prefill_router.router.policy import (
+    ArgmaxPolicy,
+    TolerancePolicy,
+    UtilityPolicy,
+    calibrate_lambda,
+    policy_from_spec,
+)
 
 P = np.array([[0.8, 0.8],
               [0.9, 0.5],

@@ -14,15 +14,16 @@ training rows and scored on test rows. See `FOLD_METRICS` for what is reported.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from prefill_router.evaluate import metrics
 from prefill_router.evaluate.report import Report, ReportRow
-from prefill_router.evaluate.sweep import (DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve)
+from prefill_router.evaluate.sweep import DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve
 from prefill_router.router.base import Predictor
 
 # What each fold reports (all on the fold's test rows). Rows that are not predictors leave NaN where a
@@ -118,7 +119,7 @@ def _blank() -> dict[str, float]:
 
 def _calibration_split(train: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Split training rows into (fit, calibrate) parts, or None for in-sample calibration."""
-    n_cal = int(round(train.size * holdout))
+    n_cal = round(train.size * holdout)
     if holdout <= 0 or n_cal < 2 or train.size - n_cal < 2:
         return None
     shuffled = np.random.default_rng(seed).permutation(train)
@@ -161,7 +162,7 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
         raise ValueError(f"targets names {len(targets)} entries, Y has {k} columns")
     names = [c.name for c in contenders]
     fixed = {"random", "best single", "oracle"}
-    clash = sorted(set(n_ for n_ in names if names.count(n_) > 1) | (set(names) & fixed))
+    clash = sorted({n_ for n_ in names if names.count(n_) > 1} | (set(names) & fixed))
     if clash:
         raise ValueError(f"contender names must be unique and differ from the fixed rows {sorted(fixed)}: {clash}")
     for c in contenders:
@@ -188,7 +189,8 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
         target_points.append({"accuracy": metrics.target_accuracy(Yte).tolist(),
                               "cost": metrics.target_cost(Cte).tolist()})
 
-        def outcome(acc: float, cost: float) -> dict[str, float]:
+        def outcome(acc: float, cost: float, best_acc=best_acc, oracle_acc=oracle_acc,
+                    top_cost=top_cost) -> dict[str, float]:  # binds this fold's reference values
             row = _blank()
             row.update(accuracy=acc, cost_per_1k=cost * 1000,
                        gap_captured=metrics.gap_captured(acc, best_acc, oracle_acc),

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ class Report:
         })
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Report":
+    def from_dict(cls, d: dict) -> Report:
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"report format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
         d = _unclean(d)
@@ -160,7 +161,7 @@ class Report:
         return path
 
     @classmethod
-    def from_json(cls, path) -> "Report":
+    def from_json(cls, path) -> Report:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -180,8 +181,9 @@ class Report:
 
     def to_markdown(self) -> str:
         """Markdown tables (mean ± std across folds) followed by the notes."""
-        lines = [f"# Routing evaluation: {self.n_rows} prompts, {len(self.targets)} targets, "
-                 f"{self.n_folds} fold{'s' if self.n_folds != 1 else ''}", ""]
+        title = (f"# Routing evaluation: {self.n_rows} prompts, {len(self.targets)} targets, "
+                 f"{self.n_folds} fold{'s' if self.n_folds != 1 else ''}")
+        lines = [title, ""]
         lines += self._table(_MAIN_COLUMNS, self.rows)
         routers = [r for r in self.rows if r.kind == "router"]
         if routers:
@@ -236,7 +238,7 @@ class Report:
                               label=r.name)
             hc, ha = convex_hull(curve.cost[ok], curve.accuracy[ok])
             # the hull is straight in linear cost; sample it densely so a log axis shows its true shape
-            dense = np.unique(np.concatenate([np.linspace(a, b, 40) for a, b in zip(hc[:-1], hc[1:])] + [hc]))
+            dense = np.unique(np.concatenate([np.linspace(a, b, 40) for a, b in itertools.pairwise(hc)] + [hc]))
             hc, ha = dense, np.interp(dense, hc, ha)
             ax.plot(hc * 1000, ha, ls="--", lw=1.5, color=line.get_color(), zorder=3,
                     label=f"{r.name} hull")

@@ -58,7 +58,7 @@ class Curve:
                 "missing": self.missing.tolist(), "hull_cost": hc.tolist(), "hull_accuracy": ha.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Curve":
+    def from_dict(cls, d: dict) -> Curve:
         return cls(d["policy"], np.asarray(d["params"], float), np.asarray(d["accuracy"], float),
                    np.asarray(d["cost"], float), np.asarray(d["distribution"], float),
                    np.asarray(d["missing"], int))
