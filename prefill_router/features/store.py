@@ -1,0 +1,231 @@
+"""The on-disk feature store: pooled hidden states per prompt, written so that a killed run can resume.
+
+A store is a folder:
+
+    manifest.json   format, encoder identity, poolings and the hidden states each holds, rows, hidden size,
+                    dtype, one hash per prompt
+    <pooling>.npy   [rows, hidden states, hidden] float16 or float32, memory-mapped
+    done.npy        bool [rows]: rows whose features are written
+    tokens.npy      int32 [rows]: templated prompt length before truncation (0 where unknown)
+
+Crash safety: a batch's rows are written into the memory-mapped arrays and flushed to disk first; only then
+is `done` updated, by writing a new done.npy and renaming it over the old one (an atomic step). A run killed at
+any point leaves `done` true only for rows whose data is on disk, so resuming never recomputes a finished row
+and never trusts a half-written one. The manifest is written last when a store is created, so a folder without
+one holds no finished rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from prefill_router.errors import ConfigError, DataError
+
+STORE_FORMAT = "prefill-router-features"
+STORE_VERSION = 1
+STORE_DTYPES = ("float16", "float32")
+MANIFEST = "manifest.json"
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _save_json_atomic(path: Path, data: dict) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode("utf-8")))
+
+
+def is_store(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class FeatureSet:
+    """Read access to a feature store. `get(pooling, layers)` returns float32 [rows, layers, hidden].
+
+    Rows where `done` is False hold zeros; select `fs.done` rows (or check `fs.complete`) before using them.
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.identity: dict = manifest["identity"]
+        self.hidden_states: dict[str, list[int]] = {k: list(v) for k, v in manifest["hidden_states"].items()}
+        self.poolings: list[str] = list(self.hidden_states)
+        self.n: int = int(manifest["rows"])
+        self.hidden_size: int = int(manifest["hidden_size"])
+        self.dtype: str = manifest["dtype"]
+        self.prompt_hashes: list[str] | None = manifest.get("prompt_hashes")
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureSet":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise DataError("not a feature store (no manifest.json)", file=str(path))
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as exc:
+            raise DataError(f"corrupt manifest: {exc}", file=str(manifest_path)) from None
+        if manifest.get("format") != STORE_FORMAT:
+            raise DataError(f"not a feature store manifest (format {manifest.get('format')!r})",
+                            file=str(manifest_path), field="format")
+        for key in ("identity", "hidden_states", "rows", "hidden_size", "dtype"):
+            if key not in manifest:
+                raise DataError("missing field", file=str(manifest_path), field=key)
+        fs = cls(path, manifest)
+        for pooling in fs.poolings:
+            array = fs._array(pooling)
+            expected = (fs.n, len(fs.hidden_states[pooling]), fs.hidden_size)
+            if array.shape != expected:
+                raise DataError(f"array shape {array.shape} does not match the manifest {expected}",
+                                file=str(path / f"{pooling}.npy"))
+        return fs
+
+    def _array(self, pooling: str, mode: str = "r") -> np.ndarray:
+        file = self.path / f"{pooling}.npy"
+        try:
+            return np.load(file, mmap_mode=mode, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read feature array: {exc}", file=str(file)) from None
+
+    @property
+    def done(self) -> np.ndarray:
+        """bool [rows], read from disk each time (a writer may be filling the store)."""
+        return np.load(self.path / "done.npy", allow_pickle=False)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        file = self.path / "tokens.npy"
+        return np.load(file, allow_pickle=False) if file.is_file() else np.zeros(self.n, dtype=np.int32)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def layers_index(self, pooling: str, layers: "Sequence[int] | None" = None) -> list[int]:
+        """Positions in the stored array of the requested hidden-state indices."""
+        if pooling not in self.hidden_states:
+            raise KeyError(f"pooling {pooling!r} not in this feature set (has {', '.join(self.poolings)})")
+        held = self.hidden_states[pooling]
+        if layers is None:
+            return list(range(len(held)))
+        missing = [layer for layer in layers if layer not in held]
+        if missing:
+            raise KeyError(f"hidden state(s) {missing} not stored for pooling {pooling!r} (holds {held})")
+        return [held.index(layer) for layer in layers]
+
+    def get(self, pooling: str, layers: "Sequence[int] | None" = None,
+            rows: "Sequence[int] | np.ndarray | None" = None) -> np.ndarray:
+        """float32 [rows, len(layers), hidden]; layers are hidden-state indices (0 = embeddings)."""
+        idx = self.layers_index(pooling, layers)
+        array = self._array(pooling)
+        if rows is not None:
+            rows = np.asarray(rows)
+            array = array[np.flatnonzero(rows) if rows.dtype == bool else rows]
+        return np.asarray(array[:, idx] if idx != list(range(array.shape[1])) else array, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        done = self.done
+        return (f"FeatureSet({str(self.path)!r}, rows={self.n}, done={int(done.sum())}, "
+                f"hidden_states={self.hidden_states}, dtype={self.dtype}, encoder={self.identity.get('model')!r})")
+
+
+class FeatureStore(FeatureSet):
+    """A feature set opened for writing rows."""
+
+    @classmethod
+    def create(cls, path: str | Path, *, identity: dict, hidden_states: dict[str, list[int]], rows: int,
+               hidden_size: int, dtype: str = "float16", prompt_hashes: list[str] | None = None,
+               extra: dict | None = None) -> "FeatureStore":
+        """A new empty store (nothing done). Refuses to write into an existing store or a non-empty folder
+        that is not one (so it never deletes a user's files)."""
+        path = Path(path)
+        if dtype not in STORE_DTYPES:
+            raise ConfigError(f"dtype: {dtype!r} is not a store dtype ({', '.join(STORE_DTYPES)})")
+        if prompt_hashes is not None and len(prompt_hashes) != rows:
+            raise ValueError(f"{len(prompt_hashes)} prompt hashes for {rows} rows")
+        if path.exists() and any(path.iterdir()) and not is_store(path) and not _only_store_files(path):
+            raise ConfigError(f"output folder {path} exists and is not a feature store; choose an empty folder")
+        if is_store(path):
+            raise ConfigError(f"{path} already holds a feature store")
+        path.mkdir(parents=True, exist_ok=True)
+        for pooling, layers in hidden_states.items():
+            array = np.lib.format.open_memmap(path / f"{pooling}.npy", mode="w+", dtype=dtype,
+                                              shape=(rows, len(layers), hidden_size))
+            array.flush()
+            del array
+        _save_npy_atomic(path / "tokens.npy", np.zeros(rows, dtype=np.int32))
+        _save_npy_atomic(path / "done.npy", np.zeros(rows, dtype=bool))
+        manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "identity": identity,
+                    "hidden_states": {k: list(map(int, v)) for k, v in hidden_states.items()},
+                    "rows": int(rows), "hidden_size": int(hidden_size), "dtype": dtype,
+                    **(extra or {}), "prompt_hashes": prompt_hashes}
+        _save_json_atomic(path / MANIFEST, manifest)  # last: its presence means the store is whole
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureStore":
+        fs = super().open(path)
+        fs._done = fs.done
+        fs._tokens = fs.tokens
+        fs._arrays = {p: fs._array(p, mode="r+") for p in fs.poolings}
+        return fs
+
+    def write(self, rows: np.ndarray, features: dict[str, np.ndarray], tokens: np.ndarray | None = None) -> None:
+        """Write finished rows: data first (flushed), then the done mask. `features[pooling]` is
+        [len(rows), stored layers, hidden]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for pooling in self.poolings:
+            values = np.asarray(features[pooling]).astype(self.dtype)
+            if not np.isfinite(values).all():
+                raise DataError(f"non-finite features for pooling {pooling!r} (overflow in {self.dtype}? "
+                                f"use dtype float32)", file=str(self.path))
+            self._arrays[pooling][rows] = values
+            self._arrays[pooling].flush()
+        if tokens is not None:
+            self._tokens[rows] = tokens
+            _save_npy_atomic(self.path / "tokens.npy", self._tokens)
+        self._done[rows] = True
+        _save_npy_atomic(self.path / "done.npy", self._done)
+
+    def set_manifest_fields(self, **fields) -> None:
+        self.manifest.update(fields)
+        _save_json_atomic(self.path / MANIFEST, self.manifest)
+
+    def close(self) -> None:
+        for array in self._arrays.values():
+            array.flush()
+        self._arrays = {}
+
+
+def _only_store_files(path: Path) -> bool:
+    """True for a folder left by a store creation that died before its manifest: only arrays, no data done."""
+    return all(p.suffix == ".npy" or p.name.endswith(".tmp") for p in path.iterdir())
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a feature store folder (only if it is one)."""
+    path = Path(path)
+    if path.exists():
+        if not is_store(path) and not _only_store_files(path):
+            raise ConfigError(f"refusing to delete {path}: not a feature store")
+        shutil.rmtree(path)
+
+
+def identity_diff(a: dict, b: dict) -> list[str]:
+    """Keys whose values differ between two identities (for error messages)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
