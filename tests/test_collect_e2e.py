@@ -233,8 +233,31 @@ def test_bad_arguments_name_the_problem(tmp_path, upstreams, capsys):
     assert upstreams["mid"].calls() == 0  # nothing was paid for
 
 
-def test_killed_run_resumes_without_repeating_calls(tmp_path):
-    """SIGKILL the CLI mid-run; the rerun must not call any pair the journal recorded again."""
+def _stop_after(cmd: list[str], env: dict, journal: Path, lines: int, sig: int) -> subprocess.CompletedProcess:
+    """Run the CLI and send `sig` once the journal holds `lines` records."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if journal.exists() and journal.read_bytes().count(b"\n") >= lines:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"run ended before it could be stopped: {proc.communicate()}"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _journaled(journal: Path) -> set[tuple[str, str]]:
+    return {(r["prompt_id"], r["target"]) for r in map(json.loads, journal.read_text().splitlines())}
+
+
+def test_interrupted_and_killed_runs_resume_without_repeating_calls(tmp_path):
+    """Ctrl-C, then SIGKILL, the CLI mid-run; no rerun may call a pair the journal recorded again."""
     ups = {name: FakeUpstream(Answer(fn, delay_s=0.08), name=name).start() for name, fn in REPLIES.items()}
     try:
         questions, prompts, targets = write_inputs(tmp_path, ups, 16, concurrency={n: 1 for n in ups})
@@ -243,35 +266,35 @@ def test_killed_run_resumes_without_repeating_calls(tmp_path):
                str(targets), "--judge", "choice", "--out", str(out), "--no-progress"]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         journal = journal_path(out)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                if journal.exists() and journal.read_bytes().count(b"\n") >= 8:
-                    break
-                time.sleep(0.01)
-            assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()}"
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL
 
-        recorded = {(r["prompt_id"], r["target"]) for r in map(json.loads, journal.read_text().splitlines())
-                    if r.get("prompt_id")}
-        assert 8 <= len(recorded) < 48
+        # Ctrl-C: a clean stop that says how to resume; the dataset holds exactly what finished.
+        stopped = _stop_after(cmd, env, journal, 6, signal.SIGINT)
+        assert stopped.returncode == 130 and "run the same command again to resume" in stopped.stderr
+        after_interrupt = _journaled(journal)
+        assert 6 <= len(after_interrupt) < 48
+        assert {(r["prompt_id"], r["target"]) for r in map(json.loads, out.read_text().splitlines())} \
+            == after_interrupt
+
+        # SIGKILL: no chance to clean up; the journal alone must be enough.
+        killed = _stop_after(cmd, env, journal, len(after_interrupt) + 6, signal.SIGKILL)
+        assert killed.returncode == -signal.SIGKILL
+        after_kill = _journaled(journal)
+        assert after_interrupt < after_kill and len(after_kill) < 48
         calls_at_kill = {name: calls_per_question(up) for name, up in ups.items()}
 
         done = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
 
         after = {name: calls_per_question(up) for name, up in ups.items()}
-        for qid, target in recorded:  # journaled pairs are never sent again
-            assert after[target][qid] == calls_at_kill[target][qid] == 1, (qid, target)
-        # Every pair is called at least once; only calls in flight at the kill (at most one per target, as
-        # each runs one request at a time) may have been sent twice.
-        repeated = sum(count - 1 for counts in after.values() for count in counts.values())
+        for qid, target in after_kill:  # journaled pairs are never sent again
+            assert after[target][qid] == calls_at_kill[target][qid], (qid, target)
+        for qid, target in after_interrupt:
+            assert after[target][qid] == 1, (qid, target)
+        # Every pair is called; only calls in flight at a stop (at most one per target per stop, as each
+        # target runs one request at a time) may have been sent twice.
         assert all(after[t][q["prompt_id"]] >= 1 for t in ups for q in questions)
-        assert repeated <= len(ups)
+        repeated = sum(count - 1 for counts in after.values() for count in counts.values())
+        assert repeated <= 2 * len(ups)
 
         ds = read_routing_data(out)
         assert ds.Y.shape == (16, 3) and not np.isnan(ds.Y).any()

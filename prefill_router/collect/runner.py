@@ -188,7 +188,6 @@ class CollectSummary:
     dataset_path: Path
     journal_path: Path
     failures_path: Path | None = None
-    interrupted: bool = False
 
     def table(self) -> str:
         head = f"{'target':<24} {'ok':>6} {'failed':>7} {'unjudged':>9} {'missing':>8} {'mean score':>10} {'cost USD':>10}"
@@ -253,17 +252,11 @@ async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetC
     check_journal_matches(prompts, records, journal.path)
     plan = make_plan(prompts, targets, records, settings)
     calls_made = rejudged = 0
-    interrupted = True
-    by_name = {t.name: t for t in targets}
     try:
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
-            judge = _make_judge(settings, judge_config, client, sleep)
-
-            async def judge_answer(item: PromptItem, answer: str) -> tuple[float | None, str | None]:
-                return await judge(item, answer)
-
+            judge_answer = _make_judge(settings, judge_config, client, sleep)
             if plan.rejudge:
-                rejudged = await _rejudge(plan.rejudge, by_name, judge_answer, journal, settings, on_record)
+                rejudged = await _rejudge(plan.rejudge, judge_answer, journal, settings, on_record)
 
             async def run_target(position: int, target: TargetConfig) -> int:
                 return await _run_target(position, target, plan.calls.get(target.name, []), client, judge_answer,
@@ -271,12 +264,12 @@ async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetC
 
             made = await asyncio.gather(*(run_target(i, t) for i, t in enumerate(targets)))
             calls_made = sum(made)
-        interrupted = False
     finally:
+        # Also after an interruption: the dataset then holds everything finished so far.
         journal.close()
         failures = write_outputs(prompts, targets, journal.records, out)
     return CollectSummary(summarize(prompts, targets, journal.records), calls_made, rejudged, out, journal.path,
-                          failures, interrupted)
+                          failures)
 
 
 def write_outputs(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig], records: dict[Key, dict],
@@ -295,6 +288,7 @@ def write_outputs(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig]
 
 def _make_judge(settings: CollectSettings, judge_config: JudgeConfig | None, client: httpx.AsyncClient,
                 sleep: Sleep):
+    """An async function (item, answer) -> (score, None) or (None, reason)."""
     if settings.judge == "llm":
         cfg = judge_config.judge
         llm = LLMJudge(judge_config, client, settings.retry,
@@ -317,7 +311,7 @@ def _make_judge(settings: CollectSettings, judge_config: JudgeConfig | None, cli
     return pure_judge
 
 
-async def _rejudge(work, by_name, judge_answer, journal: Journal, settings: CollectSettings, on_record) -> int:
+async def _rejudge(work, judge_answer, journal: Journal, settings: CollectSettings, on_record) -> int:
     bar = tqdm(total=len(work), desc="re-judging", unit="answer", disable=not settings.progress)
     queue = deque(work)
 
