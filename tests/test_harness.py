@@ -144,6 +144,8 @@ def test_harness_end_to_end(tmp_path):
         top = C[test].mean(axis=0).max()
         assert oracle["savings_vs_most_expensive"] == pytest.approx(1 - metrics.oracle(Y[test], C[test])[1] / top)
         assert best["gap_captured"] == pytest.approx(0.0) and oracle["gap_captured"] == pytest.approx(1.0)
+        assert oracle["savings_vs_best_single"] == pytest.approx(
+            1 - metrics.oracle(Y[test], C[test])[1] / C[test, k_best].mean())
 
         # labels as predictions: argmax with cheaper-on-ties is exactly the oracle
         peek = report.row("peek").folds[f]
