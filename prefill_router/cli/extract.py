@@ -1,0 +1,107 @@
+"""`prefill-router extract`: compute an encoder's pooled hidden states for a dataset's prompts into a store.
+
+The store resumes: run the same command again after an interruption and only the missing rows are
+computed; a finished store is a cache hit. With --import-reference, the shared reference features are
+imported first (once) and only the rows they lack are computed, with the same hidden states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from prefill_router.errors import ConfigError
+
+BUILTIN_DATA = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("extract", help="compute prefill features of a dataset's prompts into a feature store",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True,
+                   help=f"a known dataset ({', '.join(BUILTIN_DATA)}) or a routing data file (CSV, JSONL, Parquet)")
+    p.add_argument("--data-root", help="data folder for known datasets (default: $PREFILL_ROUTER_DATA)")
+    p.add_argument("--encoder", default="smollm2-135m",
+                   help="built-in alias, Hugging Face id, local folder or .gguf file (default: smollm2-135m)")
+    p.add_argument("--gguf-file", help="GGUF file inside --encoder (folder or hub repo)")
+    p.add_argument("--revision", help="hub revision of --encoder")
+    p.add_argument("--template", choices=("chat", "raw"), default="chat",
+                   help="chat: the encoder's chat template with the generation prompt (default); raw: text as is")
+    p.add_argument("--max-tokens", type=int,
+                   help="truncate longer prompts, keeping their first and last halves (default: context length)")
+    p.add_argument("--poolings", help="comma-separated, from mean,last (default: mean,last, or the store's)")
+    p.add_argument("--layers", help="'all' or comma-separated hidden-state indices, 0 = embeddings "
+                                    "(default: all, or the store's)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype (default float16)")
+    p.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--batch-tokens", type=int, help="token budget per batch (default: 4096 on CPU, 32768 on GPU)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--import-reference", metavar="DIR",
+                   help="import reference features (layout.json, int8 arrays, done.npy) before computing the rest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a store made with a different encoder, template, prompts or layout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="feature store folder")
+    p.set_defaults(func=run)
+
+
+def _load_prompts(args) -> list:
+    from prefill_router.data import load_mmlu_pro, load_routellm, read_routing_data
+
+    if args.data == "mmlu-pro":
+        ds = load_mmlu_pro(args.data_root)
+    elif args.data in ("routellm-mmlu", "routellm-gsm8k"):
+        ds = load_routellm(args.data_root, benchmark=args.data.split("-", 1)[1])
+    else:
+        ds = read_routing_data(args.data)
+    return list(ds.prompts)
+
+
+def _parse_layers(text: str | None):
+    if text is None or text.strip() == "all":
+        return None if text is None else "all"
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers: expected 'all' or comma-separated integers, got {text!r}") from None
+
+
+def run(args) -> int:
+    import torch
+
+    from prefill_router.features import extract_to_store, import_reference, load_encoder
+    from prefill_router.features.store import is_store
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError("--limit: must be a positive number of prompts")
+    if args.import_reference and args.limit is not None:
+        raise ConfigError("--limit cannot be combined with --import-reference (the reference covers every row)")
+    prompts = _load_prompts(args)
+    if args.limit is not None:
+        prompts = prompts[:args.limit]
+    started = time.perf_counter()
+    encoder = load_encoder(args.encoder, gguf_file=args.gguf_file, revision=args.revision, template=args.template,
+                           max_tokens=args.max_tokens, dtype=args.compute_dtype, device=args.device)
+    print(f"encoder: {encoder} (loaded in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    poolings = args.poolings.split(",") if args.poolings else None
+    layers = _parse_layers(args.layers)
+    if args.import_reference and not is_store(args.out):
+        fs = import_reference(args.import_reference, args.out, prompts=prompts, dtype=args.dtype)
+        print(f"imported {int(fs.done.sum())} of {fs.n} rows from {args.import_reference}", file=sys.stderr)
+    if poolings is None and layers is None and not is_store(args.out):
+        poolings = ["mean", "last"]
+    started = time.perf_counter()
+    fs = extract_to_store(prompts, encoder, args.out, poolings=poolings, layers=layers, dtype=args.dtype,
+                          batch_tokens=args.batch_tokens, progress=not args.no_progress, overwrite=args.overwrite)
+    done = fs.done
+    truncated = fs.manifest.get("truncated_rows", 0)
+    print(f"{args.out}: {int(done.sum())}/{fs.n} rows done in {time.perf_counter() - started:.1f} s; "
+          f"hidden states {fs.hidden_states}; dtype {fs.dtype}; "
+          f"{truncated} prompt(s) truncated to {encoder.max_tokens} tokens")
+    return 0
