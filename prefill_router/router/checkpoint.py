@@ -361,7 +361,12 @@ def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.n
     """(array [N, L, H] of the wanted hidden states, their indices, the feature set's encoder identity)."""
     identity = None
     if hasattr(features, "get") and hasattr(features, "hidden_states") and not isinstance(features, dict):
-        available = list(features.hidden_states)
+        held = features.hidden_states
+        if isinstance(held, dict):  # a FeatureSet lists the hidden states per pooling
+            if pooling not in held:
+                raise ConfigError(f"pooling: {pooling!r} not in the feature set (it holds {sorted(held)})")
+            held = held[pooling]
+        available = list(held)
         wanted = available if layers == "all" else list(layers)
         missing = [w for w in wanted if w not in available]
         if missing:
@@ -405,6 +410,12 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     X_all, states, feature_identity = _features_array(features, config.pooling, config.layers, hidden_states)
     if len(X_all) != dataset.n:
         raise ConfigError(f"features have {len(X_all)} rows but the dataset has {dataset.n}")
+    done = getattr(features, "done", None)
+    if done is not None and not isinstance(features, dict):
+        unfinished = int((~np.asarray(done, dtype=bool)[rows]).sum())
+        if unfinished:
+            raise ConfigError(f"{unfinished} training row(s) have no features yet in the feature store "
+                              "(their done flag is False); extract them first or leave them out of train_rows")
     X, Y = X_all[rows], dataset.Y[rows]
     trunk_cfg = config.trunk.model_copy(update={"progress": progress or config.trunk.progress})
 

@@ -1,0 +1,195 @@
+"""Router checkpoints (safetensors + JSON) and routing end to end with the tiny random encoder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from prefill_router.data import CostModel, PriceTable, RoutingDataset
+from prefill_router.errors import CheckpointError, ConfigError
+from prefill_router.router import RouteDecision, Router, train_router
+from prefill_router.router.checkpoint import CONFIG_FILE, TENSORS_FILE
+
+TARGETS = ["big", "small", "mid"]
+PRICES = {"big": (10.0, 30.0), "small": (0.1, 0.3), "mid": (1.0, 3.0)}
+SMALL = {"pca": 6, "robust_folds": 2, "robust_seeds": 1,
+         "trunk": {"seeds": 3, "keep": 2, "max_epochs": 8, "patience": 4, "batch_size": 32, "threads": 1}}
+
+
+def _dataset(n: int, prompts=None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    Y = np.stack([rng.random(n) < 0.8, rng.random(n) < 0.4, rng.random(n) < 0.6], axis=1).astype(float)
+    Y[rng.random((n, 3)) < 0.1] = np.nan
+    C = np.tile([3e-3, 3e-5, 3e-4], (n, 1))
+    prompts = prompts or [f"prompt {i}" for i in range(n)]
+    return RoutingDataset([str(i) for i in range(n)], prompts, TARGETS, Y, C)
+
+
+@pytest.fixture(scope="module")
+def array_router(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, 3, 8)).astype(np.float32)
+    ds = _dataset(160)
+    router = train_router(ds, X, np.arange(120), SMALL, hidden_states=[0, 6, 12])
+    folder = router.save(tmp_path_factory.mktemp("ckpt"))
+    return router, folder, X
+
+
+def test_save_load_predict_is_bit_identical(array_router):
+    router, folder, X = array_router
+    loaded = Router.load(folder)
+    assert loaded.targets == TARGETS and loaded.hidden_states == [0, 6, 12] and loaded.pooling == "mean"
+    P = router.predict_proba_features(X[120:])
+    assert np.array_equal(P, loaded.predict_proba_features(X[120:]))
+    C = np.tile([3e-3, 3e-5, 3e-4], (40, 1))
+    for policy in (None, "argmax", "utility:0.5", "robust:0.2"):
+        assert np.array_equal(router.choose(P, C, policy=policy), loaded.choose(P, C, policy=policy))
+    # saving the loaded router again gives the same tensors
+    again = loaded.save(folder.parent / "again")
+    assert (again / TENSORS_FILE).read_bytes() == (folder / TENSORS_FILE).read_bytes()
+
+
+def test_checkpoint_json_holds_the_contract(array_router):
+    _, folder, _ = array_router
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    for key in ("format", "targets", "encoder", "features", "transform", "trunk", "cost_model", "policy",
+                "metrics", "tensors_sha256"):
+        assert key in meta
+    assert meta["policy"]["default"] == "robust"
+    assert len(meta["metrics"]["oof_auc"]) == 3
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in folder.iterdir())
+
+
+def test_truncated_tensors_are_refused_naming_the_file(array_router, tmp_path):
+    _, folder, _ = array_router
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / CONFIG_FILE).write_bytes((folder / CONFIG_FILE).read_bytes())
+    (bad / TENSORS_FILE).write_bytes((folder / TENSORS_FILE).read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=TENSORS_FILE):
+        Router.load(bad)
+    # without the recorded hash, the safetensors reader itself must refuse the truncated file
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    del meta["tensors_sha256"]
+    (bad / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=TENSORS_FILE):
+        Router.load(bad)
+
+
+def test_bad_json_and_missing_files_are_refused(array_router, tmp_path):
+    _, folder, _ = array_router
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / TENSORS_FILE).write_bytes((folder / TENSORS_FILE).read_bytes())
+    (bad / CONFIG_FILE).write_text('{"format": "prefill-router-checkpoint/1", "targets": [')
+    with pytest.raises(CheckpointError, match=CONFIG_FILE):
+        Router.load(bad)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    del meta["trunk"]
+    (bad / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="trunk"):
+        Router.load(bad)
+    with pytest.raises(CheckpointError, match="file not found"):
+        Router.load(tmp_path / "nowhere")
+
+
+def test_policy_errors_are_clear(array_router):
+    router, _, _ = array_router
+    with pytest.raises(ConfigError, match="unknown policy"):
+        router.resolve_policy("fastest")
+    with pytest.raises(ConfigError, match="lam"):
+        router.resolve_policy("tolerance:0.1", lam=0.3)
+
+
+def test_train_router_refuses_mismatched_inputs():
+    ds = _dataset(20)
+    with pytest.raises(ConfigError, match="rows"):
+        train_router(ds, np.zeros((19, 2, 4), np.float32), config=SMALL)
+    with pytest.raises(ConfigError, match=r"layers.*\[7\]"):
+        train_router(ds, np.zeros((20, 2, 4), np.float32), config={**SMALL, "layers": [7]})
+    with pytest.raises(ConfigError, match="pca"):
+        train_router(ds, np.zeros((20, 2, 4), np.float32), config={**SMALL, "pca": 0})
+
+
+# ---- end to end with the tiny encoder ------------------------------------------------------------------
+
+def _question(i: int):
+    return [{"role": "user", "content": f"question {i}: what is {i} + {2 * i}? " + "the quick fox " * (i % 5)}]
+
+
+@pytest.fixture(scope="module")
+def encoder_checkpoint(tiny_encoder_dir, tmp_path_factory):
+    from prefill_router.features import load_encoder
+
+    encoder = load_encoder(str(tiny_encoder_dir))
+    prompts = [_question(i) for i in range(60)]
+    features = encoder.encode(prompts, poolings=("mean",))
+    cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([40.0, 40.0, 40.0]))
+    ds = _dataset(60, prompts)
+    router = train_router(ds, features, None, {**SMALL, "layers": [1, 2]}, encoder=encoder, cost_model=cost_model)
+    return router.save(tmp_path_factory.mktemp("enc-ckpt")), encoder
+
+
+def test_route_end_to_end_with_the_tiny_encoder(encoder_checkpoint):
+    folder, encoder = encoder_checkpoint
+    router = Router.load(folder, encoder=encoder)
+    calls = []
+    original = encoder.encode
+
+    def counting(prompts, **kw):
+        calls.append(len(prompts))
+        return original(prompts, **kw)
+
+    encoder.encode = counting
+    try:
+        prompts = [_question(i) for i in range(100, 105)] + ["plain text prompt"]
+        decisions = router.route_batch(prompts)
+    finally:
+        encoder.encode = original
+    assert calls == [6]                                       # one encoder forward for the whole batch
+    assert len(decisions) == 6 and all(isinstance(d, RouteDecision) for d in decisions)
+    tokens = encoder.count_tokens(prompts)
+    for d, n_tok in zip(decisions, tokens):
+        assert d.target in TARGETS and set(d.probabilities) == set(TARGETS)
+        assert all(0 < p < 1 for p in d.probabilities.values())
+        # estimated cost = input tokens x input price + 40 median output tokens x output price
+        expected = n_tok * 10.0 / 1e6 + 40 * 30.0 / 1e6
+        assert d.estimated_cost["big"] == pytest.approx(expected)
+        assert d.latency_ms > 0 and d.truncated is False
+    single = router.route(prompts[0])
+    for t in TARGETS:
+        assert single.probabilities[t] == pytest.approx(decisions[0].probabilities[t], abs=1e-5)
+    # a large cost weight sends everything to the cheapest target
+    assert {d.target for d in router.route_batch(prompts, policy="utility:1000")} == {"small"}
+    assert router.route(prompts[0], lam=1000).target == "small"
+
+
+def test_long_prompt_is_flagged_truncated(encoder_checkpoint):
+    folder, encoder = encoder_checkpoint
+    router = Router.load(folder, encoder=encoder)
+    decision = router.route("fox jumps " * 200)
+    assert decision.truncated is True
+
+
+def test_router_loads_the_encoder_named_in_the_checkpoint(encoder_checkpoint):
+    folder, encoder = encoder_checkpoint
+    router = Router.load(folder)                              # no encoder passed: loaded from the spec
+    prompt = _question(3)
+    expected = Router.load(folder, encoder=encoder).route(prompt).probabilities
+    got = router.route(prompt).probabilities
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_mismatched_encoder_is_refused_naming_both(encoder_checkpoint, tmp_path):
+    from conftest import make_tiny_encoder
+    from prefill_router.features import load_encoder
+
+    folder, encoder = encoder_checkpoint
+    other = load_encoder(str(make_tiny_encoder(tmp_path / "other", seed=1)))
+    with pytest.raises(CheckpointError, match="encoder mismatch") as info:
+        Router.load(folder, encoder=other)
+    message = str(info.value)
+    assert str(tmp_path / "other") in message or json.dumps(other.identity(), sort_keys=True) in message
+    assert json.dumps(encoder.identity(), sort_keys=True, default=str) in message
