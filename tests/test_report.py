@@ -42,6 +42,8 @@ def test_fold_statistics_by_hand():
     curve = r.mean_curve()
     assert curve.accuracy.tolist() == pytest.approx([0.5, 0.6])
     assert curve.cost.tolist() == pytest.approx([0.002, 0.003])
+    one_fold = ReportRow("x", "router", folds=[{"accuracy": 0.5}])
+    assert one_fold.stat("accuracy")[0] == 0.5 and math.isnan(one_fold.stat("accuracy")[1])
     with pytest.raises(KeyError, match="no row named 'nope'"):
         small_report().row("nope")
 
@@ -58,6 +60,9 @@ def test_markdown_table():
     assert "| target | oracle | router |" in md  # mean routing distribution, one line per target
     assert "| cheap | 100.0% | 50.0% |" in md
     assert "- a note" in md
+    single = Report(["a"], 5, 1, [ReportRow("r", "router", folds=[{"accuracy": 0.25, "cost_per_1k": 1.5}])])
+    line = next(ln for ln in single.to_markdown().splitlines() if ln.startswith("| r |"))
+    assert "| 25.00% | $1.5000 |" in line  # one fold: no spread to show
 
 
 def test_json_round_trip_writes_nan_as_null(tmp_path):

@@ -57,12 +57,12 @@ class ReportRow:
     predictions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
     def stat(self, metric: str) -> tuple[float, float]:
-        """(mean, std) of `metric` across folds, NaN folds ignored; std uses ddof=1 (0 with one fold)."""
+        """(mean, std) of `metric` across folds, NaN folds ignored; std uses ddof=1 (NaN with one fold)."""
         values = np.array([f.get(metric, np.nan) for f in self.folds], dtype=np.float64)
         values = values[np.isfinite(values)]
         if not values.size:
             return float("nan"), float("nan")
-        return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+        return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float("nan")
 
     def mean_curve(self) -> Curve | None:
         """The fold-mean accuracy and cost at each grid point (folds share one grid), or None."""
@@ -96,16 +96,18 @@ def _unclean(x):
 
 
 def _fmt(mean: float, std: float, how: str) -> str:
+    """mean ± std in the column's unit; the ± part is left out when there is no spread to show (one fold)."""
     if not math.isfinite(mean):
         return "—"
-    # round first and add 0.0 so that a value like -1e-17 prints as 0.00, not -0.00
     if how == "pct":
-        mean, std = round(mean * 100, 2) / 100 + 0.0, round(std * 100, 2) / 100 + 0.0
-    if how == "pct":
-        return f"{mean * 100:.2f}% ± {std * 100:.2f}"
-    if how == "usd":
-        return f"${mean:.4f} ± {std:.4f}"
-    return f"{mean:.3f} ± {std:.3f}"
+        # round first and add 0.0 so that a value like -1e-17 prints as 0.00, not -0.00
+        text = f"{round(mean * 100, 2) + 0.0:.2f}%"
+        spread = f"{round(std * 100, 2) + 0.0:.2f}"
+    elif how == "usd":
+        text, spread = f"${mean:.4f}", f"{std:.4f}"
+    else:
+        text, spread = f"{mean:.3f}", f"{std:.3f}"
+    return f"{text} ± {spread}" if math.isfinite(std) else text
 
 
 @dataclass
