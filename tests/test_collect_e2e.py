@@ -399,3 +399,31 @@ def test_only_calls_some_targets_but_the_dataset_keeps_all_labels(tmp_path, upst
     ds = read_routing_data(out)
     assert ds.targets == ["strong", "cheap"] and ds.Y.shape == (3, 2)  # targets-file order
     assert [up.calls() for up in upstreams.values()] == [3, 0, 3]
+
+
+def test_gateway_config_doubles_as_targets_file_and_bad_fields_are_named(tmp_path, upstreams, capsys):
+    _, prompts, _ = write_inputs(tmp_path, {"mid": upstreams["mid"]}, 2)
+    gateway = tmp_path / "gateway.yaml"
+    gateway.write_text(f"""router:
+  checkpoint: runs/router
+targets:
+  - name: mid
+    base_url: {upstreams["mid"].base_url}
+    usd_per_m_input: 1
+    usd_per_m_output: 2
+    fallbacks: [other]
+    max_concurrency: 1
+  - name: other
+    base_url: {upstreams["cheap"].base_url}
+batching: {{max_batch_size: 8, max_wait_ms: 2}}
+""")
+    out = tmp_path / "labels.jsonl"
+    assert main(["collect", "--prompts", str(prompts), "--targets", str(gateway), "--judge", "choice",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert read_routing_data(out).targets == ["mid", "other"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"targets:\n  - name: mid\n    base_url: {upstreams['mid'].base_url}\n    max_concurrency: 0\n")
+    assert main(["collect", "--prompts", str(prompts), "--targets", str(bad), "--judge", "choice",
+                 "--out", str(out)]) == 2
+    assert "targets.0.max_concurrency" in capsys.readouterr().err

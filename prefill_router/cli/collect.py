@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", required=True, metavar="FILE",
                    help="JSONL or CSV: prompt_id, prompt (or messages), answer/reference, [category]")
     p.add_argument("--targets", required=True, metavar="FILE",
-                   help="targets YAML/TOML (same format as the gateway): endpoints, prices, limits")
+                   help="targets YAML/TOML, or the gateway config itself: endpoints, prices, limits")
     p.add_argument("--judge", required=True, choices=["choice", "numeric", "exact", "contains", "llm"],
                    help="how an answer is scored against the reference")
     p.add_argument("--out", required=True, metavar="DATASET", help="output dataset (.jsonl)")
@@ -51,6 +51,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# Per-target fields only the gateway reads; a gateway config doubles as a targets file for `collect`.
+GATEWAY_ONLY_FIELDS = ("fallbacks",)
+
+
+def load_collect_targets(path):
+    """Targets from a targets file or a gateway config (its router, batching, ... sections are ignored)."""
+    from prefill_router.targets import parse_targets, read_config_file
+
+    data = read_config_file(path)
+    if isinstance(data.get("targets"), list):
+        data["targets"] = [{k: v for k, v in t.items() if k not in GATEWAY_ONLY_FIELDS} if isinstance(t, dict)
+                           else t for t in data["targets"]]
+    return parse_targets(data, path)
+
+
 def run(args: argparse.Namespace) -> int:
     from prefill_router.collect import (
         CollectSettings,
@@ -60,9 +75,8 @@ def run(args: argparse.Namespace) -> int:
         read_prompts,
         run_collect,
     )
-    from prefill_router.targets import load_targets
 
-    targets = load_targets(args.targets)
+    targets = load_collect_targets(args.targets)
     prompts = read_prompts(args.prompts, reference_field=args.reference_field)
     if args.max_attempts < 1:
         raise ConfigError("--max-attempts: must be at least 1")
