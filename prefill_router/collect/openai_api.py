@@ -205,11 +205,11 @@ async def chat_completion(client: httpx.AsyncClient, target: TargetConfig, messa
                 # A malformed 200 was paid for and would likely repeat: not retried here (--retry-failed can).
                 return parsed
             result.error = f"HTTP {response.status_code}: {_error_detail(response)}"
-            if response.status_code not in RETRY_STATUSES:
-                return result
             retry_after = parse_retry_after(response.headers.get("retry-after"))
         if limiter is not None:
             limiter.settle(estimated_tokens, 0)  # nothing was processed: give the tokens back
+        if result.status is not None and result.status not in RETRY_STATUSES:
+            return result  # the request itself is wrong: trying again cannot help
         if attempt < retry.max_attempts:
             await sleep(retry.wait_s(attempt, retry_after))
     result.error = f"{result.error} (gave up after {result.attempts} attempts)"
