@@ -70,25 +70,25 @@ class ContenderSpec:
 def _knn(inputs: EvalInputs):
     from prefill_router.router.baselines import KNNPredictor
 
-    return (lambda: KNNPredictor(k=inputs.args.knn_k, metric="cosine")), inputs.embeddings()
+    return (lambda: KNNPredictor(k=inputs.args.knn_k, metric="cosine", threads=inputs.args.threads)), inputs.embeddings()
 
 
 def _logreg(inputs: EvalInputs):
     from prefill_router.router.baselines import LogisticPredictor
 
-    return (lambda: LogisticPredictor(C=inputs.args.logreg_c)), inputs.embeddings()
+    return (lambda: LogisticPredictor(C=inputs.args.logreg_c, threads=inputs.args.threads)), inputs.embeddings()
 
 
 def _mlp(inputs: EvalInputs):
     from prefill_router.router.baselines import MLPPredictor
 
-    return (lambda: MLPPredictor(seed=inputs.args.seed)), inputs.embeddings()
+    return (lambda: MLPPredictor(seed=inputs.args.seed, threads=inputs.args.threads)), inputs.embeddings()
 
 
 def _tfidf(inputs: EvalInputs):
     from prefill_router.router.baselines import TfidfLogisticPredictor
 
-    return (lambda: TfidfLogisticPredictor(C=inputs.args.logreg_c)), inputs.texts()
+    return (lambda: TfidfLogisticPredictor(C=inputs.args.logreg_c, threads=inputs.args.threads)), inputs.texts()
 
 
 def _prior(inputs: EvalInputs):
@@ -170,40 +170,11 @@ def _contenders(names: str) -> list[str]:
 # two-target (RouteLLM) metrics
 
 
-class _OutOfFold:
-    """Wraps a predictor whose X are row indices, so the held-out predictions the harness asks for are kept.
-
-    The harness fits on training rows and predicts test rows; a predict call on rows disjoint from the fitted
-    ones is a held-out prediction and is recorded in `store[fold]`.
-    """
-
-    def __init__(self, inner, X_all, store: list):
-        self.inner, self.X_all, self.store = inner, X_all, store
-
-    def _rows(self, R) -> np.ndarray:
-        return np.asarray(R).reshape(len(R), -1)[:, 0].astype(np.int64)
-
-    def _take(self, rows):
-        from prefill_router.evaluate.harness import take_rows
-
-        return take_rows(self.X_all, rows)
-
-    def fit(self, R, Y):
-        self.fit_rows = self._rows(R)
-        self.inner.fit(self._take(self.fit_rows), Y)
-        return self
-
-    def predict_proba(self, R):
-        rows = self._rows(R)
-        P = self.inner.predict_proba(self._take(rows))
-        if not np.intersect1d(rows, self.fit_rows).size:
-            self.store.append((rows, np.asarray(P, dtype=np.float64)))
-        return P
-
-
 def two_target_summary(Y: np.ndarray, C: np.ndarray, targets: list[str],
                        held_out: dict[str, list[tuple[np.ndarray, np.ndarray]]], folds, seed: int) -> dict:
     """APGR and CPT(x%) per fold for each contender, with random and oracle scores alongside.
+
+    held_out: contender name -> per fold (test rows, P[len, 2]), the harness's held-out predictions.
 
     The weak model is the target with the lower mean cost. Two router scores per contender:
     `P(strong) - P(weak)` (how much the strong model is predicted to help) and `P(strong)` alone.
@@ -270,26 +241,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--folds must be >= 2, got {args.folds}")
     if args.limit is not None and args.limit < args.folds:
         raise ConfigError(f"--limit {args.limit} leaves fewer prompts than --folds {args.folds}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     chosen = _contenders(args.contenders)
     ds = load_dataset(args)
     print(f"dataset: {ds.n} prompts x {ds.k} targets", file=sys.stderr)
     folds = data.kfold(ds, k=args.folds, seed=args.seed, stratify=True)
 
     inputs = EvalInputs(ds, args)
-    two_targets = ds.k == 2
-    held_out: dict[str, list] = {}
     contenders = []
     for key in chosen:
         spec = CONTENDERS[key]
         make, X = spec.build(inputs)
-        if two_targets:
-            store = held_out.setdefault(spec.label, [])
-            make = (lambda make=make, X=X, store=store: _OutOfFold(make(), X, store))
-            X = inputs.row_ids()
         contenders.append(Contender(spec.label, make, X))
 
     notes = list(ds.notes)
@@ -300,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     paths = report.save(out)
     markdown = report.to_markdown()
-    if two_targets:
+    if ds.k == 2:
+        held_out = {c.name: report.row(c.name).predictions for c in contenders}
         summary = two_target_summary(ds.Y, ds.C, ds.targets, held_out, folds, args.seed)
         section = two_target_markdown(summary)
         markdown += "\n" + section
@@ -350,7 +314,9 @@ def register(subparsers) -> None:
     p.add_argument("--knn-k", type=int, default=20, help="neighbours for the knn contender (default 20)")
     p.add_argument("--logreg-c", type=float, default=1.0,
                    help="inverse L2 strength of the logreg and tfidf contenders (default 1.0)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per predictor fit (BLAS and torch; default 1: these fits are small and "
+                        "a contended thread pool slows them down)")
     p.set_defaults(func=_main)
 
 

@@ -138,15 +138,15 @@ class KNNPredictor(_Fitted):
     """Mean label of the k nearest training prompts, per target, among the prompts that target has a label for.
 
     metric: "cosine" (similarity of the vectors) or "euclidean". The search is exact (brute force), so adding
-    rows whose label for a target is NaN never changes that target's prediction.
+    rows whose label for a target is NaN never changes that target's prediction. `threads` caps BLAS threads.
     """
 
-    def __init__(self, k: int = 20, metric: str = "cosine"):
+    def __init__(self, k: int = 20, metric: str = "cosine", threads: int | None = 1):
         if k < 1:
             raise ConfigError(f"KNNPredictor: k must be >= 1, got {k}")
         if metric not in ("cosine", "euclidean"):
             raise ConfigError(f"KNNPredictor: metric must be 'cosine' or 'euclidean', got {metric!r}")
-        self.k, self.metric = k, metric
+        self.k, self.metric, self.threads = k, metric, threads
 
     def _prepare(self, X: np.ndarray) -> np.ndarray:
         if self.metric == "cosine":
@@ -172,21 +172,31 @@ class KNNPredictor(_Fitted):
 
     def predict_proba(self, X) -> np.ndarray:
         self._check_fitted()
-        Q = self._prepare(check_features(X)).astype(np.float32)
+        with _blas_threads(self.threads):
+            return self._predict(self._prepare(check_features(X)).astype(np.float32))
+
+    def _predict(self, Q: np.ndarray) -> np.ndarray:
         labelled = ~np.isnan(self.Y_)
+        # Targets labelled on the same rows share one neighbour search (with complete labels: all of them).
+        by_mask: dict[bytes, list[int]] = {}
+        for t in range(self.n_targets_):
+            by_mask.setdefault(np.packbits(labelled[:, t]).tobytes(), []).append(t)
         out = np.empty((len(Q), self.n_targets_))
         for start in range(0, len(Q), _KNN_CHUNK):
             scores = self._scores(Q[start:start + _KNN_CHUNK])
-            for t in range(self.n_targets_):
-                cols = np.flatnonzero(labelled[:, t])
+            block = slice(start, start + len(scores))
+            for targets in by_mask.values():
+                cols = np.flatnonzero(labelled[:, targets[0]])
                 if len(cols) == 0:
-                    out[start:start + len(scores), t] = self.prior_[t]
+                    out[block, targets] = self.prior_[targets]
                     continue
                 k = min(self.k, len(cols))
-                s = scores[:, cols]
-                nearest = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < len(cols) else \
-                    np.broadcast_to(np.arange(len(cols)), (len(s), len(cols)))
-                out[start:start + len(scores), t] = self.Y_[cols[nearest], t].mean(1)
+                s = scores if len(cols) == scores.shape[1] else scores[:, cols]
+                if k < len(cols):
+                    nearest = cols[np.argpartition(-s, k - 1, axis=1)[:, :k]]
+                else:
+                    nearest = np.broadcast_to(cols, (len(s), len(cols)))
+                out[block, targets] = self.Y_[nearest][:, :, targets].mean(1)
         return out
 
 
@@ -203,40 +213,59 @@ def _weighted_binary(y: np.ndarray):
     return rows[keep], cls[keep], weight[keep]
 
 
+def _blas_threads(threads: int | None):
+    """Cap BLAS/OpenMP threads (None: leave as is). Many small solver steps on a thread pool that other
+    processes also use run an order of magnitude slower than on one thread."""
+    import contextlib
+
+    if not threads:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads)
+
+
 class _PerTargetLogistic(_Fitted):
     """One logistic regression per target, on the rows where that target has a label.
 
     A target whose labels are all one class (or absent) predicts its prior instead of fitting.
+    `threads` caps BLAS threads while fitting (see `_blas_threads`).
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 1000):
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, threads: int | None = 1):
         if not C > 0:
             raise ConfigError(f"C must be > 0, got {C}")
-        self.C, self.max_iter = C, max_iter
+        self.C, self.max_iter, self.threads = C, max_iter, threads
 
     def _fit_targets(self, X, Y: np.ndarray, *, scale: bool) -> None:
         """scale: standardise features on the rows each target is fitted on (dense X only)."""
+        self.prior_ = label_prior(Y)
+        with _blas_threads(self.threads):
+            self.models_ = [self._fit_one(X, Y[:, t], scale) for t in range(Y.shape[1])]
+        self.n_targets_ = Y.shape[1]
+
+    def _fit_one(self, X, y: np.ndarray, scale: bool):
+        """(scaler or None, fitted model) for one target, or None when its labels hold a single class."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
-        self.prior_ = label_prior(Y)
-        self.models_: list = []
-        for t in range(Y.shape[1]):
-            have = np.flatnonzero(~np.isnan(Y[:, t]))
-            rows, cls, weight = _weighted_binary(Y[have, t])
-            if len(np.unique(cls)) < 2:
-                self.models_.append(None)
-                continue
-            Xt = X[have]
-            scaler = StandardScaler().fit(Xt) if scale else None
-            if scaler is not None:
-                Xt = scaler.transform(Xt)
-            model = LogisticRegression(C=self.C, max_iter=self.max_iter)
-            model.fit(Xt[rows], cls, sample_weight=weight)
-            self.models_.append((scaler, model))
-        self.n_targets_ = Y.shape[1]
+        have = np.flatnonzero(~np.isnan(y))
+        rows, cls, weight = _weighted_binary(y[have])
+        if len(np.unique(cls)) < 2:
+            return None
+        Xt = X[have]
+        scaler = StandardScaler().fit(Xt) if scale else None
+        if scaler is not None:
+            Xt = scaler.transform(Xt)
+        model = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        model.fit(Xt[rows], cls, sample_weight=weight)
+        return scaler, model
 
     def _predict_targets(self, X) -> np.ndarray:
+        with _blas_threads(self.threads):
+            return self._predict_each(X)
+
+    def _predict_each(self, X) -> np.ndarray:
         out = np.empty((X.shape[0], self.n_targets_))
         for t, fitted in enumerate(self.models_):
             if fitted is None:
@@ -264,8 +293,8 @@ class TfidfLogisticPredictor(_PerTargetLogistic):
     """X is an array of prompt strings: TF-IDF of word uni- and bigrams, then one logistic regression per target."""
 
     def __init__(self, C: float = 1.0, max_features: int = 50_000, ngram_range: tuple[int, int] = (1, 2),
-                 min_df: int = 1, max_iter: int = 1000):
-        super().__init__(C=C, max_iter=max_iter)
+                 min_df: int = 1, max_iter: int = 1000, threads: int | None = 1):
+        super().__init__(C=C, max_iter=max_iter, threads=threads)
         self.max_features, self.ngram_range, self.min_df = max_features, tuple(ngram_range), min_df
 
     @staticmethod
