@@ -132,7 +132,8 @@ def test_harness_end_to_end(tmp_path):
          Contender("mean", MeanPredictor, X),
          Contender("peek", lambda: PeekPredictor(Y), np.arange(n)),
          Contender("text", PromptLengthPredictor, [f"prompt {i}" for i in range(n)])],
-        targets=["tiny", "small", "medium", "large"], progress=False)
+        targets=["tiny", "small", "medium", "large"], groups=["even" if i % 2 == 0 else "odd" for i in range(n)],
+        progress=False)
 
     assert report.n_folds == 3 and report.n_rows == n
     for f, (train, test) in enumerate(folds):
@@ -144,6 +145,12 @@ def test_harness_end_to_end(tmp_path):
         top = C[test].mean(axis=0).max()
         assert oracle["savings_vs_most_expensive"] == pytest.approx(1 - metrics.oracle(Y[test], C[test])[1] / top)
         assert best["gap_captured"] == pytest.approx(0.0) and oracle["gap_captured"] == pytest.approx(1.0)
+        even = test[test % 2 == 0]
+        by_group = report.row("best single").by_group[f]
+        assert by_group["even"]["accuracy"] == pytest.approx(np.mean(Y[even, k_best]))
+        assert by_group["even"]["n"] == even.size
+        assert by_group["odd"]["cost_per_1k"] == pytest.approx(C[test[test % 2 == 1], k_best].mean() * 1000)
+        assert report.row("oracle").by_group[f]["odd"]["accuracy"] >= by_group["odd"]["accuracy"]
         assert oracle["savings_vs_best_single"] == pytest.approx(
             1 - metrics.oracle(Y[test], C[test])[1] / C[test, k_best].mean())
 
@@ -181,10 +188,11 @@ def test_harness_end_to_end(tmp_path):
                                                  "text"]
     assert len(data["rows"][3]["curves"]) == 3
     md = paths["markdown"].read_text()
-    for name in ("| oracle |", "| difficulty |", "gap captured", "AIQ", "| large |"):
+    for name in ("| oracle |", "| difficulty |", "gap captured", "AIQ", "| large |", f"| even | {(n + 1) // 2} |"):
         assert name in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = Report.from_json(paths["json"])
+    assert again.row("oracle").by_group == report.row("oracle").by_group
     assert again.summary()["difficulty"]["aiq"]["mean"] == pytest.approx(report.summary()["difficulty"]["aiq"]["mean"])
 
 

@@ -25,6 +25,7 @@ from prefill_router.evaluate import metrics
 from prefill_router.evaluate.report import Report, ReportRow
 from prefill_router.evaluate.sweep import DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve
 from prefill_router.router.base import Predictor
+from prefill_router.router.policy import ArgmaxPolicy, UtilityPolicy
 
 # What each fold reports (all on the fold's test rows). Rows that are not predictors leave NaN where a
 # metric needs predictions.
@@ -114,6 +115,20 @@ def _predict(contender: Contender, rows_fit: np.ndarray, rows_pred: list[np.ndar
     return predictor, outs
 
 
+def _group_outcomes(Y: np.ndarray, C: np.ndarray, choice: np.ndarray | None,
+                    groups: np.ndarray) -> dict[str, dict[str, float]]:
+    """{group: {accuracy, cost_per_1k, n}} of a choice on these rows; choice None = uniform random."""
+    out = {}
+    for g in sorted(set(groups.tolist())):
+        rows = groups == g
+        if choice is None:
+            acc, cost = metrics.random_router(Y[rows], C[rows])
+        else:
+            acc, cost = metrics.routed_accuracy(Y[rows], choice[rows]), metrics.routed_cost(C[rows], choice[rows])
+        out[g] = {"accuracy": acc, "cost_per_1k": cost * 1000, "n": int(rows.sum())}
+    return out
+
+
 def _blank() -> dict[str, float]:
     return {name: float("nan") for name in FOLD_METRICS}
 
@@ -140,8 +155,8 @@ def _calibrated_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, best_k: int,
 
 def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Contender], *,
                         targets: Sequence[str] | None = None, lambdas=None, cost_scale: float | None = None,
-                        calibration_holdout: float = 0.2, seed: int = 0, notes: Sequence[str] = (),
-                        progress: bool = True) -> Report:
+                        calibration_holdout: float = 0.2, seed: int = 0, groups: Sequence[str] | None = None,
+                        notes: Sequence[str] = (), progress: bool = True) -> Report:
     """Evaluate every contender on every fold, with random, best single and oracle rows. Returns a Report.
 
     Y[N, K] labels in [0, 1] (NaN = not run), C[N, K] USD per query, folds = [(train_idx, test_idx), ...].
@@ -149,6 +164,7 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
     `calibration_holdout` is the share of each fold's training rows held out to calibrate lambda_train (an
     extra fit per fold and contender, on the other training rows; `seed` picks the rows). 0 calibrates on
     in-sample predictions instead, which is cheaper but optimistic for predictors that overfit.
+    `groups` (one category per row, e.g. RoutingDataset.groups) adds per-group accuracy and cost per fold.
     Each router row keeps its held-out predictions in memory as `ReportRow.predictions` [(test_idx, P)].
     """
     if not 0 <= calibration_holdout < 1:
@@ -170,6 +186,10 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
         if _row_count(c.X) != n:
             raise ValueError(f"contender {c.name!r}: X has {_row_count(c.X)} rows, Y has {n}")
     folds = _check_folds(folds, n)
+    if groups is not None:
+        groups = np.asarray([str(g) for g in groups], dtype=object)
+        if groups.shape != (n,):
+            raise ValueError(f"groups has {groups.size} entries, Y has {n} rows")
     grid = DEFAULT_LAMBDAS if lambdas is None else np.asarray(lambdas, dtype=np.float64)
 
     per_fold: dict[str, list[dict]] = {name: [] for name in ["random", "best single", "oracle", *names]}
@@ -177,6 +197,7 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
     distributions: dict[str, list[list[float]]] = {name: [] for name in per_fold}
     target_points: list[dict] = []
     predictions: dict[str, list] = {name: [] for name in names}
+    by_group: dict[str, list[dict]] = {name: [] for name in per_fold}
 
     steps = tqdm(total=len(folds) * max(len(contenders), 1), desc="evaluate", disable=not progress)
     for f, (train, test) in enumerate(folds):
@@ -200,17 +221,21 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
                        savings_vs_best_single=metrics.cost_savings(cost, best_cost))
             return row
 
-        rand_acc, rand_cost = metrics.random_router(Yte, Cte)
-        per_fold["random"].append(outcome(rand_acc, rand_cost))
-        distributions["random"].append([1.0 / k] * k)
-        row = outcome(best_acc, best_cost)
-        row["missing_labels"] = metrics.missing_choice_labels(Yte, best_choice)
-        per_fold["best single"].append(row)
-        distributions["best single"].append(metrics.routing_distribution(best_choice, k).tolist())
-        row = outcome(oracle_acc, oracle_cost)
-        row["missing_labels"] = metrics.missing_choice_labels(Yte, oracle_choice)
-        per_fold["oracle"].append(row)
-        distributions["oracle"].append(metrics.routing_distribution(oracle_choice, k).tolist())
+        test_groups = groups[test] if groups is not None else None
+
+        def record(name: str, row: dict, choice: np.ndarray | None,
+                   Yte=Yte, Cte=Cte, test_groups=test_groups) -> None:  # binds this fold's rows
+            if choice is not None:
+                row["missing_labels"] = metrics.missing_choice_labels(Yte, choice)
+            per_fold[name].append(row)
+            distributions[name].append([1.0 / k] * k if choice is None
+                                       else metrics.routing_distribution(choice, k).tolist())
+            if test_groups is not None:
+                by_group[name].append(_group_outcomes(Yte, Cte, choice, test_groups))
+
+        record("random", outcome(*metrics.random_router(Yte, Cte)), None)
+        record("best single", outcome(best_acc, best_cost), best_choice)
+        record("oracle", outcome(oracle_acc, oracle_cost), oracle_choice)
 
         for contender in contenders:
             steps.set_postfix_str(f"fold {f + 1}/{len(folds)} {contender.name}")
@@ -223,18 +248,12 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
                 _, (Pcal,) = _predict(contender, fit_rows, [cal_rows], Y, f)
                 _, (Pte,) = _predict(contender, train, [test], Y, f)
             predictions[contender.name].append((test, Pte))
+
+            choice = ArgmaxPolicy().choose(Pte, Cte)
+            row = outcome(metrics.routed_accuracy(Yte, choice), metrics.routed_cost(Cte, choice))
+            aucs = metrics.per_target_auc(Yte, Pte)
+            row["mean_auc"] = float(np.nanmean(aucs)) if np.any(np.isfinite(aucs)) else float("nan")
             curve = cost_quality_curve(Pte, Yte, Cte, "utility", grid, cost_scale)
-            argmax_i = int(np.flatnonzero(curve.params == 0.0)[0]) if np.any(curve.params == 0.0) else None
-            if argmax_i is not None:
-                acc, cost, dist, missing = (curve.accuracy[argmax_i], curve.cost[argmax_i],
-                                            curve.distribution[argmax_i], curve.missing[argmax_i])
-            else:
-                extra = cost_quality_curve(Pte, Yte, Cte, "utility", [0.0], cost_scale)
-                acc, cost, dist, missing = extra.accuracy[0], extra.cost[0], extra.distribution[0], extra.missing[0]
-            row = outcome(float(acc), float(cost))
-            row["missing_labels"] = int(missing)
-            row["mean_auc"] = float(np.nanmean(metrics.per_target_auc(Yte, Pte))) \
-                if np.any(np.isfinite(metrics.per_target_auc(Yte, Pte))) else float("nan")
             row["aiq"] = curve.aiq(cost_range)
 
             point = cheapest_point_reaching(curve, best_acc)
@@ -244,22 +263,20 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
                            lambda_at_best_single_accuracy=point.param)
 
             lam = _calibrated_lambda(Pcal, Y[cal_rows], C[cal_rows], best_k, grid, cost_scale)
-            at_lam = cost_quality_curve(Pte, Yte, Cte, "utility", [lam], cost_scale)
-            row.update(lambda_train=lam, accuracy_at_lambda_train=float(at_lam.accuracy[0]),
-                       cost_per_1k_at_lambda_train=float(at_lam.cost[0]) * 1000,
-                       savings_at_lambda_train=metrics.cost_savings(float(at_lam.cost[0]), top_cost),
-                       gap_captured_at_lambda_train=metrics.gap_captured(float(at_lam.accuracy[0]),
-                                                                         best_acc, oracle_acc))
-            per_fold[contender.name].append(row)
+            at_lam = UtilityPolicy(lam, cost_scale).choose(Pte, Cte)
+            acc_lam, cost_lam = metrics.routed_accuracy(Yte, at_lam), metrics.routed_cost(Cte, at_lam)
+            row.update(lambda_train=lam, accuracy_at_lambda_train=acc_lam, cost_per_1k_at_lambda_train=cost_lam * 1000,
+                       savings_at_lambda_train=metrics.cost_savings(cost_lam, top_cost),
+                       gap_captured_at_lambda_train=metrics.gap_captured(acc_lam, best_acc, oracle_acc))
+            record(contender.name, row, choice)
             curves[contender.name].append(curve.to_dict())
-            distributions[contender.name].append(np.asarray(dist).tolist())
             steps.update(1)
     steps.close()
 
-    rows = [ReportRow(name, "baseline", per_fold[name], [], distributions[name])
+    rows = [ReportRow(name, "baseline", per_fold[name], [], distributions[name], by_group=by_group[name])
             for name in ("random", "best single", "oracle")]
-    rows += [ReportRow(name, "router", per_fold[name], curves[name], distributions[name], predictions[name])
-             for name in names]
+    rows += [ReportRow(name, "router", per_fold[name], curves[name], distributions[name], predictions[name],
+                       by_group[name]) for name in names]
     all_notes = [
         "All numbers are on held-out (test) rows, mean ± std (ddof=1) across folds.",
         "Best single target chosen on training rows; most expensive target = highest mean cost on test rows.",

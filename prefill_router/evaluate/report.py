@@ -47,6 +47,7 @@ class ReportRow:
     folds: one dict of metric -> value per fold; curves: one `Curve.to_dict()` per fold (routers only);
     distributions: per fold, the share of test rows routed to each target.
     predictions: per fold, (test row indices, P[len, K]) held-out predictions; in memory only (not in JSON).
+    by_group: per fold, {group: {"accuracy", "cost_per_1k", "n"}} when the evaluation was given groups.
     """
 
     name: str
@@ -55,6 +56,7 @@ class ReportRow:
     curves: list[dict] = field(default_factory=list)
     distributions: list[list[float]] = field(default_factory=list)
     predictions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+    by_group: list[dict] = field(default_factory=list)
 
     def stat(self, metric: str) -> tuple[float, float]:
         """(mean, std) of `metric` across folds, NaN folds ignored; std uses ddof=1 (NaN with one fold)."""
@@ -63,6 +65,12 @@ class ReportRow:
         if not values.size:
             return float("nan"), float("nan")
         return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float("nan")
+
+    def group_stat(self, group: str, metric: str = "accuracy") -> float:
+        """Mean over folds of a group's metric (NaN folds and folds without the group ignored)."""
+        values = np.array([f[group][metric] for f in self.by_group if group in f], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        return float(values.mean()) if values.size else float("nan")
 
     def mean_curve(self) -> Curve | None:
         """The fold-mean accuracy and cost at each grid point (folds share one grid), or None."""
@@ -144,7 +152,7 @@ class Report:
             "targets": self.targets, "n_rows": self.n_rows, "n_folds": self.n_folds, "notes": self.notes,
             "metric_help": self.metric_help, "summary": self.summary(), "target_points": self.target_points,
             "rows": [{"name": r.name, "kind": r.kind, "folds": r.folds, "curves": r.curves,
-                      "distributions": r.distributions} for r in self.rows],
+                      "distributions": r.distributions, "by_group": r.by_group} for r in self.rows],
         })
 
     @classmethod
@@ -152,7 +160,8 @@ class Report:
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"report format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
         d = _unclean(d)
-        rows = [ReportRow(r["name"], r["kind"], r["folds"], r["curves"], r["distributions"]) for r in d["rows"]]
+        rows = [ReportRow(r["name"], r["kind"], r["folds"], r["curves"], r["distributions"],
+                          by_group=r.get("by_group", [])) for r in d["rows"]]
         return cls(d["targets"], int(d["n_rows"]), int(d["n_folds"]), rows, d["notes"], d["target_points"],
                    d.get("metric_help", {}))
 
@@ -181,6 +190,20 @@ class Report:
             lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
         return lines
 
+    def _group_table(self) -> list[str]:
+        with_groups = [r for r in self.rows if r.by_group]
+        if not with_groups:
+            return []
+        groups = sorted({g for r in with_groups for f in r.by_group for g in f})
+        lines = ["", "## Accuracy per group (mean over folds; prompts per group summed over test folds)", "",
+                 "| group | prompts | " + " | ".join(r.name for r in with_groups) + " |",
+                 "|---|---:|" + "---:|" * len(with_groups)]
+        for g in groups:
+            count = sum(f[g]["n"] for f in with_groups[0].by_group if g in f)
+            cells = [_fmt(r.group_stat(g), float("nan"), "pct") for r in with_groups]
+            lines.append(f"| {g} | {count} | " + " | ".join(cells) + " |")
+        return lines
+
     def to_markdown(self) -> str:
         """Markdown tables (mean ± std across folds) followed by the notes."""
         title = (f"# Routing evaluation: {self.n_rows} prompts, {len(self.targets)} targets, "
@@ -200,6 +223,7 @@ class Report:
             shares = [np.mean(np.asarray(r.distributions, dtype=np.float64), axis=0) for r in with_dist]
             for j, target in enumerate(self.targets):
                 lines.append(f"| {target} | " + " | ".join(f"{s[j] * 100:.1f}%" for s in shares) + " |")
+        lines += self._group_table()
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
