@@ -1,10 +1,10 @@
 """K-fold evaluation of named predictors, with the fixed baselines (random, best single, oracle) alongside.
 
-    report = evaluate_contenders(Y, C, folds, [
-        Contender("prefill-mlp", lambda: SharedTrunkNet(...), features),       # X: [N, D] floats
-        Contender("knn-minilm", lambda: KNNRouter(k=20), embeddings),           # X: [N, E] floats
-        Contender("oracle-check", lambda: LabelOracle(Y), np.arange(N)),        # X: row indices
-    ], targets=dataset.targets)
+    report = evaluate_contenders(ds.Y, ds.C, folds, [
+        Contender("prefill-mlp", lambda: TrunkEnsemble(...), features),        # X: [N, D] floats
+        Contender("knn-minilm", lambda: KNNPredictor(k=20), embeddings),        # X: [N, E] floats
+        Contender("oracle-check", lambda: OraclePredictor(ds.Y), np.arange(ds.n)),  # X: row indices
+    ], targets=ds.targets, groups=ds.groups)
     report.save("runs/eval")        # report.json, report.md, cost_quality.png
 
 For every fold and contender: a fresh predictor from `make_predictor()` is fitted on the training rows and

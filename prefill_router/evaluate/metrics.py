@@ -302,7 +302,8 @@ def routellm_curve(y_weak, y_strong, score, num_results: int = 10) -> dict[str, 
     scores (pandas qcut edges = linearly interpolated quantiles at 0, 1/num_results, ..., 1). At every edge but
     the last, a prompt goes to the strong model when score >= threshold; at the last (the maximum score) when
     score > threshold, so the sweep runs from 100% to 0% strong calls. Points are returned sorted by
-    strong-call fraction (stable, as RouteLLM sorts before integrating).
+    strong-call fraction, as RouteLLM sorts them before integrating (the order among equal fractions cannot
+    change the integral). Unlike pandas' qcut, duplicate edges (many tied scores) are kept, not an error.
 
     Rows with a NaN label or score are dropped. Returns dict with `strong_fraction`, `accuracy`, `threshold`
     (arrays of num_results + 1 points), and `weak_accuracy`, `strong_accuracy` over the same rows.
@@ -353,8 +354,9 @@ def cpt(y_weak, y_strong, score, pgr: float = 0.5, num_results: int = 10,
     - "first_crossing" (default): the smallest strong-call fraction at which the interpolated curve reaches
       the target; NaN if it never does.
     - "routellm": exactly RouteLLM's `np.interp(target, accuracy, strong_fraction)` on the points sorted by
-      fraction. It equals "first_crossing" whenever accuracy rises with the fraction; otherwise np.interp's
-      result is undefined-order interpolation, kept only for parity with published numbers.
+      fraction. It equals "first_crossing" whenever accuracy rises with the fraction; otherwise np.interp
+      (which assumes increasing x values) can return a point that is not a crossing. Kept for parity with
+      RouteLLM's published numbers.
     Returns a fraction in [0, 1] (RouteLLM prints it as a percentage).
     """
     curve = routellm_curve(y_weak, y_strong, score, num_results)
