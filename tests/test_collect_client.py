@@ -268,3 +268,31 @@ def test_read_prompts_csv_without_prompt_column(tmp_path):
     path.write_text("question,answer\nwhat?,A\n")
     with pytest.raises(DataError, match="line 1.*'prompt' or 'messages'"):
         read_prompts(path)
+
+
+def test_run_applies_default_and_per_target_rate_limits(tmp_path):
+    from prefill_router.collect.runner import CollectSettings, collect_async
+
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt_id": str(i), "prompt": f"q{i}", "answer": "B"}) + "\n"
+                                    for i in range(3)))
+    waits: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        waits.append(seconds)  # no real waiting: the limiter's bookings show in what it asks for
+
+    with FakeUpstream(Answer("B")) as up:
+        slow = TargetConfig(name="slow", base_url=up.base_url)  # takes the run's default: one call per 100 s
+        fast = TargetConfig(name="fast", base_url=up.base_url, requests_per_second=1000)
+        settings = CollectSettings(judge="choice", concurrency=1, requests_per_second=0.01, progress=False,
+                                   only=("slow",))
+        asyncio.run(collect_async(read_prompts(prompts_file), [slow, fast], tmp_path / "a.jsonl", settings,
+                                  sleep=record_sleep))
+        assert len(waits) == 2 and 90 < waits[0] < 100 and 190 < waits[1] < 200
+        waits.clear()
+        settings = CollectSettings(judge="choice", concurrency=1, requests_per_second=0.01, progress=False,
+                                   only=("fast",))
+        asyncio.run(collect_async(read_prompts(prompts_file), [slow, fast], tmp_path / "b.jsonl", settings,
+                                  sleep=record_sleep))
+        assert waits == []  # the target's own limit (1000/s, burst 1000) wins over the default
+        assert up.calls() == 6

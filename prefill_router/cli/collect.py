@@ -39,6 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent to targets")
     p.add_argument("--concurrency", type=int, default=4,
                    help="requests in flight per target, unless the target sets max_concurrency (default 4)")
+    p.add_argument("--requests-per-second", type=float, default=None, metavar="R",
+                   help="per-target request rate, unless the target sets requests_per_second (default: none)")
+    p.add_argument("--tokens-per-minute", type=int, default=None, metavar="T",
+                   help="per-target token rate, unless the target sets tokens_per_minute (default: none)")
     p.add_argument("--max-attempts", type=int, default=6, help="tries per call on 429/5xx/timeouts (default 6)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first retry, doubling each time (Retry-After wins) (default 1)")
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--backoff: must be >= 0")
     settings = CollectSettings(judge=args.judge, letters=args.letters, max_tokens=args.max_tokens,
                                temperature=args.temperature, concurrency=args.concurrency,
+                               requests_per_second=args.requests_per_second,
+                               tokens_per_minute=args.tokens_per_minute,
                                retry=RetryPolicy(max_attempts=args.max_attempts, backoff_s=args.backoff),
                                retry_failed=args.retry_failed, progress=not args.no_progress,
                                only=tuple(args.only) if args.only else None)

@@ -45,6 +45,8 @@ class CollectSettings:
     max_tokens: int | None = None       # sent to targets; None leaves the server default
     temperature: float | None = 0.0     # None leaves the server default
     concurrency: int = 4                # per target, unless the target config sets max_concurrency
+    requests_per_second: float | None = None  # per target, unless the target config sets its own
+    tokens_per_minute: int | None = None      # per target, unless the target config sets its own
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     retry_failed: bool = False          # re-run recorded failures (calls and judgements)
     only: tuple[str, ...] | None = None  # call only these targets; the dataset still lists all of them
@@ -55,6 +57,9 @@ class CollectSettings:
             raise ConfigError(f"judge: unknown kind {self.judge!r}; choose one of {', '.join(JUDGE_KINDS)}")
         if self.concurrency < 1:
             raise ConfigError("concurrency: must be at least 1")
+        for name in ("requests_per_second", "tokens_per_minute"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError("max_tokens: must be at least 1")
         if not self.letters.isalpha():
@@ -337,7 +342,8 @@ async def _run_target(position: int, target: TargetConfig, items: list[PromptIte
                       judge_answer, journal: Journal, settings: CollectSettings, sleep: Sleep, on_record) -> int:
     if not items:
         return 0
-    limiter = RateLimiter(target.requests_per_second, target.tokens_per_minute)
+    limiter = RateLimiter(target.requests_per_second or settings.requests_per_second,
+                          target.tokens_per_minute or settings.tokens_per_minute)
     params = settings.request_params()
     queue = deque(items)
     failures = 0
