@@ -449,3 +449,66 @@ def test_client_falls_back_and_reports_failures(router, upstreams):
             client.chat.completions.create(model="router", messages=msgs)
         with pytest.raises(UnknownModel):
             client.chat.completions.create(model="gpt-17", messages=msgs)
+
+
+# --- the `serve` command ----------------------------------------------------------------------------------
+def test_serve_cli_check_and_config_errors(checkpoint, upstreams, tmp_path, capsys):
+    from prefill_router.cli import main
+
+    folder, _ = checkpoint
+    good = tmp_path / "gateway.yaml"
+    config = gateway_config(upstreams)
+    config["router"] = {"checkpoint": str(folder)}
+    good.write_text(json.dumps(config))  # JSON is valid YAML
+    assert main(["serve", "--config", str(good), "--check"]) == 0
+    assert "config and router OK" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({**config, "batching": {"max_batch_size": 0}}))
+    assert main(["serve", "--config", str(bad), "--check"]) == 2
+    assert "batching.max_batch_size" in capsys.readouterr().err
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(json.dumps({**config, "router": {"checkpoint": str(tmp_path / "nope")}}))
+    assert main(["serve", "--config", str(missing), "--check"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+    bad_preset = tmp_path / "preset.yaml"
+    bad_preset.write_text(json.dumps({**config, "presets": {"odd": {"policy": "tolerance:0.1", "lam": 1}}}))
+    assert main(["serve", "--config", str(bad_preset), "--check"]) == 2
+    assert "presets.odd" in capsys.readouterr().err
+
+
+def test_serve_cli_serves_over_http(checkpoint, upstreams, tmp_path):
+    """`python -m prefill_router serve` in its own process, as a user runs it."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    folder, _ = checkpoint
+    config = gateway_config(upstreams)
+    config["router"] = {"checkpoint": str(folder)}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefill_router", "serve", "--config", str(path),
+                             "--port", "0", "--log-level", "info"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, seen = None, []
+        for line in proc.stdout:  # uvicorn logs the port it bound once it is ready
+            seen.append(line)
+            match = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url, "".join(seen)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/health").json()["encoder_loaded"] is True
+            r = chat(client, "router", question(31))
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["message"]["content"] == f"answer from {r.headers['x-router-target']}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,247 @@
+"""Gateway load test on loopback: micro-batching on vs off, at several concurrencies, in one run.
+
+    .venv/bin/python bench/serve.py                       # SmolLM2-135M encoder, MMLU-Pro prompts
+    .venv/bin/python bench/serve.py --requests 16 64 128  # requests per concurrency level (1, 8, 32)
+
+What runs, each in its own process so they do not share a GIL:
+- a fake OpenAI-compatible upstream (tests/fake_upstream.py) answering after a fixed delay;
+- the gateway, `python -m prefill_router serve`, once with batching on (max_batch_size 32) and once with
+  batching off (max_batch_size 1, the naive baseline: one encoder forward per request); the LRU cache is off
+  and every request carries a different MMLU-Pro question, so every request costs a forward pass;
+- this script, the load generator: N requests per level from C concurrent workers.
+
+The router is trained here in seconds on the shared reference SmolLM2 features of the first MMLU-Pro rows
+(3 targets); the load-test prompts are the questions after them. Reported per (mode, concurrency): requests/s, and routing
+overhead = latency seen by the client minus the upstream's latency (the gateway's x-router-upstream-ms
+header), p50 and p99, plus the mean forward-pass batch size read from the gateway's /metrics. Request counts
+are bounded, so the run stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["gemini-1.5-pro-002", "gemini-1.5-flash-002", "Meta-Llama-3_1-8B-Instruct"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_router(out: Path, encoder_name: str, train_rows: int, total_rows: int, data_root: str):
+    """A router on the first `train_rows` MMLU-Pro questions; returns the prompts of the rows after them.
+
+    It trains on the shared reference features (SmolLM2 mean pooling, 6 hidden states), so no prompt is
+    encoded here; the checkpoint records the SmolLM2 encoder's identity, and the gateway encodes live.
+    """
+    from prefill_router.data import CostModel, load_mmlu_pro
+    from prefill_router.features import load_encoder
+    from prefill_router.router import train_router as fit
+
+    data = load_mmlu_pro(data_root, targets=TARGETS, limit=total_rows)
+    reference = Path(data_root) / "mmlu-pro" / "features-smollm2-135m"
+    layout = json.loads((reference / "layout.json").read_text())
+    done = np.load(reference / "done.npy")[:train_rows]
+    if not done.all():
+        raise SystemExit(f"reference features are missing for some of the first {train_rows} rows")
+    q = np.load(reference / "mean_int8.npy", mmap_mode="r")[:train_rows]
+    X = np.load(reference / "mean_offset.npy") + np.load(reference / "mean_scale.npy") * (
+        q.astype(np.float32) + 128)
+    encoder = load_encoder(encoder_name)
+    train = data.subset(np.arange(train_rows))
+    router = fit(train, X, config={"pca": 64, "policy": "argmax", "robust_folds": 0,
+                                   "trunk": {"seeds": 2, "keep": 1, "max_epochs": 30}},
+                 encoder=encoder, hidden_states=layout["hidden_states"]["mean"], cost_model=CostModel.fit(train))
+    router.save(out)
+    return [[{"role": "user", "content": p}] for p in data.prompts[train_rows:]]
+
+
+def start_process(args: list[str], ready: str, env: dict | None = None, timeout_s: float = 600) -> tuple:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        match = re.search(ready, line)
+        if match:
+            return proc, match
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"{args[:4]} did not start:\n{''.join(seen[-30:])}")
+
+
+def metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def load(url: str, prompts: list, concurrency: int) -> tuple[float, list[float], list[float], list[str]]:
+    """Send every prompt once, `concurrency` at a time. Returns wall seconds, overheads (ms), routing ms, errors."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    overheads, routing, errors = [], [], []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                messages = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            start = time.perf_counter()
+            r = await client.post("/v1/chat/completions", json={"model": "router", "messages": messages,
+                                                                 "max_tokens": 8})
+            total_ms = (time.perf_counter() - start) * 1000
+            if r.status_code != 200:
+                errors.append(f"{r.status_code}: {r.text[:200]}")
+                continue
+            overheads.append(total_ms - float(r.headers["x-router-upstream-ms"]))
+            routing.append(float(r.headers["x-router-latency-ms"]))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return wall, overheads, routing, errors
+
+
+def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, levels: list[tuple[int, int]],
+             max_wait_ms: float, folder: Path) -> list[dict]:
+    config = {
+        "router": {"checkpoint": str(checkpoint)},
+        "targets": [{"name": t, "base_url": upstream_url, "timeout_s": 60} for t in TARGETS],
+        "batching": {"max_batch_size": 32 if mode == "on" else 1, "max_wait_ms": max_wait_ms if mode == "on" else 0},
+        "cache_size": 0,
+        "max_body_bytes": 10_000_000,
+    }
+    path = folder / f"gateway-{mode}.yaml"
+    path.write_text(json.dumps(config))
+    port = free_port()
+    proc, _ = start_process([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port",
+                             str(port), "--log-level", "warning"], r"serving on", env={"HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        for _ in range(600):  # the server binds shortly after printing its banner
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        offset = 0
+        # warm-up: a few requests through the whole path before timing anything
+        asyncio.run(load(url, prompts[:4], 4))
+        offset = 4
+        for concurrency, n in levels:
+            batch = prompts[offset:offset + n]
+            offset += n
+            before = httpx.get(url + "/metrics").text
+            wall, overheads, routing, errors = asyncio.run(load(url, batch, concurrency))
+            after = httpx.get(url + "/metrics").text
+            forwards = metric_sum(after, "prefill_router_batch_size_count") - \
+                metric_sum(before, "prefill_router_batch_size_count")
+            batched = metric_sum(after, "prefill_router_batch_size_sum") - \
+                metric_sum(before, "prefill_router_batch_size_sum")
+            row = {"mode": mode, "concurrency": concurrency, "requests": n, "errors": len(errors),
+                   "wall_s": wall, "rps": len(overheads) / wall,
+                   "overhead_p50_ms": float(np.percentile(overheads, 50)),
+                   "overhead_p99_ms": float(np.percentile(overheads, 99)),
+                   "routing_p50_ms": float(np.percentile(routing, 50)),
+                   "mean_batch": batched / forwards if forwards else float("nan")}
+            if errors:
+                log(f"  errors: {errors[:3]}")
+            log(f"  batching {mode:3s} c={concurrency:<3d} {row['rps']:7.2f} req/s  overhead p50 "
+                f"{row['overhead_p50_ms']:8.1f} ms  p99 {row['overhead_p99_ms']:8.1f} ms  mean batch "
+                f"{row['mean_batch']:.1f}")
+            rows.append(row)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default="smollm2-135m")
+    parser.add_argument("--data", default=os.environ.get("PREFILL_ROUTER_DATA", str(REPO.parent / "shared" / "data")),
+                        help="the shared data folder (MMLU-Pro and its reference features)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, nargs="+", default=[8, 32, 96],
+                        help="requests per concurrency level (one number per level)")
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--upstream-delay-ms", type=float, default=20.0)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batch wait with batching on")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    if len(args.requests) != len(args.concurrency):
+        parser.error("--requests needs one number per --concurrency level")
+    levels = list(zip(args.concurrency, args.requests))
+    needed = 4 + sum(args.requests)
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        prompts = train_router(folder / "router", args.encoder, args.train_rows, args.train_rows + needed,
+                               args.data)
+        log(f"router trained in {time.perf_counter() - start:.0f}s; {len(prompts)} load-test prompts")
+        upstream, match = start_process([sys.executable, str(REPO / "tests" / "fake_upstream.py"), "--delay",
+                                         str(args.upstream_delay_ms / 1000), "--content", "The answer is (B)."],
+                                        r"listening on (http://\S+)")
+        try:
+            rows = []
+            for mode in ("off", "on"):
+                log(f"gateway with micro-batching {mode}")
+                rows += run_mode(mode, folder / "router", match.group(1), prompts, levels, args.max_wait_ms, folder)
+        finally:
+            upstream.terminate()
+            upstream.wait(timeout=30)
+
+    import torch
+
+    print(f"\nGateway load test: encoder {args.encoder}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; fake upstream delay {args.upstream_delay_ms:g} ms; "
+          f"overhead = client latency - upstream latency")
+    print("| batching | concurrency | requests | req/s | speed-up vs off | overhead p50 (ms) | overhead p99 (ms) "
+          "| routing p50 (ms) | mean batch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    off = {r["concurrency"]: r["rps"] for r in rows if r["mode"] == "off"}
+    for r in sorted(rows, key=lambda r: (r["concurrency"], r["mode"] != "off")):
+        speedup = r["rps"] / off[r["concurrency"]] if off.get(r["concurrency"]) else float("nan")
+        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']}{' (' + str(r['errors']) + ' errors)' if r['errors'] else ''} "
+              f"| {r['rps']:.2f} | {speedup:.2f}x | {r['overhead_p50_ms']:.1f} | {r['overhead_p99_ms']:.1f} "
+              f"| {r['routing_p50_ms']:.1f} | {r['mean_batch']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
