@@ -83,8 +83,14 @@ class Cache:
         return self.store[key]
 
 
-def make_contenders(name: str, X: np.ndarray, Y: np.ndarray, C: np.ndarray, feat: str, args, cache: Cache):
-    """Contenders whose X is row indices; the closures hold the features and costs of every row."""
+def make_contenders(cols: list[int], X: np.ndarray, Y: np.ndarray, C: np.ndarray, feat: str, args, cache: Cache):
+    """Contenders for the pool `cols` (column indices into Y and C, which hold every target).
+
+    X given to the harness is row indices; the closures hold features, labels and costs of every row.
+    Every model is trained on ALL targets' labels of the training rows (the multi-output trunk shares them;
+    per-target logistic regressions are independent anyway) and then read at the pool's columns, so the three
+    pools reuse one fit per fold. The robust policy is fitted per pool on those columns.
+    """
     trunk_cfg = TrunkConfig(seeds=args.seeds, keep=args.keep, threads=args.threads, seed=0)
     small_cfg = trunk_cfg.model_copy(update={"seeds": args.robust_seeds, "keep": min(args.keep, args.robust_seeds)})
 
@@ -101,7 +107,7 @@ def make_contenders(name: str, X: np.ndarray, Y: np.ndarray, C: np.ndarray, feat
 
     class Trunk(Base):
         def model(self):
-            return cache.get(_key("trunk", feat, name, self.rows),
+            return cache.get(_key("trunk", feat, self.rows),
                              lambda: TrunkEnsemble(trunk_cfg).fit(Z(self.rows, self.rows), Y[self.rows]))
 
         def fit(self, idx, Ytr):
@@ -110,14 +116,14 @@ def make_contenders(name: str, X: np.ndarray, Y: np.ndarray, C: np.ndarray, feat
             return self
 
         def predict_proba(self, idx):
-            return self.model().predict_proba(Z(np.asarray(idx), self.rows))
+            return self.model().predict_proba(Z(np.asarray(idx), self.rows))[:, cols]
 
     class Robust(Trunk):
         def fit(self, idx, Ytr):
             super().fit(idx, Ytr)
-            Ztr = Z(self.rows, self.rows)
-            P_oof = out_of_fold_proba(Ztr, Y[self.rows], lambda: TrunkEnsemble(small_cfg), args.robust_folds, 0)
-            self.policy = fit_robust_policy(P_oof, Y[self.rows], C[self.rows])
+            P_oof = cache.get(_key("oof", feat, self.rows), lambda: out_of_fold_proba(
+                Z(self.rows, self.rows), Y[self.rows], lambda: TrunkEnsemble(small_cfg), args.robust_folds, 0))
+            self.policy = fit_robust_policy(P_oof[:, cols], Y[self.rows][:, cols], C[self.rows][:, cols])
             return self
 
         def predict_proba(self, idx):
@@ -130,11 +136,12 @@ def make_contenders(name: str, X: np.ndarray, Y: np.ndarray, C: np.ndarray, feat
     class Logistic(Base):
         def fit(self, idx, Ytr):
             super().fit(idx, Ytr)
-            self.model = LogisticPredictor().fit(Z(self.rows, self.rows), Y[self.rows])
+            self.model = cache.get(_key("logreg", feat, self.rows),
+                                   lambda: LogisticPredictor().fit(Z(self.rows, self.rows), Y[self.rows]))
             return self
 
         def predict_proba(self, idx):
-            return self.model.predict_proba(Z(np.asarray(idx), self.rows))
+            return self.model.predict_proba(Z(np.asarray(idx), self.rows))[:, cols]
 
     rows = np.arange(len(Y))
     out = [Contender(f"prefill-trunk [{feat}]", Trunk, rows)]
@@ -217,11 +224,13 @@ def main(argv=None) -> int:
         cache = Cache()
         for pool in args.pools.split(","):
             pds = sub if POOLS[pool] is None else sub.select_targets(POOLS[pool])
-            contenders = make_contenders(pool, X, pds.Y, pds.C, feat, args, cache)
+            cols = [sub.targets.index(t) for t in pds.targets]
+            contenders = make_contenders(cols, X, sub.Y, sub.C, feat, args, cache)
             report = evaluate_contenders(pds.Y, pds.C, folds, contenders, targets=pds.targets,
                                          notes=[f"{len(rows)} MMLU-Pro questions with done reference features",
                                                 f"features: {feat} ({pooling} pooling), PCA {args.pca}, "
-                                                f"SharedTrunkNet {args.seeds} seeds keep {args.keep}"])
+                                                f"SharedTrunkNet {args.seeds} seeds keep {args.keep}, trained on all "
+                                                f"{sub.k} targets' labels and read at the pool's columns"])
             report.save(out / feat / pool)
             rs = summary_rows(report)
             all_rows[f"{feat}/{pool}"] = rs
