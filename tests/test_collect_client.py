@@ -211,6 +211,27 @@ def test_journal_cuts_a_torn_last_line_and_appends_cleanly(tmp_path):
     assert set(Journal(path).load()) == {("1", "a"), ("2", "a")}
 
 
+def test_group_commit_writes_every_record_even_for_cancelled_writers(tmp_path):
+    from prefill_router.collect.journal import GroupCommit
+
+    path = tmp_path / "j.journal"
+    journal = Journal(path)
+
+    async def run():
+        commit = GroupCommit(journal)
+        writers = [asyncio.create_task(commit.append({"prompt_id": str(i), "target": "a", "score": 1.0}))
+                   for i in range(50)]
+        await asyncio.sleep(0)
+        writers[-1].cancel()  # e.g. Ctrl-C while its record is being written
+        await asyncio.gather(*writers, return_exceptions=True)
+        await commit.drain()
+
+    asyncio.run(run())
+    journal.close()
+    assert len(path.read_text().splitlines()) == 50
+    assert set(Journal(path).load()) == {(str(i), "a") for i in range(50)}
+
+
 def test_journal_refuses_corruption_in_the_middle(tmp_path):
     path = tmp_path / "j.journal"
     path.write_text('{"prompt_id": "1", "target": "a"}\nnot json\n{"prompt_id": "2", "target": "a"}\n')

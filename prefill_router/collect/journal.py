@@ -1,7 +1,8 @@
 """The durable record of a collection run, and the routing dataset written from it.
 
-Every finished (prompt, target) pair is appended to the journal (`<out>.journal`, JSON lines) and flushed
-and fsynced before the next one is counted done, so a killed run loses at most the calls in flight. A rerun
+Every finished (prompt, target) pair is appended to the journal (`<out>.journal`, JSON lines), flushed and
+fsynced before it is counted done, so a killed run loses at most the calls in flight. Records finishing
+while an fsync runs share the next one (`GroupCommit`), which keeps fsync off the event loop's critical path. A rerun
 reads the journal and skips every pair already recorded: paid calls are not repeated. A pair recorded twice
 (after `--retry-failed` or a re-judge) keeps its last record.
 
@@ -18,10 +19,12 @@ A failed pair (the call failed, or the judge could not score the answer) is not 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Self
@@ -64,6 +67,7 @@ class Journal:
         self.path = Path(path)
         self.records: dict[Key, dict] = {}
         self._fh = None
+        self._lock = threading.Lock()
 
     def load(self) -> dict[Key, dict]:
         """Read existing records. A torn last line (the process died mid-write) is cut off; any other bad
@@ -101,25 +105,73 @@ class Journal:
 
     def append(self, record: dict) -> None:
         """Write one record and make it durable before returning."""
-        if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("ab")
-        line = json.dumps({k: _clean(v) for k, v in record.items()}, ensure_ascii=False) + "\n"
-        self._fh.write(line.encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.records[(str(record["prompt_id"]), str(record["target"]))] = record
+        self.append_many([record])
+
+    def append_many(self, records: list[dict]) -> None:
+        """Write records and make them durable (one fsync for all) before returning. Thread-safe."""
+        data = b"".join((json.dumps({k: _clean(v) for k, v in r.items()}, ensure_ascii=False) + "\n").encode()
+                        for r in records)
+        with self._lock:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = self.path.open("ab")
+            self._fh.write(data)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            for r in records:
+                self.records[(str(r["prompt_id"]), str(r["target"]))] = r
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class GroupCommit:
+    """Durable appends from asyncio code without blocking the event loop on fsync.
+
+    `await commit.append(record)` returns once the record is on disk. Records that arrive while an fsync
+    is running are written together by the next one, so many concurrent workers share each fsync.
+    """
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+        self._pending: list[tuple[dict, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    async def append(self, record: dict) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((record, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # shield: a worker cancelled while waiting does not stop the write of its record
+        await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self.journal.append_many, [record for record, _ in batch])
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                raise
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until every record handed over so far is written (errors were already raised to writers)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])
 
 
 def write_dataset(records: Iterable[dict], path: str | Path) -> int:

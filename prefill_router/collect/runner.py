@@ -23,6 +23,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from prefill_router.collect.journal import (
+    GroupCommit,
     Journal,
     Key,
     failures_path,
@@ -257,20 +258,22 @@ async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetC
     check_journal_matches(prompts, records, journal.path)
     plan = make_plan(prompts, targets, records, settings)
     calls_made = rejudged = 0
+    commit = GroupCommit(journal)
     try:
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
             judge_answer = _make_judge(settings, judge_config, client, sleep)
             if plan.rejudge:
-                rejudged = await _rejudge(plan.rejudge, judge_answer, journal, settings, on_record)
+                rejudged = await _rejudge(plan.rejudge, judge_answer, commit, settings, on_record)
 
             async def run_target(position: int, target: TargetConfig) -> int:
                 return await _run_target(position, target, plan.calls.get(target.name, []), client, judge_answer,
-                                         journal, settings, sleep, on_record)
+                                         commit, settings, sleep, on_record)
 
             made = await asyncio.gather(*(run_target(i, t) for i, t in enumerate(targets)))
             calls_made = sum(made)
     finally:
         # Also after an interruption: the dataset then holds everything finished so far.
+        await commit.drain()
         journal.close()
         failures = write_outputs(prompts, targets, journal.records, out)
     return CollectSummary(summarize(prompts, targets, journal.records), calls_made, rejudged, out, journal.path,
@@ -316,7 +319,7 @@ def _make_judge(settings: CollectSettings, judge_config: JudgeConfig | None, cli
     return pure_judge
 
 
-async def _rejudge(work, judge_answer, journal: Journal, settings: CollectSettings, on_record) -> int:
+async def _rejudge(work, judge_answer, commit: GroupCommit, settings: CollectSettings, on_record) -> int:
     bar = tqdm(total=len(work), desc="re-judging", unit="answer", disable=not settings.progress)
     queue = deque(work)
 
@@ -326,7 +329,7 @@ async def _rejudge(work, judge_answer, journal: Journal, settings: CollectSettin
             score, judge_error = await judge_answer(item, record.get("answer") or "")
             updated = {**record, "score": score, "judge": settings.judge, "judge_error": judge_error,
                        "finished_at": _now()}
-            journal.append(updated)
+            await commit.append(updated)
             bar.update(1)
             if on_record:
                 on_record(updated)
@@ -339,7 +342,7 @@ async def _rejudge(work, judge_answer, journal: Journal, settings: CollectSettin
 
 
 async def _run_target(position: int, target: TargetConfig, items: list[PromptItem], client: httpx.AsyncClient,
-                      judge_answer, journal: Journal, settings: CollectSettings, sleep: Sleep, on_record) -> int:
+                      judge_answer, commit: GroupCommit, settings: CollectSettings, sleep: Sleep, on_record) -> int:
     if not items:
         return 0
     limiter = RateLimiter(target.requests_per_second or settings.requests_per_second,
@@ -361,7 +364,7 @@ async def _run_target(position: int, target: TargetConfig, items: list[PromptIte
             if result.ok:
                 score, judge_error = await judge_answer(item, result.text or "")
             record = make_record(item, target, result, settings.judge, score, judge_error)
-            journal.append(record)
+            await commit.append(record)
             if not result.ok or judge_error:
                 failures += 1
                 bar.set_postfix(failed=failures, refresh=False)
