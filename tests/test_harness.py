@@ -160,6 +160,7 @@ def test_harness_end_to_end(tmp_path):
         assert peek["cost_per_1k"] == pytest.approx(oracle["cost_per_1k"])
         assert peek["gap_captured"] == pytest.approx(1.0)
         assert peek["mean_auc"] == pytest.approx(1.0)
+        assert peek["mean_brier"] == pytest.approx(0.0) and peek["mean_ece"] == pytest.approx(0.0)
         rows, P = report.row("peek").predictions[f]  # held-out predictions stay available in memory
         assert np.array_equal(rows, test) and np.array_equal(P, Y[test])
 

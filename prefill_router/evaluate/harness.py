@@ -36,6 +36,8 @@ FOLD_METRICS = {
     "savings_vs_most_expensive": "1 - cost / cost of always calling the target with the highest mean cost",
     "savings_vs_best_single": "1 - cost / cost of always calling the best single target (chosen on training rows)",
     "mean_auc": "mean over targets of the per-target ROC AUC of the predicted probabilities",
+    "mean_brier": "mean over targets of the Brier score of the predicted probabilities",
+    "mean_ece": "mean over targets of the expected calibration error (10 equal-width bins)",
     "aiq": "RouterBench AIQ of the utility-lambda sweep, over the cost range [cheapest per-row choice, "
            "most expensive single target]",
     "savings_at_best_single_accuracy": "cost savings vs the most expensive target at the cheapest lambda of "
@@ -127,6 +129,11 @@ def _group_outcomes(Y: np.ndarray, C: np.ndarray, choice: np.ndarray | None,
             acc, cost = metrics.routed_accuracy(Y[rows], choice[rows]), metrics.routed_cost(C[rows], choice[rows])
         out[g] = {"accuracy": acc, "cost_per_1k": cost * 1000, "n": int(rows.sum())}
     return out
+
+
+def _mean_finite(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def _blank() -> dict[str, float]:
@@ -254,7 +261,9 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
             choice = ArgmaxPolicy().choose(Pte, Cte)
             row = outcome(metrics.routed_accuracy(Yte, choice), metrics.routed_cost(Cte, choice))
             aucs = metrics.per_target_auc(Yte, Pte)
-            row["mean_auc"] = float(np.nanmean(aucs)) if np.any(np.isfinite(aucs)) else float("nan")
+            row["mean_auc"] = _mean_finite(aucs)
+            row["mean_brier"] = _mean_finite(metrics.brier(Yte, Pte))
+            row["mean_ece"] = _mean_finite(metrics.expected_calibration_error(Yte, Pte))
             curve = cost_quality_curve(Pte, Yte, Cte, "utility", grid, cost_scale)
             row["aiq"] = curve.aiq(cost_range)
 
