@@ -57,6 +57,18 @@ def _encoder_spec_dict(encoder) -> dict | None:
     return None
 
 
+def _spec_from_identity(identity: dict | None) -> dict | None:
+    """An encoder spec that loads the encoder an identity describes (the identity check then confirms the
+    files are the same), or None when the identity does not name a model."""
+    if not isinstance(identity, dict) or not identity.get("model"):
+        return None
+    spec = {"model": identity["model"]}
+    for key in ("template", "max_tokens", "revision"):
+        if identity.get(key) is not None:
+            spec[key] = identity[key]
+    return spec
+
+
 def _same_identity(a: dict, b: dict) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
@@ -447,6 +459,8 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
 
     identity = encoder_identity(encoder) if encoder is not None else feature_identity
     spec = _encoder_spec_dict(encoder) if encoder is not None else None
+    if spec is None:
+        spec = _spec_from_identity(identity)
     training = {"config": config.model_dump(mode="json"), "created_unix": int(time.time()),
                 "notes": list(getattr(dataset, "notes", []))}
     return Router(targets=dataset.targets, transform=transform, predictor=predictor, pooling=config.pooling,

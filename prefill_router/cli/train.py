@@ -1,0 +1,120 @@
+"""`prefill-router train`: fit a router (scaler + PCA + SharedTrunkNet ensemble + policy) and save a checkpoint.
+
+    prefill-router train --dataset mmlu-pro --features runs/feats --out runs/router
+    prefill-router train --dataset labels.csv --prices prices.yaml --features runs/feats --layers 12,18 --out ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from prefill_router.errors import ConfigError
+
+
+def _layers(value: str):
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers: expected 'all' or comma-separated hidden-state indices, got {value!r}") from None
+
+
+def _pca(value: str):
+    return None if value.strip().lower() in ("none", "0") else int(value)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a router on prefill features and save a checkpoint",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
+    p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
+    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
+    p.add_argument("--prices", default=None, help="price table for a data file without costs")
+    p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--pooling", default="mean", help="pooling to read from the store (default mean)")
+    p.add_argument("--layers", type=_layers, default="all",
+                   help="'all' or comma-separated hidden-state indices to concatenate (default all)")
+    p.add_argument("--pca", type=_pca, default=200, help="PCA components, or 'none' (default 200)")
+    p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained (default 10)")
+    p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss (default 5)")
+    p.add_argument("--policy", default="robust",
+                   help="default policy stored in the checkpoint: robust | robust:<lam> | argmax | "
+                        "utility:<lam> | tolerance:<tol> (default robust)")
+    p.add_argument("--robust-folds", type=int, default=3,
+                   help="inner folds for the robust policy's out-of-fold predictions; 0 disables it")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="share of prompts held out (prompt-level split) and scored after training (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefill_router.cli.evaluate import load_dataset
+    from prefill_router.data import train_test_split
+    from prefill_router.evaluate import metrics
+    from prefill_router.features import FeatureSet
+    from prefill_router.router import RouterTrainConfig, train_router
+
+    if not Path(args.features).exists():
+        raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
+    features = FeatureSet.open(args.features)
+    ds = load_dataset(args)
+    if features.n < ds.n:
+        raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
+    if features.n > ds.n:  # --limit: the store holds the full dataset, use its first rows
+        if args.limit is None:
+            raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
+    done = np.asarray(features.done[: ds.n], dtype=bool)
+    if not done.any():
+        raise ConfigError(f"--features: no finished rows in {args.features}")
+
+    rows = np.arange(ds.n)
+    test = np.zeros(0, dtype=np.int64)
+    if args.holdout > 0:
+        rows, test = train_test_split(ds, test_size=args.holdout, seed=args.seed)
+    rows, test = rows[done[rows]], test[done[test]]
+    skipped = int((~done).sum())
+
+    config = RouterTrainConfig.parse({
+        "pooling": args.pooling, "layers": args.layers, "pca": args.pca, "policy": args.policy,
+        "robust_folds": args.robust_folds, "seed": args.seed,
+        "trunk": {"seeds": args.seeds, "keep": args.keep, "seed": args.seed, "threads": args.threads}})
+    X = features.get(args.pooling, None if args.layers == "all" else args.layers)[: ds.n]
+    held = features.hidden_states.get(args.pooling)
+    if held is None:
+        raise ConfigError(f"--pooling: {args.pooling!r} not in the feature store (it holds {features.poolings})")
+    states = held if args.layers == "all" else args.layers
+    router = train_router(ds, X, rows, config.model_copy(update={"layers": "all"}), hidden_states=states,
+                          encoder=features.identity, progress=True)
+    router.training["config"]["layers"] = states
+    router.training["features_store"] = str(Path(args.features).resolve())
+    router.training["rows_without_features"] = skipped
+
+    if test.size:
+        P = router.predict_proba_features(X[test])
+        Yte, Cte = ds.Y[test], ds.C[test]
+        choice = router.choose(P, Cte)
+        best_k, best_acc, _ = metrics.best_single(ds.Y[rows], ds.C[rows])
+        router.metrics["holdout"] = {
+            "rows": int(test.size),
+            "mean_auc": float(np.nanmean(metrics.per_target_auc(Yte, P))),
+            "accuracy_default_policy": metrics.routed_accuracy(Yte, choice),
+            "cost_per_1k_default_policy": 1000 * metrics.routed_cost(Cte, choice),
+            "best_single_target": ds.targets[best_k],
+            "best_single_accuracy": metrics.routed_accuracy(Yte, np.full(test.size, best_k)),
+        }
+    folder = router.save(args.out)
+    print(f"trained on {rows.size} prompts x {ds.k} targets"
+          + (f" ({skipped} prompts without features skipped)" if skipped else ""))
+    if "holdout" in router.metrics:
+        print(json.dumps(router.metrics["holdout"], indent=1))
+    print(f"router checkpoint written to {folder}")
+    return 0
