@@ -366,9 +366,9 @@ def test_dry_run_counts_pending_calls_and_prices_them(tmp_path, upstreams):
 
 
 def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir):
-    """collect -> read with the data stage -> tiny-encoder features -> train_router -> route."""
+    """collect -> `prefill-router extract` -> `prefill-router train` -> Router.load -> route."""
     from prefill_router.features.encoder import load_encoder
-    from prefill_router.router import Router, train_router
+    from prefill_router.router import Router
 
     questions, prompts, targets = write_inputs(tmp_path, upstreams, 24)
     out = tmp_path / "labels.jsonl"
@@ -376,13 +376,15 @@ def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir
                  "--out", str(out), "--no-progress"]) == 0
     ds = read_routing_data(out)
     assert ds.Y.shape == (24, 3) and not np.isnan(ds.C).any()
-    encoder = load_encoder(str(tiny_encoder_dir))
-    features = encoder.encode(ds.prompts, poolings=("mean",))
-    router = train_router(ds, features, config={
-        "pca": 4, "policy": "argmax", "robust_folds": 0,
-        "trunk": {"seeds": 2, "keep": 1, "max_epochs": 3, "hidden": [8], "dropout": [0.0], "threads": 1}},
-        encoder=encoder)
-    router = Router.load(router.save(tmp_path / "router"), encoder=encoder)
+
+    store, checkpoint = tmp_path / "features", tmp_path / "router"
+    assert main(["extract", "--data", str(out), "--encoder", str(tiny_encoder_dir), "--poolings", "mean",
+                 "--threads", "1", "--no-progress", "--out", str(store)]) == 0
+    assert main(["train", "--dataset", str(out), "--features", str(store), "--pca", "4", "--seeds", "2",
+                 "--keep", "1", "--policy", "argmax", "--robust-folds", "0", "--threads", "1",
+                 "--out", str(checkpoint)]) == 0
+
+    router = Router.load(checkpoint, encoder=load_encoder(str(tiny_encoder_dir)))
     decision = router.route(questions[0]["prompt"])
     assert router.targets == ["strong", "mid", "cheap"] and decision.target in router.targets
     assert set(decision.probabilities) == set(router.targets)
