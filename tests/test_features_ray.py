@@ -6,16 +6,18 @@ Ray start-up is slow on a loaded machine, so one cluster serves the whole module
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
+from prefill_router.cli import main
 from prefill_router.errors import ConfigError
 from prefill_router.features import FeatureSet, extract_to_store, load_encoder
 
 ray = pytest.importorskip("ray")
 
-from prefill_router.features.distributed import (ShardBuffer, describe_encoder,  # noqa: E402
+from prefill_router.features.distributed import (ShardBuffer, describe_encoder,
                                                  extract_to_store_ray, require_ray)
 
 
@@ -67,6 +69,19 @@ def test_bad_arguments_are_named_before_ray_starts(tiny_encoder_dir, tmp_path):
     assert require_ray() is ray
 
 
+def test_missing_ray_is_named_with_the_install_command(monkeypatch, tiny_encoder_dir, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'prefill-router\[ray\]'"):
+        require_ray()
+    data = tmp_path / "routing.jsonl"
+    data.write_text(json.dumps({"prompt_id": "q0", "prompt": "hello", "model-a": 1}) + "\n")
+    base = ["extract", "--data", str(data), "--encoder", str(tiny_encoder_dir), "--out", str(tmp_path / "s")]
+    assert main(base + ["--engine", "ray"]) == 2
+    assert "prefill-router[ray]" in capsys.readouterr().err
+    assert main(base + ["--shard-size", "10"]) == 2
+    assert "--engine ray only" in capsys.readouterr().err
+
+
 def test_ray_matches_single_machine_and_resumes_per_shard(local_cluster, tiny_encoder_dir, tmp_path):
     prompts = _prompts(200)
     local = extract_to_store(prompts, load_encoder(str(tiny_encoder_dir)), tmp_path / "local", dtype="float32",
@@ -98,13 +113,19 @@ def test_ray_matches_single_machine_and_resumes_per_shard(local_cluster, tiny_en
     assert files[2].is_file()
     np.testing.assert_allclose(FeatureSet.open(out).get("mean"), local.get("mean"), rtol=1e-4, atol=1e-5)
 
-    # A shard written but never copied into the store (a run killed in between) is copied, not recomputed.
+    # A shard written but never copied into the store (a run killed in between) is copied, not recomputed;
+    # this run goes through `prefill-router extract --engine ray`.
     done = np.load(out / "done.npy")
-    done[FeatureSet.open(out).n - 10:] = False
+    done[190:] = False
     np.save(out / "done.npy", done)
-    resumed = extract_to_store_ray(prompts, str(tiny_encoder_dir), out, dtype="float32", progress=False)
-    assert (resumed.computed, resumed.assembled) == ([], 1)
-    assert resumed.features.complete
+    data = tmp_path / "routing.jsonl"
+    data.write_text("".join(json.dumps({"prompt_id": f"q{i}", "prompt": p, "model-a": i % 2})
+                            + "\n" for i, p in enumerate(prompts)))
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
+    assert main(["extract", "--engine", "ray", "--data", str(data), "--encoder", str(tiny_encoder_dir),
+                 "--no-progress", "--out", str(out)]) == 0
+    assert {f.name: f.stat().st_mtime_ns for f in files} == stamps
+    assert FeatureSet.open(out).complete
 
     # Nothing left: no shard computed, no Ray actor started; a different shard size is refused by name.
     assert extract_to_store_ray(prompts, str(tiny_encoder_dir), out, progress=False).computed == []

@@ -45,6 +45,13 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with a different encoder, template, prompts or layout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: an actor pool on a Ray cluster (RAY_ADDRESS, "
+                        "else a local one), writing resumable shards into the same store; needs prefill-router[ray]")
+    p.add_argument("--actors", type=int,
+                   help="--engine ray: encoder workers (default: one per GPU, else one per 4 CPUs)")
+    p.add_argument("--shard-size", type=int,
+                   help="--engine ray: prompts per shard, the unit of resume (default 1000)")
     p.add_argument("--out", required=True, help="feature store folder")
     p.set_defaults(func=run)
 
@@ -82,12 +89,20 @@ def run(args) -> int:
         raise ConfigError("--limit: must be a positive number of prompts")
     if args.import_reference and args.limit is not None:
         raise ConfigError("--limit cannot be combined with --import-reference (the reference covers every row)")
+    if args.engine != "ray" and (args.actors is not None or args.shard_size is not None):
+        raise ConfigError("--actors and --shard-size apply to --engine ray only")
+    load = load_encoder
+    if args.engine == "ray":
+        from prefill_router.features.distributed import describe_encoder, require_ray
+
+        require_ray()
+        load = describe_encoder  # the driver only reads the encoder's shape; the Ray workers load its weights
     prompts = _load_prompts(args)
     if args.limit is not None:
         prompts = prompts[:args.limit]
     started = time.perf_counter()
-    encoder = load_encoder(args.encoder, gguf_file=args.gguf_file, revision=args.revision, template=args.template,
-                           max_tokens=args.max_tokens, dtype=args.compute_dtype, device=args.device)
+    encoder = load(args.encoder, gguf_file=args.gguf_file, revision=args.revision, template=args.template,
+                   max_tokens=args.max_tokens, dtype=args.compute_dtype, device=args.device)
     print(f"encoder: {encoder} (loaded in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
     poolings = args.poolings.split(",") if args.poolings else None
     layers = _parse_layers(args.layers)
@@ -97,8 +112,16 @@ def run(args) -> int:
     if poolings is None and layers is None and not is_store(args.out):
         poolings = ["mean", "last"]
     started = time.perf_counter()
-    fs = extract_to_store(prompts, encoder, args.out, poolings=poolings, layers=layers, dtype=args.dtype,
-                          batch_tokens=args.batch_tokens, progress=not args.no_progress, overwrite=args.overwrite)
+    if args.engine == "ray":
+        from prefill_router.features.distributed import extract_to_store_ray
+
+        fs = extract_to_store_ray(prompts, encoder, args.out, actors=args.actors, shard_size=args.shard_size,
+                                  poolings=poolings, layers=layers, dtype=args.dtype,
+                                  batch_tokens=args.batch_tokens, progress=not args.no_progress,
+                                  overwrite=args.overwrite).features
+    else:
+        fs = extract_to_store(prompts, encoder, args.out, poolings=poolings, layers=layers, dtype=args.dtype,
+                              batch_tokens=args.batch_tokens, progress=not args.no_progress, overwrite=args.overwrite)
     done = fs.done
     truncated = fs.manifest.get("truncated_rows", 0)
     print(f"{args.out}: {int(done.sum())}/{fs.n} rows done in {time.perf_counter() - started:.1f} s; "

@@ -67,7 +67,7 @@ def require_ray():
     """Import Ray, or raise a ConfigError that says how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise ConfigError(RAY_MISSING) from None
     return ray
@@ -77,15 +77,16 @@ def require_ray():
 # The encoder's shape without its weights
 
 
-def describe_encoder(spec: "EncoderSpec | Encoder | str | Path | dict") -> Encoder:
+def describe_encoder(spec: EncoderSpec | Encoder | str | Path | dict | None = None, **overrides) -> Encoder:
     """An Encoder whose weights live on the meta device (no memory): identity, hidden size, number of hidden
-    states, context length and layer checks are those of the real encoder; it cannot encode."""
+    states, context length and layer checks are those of the real encoder; it cannot encode. Arguments as
+    for `load_encoder`."""
     if isinstance(spec, Encoder):
         return spec
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    spec = EncoderSpec.parse(spec)
+    spec = EncoderSpec.parse(spec, **overrides)
     resolved = resolve(spec)
     folder = converted_gguf_folder(resolved) if resolved.gguf_file is not None else resolved.folder
     try:
@@ -349,9 +350,9 @@ def _actor_resources(ray, spec: EncoderSpec, actors: int | None, cpus_per_actor:
     return actors, cpus_per_actor, 0.0, max(1, int(cpus_per_actor))
 
 
-def extract_to_store_ray(prompts: Sequence[Any], encoder: "EncoderSpec | Encoder | str | Path | dict",
+def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder | str | Path | dict,
                          path: str | Path, *, actors: int | None = None, shard_size: int | None = None,
-                         poolings: Sequence[str] | None = None, layers: "Sequence[int] | str | None" = None,
+                         poolings: Sequence[str] | None = None, layers: Sequence[int] | str | None = None,
                          dtype: str = "float16", batch_tokens: int | None = None, progress: bool = True,
                          overwrite: bool = False, address: str | None = None, num_cpus: int | None = None,
                          cpus_per_actor: float | None = None, gpus_per_actor: float | None = None) -> ShardedRun:
@@ -363,6 +364,7 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: "EncoderSpec | Encoder
     address: a Ray cluster to join (default: the open Ray session, RAY_ADDRESS, else a local cluster with
     `num_cpus` CPUs, shut down at the end).
     """
+    require_ray()  # before any work: say how to install it
     started = time.perf_counter()
     path = Path(path)
     prompts = _as_prompt_list(prompts)
@@ -372,7 +374,7 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: "EncoderSpec | Encoder
         raise ConfigError(f"shard_size: must be a positive number of prompts, got {shard_size}")
     if actors is not None and actors <= 0:
         raise ConfigError(f"actors: must be a positive number of workers, got {actors}")
-    shape = describe_encoder(encoder.spec if isinstance(encoder, Encoder) else encoder)
+    shape = describe_encoder(encoder)  # a loaded Encoder serves as is
     store = _open_store(prompts, shape, path, poolings, layers, dtype, overwrite)
     try:
         if store.complete and not (path / SHARDS_DIR / "plan.json").is_file():
