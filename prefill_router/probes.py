@@ -119,7 +119,9 @@ def probe_auc(X: np.ndarray, Y: np.ndarray, *, folds: int = 3, probe_pca: int | 
         std = np.where(std > 1e-12, std, 1.0)
         Zr, Zp = (X[rest] - mean) / std, (X[part] - mean) / std
         if probe_pca is not None and probe_pca < Zr.shape[1]:
-            pca = PCA(n_components=min(probe_pca, len(rest)), svd_solver="randomized", random_state=seed).fit(Zr)
+            with np.errstate(invalid="ignore", divide="ignore"):  # a constant layer has zero total variance
+                pca = PCA(n_components=min(probe_pca, len(rest)), svd_solver="randomized",
+                          random_state=seed).fit(Zr)
             Zr, Zp = pca.transform(Zr), pca.transform(Zp)
         for k in range(Y.shape[1]):
             ok = np.isfinite(Y[rest, k])

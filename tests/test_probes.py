@@ -112,3 +112,31 @@ def test_run_probes_finds_the_informative_layer_and_writes_outputs(tmp_path):
     assert len(rows) == 5 * 2
     assert paths["png"].stat().st_size > 1000
     assert "Spearman" in paths["md"].read_text()
+
+
+def test_probe_cli_on_a_store_from_the_tiny_encoder(tiny_encoder_dir, tmp_path):
+    from prefill_router.cli import main
+    from prefill_router.features import extract_to_store, load_encoder
+
+    rng = np.random.default_rng(0)
+    prompts = [f"question {i}: " + ("the quick fox " if i % 2 else "lazy dog ") * (1 + i % 4) for i in range(40)]
+    lines = ["prompt_id,prompt,target,score"]
+    for i, p in enumerate(prompts):
+        lines.append(f"q{i},{p},a,{i % 2}")
+        lines.append(f"q{i},{p},b,{int(rng.random() < 0.5)}")
+    data = tmp_path / "labels.csv"
+    data.write_text("\n".join(lines) + "\n")
+    store = tmp_path / "store"
+    extract_to_store(prompts, load_encoder(str(tiny_encoder_dir)), store, poolings=("mean", "last"),
+                     progress=False)
+    out = tmp_path / "probes"
+    assert main(["probe", "--features", str(store), "--dataset", str(data), "--components", "4",
+                 "--probe-pca", "4", "--out", str(out)]) == 0
+    with open(out / "probes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["pooling"] for r in rows} == {"mean", "last"}
+    assert {r["target"] for r in rows} == {"a", "b"}
+    assert len(rows) == 2 * 3 * 2                       # poolings x hidden states (embeddings + 2 layers) x targets
+    assert (out / "probes.png").is_file()
+    assert main(["probe", "--features", str(tmp_path / "missing"), "--dataset", str(data),
+                 "--out", str(out)]) == 2
