@@ -241,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--folds must be >= 2, got {args.folds}")
     if args.limit is not None and args.limit < args.folds:
         raise ConfigError(f"--limit {args.limit} leaves fewer prompts than --folds {args.folds}")
+    if not 0 <= args.calibration_holdout < 1:
+        raise ConfigError(f"--calibration-holdout must be in [0, 1), got {args.calibration_holdout}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     chosen = _contenders(args.contenders)
@@ -258,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
     notes = list(ds.notes)
     notes.append(f"folds: {args.folds}, prompt-level (duplicate prompts share a fold), seed {args.seed}"
                  + (", stratified by category" if ds.groups is not None else ""))
-    report = evaluate_contenders(ds.Y, ds.C, folds, contenders, targets=ds.targets, notes=notes)
+    report = evaluate_contenders(ds.Y, ds.C, folds, contenders, targets=ds.targets, seed=args.seed,
+                                 calibration_holdout=args.calibration_holdout, groups=ds.groups, notes=notes)
 
     out = Path(args.out)
     paths = report.save(out)
@@ -314,6 +317,9 @@ def register(subparsers) -> None:
     p.add_argument("--knn-k", type=int, default=20, help="neighbours for the knn contender (default 20)")
     p.add_argument("--logreg-c", type=float, default=1.0,
                    help="inverse L2 strength of the logreg and tfidf contenders (default 1.0)")
+    p.add_argument("--calibration-holdout", type=float, default=0.2,
+                   help="share of each fold's training prompts held out to calibrate the cost-quality lambda "
+                        "(default 0.2; 0 calibrates in-sample, which saves one fit per fold but is optimistic)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per predictor fit (BLAS and torch; default 1: these fits are small and "
                         "a contended thread pool slows them down)")
