@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from prefill_router.cli import main
-from prefill_router.errors import ConfigError
+from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features import FeatureSet, extract_to_store, load_encoder
 
 ray = pytest.importorskip("ray")
 
-from prefill_router.features.distributed import (ShardBuffer, describe_encoder,
+from prefill_router.features.distributed import (ShardBuffer, _our_cause, describe_encoder,  # noqa: E402
                                                  extract_to_store_ray, require_ray)
 
 
@@ -59,6 +59,17 @@ def test_shard_buffer_refuses_non_finite_features():
         buffer.write(np.arange(2), {"mean": np.full((2, 2, 3), 1e6)})  # overflows float16
 
 
+def test_worker_errors_are_found_inside_rays_wrapping():
+    try:
+        try:
+            raise EncoderError("prompt at row 7 is empty")
+        except EncoderError as inner:
+            raise RuntimeError("UDF failed") from inner
+    except RuntimeError as outer:
+        assert str(_our_cause(outer)) == "prompt at row 7 is empty"
+    assert _our_cause(ValueError("other")) is None
+
+
 def test_bad_arguments_are_named_before_ray_starts(tiny_encoder_dir, tmp_path):
     with pytest.raises(ConfigError, match="shard_size"):
         extract_to_store_ray(["a"], str(tiny_encoder_dir), tmp_path / "s", shard_size=0)
@@ -66,6 +77,9 @@ def test_bad_arguments_are_named_before_ray_starts(tiny_encoder_dir, tmp_path):
         extract_to_store_ray(["a"], str(tiny_encoder_dir), tmp_path / "s", actors=0)
     with pytest.raises(ConfigError, match="empty prompt list"):
         extract_to_store_ray([], str(tiny_encoder_dir), tmp_path / "s")
+    with pytest.raises(EncoderError, match="row 1 is empty"):  # named by the driver, before any worker starts
+        extract_to_store_ray(["fine", "   "], str(tiny_encoder_dir), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
     assert require_ray() is ray
 
 
@@ -84,8 +98,8 @@ def test_missing_ray_is_named_with_the_install_command(monkeypatch, tiny_encoder
 
 def test_ray_matches_single_machine_and_resumes_per_shard(local_cluster, tiny_encoder_dir, tmp_path):
     prompts = _prompts(200)
-    local = extract_to_store(prompts, load_encoder(str(tiny_encoder_dir)), tmp_path / "local", dtype="float32",
-                             progress=False)
+    local = extract_to_store(prompts, load_encoder(str(tiny_encoder_dir)), tmp_path / "local",
+                             dtype="float32", progress=False)
 
     out = tmp_path / "ray"
     run = extract_to_store_ray(prompts, str(tiny_encoder_dir), out, actors=2, shard_size=50, dtype="float32",
@@ -106,7 +120,8 @@ def test_ray_matches_single_machine_and_resumes_per_shard(local_cluster, tiny_en
     assert [f.name for f in files] == [f"shard-{k:06d}.safetensors" for k in range(4)]
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
     files[2].unlink()
-    again = extract_to_store_ray(prompts, str(tiny_encoder_dir), out, actors=2, dtype="float32", progress=False)
+    again = extract_to_store_ray(prompts, str(tiny_encoder_dir), out, actors=2, dtype="float32",
+                                 progress=False)
     assert (again.computed, again.assembled, again.actors) == ([2], 1, 1)
     assert {f.name: f.stat().st_mtime_ns for f in files if f.name != files[2].name} == \
            {k: v for k, v in stamps.items() if k != files[2].name}
@@ -126,6 +141,14 @@ def test_ray_matches_single_machine_and_resumes_per_shard(local_cluster, tiny_en
                  "--no-progress", "--out", str(out)]) == 0
     assert {f.name: f.stat().st_mtime_ns for f in files} == stamps
     assert FeatureSet.open(out).complete
+
+    # Resources the cluster cannot give are refused by name instead of waiting forever.
+    with pytest.raises(ConfigError, match="gpus_per_actor"):
+        extract_to_store_ray(prompts[:5], str(tiny_encoder_dir), tmp_path / "gpu", gpus_per_actor=1,
+                             progress=False)
+    with pytest.raises(ConfigError, match="cpus_per_actor"):
+        extract_to_store_ray(prompts[:5], str(tiny_encoder_dir), tmp_path / "cpu", cpus_per_actor=3,
+                             progress=False)
 
     # Nothing left: no shard computed, no Ray actor started; a different shard size is refused by name.
     assert extract_to_store_ray(prompts, str(tiny_encoder_dir), out, progress=False).computed == []

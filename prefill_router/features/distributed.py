@@ -48,12 +48,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from prefill_router.errors import ConfigError, DataError, EncoderError
+from prefill_router.errors import ConfigError, DataError, EncoderError, PrefillRouterError
 from prefill_router.features.encoder import (Encoder, EncoderSpec, _as_prompt_list, _check_poolings,
                                              converted_gguf_folder, resolve)
 from prefill_router.features.extract import _mismatch, fill_rows
 from prefill_router.features.store import FeatureSet, FeatureStore, is_store, remove_store
-from prefill_router.features.template import prompt_hashes
+from prefill_router.features.template import as_messages, prompt_hashes, render
 
 RAY_MISSING = "the Ray engine needs Ray: pip install 'prefill-router[ray]'"
 SHARDS_DIR = "shards"
@@ -95,7 +95,8 @@ def describe_encoder(spec: EncoderSpec | Encoder | str | Path | dict | None = No
         with torch.device("meta"):
             model = AutoModel.from_config(config)
     except Exception as exc:
-        raise EncoderError(f"could not read the config and tokenizer of {spec.model!r} from {folder}: {exc}") from exc
+        raise EncoderError(f"could not read the config and tokenizer of {spec.model!r} from {folder}: "
+                           f"{exc}") from exc
     return Encoder(spec, tokenizer, model, resolved)
 
 
@@ -115,7 +116,8 @@ class ShardBuffer:
         self.tokens = np.zeros(rows, dtype=np.int32)
         self.filled = np.zeros(rows, dtype=bool)
 
-    def write(self, rows: np.ndarray, features: dict[str, np.ndarray], tokens: np.ndarray | None = None) -> None:
+    def write(self, rows: np.ndarray, features: dict[str, np.ndarray],
+              tokens: np.ndarray | None = None) -> None:
         for pooling in self.poolings:
             values = np.asarray(features[pooling]).astype(self.dtype)
             if not np.isfinite(values).all():
@@ -129,8 +131,8 @@ class ShardBuffer:
 
 def _layout(store: FeatureSet) -> str:
     """What a shard must match to belong to a store: encoder identity, hidden states, size and dtype."""
-    layout = {"identity": store.identity, "hidden_states": store.hidden_states, "hidden_size": store.hidden_size,
-              "dtype": store.dtype, "rows": store.n}
+    layout = {"identity": store.identity, "hidden_states": store.hidden_states,
+              "hidden_size": store.hidden_size, "dtype": store.dtype, "rows": store.n}
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,23 +173,26 @@ def _open_plan(store: FeatureSet, shard_size: int | None) -> Plan:
             raise DataError(f"unreadable shard plan ({exc}); delete {folder} to start the sharded run afresh",
                             file=str(plan_file)) from None
         if plan.get("layout") != _layout(store) or rows.ndim != 1 or (len(rows) and rows.max() >= store.n):
-            raise DataError(f"the shard plan does not belong to this store; delete {folder}", file=str(plan_file))
+            raise DataError(f"the shard plan does not belong to this store; delete {folder}",
+                            file=str(plan_file))
         if shard_size is not None and shard_size != size:
-            raise ConfigError(f"shard_size: {shard_size} differs from the {size} of the unfinished sharded run "
-                              f"in {folder}; omit it (--shard-size) or delete {folder}")
+            raise ConfigError(f"shard_size: {shard_size} differs from the {size} of the unfinished sharded "
+                              f"run in {folder}; omit it (--shard-size) or delete {folder}")
         return Plan(folder, size, rows)
     size = shard_size or DEFAULT_SHARD_SIZE
     rows = np.flatnonzero(~store.done).astype(np.int64)
     folder.mkdir(exist_ok=True)
     np.save(folder / "rows.npy", rows, allow_pickle=False)
     tmp = plan_file.with_name(f".plan.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"shard_size": size, "shards": -(-len(rows) // size), "layout": _layout(store)}))
+    plan = {"shard_size": size, "shards": -(-len(rows) // size), "layout": _layout(store)}
+    tmp.write_text(json.dumps(plan))
     os.replace(tmp, plan_file)  # last: the plan exists only once rows.npy is whole
     return Plan(folder, size, rows)
 
 
 def _shard_metadata(layout: str, prompts_key: str, shard: int) -> dict[str, str]:
-    return {"format": "prefill-router-feature-shard", "layout": layout, "prompts": prompts_key, "shard": str(shard)}
+    return {"format": "prefill-router-feature-shard", "layout": layout, "prompts": prompts_key,
+            "shard": str(shard)}
 
 
 def _valid_shard(path: Path, expected: dict[str, str], store: FeatureSet, rows: int) -> bool:
@@ -224,7 +229,8 @@ def _assemble(store: FeatureStore, path: Path, rows: np.ndarray) -> None:
 
     tensors = load_file(str(path))
     if not np.array_equal(tensors["rows"], rows):
-        raise DataError("shard rows differ from the shard plan; delete this file to recompute it", file=str(path))
+        raise DataError("shard rows differ from the shard plan; delete this file to recompute it",
+                        file=str(path))
     store.write(rows, {p: tensors[p] for p in store.poolings}, tokens=tensors["tokens"])
 
 
@@ -260,7 +266,8 @@ class ShardEncoder:
         from safetensors.numpy import save
 
         blobs, seconds = [], []
-        for rows_json, prompts_json, metadata_json in zip(batch["rows"], batch["prompts"], batch["metadata"]):
+        for rows_json, prompts_json, metadata_json in zip(batch["rows"], batch["prompts"], batch["metadata"],
+                                                          strict=True):
             started = time.perf_counter()
             rows = np.asarray(json.loads(rows_json), dtype=np.int64)
             prompts = json.loads(prompts_json)
@@ -294,7 +301,7 @@ class ShardedRun:
 
 def _open_store(prompts: list, encoder: Encoder, path: Path, poolings, layers, dtype: str,
                 overwrite: bool) -> FeatureStore:
-    """Open or create the store exactly as the single-machine engine does (same identity and prompt checks)."""
+    """Open or create the store as the single-machine engine does (same identity and prompt checks)."""
     identity = encoder.identity()
     hashes = prompt_hashes(prompts)
     existing = FeatureSet.open(path) if is_store(path) else None
@@ -315,13 +322,14 @@ def _open_store(prompts: list, encoder: Encoder, path: Path, poolings, layers, d
     if existing is None:
         return FeatureStore.create(path, identity=identity, hidden_states=wanted, rows=len(prompts),
                                    hidden_size=encoder.hidden_size, dtype=dtype, prompt_hashes=hashes,
-                                   extra={"template": encoder.spec.template, "max_tokens": encoder.max_tokens})
+                                   extra={"template": encoder.spec.template,
+                                          "max_tokens": encoder.max_tokens})
     return FeatureStore.open(path)
 
 
 def _connect(address: str | None, num_cpus: int | None):
-    """Ray, initialised: the caller's session if one is open, else `address`/RAY_ADDRESS, else a local cluster.
-    Returns (ray, started_here)."""
+    """Ray, initialised: the caller's session if one is open, else `address`/RAY_ADDRESS, else a local
+    cluster. Returns (ray, started_here)."""
     ray = require_ray()
     if ray.is_initialized():
         return ray, False
@@ -338,16 +346,26 @@ def _actor_resources(ray, spec: EncoderSpec, actors: int | None, cpus_per_actor:
     and the encoder may use them, else actors sharing the cluster's CPUs."""
     resources = ray.cluster_resources()
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    # An actor lives on one node: asking for more than the largest node has would wait forever.
+    node_cpus = max([float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [cpus])
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 and not spec.device.startswith(("cpu", "mps")) else 0.0
+    if gpus_per_actor > gpus:
+        raise ConfigError(f"gpus_per_actor: {gpus_per_actor} GPU(s) per actor, but the Ray cluster has "
+                          f"{gpus:g}")
     if gpus_per_actor > 0:
         actors = actors or max(1, int(gpus // gpus_per_actor))
-        return actors, cpus_per_actor or 1.0, gpus_per_actor, None
-    if actors is None:
-        per_actor = cpus_per_actor or CPU_THREADS_PER_ACTOR
-        actors = max(1, int(cpus // per_actor))
-    cpus_per_actor = cpus_per_actor or max(1.0, float(int(cpus // actors)))
-    return actors, cpus_per_actor, 0.0, max(1, int(cpus_per_actor))
+        threads = None
+    else:
+        if actors is None:
+            actors = max(1, int(cpus // min(cpus_per_actor or CPU_THREADS_PER_ACTOR, node_cpus)))
+        cpus_per_actor = cpus_per_actor or min(node_cpus, max(1.0, float(int(cpus // actors))))
+        threads = max(1, int(cpus_per_actor))
+    cpus_per_actor = cpus_per_actor or 1.0
+    if cpus_per_actor > node_cpus:
+        raise ConfigError(f"cpus_per_actor: {cpus_per_actor:g} CPUs per actor, but the largest Ray node has "
+                          f"{node_cpus:g}")
+    return actors, cpus_per_actor, gpus_per_actor, threads
 
 
 def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder | str | Path | dict,
@@ -355,7 +373,8 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder 
                          poolings: Sequence[str] | None = None, layers: Sequence[int] | str | None = None,
                          dtype: str = "float16", batch_tokens: int | None = None, progress: bool = True,
                          overwrite: bool = False, address: str | None = None, num_cpus: int | None = None,
-                         cpus_per_actor: float | None = None, gpus_per_actor: float | None = None) -> ShardedRun:
+                         cpus_per_actor: float | None = None,
+                         gpus_per_actor: float | None = None) -> ShardedRun:
     """`extract_to_store` on a Ray cluster (see the module docstring for shards and resume).
 
     encoder: an EncoderSpec, a name or folder, or a loaded Encoder (only its spec travels to the workers).
@@ -375,13 +394,17 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder 
     if actors is not None and actors <= 0:
         raise ConfigError(f"actors: must be a positive number of workers, got {actors}")
     shape = describe_encoder(encoder)  # a loaded Encoder serves as is
+    # Bad prompts are named here, before any worker starts (workers would fail on them one shard at a time).
+    for row, prompt in enumerate(prompts):
+        as_messages(prompt, row)
+    render(prompts[0], shape.tokenizer, shape.spec.template)  # e.g. a chat template the tokenizer lacks
     store = _open_store(prompts, shape, path, poolings, layers, dtype, overwrite)
     try:
         if store.complete and not (path / SHARDS_DIR / "plan.json").is_file():
             return ShardedRun(FeatureSet.open(path), seconds=time.perf_counter() - started)  # cache hit
-        run = _run_plan(store, prompts, shape, actors=actors, shard_size=shard_size, batch_tokens=batch_tokens,
-                        progress=progress, address=address, num_cpus=num_cpus, cpus_per_actor=cpus_per_actor,
-                        gpus_per_actor=gpus_per_actor)
+        run = _run_plan(store, prompts, shape, actors=actors, shard_size=shard_size,
+                        batch_tokens=batch_tokens, progress=progress, address=address, num_cpus=num_cpus,
+                        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
         store.set_manifest_fields(truncated_rows=int((store.tokens > shape.max_tokens).sum()))
     finally:
         store.close()
@@ -390,8 +413,8 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder 
     return run
 
 
-def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, shard_size, batch_tokens, progress,
-              address, num_cpus, cpus_per_actor, gpus_per_actor) -> ShardedRun:
+def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, shard_size, batch_tokens,
+              progress, address, num_cpus, cpus_per_actor, gpus_per_actor) -> ShardedRun:
     plan = _open_plan(store, shard_size)
     layout = _layout(store)
     done = store.done
@@ -413,7 +436,8 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
               file=sys.stderr)
     ray, started_here = _connect(address, num_cpus)
     try:
-        n_actors, cpus, gpus, threads = _actor_resources(ray, shape.spec, actors, cpus_per_actor, gpus_per_actor)
+        n_actors, cpus, gpus, threads = _actor_resources(ray, shape.spec, actors, cpus_per_actor,
+                                                         gpus_per_actor)
         n_actors = min(n_actors, len(todo))
         run.actors = n_actors
         items = [{"shard": k, "rows": json.dumps(rows.tolist()), "metadata": json.dumps(metadata),
@@ -436,7 +460,7 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
                        desc=f"prefill on {n_actors} Ray actor{'s' * (n_actors > 1)}", dynamic_ncols=True)
         try:
             for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
-                for k, data in zip(batch["shard"], batch["data"]):
+                for k, data in zip(batch["shard"], batch["data"], strict=True):
                     k = int(k)
                     _write_shard_file(plan.file(k), bytes(data))
                     _assemble(store, plan.file(k), rows_of[k])
@@ -444,12 +468,14 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
                     run.assembled += 1
                     if bar is not None:
                         bar.update(len(rows_of[k]))
+        except PrefillRouterError:
+            raise
         except Exception as exc:
-            if isinstance(exc, (DataError, ConfigError, EncoderError)):
-                raise
-            # Ray wraps worker failures; the cause (e.g. an EncoderError naming a bad prompt) is in the text.
+            # Ray wraps a worker's exception (several times); name our own error when it is one.
+            cause = _our_cause(exc)
+            reason = str(cause) if cause is not None else f"{type(exc).__name__}: {exc}"
             raise EncoderError(f"the Ray extraction failed after {len(run.computed)} of {len(todo)} shards "
-                               f"(finished shards are kept; rerun to resume): {type(exc).__name__}: {exc}") from exc
+                               f"(finished shards are kept; rerun to resume): {reason}") from exc
         finally:
             if bar is not None:
                 bar.close()
@@ -457,3 +483,14 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
         if started_here:
             ray.shutdown()
     return run
+
+
+def _our_cause(exc: BaseException) -> PrefillRouterError | None:
+    """The first PrefillRouterError in the chain of causes Ray builds around a worker's exception."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PrefillRouterError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
