@@ -96,3 +96,28 @@ def test_remote_errors_name_the_problem(encoder_server, tmp_path):
         RemoteEncoder(dead, timeout=2)
     with pytest.raises(ConfigError, match="url"):
         RemoteEncoder("encoder-host:8100")
+
+
+def test_a_router_routes_the_same_through_the_remote_encoder(encoder_server, tmp_path):
+    """What the gateway would do with an HTTP-hosted encoder: Router.load(..., encoder=RemoteEncoder(url))."""
+    from prefill_router.data import RoutingDataset
+    from prefill_router.router import Router, train_router
+
+    server, local = encoder_server
+    rng = np.random.default_rng(0)
+    prompts = [f"question {i}: what is {i} + {2 * i}? " + "the quick fox " * (i % 5) for i in range(40)]
+    Y = (rng.random((40, 2)) < [0.8, 0.4]).astype(float)
+    ds = RoutingDataset([str(i) for i in range(40)], prompts, ["big", "small"], Y, np.tile([1e-3, 1e-5], (40, 1)))
+    config = {"pca": 4, "robust_folds": 2, "robust_seeds": 1,
+              "trunk": {"seeds": 2, "keep": 1, "max_epochs": 4, "patience": 2, "batch_size": 16, "threads": 1},
+              "layers": [1, 2]}
+    features = local.encode(prompts, poolings=("mean",))
+    folder = train_router(ds, features, None, config, encoder=local).save(tmp_path / "router")
+    asked = ["what is 7 + 14?", "the quick fox " * 3, "fox jumps " * 200]  # the last one is truncated
+    with RemoteEncoder(server.url, api_key="k") as remote:
+        via_http = Router.load(folder, encoder=remote).route_batch(asked)
+    in_process = Router.load(folder, encoder=local).route_batch(asked)
+    for a, b in zip(via_http, in_process, strict=True):
+        assert a.target == b.target and a.truncated == b.truncated
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
+    assert [d.truncated for d in via_http] == [False, False, True]
