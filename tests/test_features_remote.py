@@ -107,10 +107,10 @@ def test_a_router_routes_the_same_through_the_remote_encoder(encoder_server, tmp
     rng = np.random.default_rng(0)
     prompts = [f"question {i}: what is {i} + {2 * i}? " + "the quick fox " * (i % 5) for i in range(40)]
     Y = (rng.random((40, 2)) < [0.8, 0.4]).astype(float)
-    ds = RoutingDataset([str(i) for i in range(40)], prompts, ["big", "small"], Y, np.tile([1e-3, 1e-5], (40, 1)))
-    config = {"pca": 4, "robust_folds": 2, "robust_seeds": 1,
-              "trunk": {"seeds": 2, "keep": 1, "max_epochs": 4, "patience": 2, "batch_size": 16, "threads": 1},
-              "layers": [1, 2]}
+    costs = np.tile([1e-3, 1e-5], (40, 1))
+    ds = RoutingDataset([str(i) for i in range(40)], prompts, ["big", "small"], Y, costs)
+    trunk = {"seeds": 2, "keep": 1, "max_epochs": 4, "patience": 2, "batch_size": 16, "threads": 1}
+    config = {"pca": 4, "robust_folds": 2, "robust_seeds": 1, "trunk": trunk, "layers": [1, 2]}
     features = local.encode(prompts, poolings=("mean",))
     folder = train_router(ds, features, None, config, encoder=local).save(tmp_path / "router")
     asked = ["what is 7 + 14?", "the quick fox " * 3, "fox jumps " * 200]  # the last one is truncated
