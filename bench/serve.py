@@ -132,7 +132,7 @@ async def load(url: str, prompts: list, concurrency: int) -> tuple[float, list[f
 
 
 def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, levels: list[tuple[int, int]],
-             max_wait_ms: float, folder: Path) -> list[dict]:
+             max_wait_ms: float, folder: Path, threads: int | None) -> list[dict]:
     config = {
         "router": {"checkpoint": str(checkpoint)},
         "targets": [{"name": t, "base_url": upstream_url, "timeout_s": 60} for t in TARGETS],
@@ -144,7 +144,8 @@ def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, leve
     path.write_text(json.dumps(config))
     port = free_port()
     proc, _ = start_process([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port",
-                             str(port), "--log-level", "warning"], r"serving on", env={"HF_HUB_OFFLINE": "1"})
+                             str(port), "--log-level", "warning"], r"serving on",
+                            env={"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
@@ -195,11 +196,13 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("PREFILL_ROUTER_DATA", str(REPO.parent / "shared" / "data")),
                         help="the shared data folder (MMLU-Pro and its reference features)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, nargs="+", default=[8, 32, 96],
+    parser.add_argument("--requests", type=int, nargs="+", default=[8, 32, 64],
                         help="requests per concurrency level (one number per level)")
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--upstream-delay-ms", type=float, default=20.0)
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batch wait with batching on")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads in the gateway (OMP_NUM_THREADS); default: torch's choice")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     if len(args.requests) != len(args.concurrency):
@@ -220,15 +223,17 @@ def main() -> None:
             rows = []
             for mode in ("off", "on"):
                 log(f"gateway with micro-batching {mode}")
-                rows += run_mode(mode, folder / "router", match.group(1), prompts, levels, args.max_wait_ms, folder)
+                rows += run_mode(mode, folder / "router", match.group(1), prompts, levels, args.max_wait_ms, folder,
+                                 args.threads)
         finally:
             upstream.terminate()
             upstream.wait(timeout=30)
 
     import torch
 
-    print(f"\nGateway load test: encoder {args.encoder}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
-          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; fake upstream delay {args.upstream_delay_ms:g} ms; "
+    print(f"\nGateway load test: encoder {args.encoder}, {os.cpu_count()} CPU(s), gateway threads "
+          f"{args.threads or 'default'}, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}; "
+          f"load average at the end {os.getloadavg()[0]:.1f}; fake upstream delay {args.upstream_delay_ms:g} ms; "
           f"overhead = client latency - upstream latency")
     print("| batching | concurrency | requests | req/s | speed-up vs off | overhead p50 (ms) | overhead p99 (ms) "
           "| routing p50 (ms) | mean batch |")

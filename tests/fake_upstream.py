@@ -21,11 +21,13 @@ Usage:
 
 Behaviours (one is consumed per request; a model's own queue is used before the shared queue, then `default`):
 
-    Answer(content, delay_s=0, chunk_delay_s=0, prompt_tokens=None, completion_tokens=None, finish_reason="stop")
+    Answer(content, delay_s=0, chunk_delay_s=0, prompt_tokens=None, completion_tokens=None, finish_reason="stop",
+           cut_after=None)
         A normal completion. `content` may be a string or a function `body -> str`, so an answer can depend
         on the prompt (e.g. right for some questions and wrong for others). `delay_s` waits before the
         response starts (simulated model latency); streaming sends one chunk per word, `chunk_delay_s` apart.
         Token counts default to len(text)//4 of the prompt and the number of words of the answer.
+        `cut_after=n` makes a stream break off after n chunks (the connection is dropped mid-stream).
     Fail(status=500, message=..., retry_after=None)
         An OpenAI-style error body {"error": {...}} with that status; `retry_after` sets the Retry-After header.
     Stall(seconds, then=None)
@@ -60,6 +62,7 @@ class Answer:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str = "stop"
+    cut_after: int | None = None  # streaming only: drop the connection after this many chunks
 
     def text(self, body: dict) -> str:
         return self.content(body) if callable(self.content) else self.content
@@ -289,6 +292,10 @@ class _Handler(BaseHTTPRequestHandler):
             for i, event in enumerate(events):
                 if i and behaviour.chunk_delay_s:
                     time.sleep(behaviour.chunk_delay_s)
+                if behaviour.cut_after is not None and i >= behaviour.cut_after:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)  # no terminating chunk: a broken stream
+                    return
                 self._chunk(f"data: {json.dumps(event)}\n\n".encode())
             self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")

@@ -274,6 +274,33 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_call(router, upstream
         assert metric(client, "prefill_router_stream_disconnects_total", target=target) == 1
 
 
+def test_upstream_breaking_mid_stream_ends_the_stream_with_an_error_event(router, upstreams):
+    msgs = question(10)
+    target = router.route(msgs).target
+    upstreams[target].default = Answer("one two three four five six", cut_after=3)
+    with running_gateway(router, upstreams) as (client, _):
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"model": "router", "messages": msgs, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+        assert metric(client, "prefill_router_upstream_errors_total", target=target) == 1
+    events = [json.loads(line[len("data: "):]) for line in lines]
+    assert len(events) == 4 and "data: [DONE]" not in lines  # 3 relayed chunks, then our error event
+    assert events[-1]["error"]["code"] == "upstream_stream_failed"
+    assert all("choices" in e for e in events[:3])
+
+
+def test_missing_upstream_key_degrades_health_and_falls_back(router, upstreams, monkeypatch):
+    monkeypatch.delenv("PR_TEST_UPSTREAM_KEY")
+    with running_gateway(router, upstreams) as (client, _):
+        health = client.get("/health").json()
+        r = chat(client, "big", question(13))
+    assert health["status"] == "degraded"
+    assert health["upstreams"]["big"]["api_key"] == "missing (PR_TEST_UPSTREAM_KEY)"
+    assert_openai_error(r, 502, "all_upstreams_failed")
+    assert "PR_TEST_UPSTREAM_KEY" in r.json()["error"]["message"] and upstreams["big"].calls() == 0
+
+
 # --- bad input --------------------------------------------------------------------------------------------
 def test_bad_requests_get_openai_style_errors(router, upstreams):
     with running_gateway(router, upstreams, max_body_bytes=2000) as (client, _):
