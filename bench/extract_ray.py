@@ -77,7 +77,11 @@ def main() -> None:
         reference = {p: local.get(p) for p in local.poolings}
 
         started = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if os.environ.get("RAY_ADDRESS"):  # a standing cluster: its own resources
+            ray.init(log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
         ray_start_s = time.perf_counter() - started
         for actors in [int(a) for a in args.actors.split(",")]:
             started = time.perf_counter()
