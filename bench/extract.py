@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from prefill_router.features.encoder import Encoder, EncoderSpec, load_encoder  # noqa: E402
+from prefill_router.features.encoder import Encoder, EncoderSpec, load_encoder
 
 CONFIGS = HERE / "configs"
 GPU_MODELS = ("smollm2-135m", "qwen2.5-1.5b", "llama-3-8b")
@@ -71,8 +71,8 @@ def engine_extract(encoder: Encoder, token_ids: list[list[int]], batch_tokens: i
     out = {p: np.empty((len(token_ids), encoder.num_hidden_states, encoder.hidden_size), np.float32)
            for p in ("mean", "last")}
     for rows, pooled in encoder.iter_batches([None] * len(token_ids), token_ids=token_ids, batch_tokens=batch_tokens):
-        for p in out:
-            out[p][rows] = pooled[p]
+        for p, array in out.items():
+            array[rows] = pooled[p]
     budget = batch_tokens or DEFAULT_BATCH_TOKENS.get(encoder.device.type, 4096)
     lengths = [len(x) for x in token_ids]
     padded = sum(len(b) * max(lengths[i] for i in b) for b in plan_batches(lengths, budget))

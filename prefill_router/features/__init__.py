@@ -7,8 +7,15 @@
     X = fs.get("mean", layers=[18, 24])                # float32 [N, 2, 576]
 """
 
-from prefill_router.features.encoder import (DEFAULT_ENCODER, POOLINGS, TRUNCATION_RULE, Encoder, EncoderSpec,
-                                             cache_dir, load_encoder)
+from prefill_router.features.encoder import (
+    DEFAULT_ENCODER,
+    POOLINGS,
+    TRUNCATION_RULE,
+    Encoder,
+    EncoderSpec,
+    cache_dir,
+    load_encoder,
+)
 from prefill_router.features.extract import extract_to_store
 from prefill_router.features.reference import SMOLLM2_REFERENCE_IDENTITY, import_features, import_reference
 from prefill_router.features.store import FeatureSet, FeatureStore

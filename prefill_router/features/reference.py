@@ -23,8 +23,9 @@ int8 arrays, done.npy) the same way. Their identity is that of this package's de
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class FeatureSet:
         self.prompt_hashes: list[str] | None = manifest.get("prompt_hashes")
 
     @classmethod
-    def open(cls, path: str | Path) -> "FeatureSet":
+    def open(cls, path: str | Path) -> FeatureSet:
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -116,7 +116,7 @@ class FeatureSet:
     def complete(self) -> bool:
         return bool(self.done.all())
 
-    def layers_index(self, pooling: str, layers: "Sequence[int] | None" = None) -> list[int]:
+    def layers_index(self, pooling: str, layers: Sequence[int] | None = None) -> list[int]:
         """Positions in the stored array of the requested hidden-state indices."""
         if pooling not in self.hidden_states:
             raise KeyError(f"pooling {pooling!r} not in this feature set (has {', '.join(self.poolings)})")
@@ -128,8 +128,8 @@ class FeatureSet:
             raise KeyError(f"hidden state(s) {missing} not stored for pooling {pooling!r} (holds {held})")
         return [held.index(layer) for layer in layers]
 
-    def get(self, pooling: str, layers: "Sequence[int] | None" = None,
-            rows: "Sequence[int] | np.ndarray | None" = None) -> np.ndarray:
+    def get(self, pooling: str, layers: Sequence[int] | None = None,
+            rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """float32 [rows, len(layers), hidden]; layers are hidden-state indices (0 = embeddings)."""
         idx = self.layers_index(pooling, layers)
         array = self._array(pooling)
@@ -150,7 +150,7 @@ class FeatureStore(FeatureSet):
     @classmethod
     def create(cls, path: str | Path, *, identity: dict, hidden_states: dict[str, list[int]], rows: int,
                hidden_size: int, dtype: str = "float16", prompt_hashes: list[str] | None = None,
-               extra: dict | None = None) -> "FeatureStore":
+               extra: dict | None = None) -> FeatureStore:
         """A new empty store (nothing done). Refuses to write into an existing store or a non-empty folder
         that is not one (so it never deletes a user's files)."""
         path = Path(path)
@@ -178,7 +178,7 @@ class FeatureStore(FeatureSet):
         return cls.open(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> "FeatureStore":
+    def open(cls, path: str | Path) -> FeatureStore:
         fs = super().open(path)
         fs._done = fs.done
         fs._tokens = fs.tokens
