@@ -108,6 +108,7 @@ def test_long_prompts_are_truncated_by_the_documented_rule(tiny_encoder_dir):
     assert counts[1] > 40 >= counts[0]
     out = enc.encode(prompts)
     assert enc.last_truncated == 1
+    assert (enc.last_token_counts == counts).all()
     # Expected: first 20 and last 20 tokens of the templated prompt, run alone.
     ids = enc.tokenize(prompts)[1]
     kept = ids[:20] + ids[-20:]

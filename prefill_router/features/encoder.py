@@ -376,7 +376,9 @@ class Encoder:
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None) or 0
         self._pad_id = int(pad)  # any id works: padded positions are masked out and never pooled
+        # Of the latest encode/iter_batches call: prompts truncated, and each prompt's length before truncation.
         self.last_truncated = 0
+        self.last_token_counts = np.zeros(0, dtype=np.int64)
         self._identity: dict | None = None
 
     def _context_length(self) -> int:
@@ -461,7 +463,8 @@ class Encoder:
         poolings = _check_poolings(poolings)
         layer_ids = self.resolve_layers(layers)
         ids = token_ids if token_ids is not None else self.tokenize(prompts)
-        truncated = sum(len(x) > self.max_tokens for x in ids)
+        self.last_token_counts = np.array([len(x) for x in ids], dtype=np.int64)
+        truncated = int((self.last_token_counts > self.max_tokens).sum())
         ids = [truncate(x, self.max_tokens) for x in ids]
         self.last_truncated = truncated
         if truncated:
