@@ -105,6 +105,7 @@ def test_ray_matches_single_machine_and_resumes_per_shard(local_cluster, tiny_en
     run = extract_to_store_ray(prompts, str(tiny_encoder_dir), out, actors=2, shard_size=50, dtype="float32",
                                progress=False)
     assert (run.shards, sorted(run.computed), run.assembled, run.actors) == (4, [0, 1, 2, 3], 4, 2)
+    assert 0 < run.compute_seconds and run.seconds > 0
     fs = run.features
     assert fs.complete and fs.n == 200
     assert fs.identity == local.identity and fs.prompt_hashes == local.prompt_hashes

@@ -296,7 +296,8 @@ class ShardedRun:
     computed: list[int] = field(default_factory=list)   # shard ids computed by this run
     assembled: int = 0                                  # shards copied into the store by this run
     actors: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0                                # wall time of the call
+    compute_seconds: float = 0.0                        # summed time actors spent computing shards
 
 
 def _open_store(prompts: list, encoder: Encoder, path: Path, poolings, layers, dtype: str,
@@ -460,8 +461,9 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
                        desc=f"prefill on {n_actors} Ray actor{'s' * (n_actors > 1)}", dynamic_ncols=True)
         try:
             for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
-                for k, data in zip(batch["shard"], batch["data"], strict=True):
+                for k, data, seconds in zip(batch["shard"], batch["data"], batch["seconds"], strict=True):
                     k = int(k)
+                    run.compute_seconds += float(seconds)
                     _write_shard_file(plan.file(k), bytes(data))
                     _assemble(store, plan.file(k), rows_of[k])
                     run.computed.append(k)
