@@ -95,7 +95,7 @@ def start_process(args: list[str], ready: str, env: dict | None = None, timeout_
 def metric_sum(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             total += float(line.rsplit(" ", 1)[1])
     return total
 

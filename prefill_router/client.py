@@ -18,9 +18,10 @@ says which target answered, which were given up on, and P per target.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Self
 
 from prefill_router.errors import PrefillRouterError
 from prefill_router.serve.config import GatewayConfig, load_gateway_config, parse_gateway_config
@@ -28,7 +29,7 @@ from prefill_router.serve.engine import routing_messages
 from prefill_router.serve.models import resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, EventLoopThread, UpstreamPool, UpstreamReply
 
-__all__ = ["Client", "ChatObject", "Routing", "UpstreamHTTPError", "AllUpstreamsFailed"]
+__all__ = ["AllUpstreamsFailed", "ChatObject", "Client", "Routing", "UpstreamHTTPError"]
 
 
 class UpstreamHTTPError(PrefillRouterError):
@@ -87,7 +88,7 @@ class Stream:
     def close(self) -> None:
         self._chunks.close()
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -108,7 +109,7 @@ async def _sse_events(reply: UpstreamReply) -> AsyncIterator[ChatObject]:
 
 
 class _Completions:
-    def __init__(self, client: "Client"):
+    def __init__(self, client: Client):
         self._client = client
 
     def create(self, *, model: str, messages: list[dict], stream: bool = False, **params: Any):
@@ -118,7 +119,7 @@ class _Completions:
 
 
 class _Chat:
-    def __init__(self, client: "Client"):
+    def __init__(self, client: Client):
         self.completions = _Completions(client)
 
 
@@ -188,7 +189,7 @@ class Client:
         self._loop.run(self._pool.aclose())
         self._loop.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -49,14 +49,15 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Union
+from typing import Self
 
 
 @dataclass
 class Answer:
-    content: Union[str, Callable[[dict], str]] = "Hello from the fake upstream."
+    content: str | Callable[[dict], str] = "Hello from the fake upstream."
     delay_s: float = 0.0
     chunk_delay_s: float = 0.0
     prompt_tokens: int | None = None
@@ -78,7 +79,7 @@ class Fail:
 @dataclass
 class Stall:
     seconds: float
-    then: "Behaviour | None" = None
+    then: Behaviour | None = None
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Raw:
     content_type: str = "text/plain"
 
 
-Behaviour = Union[Answer, Fail, Stall, Drop, Raw]
+Behaviour = Answer | Fail | Stall | Drop | Raw
 
 
 @dataclass
@@ -133,7 +134,7 @@ class FakeUpstream:
         self._thread: threading.Thread | None = None
 
     # --- scripting -------------------------------------------------------------------------------
-    def script(self, *behaviours: Behaviour, model: str | None = None) -> "FakeUpstream":
+    def script(self, *behaviours: Behaviour, model: str | None = None) -> FakeUpstream:
         """Queue behaviours for the next requests (for one upstream model name, or for any)."""
         with self._lock:
             queue = self._shared if model is None else self._per_model.setdefault(model, deque())
@@ -173,7 +174,7 @@ class FakeUpstream:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "FakeUpstream":
+    def start(self) -> FakeUpstream:
         upstream = self
 
         class Handler(_Handler):
@@ -193,7 +194,7 @@ class FakeUpstream:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeUpstream":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

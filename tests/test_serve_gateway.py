@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+from fake_upstream import Answer, Fail, FakeUpstream, Stall
 from prometheus_client.parser import text_string_to_metric_families
 
-from fake_upstream import Answer, Fail, FakeUpstream, Stall
 from prefill_router.client import Client, UpstreamHTTPError
 from prefill_router.data.dataset import RoutingDataset
 from prefill_router.data.prices import CostModel, PriceTable
@@ -183,13 +183,12 @@ def test_streaming_is_passed_through_as_sse(router, upstreams):
     msgs = question(2)
     target = router.route(msgs).target
     upstreams[target].default = Answer("streamed words arrive in order")
-    with running_gateway(router, upstreams) as (client, _):
-        with client.stream("POST", "/v1/chat/completions",
-                           json={"model": "router", "messages": msgs, "stream": True}) as r:
-            assert r.status_code == 200
-            assert r.headers["content-type"].startswith("text/event-stream")
-            assert r.headers["x-router-target"] == target
-            lines = [line for line in r.iter_lines() if line]
+    with running_gateway(router, upstreams) as (client, _), client.stream("POST", "/v1/chat/completions",
+                       json={"model": "router", "messages": msgs, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-router-target"] == target
+        lines = [line for line in r.iter_lines() if line]
     assert upstreams[target].requests[-1].body["stream"] is True
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line[len("data: "):]) for line in lines[:-1]]

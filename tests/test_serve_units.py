@@ -8,8 +8,8 @@ import threading
 
 import httpx
 import pytest
-
 from fake_upstream import Answer, Drop, Fail, FakeUpstream, Stall
+
 from prefill_router.errors import ConfigError
 from prefill_router.serve.batching import LRUCache, MicroBatcher
 from prefill_router.serve.config import Preset, load_gateway_config, parse_gateway_config

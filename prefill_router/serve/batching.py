@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -65,7 +66,7 @@ class MicroBatcher(Generic[In, Out]):
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         # A caller that gave up (client disconnected) does not cost a slot in the forward pass.
         return [(item, fut) for item, fut in batch if not fut.done()]

@@ -118,7 +118,7 @@ class GatewayConfig(BaseModel):
         return presets
 
     @model_validator(mode="after")
-    def _names_refer_to_targets(self) -> "GatewayConfig":
+    def _names_refer_to_targets(self) -> GatewayConfig:
         names = [t.name for t in self.targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from prefill_router.serve.config import ROUTER_ALIAS, Preset
 
