@@ -66,7 +66,8 @@ class RemoteEncoder:
     max_prompts: prompts per request; larger calls are split (bounds each response's size).
     """
 
-    def __init__(self, url: str, *, timeout: float = 120.0, api_key: str | None = None, max_prompts: int = 64):
+    def __init__(self, url: str, *, timeout: float = 120.0, api_key: str | None = None,
+                 max_prompts: int = 64):
         if not url or not url.startswith(("http://", "https://")):
             raise ConfigError(f"encoder url: expected http(s)://host:port, got {url!r}")
         if max_prompts <= 0:
@@ -78,7 +79,8 @@ class RemoteEncoder:
         self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
         info = self._request("GET", "/v1/encoder").json()
         if info.get("format") != PROTOCOL:
-            raise EncoderError(f"encoder server {self.url}: speaks {info.get('format')!r}, expected {PROTOCOL!r}")
+            raise EncoderError(f"encoder server {self.url}: speaks {info.get('format')!r}, "
+                               f"expected {PROTOCOL!r}")
         try:
             self._identity: dict = info["identity"]
             self.num_hidden_states = int(info["num_hidden_states"])
@@ -86,7 +88,8 @@ class RemoteEncoder:
             self.max_tokens = int(info["max_tokens"])
             self.poolings = list(info.get("poolings", POOLINGS))
         except (KeyError, TypeError, ValueError) as exc:
-            raise EncoderError(f"encoder server {self.url}: /v1/encoder lacks a valid field ({exc})") from None
+            raise EncoderError(f"encoder server {self.url}: /v1/encoder lacks a valid field "
+                               f"({exc})") from None
         self._last_tokens: tuple[list[str], np.ndarray] | None = None
 
     def __repr__(self) -> str:
@@ -110,7 +113,8 @@ class RemoteEncoder:
         try:
             response = self._client.request(method, route, **kwargs)
         except httpx.HTTPError as exc:
-            raise EncoderError(f"encoder server {self.url}{route} unreachable: {type(exc).__name__}: {exc}") from None
+            raise EncoderError(f"encoder server {self.url}{route} unreachable: "
+                               f"{type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
             try:
                 message = response.json()["error"]["message"]
@@ -131,7 +135,8 @@ class RemoteEncoder:
             except EncoderError:
                 raise
             except Exception as exc:  # a body that is not a safetensors file
-                raise EncoderError(f"encoder server {self.url}: unreadable /v1/prefill reply ({exc})") from None
+                raise EncoderError(f"encoder server {self.url}: unreadable /v1/prefill reply "
+                                   f"({exc})") from None
             for name in out:
                 if name not in tensors or len(tensors[name]) != len(chunk):
                     raise EncoderError(f"encoder server {self.url}: /v1/prefill reply lacks {name!r} for "
@@ -194,14 +199,16 @@ def create_encoder_app(encoder, *, api_key: str | None = None):
     def describe(request: Request):
         if not authorised(request):
             return error(401, "missing or wrong API key")
-        return {"format": PROTOCOL, "identity": encoder.identity(), "num_hidden_states": encoder.num_hidden_states,
-                "hidden_size": encoder.hidden_size, "max_tokens": encoder.max_tokens, "poolings": list(POOLINGS)}
+        return {"format": PROTOCOL, "identity": encoder.identity(),
+                "num_hidden_states": encoder.num_hidden_states, "hidden_size": encoder.hidden_size,
+                "max_tokens": encoder.max_tokens, "poolings": list(POOLINGS)}
 
     @app.post("/v1/prefill")
     def prefill(request: Request, body: dict):
         if not authorised(request):
             return error(401, "missing or wrong API key")
-        prompts, poolings, layers = body.get("prompts"), body.get("poolings", list(POOLINGS)), body.get("layers")
+        prompts, layers = body.get("prompts"), body.get("layers")
+        poolings = body.get("poolings", list(POOLINGS))
         offset = body.get("row_offset", 0) if isinstance(body.get("row_offset"), int) else 0
         if not isinstance(prompts, list) or not prompts:
             return error(400, "'prompts' must be a non-empty list of texts or chat-message lists")
