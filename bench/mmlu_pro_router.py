@@ -32,13 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefill_router.data import kfold, load_mmlu_pro  # noqa: E402
-from prefill_router.evaluate.harness import Contender, evaluate_contenders  # noqa: E402
-from prefill_router.evaluate.sweep import Curve  # noqa: E402
-from prefill_router.router.baselines import LogisticPredictor  # noqa: E402
-from prefill_router.router.robust import fit_robust_policy, out_of_fold_proba  # noqa: E402
-from prefill_router.router.transform import FeatureTransform  # noqa: E402
-from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble  # noqa: E402
+from prefill_router.data import kfold, load_mmlu_pro
+from prefill_router.evaluate.harness import Contender, evaluate_contenders
+from prefill_router.evaluate.sweep import Curve
+from prefill_router.router.baselines import LogisticPredictor
+from prefill_router.router.robust import fit_robust_policy, out_of_fold_proba
+from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 
 POOLS = {
     "two": ["gemini-1.5-pro-002", "gemini-1.5-flash-002"],
@@ -155,7 +155,7 @@ def make_contenders(cols: list[int], X: np.ndarray, Y: np.ndarray, C: np.ndarray
 def summary_rows(report) -> list[dict]:
     out = []
     for r in report.rows:
-        def m(key):
+        def m(key, r=r):
             return r.stat(key)[0]
         best_curve_acc = float("nan")
         if r.curves:

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefill_router.router.checkpoint import Router  # noqa: E402
-from prefill_router.router.transform import FeatureTransform  # noqa: E402
-from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble, masked_bce, split_labels  # noqa: E402
+from prefill_router.router.checkpoint import Router
+from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble, masked_bce, split_labels
 
 
 def synthetic(n: int, d: int, k: int, seed: int = 0):

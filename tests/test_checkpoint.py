@@ -184,6 +184,7 @@ def test_router_loads_the_encoder_named_in_the_checkpoint(encoder_checkpoint):
 
 def test_mismatched_encoder_is_refused_naming_both(encoder_checkpoint, tmp_path):
     from conftest import make_tiny_encoder
+
     from prefill_router.features import load_encoder
 
     folder, encoder = encoder_checkpoint

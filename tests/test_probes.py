@@ -7,9 +7,18 @@ import csv
 import numpy as np
 import pytest
 
-from prefill_router.probes import (LayerReport, effective_dimensionality, fisher_diag, fisher_j, probe_auc,
-                                   rank_agreement, run_probes, select_layers, ternary_search_layer,
-                                   write_probe_outputs)
+from prefill_router.probes import (
+    LayerReport,
+    effective_dimensionality,
+    fisher_diag,
+    fisher_j,
+    probe_auc,
+    rank_agreement,
+    run_probes,
+    select_layers,
+    ternary_search_layer,
+    write_probe_outputs,
+)
 
 
 def _two_gaussians(delta: float, n: int = 4000, d: int = 5, seed: int = 0):

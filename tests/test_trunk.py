@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from prefill_router.errors import ConfigError
-from prefill_router.router.robust import (RobustPolicy, fit_robust_policy, out_of_fold_proba, pareto_frontier,
-                                          shrinkage_alpha)
+from prefill_router.router.robust import (
+    RobustPolicy,
+    fit_robust_policy,
+    out_of_fold_proba,
+    pareto_frontier,
+    shrinkage_alpha,
+)
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble, masked_bce, split_labels
 

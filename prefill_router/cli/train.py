@@ -67,11 +67,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
     features = FeatureSet.open(args.features)
     ds = load_dataset(args)
-    if features.n < ds.n:
+    # With --limit the store may hold the full dataset: its first rows are used.
+    if features.n < ds.n or (features.n > ds.n and args.limit is None):
         raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
-    if features.n > ds.n:  # --limit: the store holds the full dataset, use its first rows
-        if args.limit is None:
-            raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
     done = np.asarray(features.done[: ds.n], dtype=bool)
     if not done.any():
         raise ConfigError(f"--features: no finished rows in {args.features}")
@@ -102,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         P = router.predict_proba_features(X[test])
         Yte, Cte = ds.Y[test], ds.C[test]
         choice = router.choose(P, Cte)
-        best_k, best_acc, _ = metrics.best_single(ds.Y[rows], ds.C[rows])
+        best_k, _, _ = metrics.best_single(ds.Y[rows], ds.C[rows])
         router.metrics["holdout"] = {
             "rows": int(test.size),
             "mean_auc": float(np.nanmean(metrics.per_target_auc(Yte, P))),

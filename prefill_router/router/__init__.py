@@ -7,5 +7,5 @@ from prefill_router.router.robust import RobustPolicy, fit_robust_policy
 from prefill_router.router.transform import FeatureTransform
 from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble
 
-__all__ = ["Policy", "Predictor", "RouteDecision", "Router", "RouterTrainConfig", "train_router", "RobustPolicy",
-           "fit_robust_policy", "FeatureTransform", "SharedTrunkNet", "TrunkConfig", "TrunkEnsemble"]
+__all__ = ["FeatureTransform", "Policy", "Predictor", "RobustPolicy", "RouteDecision", "Router", "RouterTrainConfig",
+           "SharedTrunkNet", "TrunkConfig", "TrunkEnsemble", "fit_robust_policy", "train_router"]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -244,7 +245,7 @@ class Router:
         return folder
 
     @classmethod
-    def load(cls, path: str | Path, encoder=None) -> "Router":
+    def load(cls, path: str | Path, encoder=None) -> Router:
         """Read a checkpoint folder. With `encoder` given, use it (refused when its identity differs from the
         checkpoint's); otherwise the encoder named in the checkpoint is loaded at the first routing call."""
         folder = Path(path)
@@ -360,7 +361,7 @@ class RouterTrainConfig(BaseModel):
     seed: int = 0
 
     @classmethod
-    def parse(cls, data: dict) -> "RouterTrainConfig":
+    def parse(cls, data: dict) -> RouterTrainConfig:
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -441,7 +442,7 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         cost_model = CostModel.fit(dataset, rows)
     C = dataset.C[rows]  # the robust policy's frontier uses the costs the training rows really had
 
-    metrics: dict = {"train_rows": int(len(rows)), "feature_dim": int(Z.shape[1]),
+    metrics: dict = {"train_rows": len(rows), "feature_dim": int(Z.shape[1]),
                      "val_losses": predictor.val_losses}
     robust = None
     if config.robust_folds >= 2:

@@ -60,7 +60,7 @@ class RobustPolicy:
         P = np.asarray(P, dtype=np.float64)
         return self.prior + self.alpha * (P - self.prior)
 
-    def with_lambda(self, lam: float) -> "RobustPolicy":
+    def with_lambda(self, lam: float) -> RobustPolicy:
         return RobustPolicy(self.prior, self.alpha, self.eligible, self.anchor, self.margin, float(lam),
                             self.cost_scale, dict(self.fit_info))
 
@@ -88,7 +88,7 @@ class RobustPolicy:
                 "lam": float(self.lam), "cost_scale": self.cost_scale, "fit_info": self.fit_info}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RobustPolicy":
+    def from_dict(cls, data: dict) -> RobustPolicy:
         try:
             return cls(np.asarray(data["prior"]), np.asarray(data["alpha"]), np.asarray(data["eligible"]),
                        int(data["anchor"]), float(data["margin"]), float(data.get("lam", 0.0)),

@@ -56,7 +56,7 @@ class FeatureTransform:
         self._check_fitted()
         return int(self.components.shape[0]) if self.components is not None else int(self.mean.shape[0])
 
-    def fit(self, X: np.ndarray, *, seed: int = 0) -> "FeatureTransform":
+    def fit(self, X: np.ndarray, *, seed: int = 0) -> FeatureTransform:
         X = np.asarray(X)
         self.input_shape = tuple(int(s) for s in X.shape[1:])
         flat = X.reshape(len(X), -1).astype(np.float64)
@@ -117,7 +117,7 @@ class FeatureTransform:
         return {"dims": self.dims, "input_shape": list(self.input_shape)}
 
     @classmethod
-    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray], prefix: str = "transform.") -> "FeatureTransform":
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray], prefix: str = "transform.") -> FeatureTransform:
         try:
             t = cls(dims=meta["dims"], input_shape=tuple(meta["input_shape"]))
             t.mean, t.scale = arrays[f"{prefix}mean"], arrays[f"{prefix}scale"]

@@ -45,7 +45,7 @@ class TrunkConfig(BaseModel):
     progress: bool = False
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrunkConfig":
+    def _consistent(self) -> TrunkConfig:
         if len(self.hidden) != len(self.dropout):
             raise ValueError(f"hidden has {len(self.hidden)} layers but dropout has {len(self.dropout)} rates")
         if self.keep > self.seeds:
@@ -55,7 +55,7 @@ class TrunkConfig(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, data: dict) -> "TrunkConfig":
+    def parse(cls, data: dict) -> TrunkConfig:
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -126,7 +126,7 @@ class TrunkEnsemble:
         self.n_targets: int | None = None
 
     # -- training ------------------------------------------------------------------------------------
-    def fit(self, X: np.ndarray, Y: np.ndarray) -> "TrunkEnsemble":
+    def fit(self, X: np.ndarray, Y: np.ndarray) -> TrunkEnsemble:
         cfg = self.config
         X = np.asarray(X, dtype=np.float32)
         Y = np.asarray(Y, dtype=np.float64)
@@ -223,7 +223,7 @@ class TrunkEnsemble:
                 "all_val_losses": self.all_val_losses, "epochs": self.epochs}
 
     @classmethod
-    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray], prefix: str = "trunk.") -> "TrunkEnsemble":
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray], prefix: str = "trunk.") -> TrunkEnsemble:
         try:
             ens = cls(TrunkConfig.parse(meta["config"]))
             ens.in_dim, ens.n_targets = int(meta["in_dim"]), int(meta["n_targets"])
