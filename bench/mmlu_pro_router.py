@@ -21,7 +21,6 @@ medians over all rows, as load_mmlu_pro does).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -33,12 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefill_router.data import kfold, load_mmlu_pro
-from prefill_router.evaluate.harness import Contender, evaluate_contenders
-from prefill_router.evaluate.sweep import Curve
-from prefill_router.router.baselines import LogisticPredictor
-from prefill_router.router.robust import fit_robust_policy, out_of_fold_proba
-from prefill_router.router.transform import FeatureTransform
-from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
+from prefill_router.evaluate.harness import evaluate_contenders
+from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders
+from prefill_router.evaluate.report import pool_markdown, pool_summary
+from prefill_router.router.trunk import TrunkConfig
 
 POOLS = {
     "two": ["gemini-1.5-pro-002", "gemini-1.5-flash-002"],
@@ -62,131 +59,6 @@ def reference_features(folder: Path, pooling: str, states: list[int] | None) -> 
     scale = np.load(folder / f"{pooling}_scale.npy")[pick]
     X = offset + scale * (q[:, pick, :].astype(np.float32) + 128)
     return done, X.astype(np.float32)
-
-
-def _key(*parts) -> str:
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(np.ascontiguousarray(p).tobytes() if isinstance(p, np.ndarray) else str(p).encode())
-    return h.hexdigest()
-
-
-class Cache:
-    """Fitted transforms and ensembles shared by the contenders of one fold (each is fitted once)."""
-
-    def __init__(self):
-        self.store: dict[str, object] = {}
-
-    def get(self, key: str, make):
-        if key not in self.store:
-            self.store[key] = make()
-        return self.store[key]
-
-
-def make_contenders(cols: list[int], X: np.ndarray, Y: np.ndarray, C: np.ndarray, feat: str, args, cache: Cache):
-    """Contenders for the pool `cols` (column indices into Y and C, which hold every target).
-
-    X given to the harness is row indices; the closures hold features, labels and costs of every row.
-    Every model is trained on ALL targets' labels of the training rows (the multi-output trunk shares them;
-    per-target logistic regressions are independent anyway) and then read at the pool's columns, so the three
-    pools reuse one fit per fold. The robust policy is fitted per pool on those columns.
-    """
-    trunk_cfg = TrunkConfig(seeds=args.seeds, keep=args.keep, threads=args.threads, seed=0)
-    small_cfg = trunk_cfg.model_copy(update={"seeds": args.robust_seeds, "keep": min(args.keep, args.robust_seeds)})
-
-    def transform(rows):
-        return cache.get(_key("tf", feat, rows), lambda: FeatureTransform(args.pca).fit(X[rows]))
-
-    def Z(rows, fit_rows):
-        return transform(fit_rows).transform(X[rows])
-
-    class Base:
-        def fit(self, idx, Ytr):
-            self.rows = np.asarray(idx)
-            return self
-
-    class Trunk(Base):
-        def model(self):
-            return cache.get(_key("trunk", feat, self.rows),
-                             lambda: TrunkEnsemble(trunk_cfg).fit(Z(self.rows, self.rows), Y[self.rows]))
-
-        def fit(self, idx, Ytr):
-            super().fit(idx, Ytr)
-            self.model()
-            return self
-
-        def predict_proba(self, idx):
-            return self.model().predict_proba(Z(np.asarray(idx), self.rows))[:, cols]
-
-    class Robust(Trunk):
-        def fit(self, idx, Ytr):
-            super().fit(idx, Ytr)
-            P_oof = cache.get(_key("oof", feat, self.rows), lambda: out_of_fold_proba(
-                Z(self.rows, self.rows), Y[self.rows], lambda: TrunkEnsemble(small_cfg), args.robust_folds, 0))
-            self.policy = fit_robust_policy(P_oof[:, cols], Y[self.rows][:, cols], C[self.rows][:, cols])
-            return self
-
-        def predict_proba(self, idx):
-            p = self.policy
-            S = p.calibrate(super().predict_proba(idx))
-            S[:, ~p.eligible] = -1.0
-            S[:, p.anchor] += p.margin
-            return S
-
-    class Logistic(Base):
-        def fit(self, idx, Ytr):
-            super().fit(idx, Ytr)
-            self.model = cache.get(_key("logreg", feat, self.rows),
-                                   lambda: LogisticPredictor().fit(Z(self.rows, self.rows), Y[self.rows]))
-            return self
-
-        def predict_proba(self, idx):
-            return self.model.predict_proba(Z(np.asarray(idx), self.rows))[:, cols]
-
-    rows = np.arange(len(Y))
-    out = [Contender(f"prefill-trunk [{feat}]", Trunk, rows)]
-    if not args.no_robust:
-        out.append(Contender(f"prefill-trunk+robust [{feat}]", Robust, rows))
-    if not args.no_logreg:
-        out.append(Contender(f"prefill-logreg [{feat}]", Logistic, rows))
-    return out
-
-
-def summary_rows(report) -> list[dict]:
-    out = []
-    for r in report.rows:
-        def m(key, r=r):
-            return r.stat(key)[0]
-        best_curve_acc = float("nan")
-        if r.curves:
-            best_curve_acc = float(np.mean([np.nanmax(Curve.from_dict(c).accuracy) for c in r.curves]))
-        out.append({"name": r.name, "mean_auc": m("mean_auc"), "accuracy": m("accuracy"),
-                    "gap_captured": m("gap_captured"), "cost_per_1k": m("cost_per_1k"),
-                    "savings_vs_most_expensive": m("savings_vs_most_expensive"),
-                    "savings_at_best_single_accuracy": m("savings_at_best_single_accuracy"),
-                    "savings_at_lambda_train": m("savings_at_lambda_train"),
-                    "accuracy_at_lambda_train": m("accuracy_at_lambda_train"),
-                    "max_curve_accuracy": best_curve_acc, "aiq": m("aiq")})
-    return out
-
-
-def fmt_table(pool: str, rows: list[dict]) -> str:
-    def pct(x):
-        return "—" if not np.isfinite(x) else f"{100 * x:.1f}%"
-
-    def num(x, d=3):
-        return "—" if not np.isfinite(x) else f"{x:.{d}f}"
-
-    lines = [f"### pool: {pool}", "",
-             "| contender | mean AUC | argmax acc | gap captured | $/1k q (argmax) | savings @ best-single acc "
-             "(test sweep) | savings @ λ_train | acc @ λ_train | max acc on curve | AIQ |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {num(r['mean_auc'])} | {pct(r['accuracy'])} | {pct(r['gap_captured'])} | "
-                     f"{num(r['cost_per_1k'], 4)} | {pct(r['savings_at_best_single_accuracy'])} | "
-                     f"{pct(r['savings_at_lambda_train'])} | {pct(r['accuracy_at_lambda_train'])} | "
-                     f"{pct(r['max_curve_accuracy'])} | {num(r['aiq'])} |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -221,20 +93,23 @@ def main(argv=None) -> int:
         sub = ds.subset(rows)
         X = X_all[rows]
         folds = kfold(sub, k=args.folds, seed=0)
-        cache = Cache()
+        cache = FitCache()
+        settings = PrefillSettings(pca=args.pca, robust=not args.no_robust, logistic=not args.no_logreg,
+                                   robust_seeds=args.robust_seeds, robust_folds=args.robust_folds,
+                                   trunk=TrunkConfig(seeds=args.seeds, keep=args.keep, threads=args.threads, seed=0))
         for pool in args.pools.split(","):
             pds = sub if POOLS[pool] is None else sub.select_targets(POOLS[pool])
             cols = [sub.targets.index(t) for t in pds.targets]
-            contenders = make_contenders(cols, X, sub.Y, sub.C, feat, args, cache)
+            contenders = prefill_contenders(X.reshape(len(X), -1), sub.Y, sub.C, cols, feat, settings, cache)
             report = evaluate_contenders(pds.Y, pds.C, folds, contenders, targets=pds.targets,
                                          notes=[f"{len(rows)} MMLU-Pro questions with done reference features",
                                                 f"features: {feat} ({pooling} pooling), PCA {args.pca}, "
                                                 f"SharedTrunkNet {args.seeds} seeds keep {args.keep}, trained on all "
                                                 f"{sub.k} targets' labels and read at the pool's columns"])
             report.save(out / feat / pool)
-            rs = summary_rows(report)
+            rs = pool_summary(report)
             all_rows[f"{feat}/{pool}"] = rs
-            table = fmt_table(f"{pool} ({len(pds.targets)} targets), features {feat}", rs)
+            table = pool_markdown(f"pool: {pool} ({len(pds.targets)} targets), features {feat}", rs)
             tables.append(table)
             print(table, "\n", flush=True)
     (out / "summary.json").write_text(json.dumps(all_rows, indent=1, default=float))

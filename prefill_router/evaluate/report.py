@@ -296,3 +296,33 @@ class Report:
         md.write_text(self.to_markdown())
         return {"json": self.to_json(folder / "report.json"), "markdown": md,
                 "plot": self.plot(folder / "cost_quality.png")}
+
+
+# Columns of the one-line-per-contender summary that compares target pools (the README's headline table).
+POOL_COLUMNS = [("mean_auc", "mean AUC", "num"), ("accuracy", "argmax acc", "pct"),
+                ("gap_captured", "gap captured", "pct"), ("cost_per_1k", "$/1k queries (argmax)", "usd"),
+                ("savings_at_best_single_accuracy", "savings @ best-single acc", "pct"),
+                ("savings_at_lambda_train", "savings @ λ_train", "pct"),
+                ("accuracy_at_lambda_train", "acc @ λ_train", "pct"),
+                ("max_curve_accuracy", "max acc on curve", "pct"), ("aiq", "AIQ", "num")]
+
+
+def pool_summary(report: Report) -> list[dict]:
+    """Fold means of the headline metrics for every row of a report, plus the highest accuracy on the row's
+    fold-mean utility curve."""
+    out = []
+    for r in report.rows:
+        entry = {"name": r.name, **{key: r.stat(key)[0] for key, _, _ in POOL_COLUMNS}}
+        entry["max_curve_accuracy"] = (float(np.mean([np.nanmax(Curve.from_dict(c).accuracy) for c in r.curves]))
+                                       if r.curves else float("nan"))
+        out.append(entry)
+    return out
+
+
+def pool_markdown(title: str, rows: list[dict]) -> str:
+    lines = [f"### {title}", "", "| contender | " + " | ".join(h for _, h, _ in POOL_COLUMNS) + " |",
+             "|---|" + "---:|" * len(POOL_COLUMNS)]
+    for r in rows:
+        cells = [_fmt(r[key], float("nan"), how) for key, _, how in POOL_COLUMNS]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,117 @@
+"""Prefill-feature contenders for the k-fold harness: SharedTrunkNet, the same with the robust policy, and
+one logistic regression per target, all on scaler+PCA features of the encoder's hidden states.
+
+The harness gets row indices as X; the contenders hold features, labels and costs of every row and fit on
+the rows the harness gives them. Each model is trained on ALL targets' labels of its training rows (the
+multi-output trunk shares them; per-target logistic regressions are independent anyway) and read at a pool's
+columns, so several target pools evaluated on the same folds reuse one fit per fold through a `FitCache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prefill_router.evaluate.harness import Contender
+from prefill_router.router.baselines import LogisticPredictor
+from prefill_router.router.robust import fit_robust_policy, out_of_fold_proba
+from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
+
+
+def _key(*parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(np.ascontiguousarray(p).tobytes() if isinstance(p, np.ndarray) else str(p).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class FitCache:
+    """Fitted transforms and models shared by the contenders and pools of one set of folds."""
+
+    store: dict = field(default_factory=dict)
+
+    def get(self, key: str, make: Callable):
+        if key not in self.store:
+            self.store[key] = make()
+        return self.store[key]
+
+
+@dataclass
+class PrefillSettings:
+    pca: int | None = 200
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    robust: bool = True
+    robust_seeds: int = 1       # seeds of the small ensembles that give the robust policy its out-of-fold P
+    robust_folds: int = 3
+    logistic: bool = True
+
+
+def prefill_contenders(X: np.ndarray, Y: np.ndarray, C: np.ndarray, cols: list[int], label: str,
+                       settings: PrefillSettings, cache: FitCache) -> list[Contender]:
+    """Contenders for the target pool `cols` (column indices into Y and C, which hold every target).
+
+    X: [N, D] features of every row (hidden states already concatenated); `label` names the feature choice
+    in the report rows, e.g. "mean-all".
+    """
+    trunk_cfg = settings.trunk
+    small_cfg = trunk_cfg.model_copy(update={"seeds": settings.robust_seeds,
+                                             "keep": min(trunk_cfg.keep, settings.robust_seeds)})
+
+    def transform(rows):
+        return cache.get(_key("tf", label, rows), lambda: FeatureTransform(settings.pca).fit(X[rows]))
+
+    def Z(rows, fit_rows):
+        return transform(fit_rows).transform(X[rows])
+
+    class _Fitted:
+        def fit(self, idx, Ytr):
+            self.rows = np.asarray(idx)
+            self.model = self._fit()
+            return self
+
+        def predict_proba(self, idx):
+            return self.model.predict_proba(Z(np.asarray(idx), self.rows))[:, cols]
+
+    class Trunk(_Fitted):
+        def _fit(self):
+            return cache.get(_key("trunk", label, self.rows),
+                             lambda: TrunkEnsemble(trunk_cfg).fit(Z(self.rows, self.rows), Y[self.rows]))
+
+    class Robust(Trunk):
+        """The trunk's P through RobustPolicy, fitted on out-of-fold predictions of the TRAINING rows only.
+
+        The harness sweeps the utility policy over the policy's adjusted scores (P shrunk, ineligible targets
+        -1, anchor + margin), which is exactly RobustPolicy at each lambda. Its AUC is that of the adjusted
+        scores, so read AUC on the plain trunk row."""
+
+        def fit(self, idx, Ytr):
+            super().fit(idx, Ytr)
+            P_oof = cache.get(_key("oof", label, self.rows), lambda: out_of_fold_proba(
+                Z(self.rows, self.rows), Y[self.rows], lambda: TrunkEnsemble(small_cfg), settings.robust_folds, 0))
+            self.policy = fit_robust_policy(P_oof[:, cols], Y[self.rows][:, cols], C[self.rows][:, cols])
+            return self
+
+        def predict_proba(self, idx):
+            p = self.policy
+            S = p.calibrate(super().predict_proba(idx))
+            S[:, ~p.eligible] = -1.0
+            S[:, p.anchor] += p.margin
+            return S
+
+    class Logistic(_Fitted):
+        def _fit(self):
+            return cache.get(_key("logreg", label, self.rows),
+                             lambda: LogisticPredictor().fit(Z(self.rows, self.rows), Y[self.rows]))
+
+    rows = np.arange(len(Y))
+    out = [Contender(f"prefill-trunk [{label}]", Trunk, rows)]
+    if settings.robust:
+        out.append(Contender(f"prefill-trunk+robust [{label}]", Robust, rows))
+    if settings.logistic:
+        out.append(Contender(f"prefill-logreg [{label}]", Logistic, rows))
+    return out
