@@ -162,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
     probe_input = {"mean": X_all}
     if "last" in fs.hidden_states:
         probe_input["last"] = fs.get("last", rows=None if fs.n == len(rows) else rows)
-    reports = run_probes(probe_input, ds.Y, ds.targets, train0, hidden_states=fs.hidden_states, seed=args.seed)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(args.threads or 1):  # small fits: an oversubscribed BLAS pool is several times slower
+        reports = run_probes(probe_input, ds.Y, ds.targets, train0, hidden_states=fs.hidden_states, seed=args.seed)
     probe_paths = write_probe_outputs(reports, out / "probes")
     print(probe_paths["md"].read_text(), file=sys.stderr)
     agreement = rank_agreement(reports)
