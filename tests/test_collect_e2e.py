@@ -365,7 +365,7 @@ def test_dry_run_counts_pending_calls_and_prices_them(tmp_path, upstreams):
     assert [r["calls"] for r in estimate.rows] == [5, 5, 0] and estimate.rows[2]["est_cost_usd"] == 0.0
 
 
-def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir):
+def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir, monkeypatch):
     """collect -> `prefill-router extract` -> `prefill-router train` -> Router.load -> route."""
     from prefill_router.features.encoder import load_encoder
     from prefill_router.router import Router
@@ -388,6 +388,14 @@ def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir
     decision = router.route(questions[0]["prompt"])
     assert router.targets == ["strong", "mid", "cheap"] and decision.target in router.targets
     assert set(decision.probabilities) == set(router.targets)
+
+    # Without an encoder passed in, the checkpoint loads the one the store was extracted with, from any
+    # working directory (the store recorded the local encoder folder as an absolute path).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = Router.load(checkpoint).route(questions[0]["prompt"])
+    assert again.probabilities == pytest.approx(decision.probabilities)
 
 
 def test_only_calls_some_targets_but_the_dataset_keeps_all_labels(tmp_path, upstreams):

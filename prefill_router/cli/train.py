@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     states = held if args.layers == "all" else args.layers
     router = train_router(ds, X, rows, config.model_copy(update={"layers": "all"}), hidden_states=states,
                           encoder=features.identity, progress=True)
+    # A store made by `extract` records how to load its encoder (a local folder as an absolute path).
+    router.encoder_spec = features.manifest.get("encoder_spec") or router.encoder_spec
     router.training["config"]["layers"] = states
     router.training["features_store"] = str(Path(args.features).resolve())
     router.training["rows_without_features"] = skipped

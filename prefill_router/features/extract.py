@@ -24,6 +24,15 @@ from prefill_router.features.store import FeatureSet, FeatureStore, identity_dif
 from prefill_router.features.template import prompt_hashes
 
 
+def loadable_spec(spec) -> dict:
+    """The encoder spec as JSON, with a local model path made absolute, so that a router trained from this
+    store can load the same encoder later from another working directory."""
+    data = spec.model_dump(mode="json")
+    if Path(data["model"]).exists():
+        data["model"] = str(Path(data["model"]).resolve())
+    return data
+
+
 def _mismatch(store: FeatureSet, identity: dict, hashes: list[str], wanted: dict[str, list[int]]) -> str | None:
     """Why an existing store cannot serve this request, or None when it can."""
     if store.identity != identity:
@@ -77,7 +86,8 @@ def extract_to_store(prompts: Sequence[Any], encoder: Encoder, path: str | Path,
     if existing is None:
         store = FeatureStore.create(path, identity=identity, hidden_states=wanted, rows=len(prompts),
                                     hidden_size=encoder.hidden_size, dtype=dtype, prompt_hashes=hashes,
-                                    extra={"template": encoder.spec.template, "max_tokens": encoder.max_tokens})
+                                    extra={"template": encoder.spec.template, "max_tokens": encoder.max_tokens,
+                                           "encoder_spec": loadable_spec(encoder.spec)})
     else:
         store = FeatureStore.open(path)
     todo = np.flatnonzero(~store.done)
