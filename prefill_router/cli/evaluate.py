@@ -57,6 +57,24 @@ class EvalInputs:
     def row_ids(self) -> np.ndarray:
         return np.arange(self.dataset.n)[:, None]
 
+    def prefill_features(self) -> np.ndarray:
+        """[N, layers * hidden] prefill features of every prompt from the --features store (hidden states of
+        --pooling concatenated); every row must be done."""
+        if "prefill" not in self._cache:
+            from prefill_router.features import FeatureSet
+
+            if not self.args.features:
+                raise ConfigError("the prefill contenders need --features STORE (from `prefill-router extract`)")
+            fs = FeatureSet.open(self.args.features)
+            if fs.n != self.dataset.n:
+                raise ConfigError(f"--features: the store holds {fs.n} rows but the dataset has {self.dataset.n}")
+            if not fs.complete:
+                raise ConfigError(f"--features: {int((~fs.done).sum())} rows are not extracted yet; rerun "
+                                  f"`prefill-router extract` on the same store to finish them")
+            X = fs.get(self.args.pooling)
+            self._cache["prefill"] = X.reshape(len(X), -1)
+        return self._cache["prefill"]
+
 
 @dataclass
 class ContenderSpec:
@@ -104,11 +122,39 @@ def _label_oracle(inputs: EvalInputs):
     return (lambda: OraclePredictor(Y)), inputs.row_ids()
 
 
+def _prefill(index: int):
+    """Builder of the index-th contender of `evaluate.prefill.prefill_contenders` (trunk, robust, logistic),
+    all pools' columns, sharing one fit cache per command."""
+
+    def build(inputs: EvalInputs):
+        from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders
+        from prefill_router.router.trunk import TrunkConfig
+
+        X = inputs.prefill_features()
+        settings = PrefillSettings(pca=inputs.args.pca, trunk=TrunkConfig(seeds=inputs.args.seeds,
+                                                                          keep=inputs.args.keep,
+                                                                          seed=inputs.args.seed,
+                                                                          threads=inputs.args.threads))
+        cache = inputs._cache.setdefault("fit_cache", FitCache())
+        ds = inputs.dataset
+        contender = prefill_contenders(X, ds.Y, ds.C, list(range(ds.k)), inputs.args.pooling, settings,
+                                       cache)[index]
+        return contender.make_predictor, contender.X
+
+    return build
+
+
 CONTENDERS: dict[str, ContenderSpec] = {
     "knn": ContenderSpec("knn-minilm", "mean label of the k nearest training prompts (MiniLM cosine)", _knn),
     "logreg": ContenderSpec("logreg-minilm", "logistic regression per target on MiniLM embeddings", _logreg),
     "mlp": ContenderSpec("mlp-minilm", "multi-output MLP on MiniLM embeddings, masked BCE", _mlp),
     "tfidf": ContenderSpec("tfidf-logreg", "TF-IDF word 1-2 grams, logistic regression per target", _tfidf),
+    "prefill-trunk": ContenderSpec("prefill-trunk", "SharedTrunkNet ensemble on --features (scaler + PCA)",
+                                   _prefill(0)),
+    "prefill-robust": ContenderSpec("prefill-trunk+robust", "the same through the robust many-target policy",
+                                    _prefill(1)),
+    "prefill-logreg": ContenderSpec("prefill-logreg", "logistic regression per target on --features",
+                                    _prefill(2)),
     "prior": ContenderSpec("prior", "each target's training accuracy for every prompt", _prior),
     "label-oracle": ContenderSpec("label-oracle", "predicts the true labels (a check: near-oracle numbers)",
                                   _label_oracle),
@@ -308,6 +354,12 @@ def register(subparsers) -> None:
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
                    help=f"comma-separated contenders (default {DEFAULT_CONTENDERS}); known: "
                         + ", ".join(sorted(CONTENDERS)))
+    p.add_argument("--features", default=None,
+                   help="feature store (from `prefill-router extract`) for the prefill-* contenders")
+    p.add_argument("--pooling", default="mean", help="pooling read from --features (default mean)")
+    p.add_argument("--pca", type=int, default=200, help="PCA components for the prefill-* contenders (default 200)")
+    p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained (default 10)")
+    p.add_argument("--keep", type=int, default=5, help="SharedTrunkNet seeds kept (default 5)")
     p.add_argument("--cache-dir", default=None,
                    help="embedding cache folder (default: <user cache>/embeddings)")
     p.add_argument("--embedding-model", default=None,
