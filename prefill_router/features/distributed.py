@@ -49,11 +49,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from prefill_router.errors import ConfigError, DataError, EncoderError, PrefillRouterError
-from prefill_router.features.encoder import (Encoder, EncoderSpec, _as_prompt_list, _check_poolings,
-                                             converted_gguf_folder, resolve)
-from prefill_router.features.extract import _mismatch, fill_rows
-from prefill_router.features.store import FeatureSet, FeatureStore, is_store, remove_store
-from prefill_router.features.template import as_messages, prompt_hashes, render
+from prefill_router.features.encoder import (Encoder, EncoderSpec, _as_prompt_list, converted_gguf_folder, resolve)
+from prefill_router.features.extract import fill_rows, open_store
+from prefill_router.features.store import FeatureSet, FeatureStore
+from prefill_router.features.template import as_messages, render
 
 RAY_MISSING = "the Ray engine needs Ray: pip install 'prefill-router[ray]'"
 SHARDS_DIR = "shards"
@@ -300,34 +299,6 @@ class ShardedRun:
     compute_seconds: float = 0.0                        # summed time actors spent computing shards
 
 
-def _open_store(prompts: list, encoder: Encoder, path: Path, poolings, layers, dtype: str,
-                overwrite: bool) -> FeatureStore:
-    """Open or create the store as the single-machine engine does (same identity and prompt checks)."""
-    identity = encoder.identity()
-    hashes = prompt_hashes(prompts)
-    existing = FeatureSet.open(path) if is_store(path) else None
-    if existing is not None and poolings is None and layers is None:
-        wanted = existing.hidden_states
-    else:
-        layer_ids = encoder.resolve_layers(layers)
-        wanted = {p: layer_ids for p in _check_poolings(poolings or ("mean", "last"))}
-    if existing is not None:
-        reason = _mismatch(existing, identity, hashes, wanted)
-        if reason is not None:
-            if not overwrite:
-                raise ConfigError(f"feature store {path} cannot be reused: {reason}. Pass overwrite=True "
-                                  f"(--overwrite) to replace it, or choose another output folder")
-            print(f"replacing feature store {path}: {reason}", file=sys.stderr)
-            remove_store(path)
-            existing = None
-    if existing is None:
-        return FeatureStore.create(path, identity=identity, hidden_states=wanted, rows=len(prompts),
-                                   hidden_size=encoder.hidden_size, dtype=dtype, prompt_hashes=hashes,
-                                   extra={"template": encoder.spec.template,
-                                          "max_tokens": encoder.max_tokens})
-    return FeatureStore.open(path)
-
-
 def _connect(address: str | None, num_cpus: int | None):
     """Ray, initialised: the caller's session if one is open, else `address`/RAY_ADDRESS, else a local
     cluster. Returns (ray, started_here)."""
@@ -399,7 +370,7 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder 
     for row, prompt in enumerate(prompts):
         as_messages(prompt, row)
     render(prompts[0], shape.tokenizer, shape.spec.template)  # e.g. a chat template the tokenizer lacks
-    store = _open_store(prompts, shape, path, poolings, layers, dtype, overwrite)
+    store = open_store(prompts, shape, path, poolings=poolings, layers=layers, dtype=dtype, overwrite=overwrite)
     try:
         if store.complete and not (path / SHARDS_DIR / "plan.json").is_file():
             return ShardedRun(FeatureSet.open(path), seconds=time.perf_counter() - started)  # cache hit

@@ -53,19 +53,11 @@ def _mismatch(store: FeatureSet, identity: dict, hashes: list[str], wanted: dict
     return None
 
 
-def extract_to_store(prompts: Sequence[Any], encoder: Encoder, path: str | Path, *,
-                     poolings: Sequence[str] | None = None, layers: Sequence[int] | str | None = None,
-                     dtype: str = "float16", batch_tokens: int | None = None, progress: bool = True,
-                     overwrite: bool = False) -> FeatureSet:
-    """Features of `prompts` in the store at `path` (see the module docstring for resume and cache rules).
-
-    poolings / layers: what to hold; None means what an existing store holds, else mean+last at every hidden
-    state. The result rows follow the prompt order.
-    """
-    path = Path(path)
-    prompts = _as_prompt_list(prompts)
-    if not prompts:
-        raise ConfigError("prompts: nothing to extract (empty prompt list)")
+def open_store(prompts: list, encoder: Encoder, path: Path, *, poolings=None, layers=None, dtype: str = "float16",
+               overwrite: bool = False) -> FeatureStore:
+    """The store at `path` for these prompts and this encoder, opened for writing: an existing store when it
+    matches (identity, prompts, held layers), else a new one (replacing a mismatched one only with
+    `overwrite`). Shared by the single-machine and the Ray engines."""
     identity = encoder.identity()
     hashes = prompt_hashes(prompts)
     existing = FeatureSet.open(path) if is_store(path) else None
@@ -84,12 +76,27 @@ def extract_to_store(prompts: Sequence[Any], encoder: Encoder, path: str | Path,
             remove_store(path)
             existing = None
     if existing is None:
-        store = FeatureStore.create(path, identity=identity, hidden_states=wanted, rows=len(prompts),
+        return FeatureStore.create(path, identity=identity, hidden_states=wanted, rows=len(prompts),
                                     hidden_size=encoder.hidden_size, dtype=dtype, prompt_hashes=hashes,
                                     extra={"template": encoder.spec.template, "max_tokens": encoder.max_tokens,
                                            "encoder_spec": loadable_spec(encoder.spec)})
-    else:
-        store = FeatureStore.open(path)
+    return FeatureStore.open(path)
+
+
+def extract_to_store(prompts: Sequence[Any], encoder: Encoder, path: str | Path, *,
+                     poolings: Sequence[str] | None = None, layers: Sequence[int] | str | None = None,
+                     dtype: str = "float16", batch_tokens: int | None = None, progress: bool = True,
+                     overwrite: bool = False) -> FeatureSet:
+    """Features of `prompts` in the store at `path` (see the module docstring for resume and cache rules).
+
+    poolings / layers: what to hold; None means what an existing store holds, else mean+last at every hidden
+    state. The result rows follow the prompt order.
+    """
+    path = Path(path)
+    prompts = _as_prompt_list(prompts)
+    if not prompts:
+        raise ConfigError("prompts: nothing to extract (empty prompt list)")
+    store = open_store(prompts, encoder, path, poolings=poolings, layers=layers, dtype=dtype, overwrite=overwrite)
     todo = np.flatnonzero(~store.done)
     if len(todo) == 0:
         store.close()
