@@ -33,3 +33,10 @@ class EncoderError(PrefillRouterError, ValueError):
 
 class CheckpointError(PrefillRouterError, ValueError):
     """A router checkpoint is missing, corrupt, or does not match the encoder in use."""
+
+
+def invalid_config(title: str, exc) -> ConfigError:
+    """A ConfigError from a pydantic ValidationError: the title, then one line per problem naming the dotted
+    path of the field."""
+    lines = [title] + [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()]
+    return ConfigError("\n".join(lines))

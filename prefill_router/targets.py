@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from prefill_router.errors import ConfigError
+from prefill_router.errors import ConfigError, invalid_config
 
 
 class TargetConfig(BaseModel):
@@ -82,11 +82,7 @@ def read_config_file(path: str | Path) -> dict:
 
 def validation_message(path: str | Path, exc: ValidationError) -> str:
     """Pydantic's errors, one per line, each naming the dotted field path."""
-    lines = [f"{path}: invalid configuration"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+    return str(invalid_config(f"{path}: invalid configuration", exc))
 
 
 def parse_targets(data: dict, path: str | Path = "<config>") -> list[TargetConfig]:

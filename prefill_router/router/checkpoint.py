@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefill_router.errors import CheckpointError, ConfigError
+from prefill_router.errors import CheckpointError, ConfigError, invalid_config
 from prefill_router.router.decision import RouteDecision
 from prefill_router.router.policy import UtilityPolicy, policy_from_spec
 from prefill_router.router.robust import DEFAULT_MARGINS, RobustPolicy, fit_robust_policy, out_of_fold_proba
@@ -365,9 +365,7 @@ class RouterTrainConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            lines = ["invalid router training configuration"]
-            lines += [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()]
-            raise ConfigError("\n".join(lines)) from exc
+            raise invalid_config("invalid router training configuration", exc) from exc
 
 
 def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:

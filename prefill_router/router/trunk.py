@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 from tqdm.auto import tqdm
 
-from prefill_router.errors import CheckpointError, ConfigError
+from prefill_router.errors import CheckpointError, ConfigError, invalid_config
 
 
 class TrunkConfig(BaseModel):
@@ -59,9 +59,7 @@ class TrunkConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            lines = ["invalid trunk configuration"]
-            lines += [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()]
-            raise ConfigError("\n".join(lines)) from exc
+            raise invalid_config("invalid trunk configuration", exc) from exc
 
 
 class SharedTrunkNet(nn.Module):
