@@ -198,6 +198,30 @@ def load_dataset(args: argparse.Namespace):
     return ds
 
 
+def add_store_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of commands that read a feature store beside its dataset (probe, train)."""
+    p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
+    p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
+    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
+    p.add_argument("--prices", default=None, help="price table for a data file without costs")
+    p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+
+
+def open_store_and_dataset(args: argparse.Namespace):
+    """(FeatureSet, dataset, done mask over the dataset's rows); the store must hold at least the dataset's
+    rows (its first rows are the dataset's)."""
+    from prefill_router.features import FeatureSet
+
+    if not Path(args.features).exists():
+        raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
+    features = FeatureSet.open(args.features)
+    ds = load_dataset(args)
+    if features.n < ds.n:
+        raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
+    return features, ds, np.asarray(features.done[: ds.n], dtype=bool)
+
+
 def _split_names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 

@@ -9,22 +9,17 @@ Writes probes.csv, probes.md and probes.png into --out.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
+from prefill_router.cli.evaluate import add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("probe", help="per-layer Fisher J, d_eff and probe AUC (table + plot)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
-    p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
-    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
-    p.add_argument("--prices", default=None, help="price table for a data file without costs")
-    p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    add_store_dataset_arguments(p)
     p.add_argument("--poolings", default=None, help="comma-separated poolings (default: all in the store)")
     p.add_argument("--test-size", type=float, default=0.2,
                    help="share of prompts held out and never probed (default 0.2)")
@@ -40,19 +35,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_router.cli.evaluate import load_dataset
     from prefill_router.data import train_test_split
-    from prefill_router.features import FeatureSet
     from prefill_router.probes import rank_agreement, run_probes, write_probe_outputs
 
-    if not Path(args.features).exists():
-        raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
-    features = FeatureSet.open(args.features)
-    ds = load_dataset(args)
-    if features.n < ds.n:
-        raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
+    features, ds, done = open_store_and_dataset(args)
     train, _ = train_test_split(ds, test_size=args.test_size, seed=args.seed)
-    done = np.asarray(features.done[: ds.n], dtype=bool)
     train = np.sort(train[done[train]])
     if args.max_rows is not None and train.size > args.max_rows:
         train = np.sort(np.random.default_rng(args.seed).choice(train, args.max_rows, replace=False))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prefill_router.cli.evaluate import add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 
 
@@ -31,12 +32,7 @@ def _pca(value: str):
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a router on prefill features and save a checkpoint",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
-    p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
-    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
-    p.add_argument("--prices", default=None, help="price table for a data file without costs")
-    p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    add_store_dataset_arguments(p)
     p.add_argument("--pooling", default="mean", help="pooling to read from the store (default mean)")
     p.add_argument("--layers", type=_layers, default="all",
                    help="'all' or comma-separated hidden-state indices to concatenate (default all)")
@@ -57,20 +53,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_router.cli.evaluate import load_dataset
     from prefill_router.data import train_test_split
     from prefill_router.evaluate import metrics
-    from prefill_router.features import FeatureSet
     from prefill_router.router import RouterTrainConfig, train_router
 
-    if not Path(args.features).exists():
-        raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
-    features = FeatureSet.open(args.features)
-    ds = load_dataset(args)
+    features, ds, done = open_store_and_dataset(args)
     # With --limit the store may hold the full dataset: its first rows are used.
-    if features.n < ds.n or (features.n > ds.n and args.limit is None):
+    if features.n > ds.n and args.limit is None:
         raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
-    done = np.asarray(features.done[: ds.n], dtype=bool)
     if not done.any():
         raise ConfigError(f"--features: no finished rows in {args.features}")
 
