@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from prefill_router.features import extract_to_store, load_encoder  # noqa: E402
 from prefill_router.features.distributed import extract_to_store_ray, require_ray  # noqa: E402
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 

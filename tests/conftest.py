@@ -35,7 +35,7 @@ def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, max_po
     Loading it goes through the same code path as any Hugging Face folder.
     """
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,17 @@ from sklearn.metrics import roc_auc_score
 
 from prefill_router.errors import ConfigError, DataError, EncoderError
 from prefill_router.router.base import Predictor
-from prefill_router.router.baselines import (ConstantPredictor, KNNPredictor, LogisticPredictor, MLPPredictor,
-                                             OraclePredictor, PriorPredictor, RandomPredictor,
-                                             TfidfLogisticPredictor, label_prior)
+from prefill_router.router.baselines import (
+    ConstantPredictor,
+    KNNPredictor,
+    LogisticPredictor,
+    MLPPredictor,
+    OraclePredictor,
+    PriorPredictor,
+    RandomPredictor,
+    TfidfLogisticPredictor,
+    label_prior,
+)
 
 
 def clustered(n: int = 400, dim: int = 8, seed: int = 0):

@@ -137,3 +137,28 @@ def test_prefill_contenders_need_a_feature_store(tmp_path, capsys):
     rc, _ = run_cli(tmp_path, data, "--contenders", "prefill-trunk")
     assert rc == 2
     assert "--features" in capsys.readouterr().err
+
+
+def test_sample_selects_the_same_prompts_in_extract_and_evaluate(tmp_path, capsys, tiny_encoder_dir):
+    """A store extracted with --sample, and a full store read with --sample, give the same prefill report;
+    a store that lacks the sampled prompts is refused with a message that says so."""
+    data = write_long_csv(tmp_path / "outcomes.csv", ["cheap", "mid"], n=60)
+    extract = ["extract", "--data", str(data), "--encoder", str(tiny_encoder_dir), "--poolings", "mean",
+               "--threads", "1", "--no-progress"]
+    assert main([*extract, "--sample", "24", "--out", str(tmp_path / "sampled")]) == 0
+    assert main([*extract, "--out", str(tmp_path / "full")]) == 0
+    assert main([*extract, "--limit", "24", "--out", str(tmp_path / "first")]) == 0
+    capsys.readouterr()
+    reports = []
+    for store in ("sampled", "full"):
+        rc, out = run_cli(tmp_path, data, "--sample", "24", "--contenders", "prefill-logreg", "--features",
+                          str(tmp_path / store), "--pca", "8", "--out", str(tmp_path / f"eval-{store}"))
+        assert rc == 0
+        reports.append(json.loads((tmp_path / f"eval-{store}" / "report.json").read_text()))
+    assert reports[0]["summary"]["prefill-logreg"] == reports[1]["summary"]["prefill-logreg"]
+    capsys.readouterr()
+    rc, _ = run_cli(tmp_path, data, "--sample", "24", "--contenders", "prefill-logreg", "--features",
+                    str(tmp_path / "first"))
+    assert rc == 2 and "lacks" in capsys.readouterr().err
+    rc, _ = run_cli(tmp_path, data, "--sample", "24", "--limit", "24")
+    assert rc == 2 and "--sample" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prefill_router.data import RoutingDataset, kfold, normalize_prompt, train_test_split
+from prefill_router.data import RoutingDataset, kfold, normalize_prompt, stratified_sample, train_test_split
 from prefill_router.errors import ConfigError
 
 
@@ -105,3 +105,17 @@ def test_kfold_needs_enough_distinct_prompts():
         kfold(ds, k=3)
     with pytest.raises(ConfigError, match="k="):
         kfold(ds, k=1)
+
+
+def test_stratified_sample_keeps_proportions_and_is_reproducible():
+    groups = ["a"] * 60 + ["b"] * 40 + ["c"] * 20
+    ds = make_ds([f"prompt {i}" for i in range(120)], groups)
+    rows = stratified_sample(ds, 30, seed=1)
+    assert rows.size == 30 and np.all(np.diff(rows) > 0)  # sorted, no repeats
+    labels = np.asarray(groups)
+    assert [(labels[rows] == g).sum() for g in "abc"] == [15, 10, 5]
+    np.testing.assert_array_equal(stratified_sample(ds, 30, seed=1), rows)
+    assert not np.array_equal(stratified_sample(ds, 30, seed=2), rows)
+    np.testing.assert_array_equal(stratified_sample(ds, 500), np.arange(120))  # more than there is: all rows
+    with pytest.raises(ConfigError, match="positive"):
+        stratified_sample(ds, 0)

@@ -17,8 +17,13 @@ from prefill_router.features import FeatureSet, extract_to_store, load_encoder
 
 ray = pytest.importorskip("ray")
 
-from prefill_router.features.distributed import (ShardBuffer, _our_cause, describe_encoder,  # noqa: E402
-                                                 extract_to_store_ray, require_ray)
+from prefill_router.features.distributed import (  # noqa: E402
+    ShardBuffer,
+    _our_cause,
+    describe_encoder,
+    extract_to_store_ray,
+    require_ray,
+)
 
 
 @pytest.fixture(autouse=True)

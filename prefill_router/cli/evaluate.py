@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from prefill_router.cli.common import BUILTIN_DATASETS, add_row_selection_arguments, load_dataset, split_names
 from prefill_router.errors import ConfigError
 
-BUILTIN_DATASETS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 DEFAULT_CONTENDERS = "knn,logreg,mlp,tfidf"
 # RouteLLM reports the fraction of strong-model calls needed to recover these shares of the weak-strong gap.
 CPT_LEVELS = (20, 50, 80)
@@ -66,12 +66,12 @@ class EvalInputs:
             if not self.args.features:
                 raise ConfigError("the prefill contenders need --features STORE (from `prefill-router extract`)")
             fs = FeatureSet.open(self.args.features)
-            if fs.n != self.dataset.n:
-                raise ConfigError(f"--features: the store holds {fs.n} rows but the dataset has {self.dataset.n}")
-            if not fs.complete:
-                raise ConfigError(f"--features: {int((~fs.done).sum())} rows are not extracted yet; rerun "
+            rows = fs.rows_of(self.dataset.prompts)
+            missing = int((~fs.done[rows]).sum())
+            if missing:
+                raise ConfigError(f"--features: {missing} of the dataset's rows are not extracted yet; rerun "
                                   f"`prefill-router extract` on the same store to finish them")
-            X = fs.get(self.args.pooling)
+            X = fs.get(self.args.pooling, rows=rows)
             self._cache["prefill"] = X.reshape(len(X), -1)
         return self._cache["prefill"]
 
@@ -168,66 +168,8 @@ def register_contender(name: str, spec: ContenderSpec) -> None:
     CONTENDERS[name] = spec
 
 
-# ---------------------------------------------------------------------------------------------------------
-# loading
-
-
-def load_dataset(args: argparse.Namespace):
-    """The dataset named by --dataset (a built-in name or a file), with --targets and --limit applied."""
-    from prefill_router import data
-
-    targets = _split_names(args.targets) if args.targets else None
-    name = args.dataset
-    if name == "mmlu-pro":
-        ds = data.load_mmlu_pro(args.data_root, targets=targets, limit=args.limit)
-        targets = None  # already selected by the loader, which names unknown models
-    elif name in ("routellm-mmlu", "routellm-gsm8k"):
-        ds = data.load_routellm(args.data_root, benchmark=name.split("-", 1)[1])
-    elif Path(name).exists():
-        ds = data.read_routing_data(name, prices=args.prices)
-    else:
-        raise ConfigError(f"--dataset: {name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                          f"nor an existing file")
-    if targets is not None:
-        unknown = [t for t in targets if t not in ds.targets]
-        if unknown:
-            raise ConfigError(f"--targets: unknown target(s) {unknown}; known: {ds.targets}")
-        ds = ds.select_targets(targets)
-    if args.limit is not None and ds.n > args.limit:
-        ds = ds.subset(np.arange(args.limit))
-    return ds
-
-
-def add_store_dataset_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of commands that read a feature store beside its dataset (probe, train)."""
-    p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
-    p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
-    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
-    p.add_argument("--prices", default=None, help="price table for a data file without costs")
-    p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-
-
-def open_store_and_dataset(args: argparse.Namespace):
-    """(FeatureSet, dataset, done mask over the dataset's rows); the store must hold at least the dataset's
-    rows (its first rows are the dataset's)."""
-    from prefill_router.features import FeatureSet
-
-    if not Path(args.features).exists():
-        raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
-    features = FeatureSet.open(args.features)
-    ds = load_dataset(args)
-    if features.n < ds.n:
-        raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
-    return features, ds, np.asarray(features.done[: ds.n], dtype=bool)
-
-
-def _split_names(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _contenders(names: str) -> list[str]:
-    chosen = _split_names(names)
+    chosen = split_names(names)
     unknown = [c for c in chosen if c not in CONTENDERS]
     if unknown:
         raise ConfigError(f"--contenders: unknown contender(s) {unknown}; known: {sorted(CONTENDERS)}")
@@ -373,7 +315,7 @@ def register(subparsers) -> None:
     p.add_argument("--prices", default=None,
                    help="price table for a data file without costs (see `prefill-router data --help`)")
     p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    add_row_selection_arguments(p)
     p.add_argument("--out", default="runs/eval", help="output folder for report.json/.md and cost_quality.png")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
                    help=f"comma-separated contenders (default {DEFAULT_CONTENDERS}); known: "

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from prefill_router.cli.common import add_row_selection_arguments, select_rows
 from prefill_router.errors import ConfigError
 
 BUILTIN_DATA = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--batch-tokens", type=int, help="token budget per batch (default: 4096 on CPU, 32768 on GPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--limit", type=int, help="only the first N prompts")
+    add_row_selection_arguments(p)
     p.add_argument("--import-reference", metavar="DIR",
                    help="import reference features (layout.json, int8 arrays, done.npy) before computing the rest")
     p.add_argument("--overwrite", action="store_true",
@@ -65,7 +66,7 @@ def _load_prompts(args) -> list:
         ds = load_routellm(args.data_root, benchmark=args.data.split("-", 1)[1])
     else:
         ds = read_routing_data(args.data)
-    return list(ds.prompts)
+    return list(select_rows(ds, args).prompts)
 
 
 def _parse_layers(text: str | None):
@@ -95,10 +96,9 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.limit is not None and args.limit <= 0:
-        raise ConfigError("--limit: must be a positive number of prompts")
-    if args.import_reference and args.limit is not None:
-        raise ConfigError("--limit cannot be combined with --import-reference (the reference covers every row)")
+    if args.import_reference and (args.limit is not None or args.sample is not None):
+        raise ConfigError("--limit/--sample cannot be combined with --import-reference (the reference covers "
+                          "every row)")
     if args.engine != "ray" and (args.actors is not None or args.shard_size is not None):
         raise ConfigError("--actors and --shard-size apply to --engine ray only")
     load = load_encoder
@@ -108,8 +108,6 @@ def run(args) -> int:
         require_ray()
         load = describe_encoder  # the driver only reads the encoder's shape; the Ray workers load its weights
     prompts = _load_prompts(args)
-    if args.limit is not None:
-        prompts = prompts[:args.limit]
     started = time.perf_counter()
     encoder = load(args.encoder, gguf_file=args.gguf_file, revision=args.revision, template=args.template,
                    max_tokens=args.max_tokens, dtype=args.compute_dtype, device=args.device)

@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from prefill_router.cli.evaluate import add_store_dataset_arguments, open_store_and_dataset
+from prefill_router.cli.common import add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from prefill_router.data import train_test_split
     from prefill_router.probes import rank_agreement, run_probes, write_probe_outputs
 
-    features, ds, done = open_store_and_dataset(args)
+    features, ds, store_rows, done = open_store_and_dataset(args)
     train, _ = train_test_split(ds, test_size=args.test_size, seed=args.seed)
     train = np.sort(train[done[train]])
     if args.max_rows is not None and train.size > args.max_rows:
@@ -46,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if train.size < 10:
         raise ConfigError(f"only {train.size} training rows have features; need at least 10")
     poolings = [p.strip() for p in args.poolings.split(",")] if args.poolings else None
+    # Probes read store rows; labels go to the store row of each probed dataset row.
     Y = np.full((features.n, ds.k), np.nan)
-    Y[: ds.n] = ds.Y
-    reports = run_probes(features, Y, ds.targets, train, poolings=poolings, n_components=args.components,
+    Y[store_rows[train]] = ds.Y[train]
+    reports = run_probes(features, Y, ds.targets, np.sort(store_rows[train]), poolings=poolings,
+                         n_components=args.components,
                          shrinkage=args.shrinkage, cv_folds=args.cv_folds, probe_pca=args.probe_pca,
                          seed=args.seed)
     paths = write_probe_outputs(reports, args.out)

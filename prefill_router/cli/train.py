@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefill_router.cli.evaluate import add_store_dataset_arguments, open_store_and_dataset
+from prefill_router.cli.common import add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 
 
@@ -57,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from prefill_router.evaluate import metrics
     from prefill_router.router import RouterTrainConfig, train_router
 
-    features, ds, done = open_store_and_dataset(args)
-    # With --limit the store may hold the full dataset: its first rows are used.
-    if features.n > ds.n and args.limit is None:
-        raise ConfigError(f"--features: the store holds {features.n} rows but the dataset has {ds.n}")
+    features, ds, store_rows, done = open_store_and_dataset(args)
     if not done.any():
         raise ConfigError(f"--features: no finished rows in {args.features}")
 
@@ -75,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
         "pooling": args.pooling, "layers": args.layers, "pca": args.pca, "policy": args.policy,
         "robust_folds": args.robust_folds, "seed": args.seed,
         "trunk": {"seeds": args.seeds, "keep": args.keep, "seed": args.seed, "threads": args.threads}})
-    X = features.get(args.pooling, None if args.layers == "all" else args.layers)[: ds.n]
     held = features.hidden_states.get(args.pooling)
     if held is None:
         raise ConfigError(f"--pooling: {args.pooling!r} not in the feature store (it holds {features.poolings})")
+    X = features.get(args.pooling, None if args.layers == "all" else args.layers, rows=store_rows)
     states = held if args.layers == "all" else args.layers
     router = train_router(ds, X, rows, config.model_copy(update={"layers": "all"}), hidden_states=states,
                           encoder=features.identity, progress=True)

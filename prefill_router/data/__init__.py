@@ -4,10 +4,10 @@ from prefill_router.data.builtin import load_mmlu_pro, load_routellm
 from prefill_router.data.dataset import Prompt, RoutingDataset
 from prefill_router.data.prices import CostModel, Price, PriceTable
 from prefill_router.data.readers import read_routing_data
-from prefill_router.data.splits import kfold, normalize_prompt, train_test_split
+from prefill_router.data.splits import kfold, normalize_prompt, stratified_sample, train_test_split
 from prefill_router.data.stats import dataset_stats, format_stats
 from prefill_router.data.tokens import count_tokens
 
 __all__ = ["CostModel", "Price", "PriceTable", "Prompt", "RoutingDataset", "count_tokens", "dataset_stats",
            "format_stats", "kfold", "load_mmlu_pro", "load_routellm", "normalize_prompt", "read_routing_data",
-           "train_test_split"]
+           "stratified_sample", "train_test_split"]

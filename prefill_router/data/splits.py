@@ -128,3 +128,16 @@ def kfold(ds_or_n: RoutingDataset | int, k: int = 5, seed: int = 0,
             within[f] += len(members[c])
             total[f] += len(members[c])
     return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
+def stratified_sample(ds_or_n: RoutingDataset | int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of a seeded sample of about `size` rows, each category (the dataset's groups)
+    represented in proportion; duplicate prompts are taken or left together. `size` >= the row count gives
+    every row. The same dataset, size and seed always give the same rows, so `extract --sample` and
+    `evaluate --sample` agree on them."""
+    n = ds_or_n if isinstance(ds_or_n, (int, np.integer)) else ds_or_n.n
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"sample size {size!r} must be a positive number of prompts")
+    if size >= n:
+        return np.arange(n)
+    return train_test_split(ds_or_n, test_size=int(size), seed=seed, stratify=True)[1]

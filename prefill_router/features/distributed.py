@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from prefill_router.errors import ConfigError, DataError, EncoderError, PrefillRouterError
-from prefill_router.features.encoder import (Encoder, EncoderSpec, _as_prompt_list, converted_gguf_folder, resolve)
+from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_list, converted_gguf_folder, resolve
 from prefill_router.features.extract import fill_rows, open_store
 from prefill_router.features.store import FeatureSet, FeatureStore
 from prefill_router.features.template import as_messages, render

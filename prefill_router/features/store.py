@@ -116,6 +116,34 @@ class FeatureSet:
     def complete(self) -> bool:
         return bool(self.done.all())
 
+    def rows_of(self, prompts: Sequence) -> np.ndarray:
+        """The store row of each prompt, matched by prompt hash, so a dataset subset (--limit, --sample, a
+        target subset) reads the right rows of a store extracted for the whole dataset or for that subset.
+        The k-th copy of a repeated prompt maps to the k-th stored copy when there is one."""
+        from prefill_router.features.template import prompt_hashes
+
+        wanted = prompt_hashes(prompts)
+        if self.prompt_hashes is None:  # an imported store without hashes: rows are positional
+            if len(wanted) > self.n:
+                raise ConfigError(f"the feature store {self.path} holds {self.n} rows but {len(wanted)} prompts "
+                                  f"were asked for")
+            return np.arange(len(wanted))
+        where: dict[str, list[int]] = {}
+        for row, h in enumerate(self.prompt_hashes):
+            where.setdefault(h, []).append(row)
+        seen: dict[str, int] = {}
+        rows = np.empty(len(wanted), dtype=np.int64)
+        for i, h in enumerate(wanted):
+            stored = where.get(h)
+            if stored is None:
+                missing = sum(1 for x in wanted if x not in where)
+                raise ConfigError(f"the feature store {self.path} lacks {missing} of the {len(wanted)} prompts "
+                                  f"(first: row {i}); extract the same dataset with the same --limit/--sample")
+            k = seen.get(h, 0)
+            rows[i] = stored[min(k, len(stored) - 1)]
+            seen[h] = k + 1
+        return rows
+
     def layers_index(self, pooling: str, layers: Sequence[int] | None = None) -> list[int]:
         """Positions in the stored array of the requested hidden-state indices."""
         if pooling not in self.hidden_states:

@@ -1,0 +1,93 @@
+"""Options and loading shared by the commands that read a routing dataset (extract, evaluate, probe, train)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from prefill_router.errors import ConfigError
+
+BUILTIN_DATASETS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
+
+
+def load_dataset(args: argparse.Namespace):
+    """The dataset named by --dataset (a built-in name or a file), with --targets and --limit applied."""
+    from prefill_router import data
+
+    targets = split_names(args.targets) if args.targets else None
+    name = args.dataset
+    if name == "mmlu-pro":
+        ds = data.load_mmlu_pro(args.data_root, targets=targets, limit=args.limit)
+        targets = None  # already selected by the loader, which names unknown models
+    elif name in ("routellm-mmlu", "routellm-gsm8k"):
+        ds = data.load_routellm(args.data_root, benchmark=name.split("-", 1)[1])
+    elif Path(name).exists():
+        ds = data.read_routing_data(name, prices=args.prices)
+    else:
+        raise ConfigError(f"--dataset: {name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+                          f"nor an existing file")
+    if targets is not None:
+        unknown = [t for t in targets if t not in ds.targets]
+        if unknown:
+            raise ConfigError(f"--targets: unknown target(s) {unknown}; known: {ds.targets}")
+        ds = ds.select_targets(targets)
+    return select_rows(ds, args)
+
+
+def select_rows(ds, args: argparse.Namespace):
+    """Apply --limit (the first N prompts) or --sample (a seeded, category-stratified N) to a dataset. Both
+    are deterministic, so a store extracted with one of them lines up with a later evaluate/train using it."""
+    limit, sample = getattr(args, "limit", None), getattr(args, "sample", None)
+    if limit is not None and sample is not None:
+        raise ConfigError("--limit and --sample are alternatives; give one")
+    if limit is not None:
+        if limit <= 0:
+            raise ConfigError("--limit: must be a positive number of prompts")
+        return ds.subset(np.arange(limit)) if ds.n > limit else ds
+    if sample is not None:
+        from prefill_router.data import stratified_sample
+
+        rows = stratified_sample(ds, sample, seed=args.sample_seed)
+        if rows.size < ds.n:
+            ds = ds.subset(rows)
+            ds.notes.append(f"rows: a category-stratified sample of {rows.size} prompts (--sample {sample}, "
+                            f"--sample-seed {args.sample_seed})")
+    return ds
+
+
+def add_row_selection_arguments(p: argparse.ArgumentParser) -> None:
+    """--limit / --sample / --sample-seed, shared by every command that reads a dataset."""
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="use a category-stratified sample of N prompts (seeded; the same N and seed always "
+                        "pick the same prompts, in extract, evaluate, probe and train alike)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0)")
+
+
+def add_store_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of commands that read a feature store beside its dataset (probe, train)."""
+    p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
+    p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
+    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
+    p.add_argument("--prices", default=None, help="price table for a data file without costs")
+    p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
+    add_row_selection_arguments(p)
+
+
+def open_store_and_dataset(args: argparse.Namespace):
+    """(FeatureSet, dataset, store row of each dataset row, done mask over the dataset's rows). Rows are
+    matched by prompt hash, so the store may hold more prompts than the dataset selects."""
+    from prefill_router.features import FeatureSet
+
+    if not Path(args.features).exists():
+        raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
+    features = FeatureSet.open(args.features)
+    ds = load_dataset(args)
+    rows = features.rows_of(ds.prompts)
+    return features, ds, rows, np.asarray(features.done[rows], dtype=bool)
+
+
+def split_names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
