@@ -165,3 +165,30 @@ def test_plan_batches_covers_every_row_once_within_budget():
     # Longest first, so each batch pads only up to prompts of similar length.
     firsts = [lengths[b[0]] for b in batches]
     assert firsts == sorted(firsts, reverse=True)
+
+
+def test_concurrent_encode_calls_keep_their_own_results_and_diagnostics(tiny_encoder_dir):
+    """The gateway may call encode from several threads: each gets its own features and truncation count."""
+    import threading
+
+    enc = load_encoder(str(tiny_encoder_dir), max_tokens=40)
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 20
+    jobs = {"short": ["short one", "A. paris B. rome"], "long": [long_prompt, "short one"]}
+    expected = {name: enc.encode(prompts)["mean"] for name, prompts in jobs.items()}
+    seen, start = {}, threading.Barrier(len(jobs))
+
+    def work(name):
+        start.wait()
+        for _ in range(5):
+            out = enc.encode(jobs[name])["mean"]
+            seen.setdefault(name, []).append((out, enc.last_truncated, len(enc.last_token_counts)))
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, truncated in (("short", 0), ("long", 1)):
+        for out, n_truncated, n_counts in seen[name]:
+            np.testing.assert_allclose(out, expected[name], rtol=1e-4, atol=1e-5)
+            assert (n_truncated, n_counts) == (truncated, 2)

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -376,10 +377,20 @@ class Encoder:
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None) or 0
         self._pad_id = int(pad)  # any id works: padded positions are masked out and never pooled
-        # Of the latest encode/iter_batches call: prompts truncated, and each prompt's length before truncation.
-        self.last_truncated = 0
-        self.last_token_counts = np.zeros(0, dtype=np.int64)
+        # Diagnostics of the calling thread's latest encode/iter_batches call (see last_truncated): per
+        # thread, so that concurrent callers (the gateway's workers) never read each other's numbers.
+        self._calls = threading.local()
         self._identity: dict | None = None
+
+    @property
+    def last_truncated(self) -> int:
+        """Prompts truncated by this thread's latest encode/iter_batches call."""
+        return getattr(self._calls, "truncated", 0)
+
+    @property
+    def last_token_counts(self) -> np.ndarray:
+        """Each prompt's templated length before truncation, of this thread's latest call."""
+        return getattr(self._calls, "token_counts", np.zeros(0, dtype=np.int64))
 
     def _context_length(self) -> int:
         config = self.model.config
@@ -463,10 +474,10 @@ class Encoder:
         poolings = _check_poolings(poolings)
         layer_ids = self.resolve_layers(layers)
         ids = token_ids if token_ids is not None else self.tokenize(prompts)
-        self.last_token_counts = np.array([len(x) for x in ids], dtype=np.int64)
-        truncated = int((self.last_token_counts > self.max_tokens).sum())
+        counts = np.array([len(x) for x in ids], dtype=np.int64)
+        truncated = int((counts > self.max_tokens).sum())
         ids = [truncate(x, self.max_tokens) for x in ids]
-        self.last_truncated = truncated
+        self._calls.token_counts, self._calls.truncated = counts, truncated
         if truncated:
             logger.warning("%d prompt(s) longer than %d tokens were truncated (rule: %s)", truncated,
                            self.max_tokens, TRUNCATION_RULE)
