@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefill_router.data.readers import iter_jsonl_objects
 from prefill_router.errors import DataError
 
 # Same shape as prefill_router.data.Prompt; not imported from there so the command starts without pandas.
@@ -108,11 +109,9 @@ def read_prompts(path: str | Path, *, reference_field: str | None = None) -> lis
     gz = path.suffix.lower() == ".gz"
     is_csv = (path.with_suffix("") if gz else path).suffix.lower() == ".csv"
 
-    def open_text():
-        return gzip.open(path, "rt", newline="", encoding="utf-8") if gz else path.open(newline="", encoding="utf-8")
-
     if is_csv:
-        with open_text() as fh:
+        opened = gzip.open(path, "rt", newline="", encoding="utf-8") if gz else path.open(newline="", encoding="utf-8")
+        with opened as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not ({"prompt", "messages"} & set(reader.fieldnames)):
                 raise DataError(f"header needs a 'prompt' or 'messages' column, has {reader.fieldnames}",
@@ -120,17 +119,8 @@ def read_prompts(path: str | Path, *, reference_field: str | None = None) -> lis
             for line, row in enumerate(reader, start=2):  # header is line 1
                 items.append(_item(row, file, line, reference_field))
     else:
-        with open_text() as fh:
-            for line, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"malformed JSON: {exc.msg}", file=file, line=line) from exc
-                if not isinstance(row, dict):
-                    raise DataError("each line must be a JSON object", file=file, line=line)
-                items.append(_item(row, file, line, reference_field))
+        for line, row in iter_jsonl_objects(path):
+            items.append(_item(row, file, line, reference_field))
     if not items:
         raise DataError("no prompts", file=file)
     first_line: dict[str, int] = {}

@@ -102,10 +102,12 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
                     file=str(path))
 
 
-def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+def iter_jsonl_objects(path: str | Path):
+    """(line number, object) for each non-blank line of a JSONL file (.gz accepted); a line that is not a JSON
+    object is a DataError naming the file and line. Shared by the routing-data and prompt readers."""
     import gzip
 
-    records, lines = [], []
+    path = Path(path)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -119,8 +121,14 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(path),
                                 line=line_no)
-            records.append(record)
-            lines.append(line_no)
+            yield line_no, record
+
+
+def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    records, lines = [], []
+    for line_no, record in iter_jsonl_objects(path):
+        records.append(record)
+        lines.append(line_no)
     if not records:
         raise DataError("file has no records", file=str(path))
     # object dtype keeps chat-message lists and raw values as they are
