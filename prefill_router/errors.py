@@ -40,3 +40,21 @@ def invalid_config(title: str, exc) -> ConfigError:
     path of the field."""
     lines = [title] + [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()]
     return ConfigError("\n".join(lines))
+
+
+def read_json_object(path, *, missing: str, invalid: str = "invalid JSON") -> dict:
+    """A JSON object read from `path`; a missing file, bad JSON or a non-object is a DataError naming the file
+    (`missing` and `invalid` word the first two cases)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing, file=str(path))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{invalid}: {exc}", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{invalid}: expected a JSON object, got {type(data).__name__}", file=str(path))
+    return data

@@ -22,14 +22,13 @@ int8 arrays, done.npy) the same way. Their identity is that of this package's de
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from prefill_router.errors import ConfigError, DataError
+from prefill_router.errors import ConfigError, DataError, read_json_object
 from prefill_router.features.encoder import TRUNCATION_RULE
 from prefill_router.features.store import FeatureSet, FeatureStore, is_store, remove_store
 from prefill_router.features.template import prompt_hashes
@@ -65,12 +64,7 @@ def import_features(source: str | Path, out: str | Path, *, prompts: Sequence[An
     manifest_file = source if source.is_file() else source / IMPORT_MANIFEST
     folder = manifest_file.parent
     if description is None:
-        if not manifest_file.is_file():
-            raise DataError(f"no {IMPORT_MANIFEST} describing the arrays", file=str(folder))
-        try:
-            description = json.loads(manifest_file.read_text())
-        except ValueError as exc:
-            raise DataError(f"invalid JSON: {exc}", file=str(manifest_file)) from None
+        description = read_json_object(manifest_file, missing=f"no {IMPORT_MANIFEST} describing the arrays")
     for key in ("identity", "poolings"):
         if key not in description:
             raise DataError("missing field", file=str(manifest_file), field=key)
@@ -152,12 +146,7 @@ def import_reference(folder: str | Path, out: str | Path, *, prompts: Sequence[A
     """
     folder = Path(folder)
     layout_file = folder / "layout.json"
-    if not layout_file.is_file():
-        raise DataError("reference feature folder has no layout.json", file=str(folder))
-    try:
-        layout = json.loads(layout_file.read_text())
-    except ValueError as exc:
-        raise DataError(f"invalid JSON: {exc}", file=str(layout_file)) from None
+    layout = read_json_object(layout_file, missing="reference feature folder has no layout.json")
     if not isinstance(layout.get("hidden_states"), dict):
         raise DataError("missing field", file=str(layout_file), field="hidden_states")
     description = {

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefill_router.errors import ConfigError, DataError
+from prefill_router.errors import ConfigError, DataError, read_json_object
 
 STORE_FORMAT = "prefill-router-features"
 STORE_VERSION = 1
@@ -74,12 +74,8 @@ class FeatureSet:
     def open(cls, path: str | Path) -> FeatureSet:
         path = Path(path)
         manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise DataError("not a feature store (no manifest.json)", file=str(path))
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as exc:
-            raise DataError(f"corrupt manifest: {exc}", file=str(manifest_path)) from None
+        manifest = read_json_object(manifest_path, missing="not a feature store (no manifest.json)",
+                                    invalid="corrupt manifest")
         if manifest.get("format") != STORE_FORMAT:
             raise DataError(f"not a feature store manifest (format {manifest.get('format')!r})",
                             file=str(manifest_path), field="format")
