@@ -87,14 +87,14 @@ def _features(args, ds):
 
 
 def _choose_rows(args, ds, done: np.ndarray) -> tuple[np.ndarray, str]:
-    from prefill_router.data import train_test_split
+    from prefill_router.data import stratified_sample
 
     candidates = np.flatnonzero(done)
     if args.full or args.all_done or candidates.size <= args.rows:
         what = "every prompt" if candidates.size == ds.n else f"the {candidates.size} prompts with features"
         return candidates, what
     sub = ds.subset(candidates)
-    _, picked = train_test_split(sub, test_size=int(args.rows), seed=args.seed, stratify=True)
+    picked = stratified_sample(sub, int(args.rows), seed=args.seed)
     return candidates[picked], (f"a category-stratified sample of {picked.size} of the {candidates.size} prompts "
                                 f"with features (--full evaluates all {ds.n})")
 
