@@ -119,3 +119,12 @@ def test_stratified_sample_keeps_proportions_and_is_reproducible():
     np.testing.assert_array_equal(stratified_sample(ds, 500), np.arange(120))  # more than there is: all rows
     with pytest.raises(ConfigError, match="positive"):
         stratified_sample(ds, 0)
+
+
+def test_a_row_count_is_met_exactly_across_strata():
+    # 3 strata of 7: 10 / 21 of each is 3.33, which rounds to 9 in all; the count must still be 10.
+    ds = make_ds([f"prompt {i}" for i in range(21)], [f"g{i % 3}" for i in range(21)])
+    for size in (1, 10, 11, 20):
+        _, test = train_test_split(ds, test_size=size, seed=0, stratify=True)
+        assert test.size == size
+        assert stratified_sample(ds, size).size == size

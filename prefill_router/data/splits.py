@@ -61,12 +61,23 @@ def _cluster_table(clusters: np.ndarray, labels: np.ndarray | None):
     return members, strata
 
 
+def _apportion(total: int, sizes: list[int]) -> list[int]:
+    """Integer shares of `total` proportional to `sizes` that add up to `total` (largest remainder)."""
+    exact = [total * size / sum(sizes) for size in sizes]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def train_test_split(ds_or_n: RoutingDataset | int, test_size: float = 0.2, seed: int = 0,
                      stratify: bool | Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx), sorted int64 row indices.
 
     test_size: a fraction in (0, 1) or a row count. stratify: None, True (the dataset's groups) or one label
-    per row; each stratum then gives about test_size of its rows to the test side.
+    per row; each stratum then gives about test_size of its rows to the test side (a row count is shared out
+    so that the test side holds exactly that many rows when no duplicate prompts are in the way).
     """
     n, clusters, labels = _inputs(ds_or_n, stratify)
     if isinstance(test_size, float):
@@ -81,12 +92,17 @@ def train_test_split(ds_or_n: RoutingDataset | int, test_size: float = 0.2, seed
     if n < 2:
         raise ConfigError(f"cannot split {n} row(s)")
     members, strata = _cluster_table(clusters, labels)
+    order = list(dict.fromkeys(strata))
+    chosen_by = {stratum: [c for c, s in enumerate(strata) if s == stratum] for stratum in order}
+    rows_by = [sum(len(members[c]) for c in chosen_by[stratum]) for stratum in order]
+    if isinstance(test_size, float):
+        goals = [round(rows * fraction) for rows in rows_by]
+    else:  # a row count: share it out by largest remainder, so the strata add up to exactly that count
+        goals = _apportion(int(test_size), rows_by)
     rng = np.random.default_rng(seed)
     test = np.zeros(n, dtype=bool)
-    for stratum in dict.fromkeys(strata):
-        chosen = [c for c, s in enumerate(strata) if s == stratum]
-        rows_in = sum(len(members[c]) for c in chosen)
-        goal = round(rows_in * fraction)
+    for stratum, goal in zip(order, goals):
+        chosen = chosen_by[stratum]
         taken = 0
         for c in rng.permutation(chosen):
             size = len(members[c])
