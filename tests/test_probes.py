@@ -149,3 +149,46 @@ def test_probe_cli_on_a_store_from_the_tiny_encoder(tiny_encoder_dir, tmp_path):
     assert (out / "probes.png").is_file()
     assert main(["probe", "--features", str(tmp_path / "missing"), "--dataset", str(data),
                  "--out", str(out)]) == 2
+
+
+def test_probe_and_train_read_store_rows_by_prompt_hash(tiny_encoder_dir, tmp_path):
+    """A store whose rows are in another order than the dataset's (extracted for a reordered or larger prompt
+    list) gives the same probes and the same router as a store in dataset order."""
+    from prefill_router.cli import main
+    from prefill_router.features import extract_to_store, load_encoder
+    from prefill_router.router import Router
+
+    rng = np.random.default_rng(1)
+    prompts = [f"item {i}: " + ("the quick fox " if i % 2 else "lazy dog ") * (1 + i % 5) for i in range(36)]
+    lines = ["prompt_id,prompt,target,score"]
+    for i, p in enumerate(prompts):
+        lines += [f"q{i},{p},a,{i % 2}", f"q{i},{p},b,{int(rng.random() < 0.5)}"]
+    data = tmp_path / "labels.csv"
+    data.write_text("\n".join(lines) + "\n")
+    encoder = load_encoder(str(tiny_encoder_dir))
+    extra = ["a prompt the dataset does not have", "another one"]
+    stores = {"ordered": prompts, "shuffled": extra + prompts[::-1]}
+    for name, rows in stores.items():
+        extract_to_store(rows, encoder, tmp_path / name, poolings=("mean",), progress=False)
+
+    tables, routers = {}, {}
+    for name in stores:
+        assert main(["probe", "--features", str(tmp_path / name), "--dataset", str(data), "--components", "4",
+                     "--probe-pca", "4", "--out", str(tmp_path / f"probes-{name}")]) == 0
+        with open(tmp_path / f"probes-{name}" / "probes.csv") as f:
+            tables[name] = {(r["pooling"], r["hidden_state"], r["target"]): r for r in csv.DictReader(f)}
+        assert main(["train", "--dataset", str(data), "--features", str(tmp_path / name), "--pca", "4",
+                     "--seeds", "2", "--keep", "1", "--holdout", "0", "--out", str(tmp_path / f"router-{name}")]) == 0
+        routers[name] = Router.load(tmp_path / f"router-{name}")
+    assert tables["ordered"].keys() == tables["shuffled"].keys()
+    for key, row in tables["ordered"].items():
+        for column in ("fisher_j", "d_eff"):  # order-free statistics of the same rows and labels
+            assert float(tables["shuffled"][key][column]) == pytest.approx(float(row[column]), rel=1e-4)
+    X = np.random.default_rng(2).normal(size=(5, *routers["ordered"].transform.input_shape)).astype(np.float32)
+    np.testing.assert_allclose(routers["shuffled"].predict_proba_features(X),
+                               routers["ordered"].predict_proba_features(X), rtol=1e-5, atol=1e-6)
+
+    # A dataset prompt that the store lacks is named, not silently misaligned.
+    extract_to_store(prompts[:-1], encoder, tmp_path / "short", poolings=("mean",), progress=False)
+    assert main(["train", "--dataset", str(data), "--features", str(tmp_path / "short"),
+                 "--out", str(tmp_path / "router-short")]) == 2

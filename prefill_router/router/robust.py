@@ -126,7 +126,10 @@ def fit_robust_policy(P_oof: np.ndarray, Y: np.ndarray, C: np.ndarray, *, margin
     P_oof, Y, C = (np.asarray(a, dtype=np.float64) for a in (P_oof, Y, C))
     if not (P_oof.shape == Y.shape == C.shape) or P_oof.ndim != 2:
         raise ValueError(f"P_oof, Y and C must share a [N, K] shape, got {P_oof.shape}, {Y.shape}, {C.shape}")
-    with np.errstate(invalid="ignore"):
+    import warnings
+
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing column is handled by nan_to_num
         prior = np.nan_to_num(np.nanmean(Y, axis=0), nan=0.0)
         mean_cost = np.nan_to_num(np.nanmean(C, axis=0), nan=np.inf)
     eligible = pareto_frontier(prior, mean_cost)
