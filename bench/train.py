@@ -7,7 +7,7 @@ Training: the same network, loss, optimiser, batch size and early stopping, trai
 tensors indexed by a random permutation, and (b) the naive way, a torch DataLoader over a TensorDataset with
 shuffle. Data: 12,000 x 200 synthetic features with 28 logistic targets (labels 10% missing).
 Routing: SmolLM2-135M over MMLU-Pro questions, mean pooling at hidden states 0,6,12,18,24,30, PCA 200 and the
-kept members of the ensemble above. Medians over prompts of: encoder prefill, transform + MLP, policy, and
+kept members of the ensemble above. Medians over prompts of: encoder prefill, transform, MLP, policy, and
 the whole `route()`; and per prompt when 16 prompts go through one `route_batch()` (naive: 16 `route()` calls).
 """
 
@@ -125,21 +125,24 @@ def main(argv=None) -> int:
         router = Router(targets=[f"t{k}" for k in range(args.targets)], transform=transform, predictor=ensemble,
                         pooling="mean", hidden_states=states, encoder_identity=None, policy="argmax",
                         encoder=encoder)
-        enc_t, mlp_t, pol_t, route_t = [], [], [], []
+        enc_t, tr_t, mlp_t, pol_t, route_t = [], [], [], [], []
         C = np.ones((1, args.targets))
         router.route(prompts[0])  # warm-up
         for p in prompts:
             t0 = time.perf_counter()
             x = encoder.encode([p], poolings=("mean",), layers=states)["mean"]
             t1 = time.perf_counter()
-            P = router.predict_proba_features(x)
+            z = router.transform.transform(x)
+            t_mid = time.perf_counter()
+            P = router.predictor.predict_proba(z)
             t2 = time.perf_counter()
             router.choose(P, C)
             t3 = time.perf_counter()
             router.route(p)
             t4 = time.perf_counter()
             enc_t.append(t1 - t0)
-            mlp_t.append(t2 - t1)
+            tr_t.append(t_mid - t1)
+            mlp_t.append(t2 - t_mid)
             pol_t.append(t3 - t2)
             route_t.append(t4 - t3)
         batch_t, single_t = [], []
@@ -154,8 +157,10 @@ def main(argv=None) -> int:
             batch_t.append((t1 - t0) / len(chunk))
             single_t.append((t2 - t1) / len(chunk))
         rows += [("encoder prefill per prompt, median (ms)", median_ms(enc_t), float("nan")),
-                 ("transform + MLP (%d members) per prompt, median (ms)" % len(ensemble.members),
-                  median_ms(mlp_t), float("nan")),
+                 ("transform (scaler + PCA %d of %d) per prompt, median (ms)" % (args.dims, x.size),
+                  median_ms(tr_t), float("nan")),
+                 ("MLP (%d members) per prompt, median (ms)" % len(ensemble.members), median_ms(mlp_t),
+                  float("nan")),
                  ("policy per prompt, median (ms)", median_ms(pol_t), float("nan")),
                  ("route() per prompt, median (ms)", median_ms(route_t), float("nan"))]
         if batch_t:

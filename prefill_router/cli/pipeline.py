@@ -78,11 +78,10 @@ def _features(args, ds):
         elif not args.full:
             return None  # quick mode without a reference: features of the sample only, see run()
     if args.full:
-        encoder = load_encoder()
-        held = FeatureSet.open(store).hidden_states if is_store(store) else None
-        poolings = list(held) if held else ["mean", "last"]
-        layers = sorted(set(held["mean"])) if held else None
-        extract_to_store(ds.prompts, encoder, store, poolings=poolings, layers=layers, progress=True)
+        # An existing store (the imported reference) keeps its own layout, which may differ per pooling
+        # (mean at six hidden states, last at two): None asks extract_to_store for exactly that.
+        poolings = None if is_store(store) else ["mean", "last"]
+        extract_to_store(ds.prompts, load_encoder(), store, poolings=poolings, progress=True)
     return FeatureSet.open(store)
 
 
