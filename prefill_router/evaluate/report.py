@@ -240,7 +240,7 @@ class Report:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(8, 5.5))
+        fig, ax = plt.subplots(figsize=(10.5, 5.5))
         if self.target_points:
             acc = np.nanmean([p["accuracy"] for p in self.target_points], axis=0)
             cost = np.nanmean([p["cost"] for p in self.target_points], axis=0) * 1000
@@ -266,8 +266,7 @@ class Report:
             # the hull is straight in linear cost; sample it densely so a log axis shows its true shape
             dense = np.unique(np.concatenate([np.linspace(a, b, 40) for a, b in itertools.pairwise(hc)] + [hc]))
             hc, ha = dense, np.interp(dense, hc, ha)
-            ax.plot(hc * 1000, ha, ls="--", lw=1.5, color=line.get_color(), zorder=3,
-                    label=f"{r.name} hull")
+            ax.plot(hc * 1000, ha, ls="--", lw=1.5, color=line.get_color(), zorder=3, label="_nolegend_")
         xs = [x for line in ax.get_lines() for x in line.get_xdata()]
         xs += [x for coll in ax.collections for x in coll.get_offsets()[:, 0]]
         log = bool(xs) and min(xs) > 0  # costs span orders of magnitude; log only when none is free
@@ -280,9 +279,10 @@ class Report:
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("USD per 1,000 queries" + (" (log scale)" if log else ""))
         ax.set_ylabel("accuracy")
-        ax.set_title("Cost-quality on held-out prompts (mean over folds)")
+        ax.set_title("Cost-quality on held-out prompts (mean over folds; dashed: convex hull)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        # Outside the axes: the curves end near the best single model, where a legend inside would sit.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
