@@ -200,25 +200,29 @@ class TrunkEnsemble:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ConfigError(f"X must be [N, {self.in_dim}], got {X.shape}")
-        # Inference in NumPy with the members' weights stacked: three batched matmuls instead of ~40 torch
-        # module calls, which keeps routing one prompt far under a millisecond (dropout is off at inference).
-        h = X
+        # The members' weights stacked: three batched matmuls instead of ~40 torch module calls, which keeps
+        # routing one prompt far under a millisecond (dropout is off at inference). Plain torch tensor ops, not
+        # NumPy: after an encoder forward NumPy's BLAS threads would contend with torch's still-spinning ones.
+        if not X.flags.writeable:
+            X = X.copy()
         layers = self._stacked_layers()
-        for i, (W, b) in enumerate(layers):
-            h = np.matmul(h, W) + b                       # [M, N, out] (broadcast over members)
-            if i < len(layers) - 1:
-                np.maximum(h, 0.0, out=h)
-        P = 1.0 / (1.0 + np.exp(-h.astype(np.float64)))
-        return P.mean(axis=0)
+        with torch.inference_mode():
+            h = torch.from_numpy(X)
+            for i, (W, b) in enumerate(layers):
+                h = torch.matmul(h, W) + b                # [M, N, out] (broadcast over members)
+                if i < len(layers) - 1:
+                    h = torch.relu(h)
+            return torch.sigmoid(h.double()).mean(dim=0).numpy()
 
-    def _stacked_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _stacked_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(W [M, in, out], b [M, 1, out])] per Linear layer, stacked over members; rebuilt when they change."""
         cached = getattr(self, "_stack_of", None)
         if cached is None or len(cached) != len(self.members) or any(a is not b for a, b in zip(cached, self.members)):
             linears = [[m for m in net.modules() if isinstance(m, nn.Linear)] for net in self.members]
-            self._stack = [(np.stack([lin[i].weight.detach().numpy().T for lin in linears]).astype(np.float32),
-                            np.stack([lin[i].bias.detach().numpy()[None, :] for lin in linears]).astype(np.float32))
-                           for i in range(len(linears[0]))]
+            with torch.no_grad():
+                self._stack = [(torch.stack([lin[i].weight.detach().T for lin in linears]).float().contiguous(),
+                                torch.stack([lin[i].bias.detach()[None, :] for lin in linears]).float().contiguous())
+                               for i in range(len(linears[0]))]
             self._stack_of = list(self.members)
         return self._stack
 
