@@ -437,3 +437,40 @@ batching: {{max_batch_size: 8, max_wait_ms: 2}}
     assert main(["collect", "--prompts", str(prompts), "--targets", str(bad), "--judge", "choice",
                  "--out", str(out)]) == 2
     assert "targets.0.max_concurrency" in capsys.readouterr().err
+
+
+def test_a_set_stop_flag_ends_the_run_after_the_calls_in_flight(tmp_path):
+    """The flag behind Ctrl-C: once set, no worker takes a new pair, so a stop holds even if the task's
+    cancellation were swallowed on its way up; what finished is journaled and in the dataset."""
+    import asyncio
+
+    from prefill_router.collect.prompts import read_prompts
+    from prefill_router.collect.runner import CollectSettings, collect_async
+    from prefill_router.targets import load_targets
+
+    ups = {name: FakeUpstream(Answer(fn, delay_s=0.05), name=name).start() for name, fn in REPLIES.items()}
+    try:
+        _, prompts, targets = write_inputs(tmp_path, ups, 12, concurrency={n: 1 for n in ups})
+        out = tmp_path / "labels.jsonl"
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            seen = []
+
+            def on_record(record):
+                seen.append(record)
+                if len(seen) == 4:
+                    stop.set()
+
+            await collect_async(read_prompts(prompts), load_targets(targets), out,
+                                CollectSettings(judge="choice", progress=False), on_record=on_record, stop=stop)
+
+        asyncio.run(run())
+        journaled = _journaled(journal_path(out))
+        # The 4th record sets the flag; each target (one call at a time) may finish the call it had in flight.
+        assert 4 <= len(journaled) <= 4 + len(ups) < 36
+        assert sum(len(calls_per_question(up)) for up in ups.values()) == len(journaled)
+        assert {(r["prompt_id"], r["target"]) for r in map(json.loads, out.read_text().splitlines())} == journaled
+    finally:
+        for up in ups.values():
+            up.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -241,8 +242,10 @@ def dataset_rows(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig],
 async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig], out: str | Path,
                         settings: CollectSettings, *, judge_config: JudgeConfig | None = None,
                         prompts_file: str | Path = "<prompts>", sleep: Sleep = asyncio.sleep,
-                        on_record: Callable[[dict], None] | None = None) -> CollectSummary:
-    """Run the collection. `on_record` is called after each record is durably written."""
+                        on_record: Callable[[dict], None] | None = None,
+                        stop: asyncio.Event | None = None) -> CollectSummary:
+    """Run the collection. `on_record` is called after each record is durably written; once `stop` is set,
+    workers take no new pair (the ones in flight finish and are written)."""
     for target in active_targets(targets, settings):
         target.api_key()  # a missing key variable fails now, not after other targets were paid
     check_references(prompts, settings.judge, settings.letters, prompts_file)
@@ -263,11 +266,11 @@ async def collect_async(prompts: Sequence[PromptItem], targets: Sequence[TargetC
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
             judge_answer = _make_judge(settings, judge_config, client, sleep)
             if plan.rejudge:
-                rejudged = await _rejudge(plan.rejudge, judge_answer, commit, settings, on_record)
+                rejudged = await _rejudge(plan.rejudge, judge_answer, commit, settings, on_record, stop)
 
             async def run_target(position: int, target: TargetConfig) -> int:
                 return await _run_target(position, target, plan.calls.get(target.name, []), client, judge_answer,
-                                         commit, settings, sleep, on_record)
+                                         commit, settings, sleep, on_record, stop)
 
             made = await asyncio.gather(*(run_target(i, t) for i, t in enumerate(targets)))
             calls_made = sum(made)
@@ -319,12 +322,17 @@ def _make_judge(settings: CollectSettings, judge_config: JudgeConfig | None, cli
     return pure_judge
 
 
-async def _rejudge(work, judge_answer, commit: GroupCommit, settings: CollectSettings, on_record) -> int:
+def _stopped(stop: asyncio.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+async def _rejudge(work, judge_answer, commit: GroupCommit, settings: CollectSettings, on_record,
+                   stop: asyncio.Event | None = None) -> int:
     bar = tqdm(total=len(work), desc="re-judging", unit="answer", disable=not settings.progress)
     queue = deque(work)
 
     async def worker():
-        while queue:
+        while queue and not _stopped(stop):
             item, _target, record = queue.popleft()
             score, judge_error = await judge_answer(item, record.get("answer") or "")
             updated = {**record, "score": score, "judge": settings.judge, "judge_error": judge_error,
@@ -342,7 +350,8 @@ async def _rejudge(work, judge_answer, commit: GroupCommit, settings: CollectSet
 
 
 async def _run_target(position: int, target: TargetConfig, items: list[PromptItem], client: httpx.AsyncClient,
-                      judge_answer, commit: GroupCommit, settings: CollectSettings, sleep: Sleep, on_record) -> int:
+                      judge_answer, commit: GroupCommit, settings: CollectSettings, sleep: Sleep, on_record,
+                      stop: asyncio.Event | None = None) -> int:
     if not items:
         return 0
     limiter = RateLimiter(target.requests_per_second or settings.requests_per_second,
@@ -355,7 +364,7 @@ async def _run_target(position: int, target: TargetConfig, items: list[PromptIte
 
     async def worker() -> None:
         nonlocal failures
-        while queue:
+        while queue and not _stopped(stop):
             item = queue.popleft()
             result = await chat_completion(client, target, item.messages(), params=params, limiter=limiter,
                                            estimated_tokens=estimate_tokens(item) + (settings.max_tokens or 0),
@@ -383,7 +392,38 @@ async def _run_target(position: int, target: TargetConfig, items: list[PromptIte
 def run_collect(prompts: Sequence[PromptItem], targets: Sequence[TargetConfig], out: str | Path,
                 settings: CollectSettings, **kwargs) -> CollectSummary:
     """Blocking wrapper around `collect_async`."""
-    return asyncio.run(collect_async(prompts, targets, out, settings, **kwargs))
+    return asyncio.run(_collect_until_interrupted(prompts, targets, out, settings, **kwargs))
+
+
+async def _collect_until_interrupted(prompts, targets, out, settings, **kwargs) -> CollectSummary:
+    """collect_async where Ctrl-C always stops the run. Cancelling the main task alone is not enough: an HTTP
+    library's cancel scope can swallow that cancellation (seen once in the suite: the run went on to the end).
+    So Ctrl-C also sets a flag that every worker checks before its next call."""
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def on_interrupt() -> None:
+        stop.set()
+        main.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):  # no loop signal handlers here (Windows, thread)
+        installed = False
+    try:
+        summary = await collect_async(prompts, targets, out, settings, stop=stop, **kwargs)
+    except asyncio.CancelledError:
+        if stop.is_set():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGINT)
+    if stop.is_set():  # the cancellation was lost on its way up; the workers stopped at the flag
+        raise KeyboardInterrupt
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------
