@@ -12,22 +12,23 @@ from prefill_router.errors import ConfigError
 BUILTIN_DATASETS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 
 
-def load_dataset(args: argparse.Namespace):
-    """The dataset named by --dataset (a built-in name or a file), with --targets and --limit applied."""
+def load_dataset(args: argparse.Namespace, *, name_option: str = "dataset"):
+    """The dataset named by --dataset (or the option `name_option`: a built-in name or a file), with
+    --targets, --limit and --sample applied where the command has them."""
     from prefill_router import data
 
-    targets = split_names(args.targets) if args.targets else None
-    name = args.dataset
+    name = getattr(args, name_option)
+    targets = split_names(args.targets) if getattr(args, "targets", None) else None
     if name == "mmlu-pro":
-        ds = data.load_mmlu_pro(args.data_root, targets=targets, limit=args.limit)
+        ds = data.load_mmlu_pro(args.data_root, targets=targets, limit=getattr(args, "limit", None))
         targets = None  # already selected by the loader, which names unknown models
     elif name in ("routellm-mmlu", "routellm-gsm8k"):
         ds = data.load_routellm(args.data_root, benchmark=name.split("-", 1)[1])
     elif Path(name).exists():
-        ds = data.read_routing_data(name, prices=args.prices)
+        ds = data.read_routing_data(name, prices=getattr(args, "prices", None))
     else:
-        raise ConfigError(f"--dataset: {name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                          f"nor an existing file")
+        raise ConfigError(f"--{name_option}: {name!r} is neither a built-in dataset "
+                          f"({', '.join(BUILTIN_DATASETS)}) nor an existing file")
     if targets is not None:
         unknown = [t for t in targets if t not in ds.targets]
         if unknown:

@@ -11,17 +11,16 @@ import argparse
 import sys
 import time
 
-from prefill_router.cli.common import add_row_selection_arguments, select_rows
+from prefill_router.cli.common import BUILTIN_DATASETS, add_row_selection_arguments, load_dataset
 from prefill_router.errors import ConfigError
-
-BUILTIN_DATA = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="compute prefill features of a dataset's prompts into a feature store",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True,
-                   help=f"a known dataset ({', '.join(BUILTIN_DATA)}) or a routing data file (CSV, JSONL, Parquet)")
+                   help=f"a known dataset ({', '.join(BUILTIN_DATASETS)}) or a routing data file "
+                        "(CSV, JSONL, Parquet)")
     p.add_argument("--data-root", help="data folder for known datasets (default: $PREFILL_ROUTER_DATA)")
     p.add_argument("--encoder", default="smollm2-135m",
                    help="built-in alias, Hugging Face id, local folder or .gguf file (default: smollm2-135m)")
@@ -55,18 +54,6 @@ def register(subparsers) -> None:
                    help="--engine ray: prompts per shard, the unit of resume (default 1000)")
     p.add_argument("--out", required=True, help="feature store folder")
     p.set_defaults(func=run)
-
-
-def _load_prompts(args) -> list:
-    from prefill_router.data import load_mmlu_pro, load_routellm, read_routing_data
-
-    if args.data == "mmlu-pro":
-        ds = load_mmlu_pro(args.data_root)
-    elif args.data in ("routellm-mmlu", "routellm-gsm8k"):
-        ds = load_routellm(args.data_root, benchmark=args.data.split("-", 1)[1])
-    else:
-        ds = read_routing_data(args.data)
-    return list(select_rows(ds, args).prompts)
 
 
 def _parse_layers(text: str | None):
@@ -107,7 +94,7 @@ def run(args) -> int:
 
         require_ray()
         load = describe_encoder  # the driver only reads the encoder's shape; the Ray workers load its weights
-    prompts = _load_prompts(args)
+    prompts = list(load_dataset(args, name_option="data").prompts)
     started = time.perf_counter()
     encoder = load(args.encoder, gguf_file=args.gguf_file, revision=args.revision, template=args.template,
                    max_tokens=args.max_tokens, dtype=args.compute_dtype, device=args.device)

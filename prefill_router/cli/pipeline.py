@@ -101,6 +101,7 @@ def _choose_rows(args, ds, done: np.ndarray) -> tuple[np.ndarray, str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from prefill_router.cli.common import split_names
     from prefill_router.data import kfold, load_mmlu_pro
     from prefill_router.evaluate.harness import Contender, evaluate_contenders
     from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders
@@ -116,11 +117,11 @@ def run(args: argparse.Namespace) -> int:
         TfidfLogisticPredictor,
     )
 
-    pools = [p.strip() for p in args.pools.split(",") if p.strip()]
+    pools = split_names(args.pools)
     unknown = [p for p in pools if p not in POOLS]
     if unknown:
         raise ConfigError(f"--pools: unknown pool(s) {unknown}; known: {sorted(POOLS)}")
-    semantic = [s.strip() for s in args.semantic.split(",") if s.strip()]
+    semantic = split_names(args.semantic)
     if set(semantic) - set(SEMANTIC):
         raise ConfigError(f"--semantic: unknown baseline(s) {sorted(set(semantic) - set(SEMANTIC))}; known: {SEMANTIC}")
     if args.threads:

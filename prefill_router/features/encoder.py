@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from prefill_router.data.tokens import cache_dir
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.template import TemplateName, render
 
@@ -62,12 +63,6 @@ MAX_BATCH_SIZE = 256
 IDENTITY_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "config.json", "tokenizer.json",
                           "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                           "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-
-
-def cache_dir() -> Path:
-    """The user cache folder: $PREFILL_ROUTER_CACHE, else ~/.cache/prefill-router."""
-    root = os.environ.get("PREFILL_ROUTER_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "prefill-router"
 
 
 class EncoderSpec(BaseModel):
