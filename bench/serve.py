@@ -4,7 +4,7 @@
     .venv/bin/python bench/serve.py --requests 16 64 128  # requests per concurrency level (1, 8, 32)
 
 What runs, each in its own process so they do not share a GIL:
-- a fake OpenAI-compatible upstream (tests/fake_upstream.py) answering after a fixed delay;
+- a fake OpenAI-compatible upstream (prefill_router/serve/fake_upstream.py, `prefill-router fake-upstream`) answering after a fixed delay;
 - the gateway, `python -m prefill_router serve`, once with batching on (max_batch_size 32) and once with
   batching off (max_batch_size 1, the naive baseline: one encoder forward per request); the LRU cache is off
   and every request carries a different MMLU-Pro question, so every request costs a forward pass;
@@ -216,7 +216,7 @@ def main() -> None:
         prompts = train_router(folder / "router", args.encoder, args.train_rows, args.train_rows + needed,
                                args.data)
         log(f"router trained in {time.perf_counter() - start:.0f}s; {len(prompts)} load-test prompts")
-        upstream, match = start_process([sys.executable, str(REPO / "tests" / "fake_upstream.py"), "--delay",
+        upstream, match = start_process([sys.executable, "-m", "prefill_router", "fake-upstream", "--port", "0", "--delay",
                                          str(args.upstream_delay_ms / 1000), "--content", "The answer is (B)."],
                                         r"listening on (http://\S+)")
         try:

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from fake_upstream import Answer, Drop, Fail, FakeUpstream, Raw, Stall
+from prefill_router.serve.fake_upstream import Answer, Drop, Fail, FakeUpstream, Raw, Stall
 
 from prefill_router.collect.journal import Journal
 from prefill_router.collect.openai_api import RateLimiter, RetryPolicy, chat_completion, parse_retry_after

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_upstream import Answer, Fail, FakeUpstream
+from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream
 
 from prefill_router.cli import main
 from prefill_router.collect.journal import journal_path

@@ -8,7 +8,7 @@ import json
 
 import httpx
 import pytest
-from fake_upstream import Answer, Fail, FakeUpstream, Raw
+from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream, Raw
 
 from prefill_router.collect.judges import (
     check_reference,

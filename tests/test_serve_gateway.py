@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-from fake_upstream import Answer, Fail, FakeUpstream, Stall
+from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream, Stall
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.client import Client, UpstreamHTTPError

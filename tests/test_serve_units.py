@@ -8,7 +8,7 @@ import threading
 
 import httpx
 import pytest
-from fake_upstream import Answer, Drop, Fail, FakeUpstream, Stall
+from prefill_router.serve.fake_upstream import Answer, Drop, Fail, FakeUpstream, Stall
 
 from prefill_router.errors import ConfigError
 from prefill_router.serve.batching import LRUCache, MicroBatcher

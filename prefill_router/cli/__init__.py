@@ -14,7 +14,7 @@ from prefill_router import __version__
 from prefill_router.errors import PrefillRouterError
 
 # Order is the order shown in --help, which follows the pipeline.
-SUBCOMMAND_MODULES = ["data", "extract", "probe", "train", "evaluate", "pipeline", "serve", "collect"]
+SUBCOMMAND_MODULES = ["data", "extract", "probe", "train", "evaluate", "pipeline", "serve", "fake-upstream", "collect"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
-            module = importlib.import_module(f"prefill_router.cli.{name}")
+            module = importlib.import_module(f"prefill_router.cli.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"prefill_router.cli.{name}":
+            if exc.name == f"prefill_router.cli.{name.replace('-', '_')}":
                 continue  # stage not built yet
             raise
         module.register(sub)

@@ -6,7 +6,7 @@ whatever talks to it goes through real sockets.
 
 Usage:
 
-    from fake_upstream import FakeUpstream, Answer, Fail, Stall, Drop, Raw   # pytest puts tests/ on sys.path
+    from prefill_router.serve.fake_upstream import FakeUpstream, Answer, Fail, Stall, Drop, Raw
 
     with FakeUpstream() as up:                      # starts on 127.0.0.1:<free port>
         up.base_url                                 # "http://127.0.0.1:PORT/v1" -> put it in a target config
@@ -37,12 +37,12 @@ Behaviours (one is consumed per request; a model's own queue is used before the 
     Raw(status=200, body="not json", content_type="text/plain")
         Sends exactly this body, for testing how a client copes with garbage.
 
-Run it by hand (for curl experiments or a load test): `python tests/fake_upstream.py --port 8001 --delay 0.05`.
+Run it by hand (to try the gateway without API keys, for curl experiments or a load test):
+`prefill-router fake-upstream --port 8001 --delay 0.05`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import threading
@@ -120,9 +120,11 @@ def _prompt_chars(body: dict) -> int:
 class FakeUpstream:
     """A real OpenAI-compatible HTTP server on 127.0.0.1 whose answers and failures a test scripts."""
 
-    def __init__(self, default: Behaviour | None = None, *, port: int = 0, name: str = "fake"):
+    def __init__(self, default: Behaviour | None = None, *, port: int = 0, name: str = "fake",
+                 host: str = "127.0.0.1"):
         self.default: Behaviour = default or Answer()
         self.name = name
+        self.host = host
         self.requests: list[Received] = []
         self.disconnects = 0
         self.completed_streams = 0
@@ -172,7 +174,7 @@ class FakeUpstream:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> FakeUpstream:
         upstream = self
@@ -180,7 +182,7 @@ class FakeUpstream:
         class Handler(_Handler):
             owner = upstream
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        self._server = ThreadingHTTPServer((self.host, self._port), Handler)
         self._server.daemon_threads = True
         # A short poll interval so stop() returns quickly.
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -328,22 +330,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True  # the client gave up (e.g. timed out during a stall)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the fake OpenAI-compatible upstream in the foreground.")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
-    parser.add_argument("--content", default="Hello from the fake upstream.")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each response starts")
-    args = parser.parse_args()
-    up = FakeUpstream(Answer(args.content, delay_s=args.delay), port=args.port).start()
-    print(f"fake upstream listening on {up.base_url}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        up.stop()
-
-
-if __name__ == "__main__":
-    main()

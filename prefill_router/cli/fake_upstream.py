@@ -1,0 +1,43 @@
+"""`prefill-router fake-upstream`: a stand-in OpenAI-compatible upstream, to try the gateway without API keys.
+
+    prefill-router fake-upstream --port 8001                   # every model answers "Hello from the fake upstream."
+    prefill-router fake-upstream --port 8001 --delay 0.2       # ... after 0.2 s, like a real model
+
+Point every target's `base_url` at http://127.0.0.1:8001/v1 (any `model`, any key). It answers
+`POST /v1/chat/completions` (JSON, or SSE with "stream": true) and `GET /v1/models`; the reply names the
+model it was asked for, so you can see where the gateway routed each request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fake-upstream", help="a fake OpenAI-compatible upstream to try the gateway offline",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8001, help="port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--content", default=None,
+                   help="fixed answer text (default: 'Hello from the fake upstream (model <name>).')")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each response starts (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefill_router.serve.fake_upstream import Answer, FakeUpstream
+
+    def reply(body: dict) -> str:
+        return args.content if args.content is not None else \
+            f"Hello from the fake upstream (model {body.get('model')!s})."
+
+    up = FakeUpstream(Answer(reply, delay_s=args.delay), port=args.port, host=args.host).start()
+    print(f"fake upstream listening on {up.base_url} (Ctrl-C stops it)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        up.stop()
+    return 0
