@@ -60,6 +60,17 @@ def _clean(value):
     return value
 
 
+def json_line(record: dict) -> str:
+    """One JSON line, readable UTF-8 where possible. Text that UTF-8 cannot hold (a lone surrogate, e.g. a bad
+    prompt recorded as a failure) is written \\u-escaped instead, so the record is still written and reads back."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
+
+
 class Journal:
     """Append-only JSON-lines file of finished pairs. Use as a context manager, or call close()."""
 
@@ -109,8 +120,7 @@ class Journal:
 
     def append_many(self, records: list[dict]) -> None:
         """Write records and make them durable (one fsync for all) before returning. Thread-safe."""
-        data = b"".join((json.dumps({k: _clean(v) for k, v in r.items()}, ensure_ascii=False) + "\n").encode()
-                        for r in records)
+        data = b"".join(json_line({k: _clean(v) for k, v in r.items()}).encode() for r in records)
         with self._lock:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +194,7 @@ def write_dataset(records: Iterable[dict], path: str | Path) -> int:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for record in records:
                 row = {k: _clean(record.get(k)) for k in DATASET_FIELDS}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.write(json_line(row))
                 rows += 1
             fh.flush()
             os.fsync(fh.fileno())

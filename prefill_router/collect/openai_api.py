@@ -1,14 +1,18 @@
 """One chat-completion call to an OpenAI-compatible endpoint: rate limited, retried, never raising.
 
 A call either returns the answer with its token usage, or a `ChatResult` whose `error` says why it failed.
-429, 5xx, timeouts and connection errors are retried with exponential backoff (a server's Retry-After
-wins when given); other 4xx answers are the caller's mistake and are not retried.
+408, 409, 429, 5xx, timeouts and connection errors are retried with exponential backoff (a server's
+Retry-After wins when given); other 4xx answers are the caller's mistake and are not retried.
+
+The retry rule (`is_retryable_status`, `is_endpoint_failure`, `parse_retry_after`, `RetryPolicy`) is shared
+with the gateway (`prefill_router.serve.upstream`), which also fails over to another target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +26,18 @@ Sleep = Callable[[float], Awaitable[None]]
 
 _JITTER = random.Random()
 
+# The same call may work a little later: retry it (after Retry-After or a backoff).
 RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+def is_retryable_status(status: int) -> bool:
+    return status in RETRY_STATUSES
+
+
+def is_endpoint_failure(status: int) -> bool:
+    """The endpoint, not the request, is at fault and will stay so: a redirect (the base_url moved), a refused
+    key (401 revoked, 403 forbidden, 407 proxy). Retrying the same endpoint cannot help; another one may."""
+    return 300 <= status < 400 or status in (401, 403, 407)
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,8 @@ class RetryPolicy:
     max_attempts: int = 6        # first try included
     backoff_s: float = 1.0       # wait before the 2nd try; doubles each time, with jitter
     max_backoff_s: float = 60.0  # cap for computed waits (a server's Retry-After is honoured even if longer)
+    # A Retry-After longer than this is not waited for: wait_s returns None (give up, or try another target).
+    max_retry_after_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -37,9 +54,11 @@ class RetryPolicy:
         if self.backoff_s < 0 or self.max_backoff_s < 0:
             raise ValueError("backoff_s and max_backoff_s must be >= 0")
 
-    def wait_s(self, attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float:
-        """Seconds to wait after failed try number `attempt` (1-based)."""
+    def wait_s(self, attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float | None:
+        """Seconds to wait after failed try number `attempt` (1-based); None: a Retry-After over the cap."""
         if retry_after is not None:
+            if self.max_retry_after_s is not None and retry_after > self.max_retry_after_s:
+                return None
             return retry_after
         base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
         # Jitter spreads retries of many concurrent workers that failed together.
@@ -132,6 +151,12 @@ class ChatResult:
         return self.error is None
 
 
+def _unsendable(exc: Exception) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return (f"the body holds {exc.object[exc.start]!r}, a lone surrogate, which is not valid Unicode text")
+    return f"the body is not valid JSON ({exc})"  # e.g. a NaN parameter
+
+
 def _error_detail(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -171,7 +196,11 @@ async def chat_completion(client: httpx.AsyncClient, target: TargetConfig, messa
     retry = retry or RetryPolicy()
     url = f"{target.base_url}/chat/completions"
     body = {"model": target.upstream_model, "messages": messages, **(params or {})}
-    headers = {}
+    try:  # as httpx's json= does, but a body JSON cannot carry is a failed call, not an exception
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError) as exc:
+        return ChatResult(error=f"request not sent: {_unsendable(exc)}")
+    headers = {"Content-Type": "application/json"}
     key = target.api_key()
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -185,7 +214,7 @@ async def chat_completion(client: httpx.AsyncClient, target: TargetConfig, messa
         retry_after = None
         started = time.perf_counter()
         try:
-            response = await client.post(url, json=body, headers=headers, timeout=target.timeout_s)
+            response = await client.post(url, content=content, headers=headers, timeout=target.timeout_s)
         except httpx.TimeoutException:
             result.error, result.status = f"timeout after {target.timeout_s:g}s", None
         except httpx.TransportError as exc:
@@ -208,9 +237,13 @@ async def chat_completion(client: httpx.AsyncClient, target: TargetConfig, messa
             retry_after = parse_retry_after(response.headers.get("retry-after"))
         if limiter is not None:
             limiter.settle(estimated_tokens, 0)  # nothing was processed: give the tokens back
-        if result.status is not None and result.status not in RETRY_STATUSES:
-            return result  # the request itself is wrong: trying again cannot help
+        if result.status is not None and not is_retryable_status(result.status):
+            return result  # the request itself is wrong, or the endpoint refuses it: trying again cannot help
         if attempt < retry.max_attempts:
-            await sleep(retry.wait_s(attempt, retry_after))
+            wait = retry.wait_s(attempt, retry_after)
+            if wait is None:
+                result.error = f"{result.error} (Retry-After {retry_after:g}s is over the cap)"
+                return result
+            await sleep(wait)
     result.error = f"{result.error} (gave up after {result.attempts} attempts)"
     return result

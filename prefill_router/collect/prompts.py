@@ -41,6 +41,16 @@ class PromptItem:
             return [{"role": "user", "content": self.prompt}]
         return list(self.prompt)
 
+    def encoding_problem(self) -> str | None:
+        """Why this prompt cannot be sent as UTF-8 JSON (it holds a lone surrogate such as "\\ud800"), or None."""
+        text = self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"it holds {text[exc.start]!r} after {text[max(0, exc.start - 30):exc.start]!r}: a lone "
+                    "surrogate, which is not valid Unicode text")
+        return None
+
     def text(self) -> str:
         """All message contents joined: what token estimates and the LLM judge read."""
         if isinstance(self.prompt, str):
@@ -71,7 +81,8 @@ def _check_messages(value: Any, file: str, line: int) -> list[dict]:
 
 def _content_id(prompt: Prompt) -> str:
     raw = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    return "p" + hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+    # surrogatepass: a prompt with a lone surrogate still gets an id, so the run can record it as a failure.
+    return "p" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _item(row: dict, file: str, line: int, reference_field: str | None) -> PromptItem:

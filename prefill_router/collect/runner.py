@@ -366,9 +366,14 @@ async def _run_target(position: int, target: TargetConfig, items: list[PromptIte
         nonlocal failures
         while queue and not _stopped(stop):
             item = queue.popleft()
-            result = await chat_completion(client, target, item.messages(), params=params, limiter=limiter,
-                                           estimated_tokens=estimate_tokens(item) + (settings.max_tokens or 0),
-                                           retry=settings.retry, sleep=sleep)
+            problem = item.encoding_problem()
+            if problem is not None:  # a bad line fails alone, unpaid; the run goes on
+                result = ChatResult(error=f"bad prompt (line {item.line}, prompt_id {item.prompt_id!r}), not sent: "
+                                          f"{problem}")
+            else:
+                result = await chat_completion(client, target, item.messages(), params=params, limiter=limiter,
+                                               estimated_tokens=estimate_tokens(item) + (settings.max_tokens or 0),
+                                               retry=settings.retry, sleep=sleep)
             score = judge_error = None
             if result.ok:
                 score, judge_error = await judge_answer(item, result.text or "")
