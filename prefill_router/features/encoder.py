@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prefill_router.data.tokens import cache_dir
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.template import TemplateName, render
+from prefill_router.features.window import WINDOW_RULE
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,15 @@ class EncoderSpec(BaseModel):
     revision: hub revision (branch, tag or commit); ignored for local folders.
     template: `chat` (the encoder's chat template with the generation prompt) or `raw`.
     max_tokens: the truncation limit; None means the encoder's context length.
+    max_route_tokens: read only the routing window (features/window.py: the first system message and the last
+        user message, cut to this many tokens by the truncation rule); None reads the whole conversation.
     dtype: compute dtype; `auto` is float32 on CPU and bfloat16 on GPU.
     device: `auto` (CUDA when available, else CPU), or any torch device string.
     padding_side: where batches are padded; results do not depend on it.
 
-    Only model, gguf_file, revision, template and max_tokens shape the features, so only they (plus the
-    file hashes) enter `identity()`. dtype, device and padding change the numbers by float rounding only.
+    Only model, gguf_file, revision, template, max_tokens and max_route_tokens shape the features, so only
+    they (plus the file hashes) enter `identity()`. dtype, device and padding change the numbers by float
+    rounding only.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,6 +92,7 @@ class EncoderSpec(BaseModel):
     revision: str | None = None
     template: TemplateName = "chat"
     max_tokens: int | None = Field(default=None, gt=0)
+    max_route_tokens: int | None = Field(default=None, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     padding_side: Literal["right", "left"] = "right"
@@ -180,8 +185,11 @@ class Resolved:
         else:
             files = {p.name: _sha256(p) for pattern in IDENTITY_FILE_PATTERNS
                      for p in sorted(self.folder.glob(pattern)) if p.is_file()}
-        return {"model": self.name, "source": self.kind, "revision": self.revision, "files": files,
-                "template": spec.template, "max_tokens": spec.max_tokens, "truncation": TRUNCATION_RULE}
+        identity = {"model": self.name, "source": self.kind, "revision": self.revision, "files": files,
+                    "template": spec.template, "max_tokens": spec.max_tokens, "truncation": TRUNCATION_RULE}
+        if spec.max_route_tokens is not None:  # only when set, so identities without a window stay as they were
+            identity.update(window=WINDOW_RULE, max_route_tokens=spec.max_route_tokens)
+        return identity
 
 
 def resolve(spec: EncoderSpec) -> Resolved:
@@ -367,7 +375,7 @@ class Encoder:
         if spec.max_tokens is not None and spec.max_tokens > self.context_length:
             raise ConfigError(f"max_tokens: {spec.max_tokens} exceeds the context length of {spec.model!r} "
                               f"({self.context_length} tokens)")
-        self.max_tokens = spec.max_tokens or self.context_length
+        self.max_tokens = min(spec.max_tokens or self.context_length, spec.max_route_tokens or self.context_length)
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None) or 0
@@ -420,7 +428,9 @@ class Encoder:
     def tokenize(self, prompts: Sequence[Any]) -> list[list[int]]:
         """Token ids of each templated prompt, before truncation."""
         prompts = _as_prompt_list(prompts)
-        rendered = [render(p, self.tokenizer, self.spec.template, row=i) for i, p in enumerate(prompts)]
+        window = self.spec.max_route_tokens is not None
+        rendered = [render(p, self.tokenizer, self.spec.template, row=i, window=window)
+                    for i, p in enumerate(prompts)]
         ids: list[list[int]] = [None] * len(rendered)  # type: ignore[list-item]
         for special in (False, True):
             rows = [i for i, (_, add) in enumerate(rendered) if add is special]

@@ -8,8 +8,10 @@ Two templates:
 - `raw`: the text as given, tokenized the way the tokenizer normally encodes text (`add_special_tokens=True`).
   Chat messages are written one per line as `role: content`.
 
+With a routing window (`window=True`, see `window.py`), only the window's messages are rendered.
+
 The template name and everything that shapes the text (the chat template itself lives in the tokenizer
-files, which the encoder identity hashes) belong to the feature-set identity.
+files, which the encoder identity hashes; the window) belong to the feature-set identity.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from prefill_router.errors import EncoderError
+from prefill_router.features.window import window_messages
 
 TemplateName = Literal["chat", "raw"]
 TEMPLATES = ("chat", "raw")
@@ -47,8 +50,12 @@ def as_messages(prompt: Any, row: int) -> list[dict]:
     return messages
 
 
-def render(prompt: Any, tokenizer, template: str, row: int = 0) -> tuple[str, bool]:
-    """(text, add_special_tokens) for one prompt under the named template."""
+def render(prompt: Any, tokenizer, template: str, row: int = 0, window: bool = False) -> tuple[str, bool]:
+    """(text, add_special_tokens) for one prompt under the named template; with `window`, of its routing
+    window's messages only (a plain string is its own window)."""
+    if window and isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        # The window first: messages it leaves out (tool calls with no text, tool results) need no checks.
+        prompt = window_messages(prompt) or prompt
     messages = as_messages(prompt, row)
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):

@@ -64,7 +64,7 @@ def _spec_from_identity(identity: dict | None) -> dict | None:
     if not isinstance(identity, dict) or not identity.get("model"):
         return None
     spec = {"model": identity["model"]}
-    for key in ("template", "max_tokens", "revision"):
+    for key in ("template", "max_tokens", "max_route_tokens", "revision"):
         if identity.get(key) is not None:
             spec[key] = identity[key]
     return spec
