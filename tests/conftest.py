@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,31 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# Tests never write outside a temporary folder. Every cache a run could fill (ours, Hugging Face's, matplotlib's,
+# any XDG one) points into one folder per test session. It is set here, at import, because transformers and
+# matplotlib read these variables when they are first imported, and Ray workers inherit the environment. One
+# folder for the whole session, so the default encoder is de-quantized at most once per run.
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="prefill-router-tests-"))
+CACHE_VARIABLES = {"PREFILL_ROUTER_CACHE": "prefill-router", "HF_HOME": "huggingface",
+                   "XDG_CACHE_HOME": "xdg-cache", "MPLCONFIGDIR": "matplotlib"}
+os.environ.update({var: str(TEST_CACHE / sub) for var, sub in CACHE_VARIABLES.items()})
+
+
+@pytest.fixture(scope="session")
+def _test_cache_folder():
+    yield TEST_CACHE
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(_test_cache_folder, monkeypatch) -> Path:
+    """Used by every test: the cache variables point into this session's temporary folder (set again for each
+    test, so one test that changes them cannot leak into the next). Returns $PREFILL_ROUTER_CACHE."""
+    for var, sub in CACHE_VARIABLES.items():
+        monkeypatch.setenv(var, str(_test_cache_folder / sub))
+    return _test_cache_folder / "prefill-router"
+
 
 SHARED_DATA = Path(os.environ.get("PREFILL_ROUTER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -11,11 +11,6 @@ from prefill_router.cli import main
 from prefill_router.features import FeatureSet, import_reference, load_encoder
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def data_file(tmp_path):
     rows = [{"prompt_id": f"q{i}", "prompt": f"what is the capital of france? option {i} " * (1 + i % 4),

@@ -20,11 +20,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path / "cache"))
-
-
 def reference_features(folder, prompts, template="chat"):
     """Per-prompt forward with plain transformers: one prompt per call, no padding."""
     from transformers import AutoModel, AutoTokenizer

@@ -26,20 +26,13 @@ from prefill_router.features.distributed import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
-    # Workers inherit the environment of the process that starts Ray (HF_HUB_OFFLINE from conftest), so the
-    # cache goes to a temporary folder here, before ray.init: a per-test monkeypatch would come too late.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path_factory.mktemp("ray-cache")))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        yield
-        ray.shutdown()
+def local_cluster():
+    # Workers inherit the environment of the process that starts Ray: HF_HUB_OFFLINE and the session's temporary
+    # cache folders, which conftest sets at import.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
 
 
 def _prompts(n: int) -> list:

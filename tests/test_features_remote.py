@@ -18,11 +18,6 @@ uvicorn = pytest.importorskip("uvicorn")
 from prefill_router.features.remote import PrefillEncoder, RemoteEncoder, create_encoder_app  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path / "cache"))
-
-
 class ServerThread:
     """uvicorn on an ephemeral 127.0.0.1 port, in a background thread."""
 
@@ -110,7 +105,7 @@ def test_a_router_routes_the_same_through_the_remote_encoder(encoder_server, tmp
     costs = np.tile([1e-3, 1e-5], (40, 1))
     ds = RoutingDataset([str(i) for i in range(40)], prompts, ["big", "small"], Y, costs)
     trunk = {"seeds": 2, "keep": 1, "max_epochs": 4, "patience": 2, "batch_size": 16, "threads": 1}
-    config = {"pca": 4, "robust_folds": 2, "robust_seeds": 1, "trunk": trunk, "layers": [1, 2]}
+    config = {"pca": 4, "calibration_folds": 2, "calibration_seeds": 1, "trunk": trunk, "layers": [1, 2]}
     features = local.encode(prompts, poolings=("mean",))
     folder = train_router(ds, features, None, config, encoder=local).save(tmp_path / "router")
     asked = ["what is 7 + 14?", "the quick fox " * 3, "fox jumps " * 200]  # the last one is truncated

@@ -21,11 +21,6 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 PROMPTS = make_prompts(24)
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def encoder(tiny_encoder_dir):
     return load_encoder(str(tiny_encoder_dir))
@@ -87,8 +82,7 @@ def test_resume_after_a_crash_recomputes_only_missing_rows(encoder, expected, tm
     np.testing.assert_allclose(partial.get("last", rows=done), expected["last"][done], rtol=1e-5, atol=1e-6)
     assert not partial.get("mean", rows=~done).any()  # unfinished rows are still empty
 
-    monkeypatch.undo()
-    monkeypatch.setenv("PREFILL_ROUTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.undo()  # the forward counter; the cache variables stay in the session's temporary folder
     resumed_sizes = count_forwards(monkeypatch, encoder)
     fs = extract_to_store(PROMPTS, encoder, path, batch_tokens=64, progress=False)
     assert sum(resumed_sizes) == len(PROMPTS) - done.sum()  # nothing done before was recomputed
