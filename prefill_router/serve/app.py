@@ -30,7 +30,9 @@ from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.serve.config import GatewayConfig
 from prefill_router.serve.engine import BadMessages, RouterScorer, RoutingEngine, Scorer, routing_messages
 from prefill_router.serve.metrics import GatewayMetrics
-from prefill_router.serve.models import ModelChoice, UnknownModel, model_ids, preset_policy, resolve_model
+from prefill_router.serve.engine import Routed
+from prefill_router.serve.models import (BadRouterOptions, ModelChoice, RouterOptions, UnknownModel, apply_options,
+                                         model_ids, parse_router_options, preset_policy, resolve_model)
 from prefill_router.serve.upstream import AllUpstreamsFailed, Attempt, UpstreamPool, UpstreamReply
 
 log = logging.getLogger("prefill_router.serve")
@@ -134,7 +136,13 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
     app.state.metrics = metrics
     app.state.engine = RoutingEngine(scorer, max_batch_size=config.batching.max_batch_size,
                                      max_wait_ms=config.batching.max_wait_ms, cache_size=config.cache_size,
-                                     metrics=metrics)
+                                     metrics=metrics, length_buckets=config.batching.length_buckets,
+                                     deadline_ms=config.router.deadline_ms,
+                                     default_target=config.router.default_target,
+                                     session_mode=config.sessions.mode, session_ttl_s=config.sessions.ttl_s,
+                                     max_sessions=config.sessions.max_sessions,
+                                     escalate_only=config.sessions.escalate_only,
+                                     strength=config.strength_order())
     app.state.pool = UpstreamPool(config.targets, retries=config.retries, on_attempt_failed=on_attempt_failed,
                                   transport=transport)
 
@@ -202,25 +210,60 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         except BadMessages as exc:
             raise GatewayError(400, str(exc), code="invalid_messages") from None
 
-    async def decide(choice: ModelChoice, messages: list[dict]):
-        if choice.pinned is not None:
-            return None, None
+    def router_options(body: dict, choice: ModelChoice) -> tuple[RouterOptions, ModelChoice]:
+        """The request's `router` object (serve/models.py) and the model choice it adjusts."""
         try:
-            return await app.state.engine.decide(messages, policy=choice.policy, lam=choice.lam)
+            options = parse_router_options(body.get("router"), routed_targets)
+            return options, apply_options(choice, options)
+        except BadRouterOptions as exc:
+            raise GatewayError(400, str(exc), code="invalid_router_options") from None
+
+    async def decide(choice: ModelChoice, messages: list[dict], options: RouterOptions, request: Request,
+                     body: dict) -> Routed | None:
+        if choice.pinned is not None:
+            return None
+        # router.session asks for a sticky session explicitly; the header and `user` pin in sticky mode only.
+        session, mode = options.session, ("sticky" if options.session else None)
+        if session is None and config.sessions.mode == "sticky":
+            session = request.headers.get("x-session-id") or (body["user"] if isinstance(body.get("user"), str)
+                                                              and body["user"] else None)
+            if session is not None and len(session) > 256:
+                raise GatewayError(400, "x-session-id / user: a session id is at most 256 characters",
+                                   code="invalid_session")
+        try:
+            return await app.state.engine.decide(messages, policy=choice.policy, lam=choice.lam,
+                                                 allowed=options.models, session=session, mode=mode)
         except (EncoderError, ValueError) as exc:
             raise GatewayError(400, f"cannot route this prompt: {exc}", code="routing_failed") from None
 
-    def routing_headers(decision, source: str | None, chosen: str) -> dict[str, str]:
+    def routing_headers(decision: Routed | None, chosen: str) -> dict[str, str]:
         headers = {"x-router-chosen": chosen}
         if decision is None:
             headers["x-router-latency-ms"] = "0"
             return headers
-        headers["x-router-probabilities"] = json.dumps({t: round(p, 6) for t, p in decision.probabilities.items()},
-                                                       separators=(",", ":"))
+        if decision.probabilities is not None:
+            headers["x-router-probabilities"] = json.dumps(
+                {t: round(p, 6) for t, p in decision.probabilities.items()}, separators=(",", ":"))
         headers["x-router-latency-ms"] = f"{decision.latency_ms:.3f}"
-        headers["x-router-cache"] = source or "miss"
+        if decision.cache is not None:
+            headers["x-router-cache"] = decision.cache
         headers["x-router-truncated"] = "true" if decision.truncated else "false"
+        headers["x-router-deadline"] = "exceeded" if decision.deadline_exceeded else "met"
+        if decision.session is not None:
+            headers["x-router-session"] = decision.session
         return headers
+
+    def with_decision(content: bytes, decision: Routed | None, chosen: str, reply: UpstreamReply) -> bytes:
+        """A JSON reply with the routing decision added as "router_decision" (other replies unchanged)."""
+        try:
+            payload = json.loads(content)
+        except ValueError:
+            return content
+        if not isinstance(payload, dict):
+            return content
+        routed = decision.to_dict() if decision is not None else {"target": chosen, "policy": "pinned"}
+        payload["router_decision"] = {**routed, "answered_by": reply.target, "fallbacks": reply.fallbacks}
+        return json.dumps(payload).encode()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -229,11 +272,13 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         choice = choose_model(body)
         messages = messages_of(body)
         stream = bool(body.get("stream"))
-        decision, source = await decide(choice, messages)
+        options, choice = router_options(body, choice)
+        body = {k: v for k, v in body.items() if k != "router"}  # the gateway's own field, never forwarded
+        decision = await decide(choice, messages, options, request, body)
         chosen = choice.pinned or decision.target
         # A pinned target is what the caller asked for by name: retried, never silently replaced.
         chain = [chosen] if choice.pinned else config.fallback_chain(chosen)
-        headers = routing_headers(decision, source, chosen)
+        headers = routing_headers(decision, chosen)
         try:
             reply: UpstreamReply = await app.state.pool.chat(chain, body, stream=stream)
         except AllUpstreamsFailed as exc:
@@ -261,7 +306,10 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
                 log.warning("stream from %s failed mid-way: %r", target, exc)
 
             return UpstreamStream(reply.response, headers, on_disconnect, on_error)
-        return Response(content=reply.response.content, status_code=reply.response.status_code, headers=headers)
+        content = reply.response.content
+        if options.return_decision and reply.response.status_code < 400:  # streams carry it in headers only
+            content = with_decision(content, decision, chosen, reply)
+        return Response(content=content, status_code=reply.response.status_code, headers=headers)
 
     @app.post("/v1/route")
     async def route(request: Request) -> JSONResponse:
@@ -272,17 +320,10 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         if choice.pinned is not None:
             raise GatewayError(400, f"model '{choice.pinned}' is a target, not a router alias; /v1/route needs "
                                "'router', 'router:<lambda>' or 'router:<preset>'", code="model_not_found")
-        decision, source = await decide(choice, messages)
-        return JSONResponse({
-            "target": decision.target,
-            "probabilities": decision.probabilities,
-            "estimated_cost": decision.estimated_cost,
-            "latency_ms": decision.latency_ms,
-            "truncated": decision.truncated,
-            "cache": source,
-            "model": choice.requested,
-            "fallback_chain": config.fallback_chain(decision.target),
-        })
+        options, choice = router_options(body, choice)
+        decision = await decide(choice, messages, options, request, body)
+        return JSONResponse({**decision.to_dict(), "model": choice.requested,
+                             "fallback_chain": config.fallback_chain(decision.target)})
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -312,6 +353,7 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         return JSONResponse({"status": "ok" if ready else "degraded",
                              "encoder_loaded": bool(getattr(scorer, "encoder_loaded", True)),
                              "encoder": encoder_info or getattr(scorer, "encoder_info", None),
+                             "window": getattr(scorer, "window_info", None),
                              "targets": routed_targets, "upstreams": upstreams})
 
     @app.get("/metrics")
@@ -337,6 +379,6 @@ def load_router(config: GatewayConfig):
 
 def build_gateway(config: GatewayConfig, router=None) -> FastAPI:
     """Load the router (unless given), load its encoder and warm it up, and build the app."""
-    scorer = RouterScorer(router if router is not None else load_router(config))
+    scorer = RouterScorer(router if router is not None else load_router(config), config.router.max_route_tokens)
     scorer.warm_up()
     return create_app(config, scorer)

@@ -4,13 +4,20 @@
 queued item, then gathers more for at most `max_wait_ms` or until `max_batch_size`, and runs `fn` on the batch
 in its own thread so the event loop keeps serving other requests. While one batch runs, the next one queues up:
 under load batches fill by themselves, and an idle gateway waits at most `max_wait_ms`.
+
+`LengthBuckets` runs one MicroBatcher per length bucket, each with its own worker thread, so a long prompt
+is batched only with other long prompts and a short prompt never waits for a long prompt's forward pass.
+
+An item submitted with `wanted` is dropped before its forward pass when `wanted()` has turned false (every
+caller gave up: a routing deadline passed or the client left), so a flood of abandoned prompts costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -27,17 +34,17 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[tuple[In, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[In, asyncio.Future, Callable[[], bool] | None]] | None = None
         self._worker: asyncio.Task | None = None
         # One thread: the encoder is not run concurrently with itself, and torch gets the cores it is given.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-router-encoder")
 
-    async def submit(self, item: In) -> Out:
+    async def submit(self, item: In, wanted: Callable[[], bool] | None = None) -> Out:
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        await self._queue.put((item, future, wanted))
         return await future
 
     async def close(self) -> None:
@@ -68,8 +75,14 @@ class MicroBatcher(Generic[In, Out]):
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
-        # A caller that gave up (client disconnected) does not cost a slot in the forward pass.
-        return [(item, fut) for item, fut in batch if not fut.done()]
+        # A caller that gave up (client disconnected, deadline passed) does not cost a slot in the forward pass.
+        kept = []
+        for item, fut, wanted in batch:
+            if wanted is not None and not fut.done() and not wanted():
+                fut.cancel()
+            if not fut.done():
+                kept.append((item, fut))
+        return kept
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -102,6 +115,28 @@ class MicroBatcher(Generic[In, Out]):
                     fut.set_exception(exc)
                 else:
                     fut.set_result(result)
+
+
+class LengthBuckets(Generic[In, Out]):
+    """One MicroBatcher (and worker thread) per length bucket. `bounds` are ascending upper limits of
+    `size(item)`: bounds [2000] make two buckets, size <= 2000 and size > 2000."""
+
+    def __init__(self, fn: Callable[[list[In]], list[Out]], bounds: Sequence[int], size: Callable[[In], int], *,
+                 max_batch_size: int = 16, max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
+        self.bounds = sorted(bounds)
+        self.size = size
+        self.lanes = [MicroBatcher(fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, on_batch=on_batch)
+                      for _ in range(len(self.bounds) + 1)]
+
+    def bucket(self, item: In) -> int:
+        return bisect.bisect_left(self.bounds, self.size(item))
+
+    async def submit(self, item: In, wanted: Callable[[], bool] | None = None) -> Out:
+        return await self.lanes[self.bucket(item)].submit(item, wanted)
+
+    async def close(self) -> None:
+        for lane in self.lanes:
+            await lane.close()
 
 
 K = TypeVar("K", bound=Hashable)

@@ -4,6 +4,10 @@
       checkpoint: runs/router            # relative paths are read from the config file's folder
       policy: null                       # null: the checkpoint's default policy
       lam: null                          # null: the checkpoint's default lambda
+      max_route_tokens: null             # routing window; null: the checkpoint's, or 512 if it records none
+      deadline_ms: 2000                  # routing deadline; past it the request goes to default_target
+      default_target: null               # null: the strongest target (see sessions.strength)
+    sessions: {mode: first_turn, ttl_s: 3600, max_sessions: 100000, escalate_only: false, strength: null}
     presets:                             # `model: "router:<name>"` picks one of these per request
       best: {lam: 0}                     # policy omitted: the default policy's kind, with this lambda
       cheap: {lam: 1.0}
@@ -22,7 +26,8 @@
     listen: {host: 127.0.0.1, port: 8000}
     auth: {keys: [], keys_env: GATEWAY_KEYS}   # bearer keys; keys_env holds comma-separated keys
     max_body_bytes: 1000000
-    batching: {max_batch_size: 16, max_wait_ms: 5}   # on a CPU-only host prefer max_batch_size: 1, see below
+    batching: {max_batch_size: 16, max_wait_ms: 5,   # on a CPU-only host prefer max_batch_size: 1, see below
+               length_buckets: [2000]}   # window characters: one batch queue and worker thread per bucket
     cache_size: 4096                     # routing decisions kept in the LRU cache; 0 turns it off
 
 Micro-batching pays where one encoder forward is latency-bound (a GPU). On a CPU the prefill is compute-bound
@@ -34,6 +39,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -54,6 +61,24 @@ class RouterSection(BaseModel):
     encoder: str | None = None  # load this encoder instead of the one the checkpoint names (must match it)
     policy: str | None = None
     lam: float | None = Field(default=None, ge=0)
+    # The routing window (features/window.py). null: the checkpoint's; for a checkpoint trained on whole
+    # prompts, 512 tokens (serve/engine.py DEFAULT_MAX_ROUTE_TOKENS), so a long prompt costs bounded time.
+    max_route_tokens: int | None = Field(default=None, gt=0)
+    # Past this, a routed request goes to default_target (null: no deadline).
+    deadline_ms: float | None = Field(default=2000.0, gt=0)
+    default_target: str | None = None  # null: the strongest routed target (sessions.strength)
+
+
+class Sessions(BaseModel):
+    """How turns of one conversation are routed; see docs/serving.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["per_turn", "first_turn", "sticky"] = "first_turn"
+    ttl_s: float = Field(default=3600.0, gt=0)  # sticky: a pin is forgotten this long after its last use
+    max_sessions: int = Field(default=100_000, ge=1)  # sticky: pins kept (least recently used go first)
+    escalate_only: bool = False  # sticky: route every turn, and move the pin to a stronger target only
+    strength: list[str] | None = None  # weakest -> strongest; null: by price (input + output), then config order
 
 
 class Preset(BaseModel):
@@ -91,6 +116,17 @@ class Batching(BaseModel):
 
     max_batch_size: int = Field(default=16, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
+    # Upper bounds of the window's length in characters: a prompt is batched, on its own worker thread, only
+    # with prompts of its bucket, so a long prompt never holds a short one.
+    length_buckets: list[int] = Field(default_factory=lambda: [2000])
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _ascending(cls, bounds: list[int]) -> list[int]:
+        if any(b < 1 for b in bounds) or bounds != sorted(set(bounds)) or len(bounds) > 4:
+            raise ValueError("must be at most 4 ascending, distinct numbers >= 1")
+        return bounds
+
 
 
 def _default_presets() -> dict[str, Preset]:
@@ -112,6 +148,7 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     batching: Batching = Field(default_factory=Batching)
     cache_size: int = Field(default=4096, ge=0)
+    sessions: Sessions = Field(default_factory=Sessions)
 
     @field_validator("presets")
     @classmethod
@@ -139,7 +176,20 @@ class GatewayConfig(BaseModel):
             unknown = [n for n in (t.fallbacks or []) if n not in known]
             if unknown:
                 raise ValueError(f"targets.{i}.fallbacks: unknown target(s) {unknown}; known: {names}")
+        if self.router.default_target is not None and self.router.default_target not in known:
+            raise ValueError(f"router.default_target: unknown target {self.router.default_target!r}; known: {names}")
+        unknown = [n for n in (self.sessions.strength or []) if n not in known]
+        if unknown:
+            raise ValueError(f"sessions.strength: unknown target(s) {unknown}; known: {names}")
         return self
+
+    def strength_order(self) -> list[str]:
+        """Target names from weakest to strongest: sessions.strength, else by price (input + output per
+        million tokens), equal prices in config order."""
+        if self.sessions.strength is not None:
+            return list(self.sessions.strength)
+        return [t.name for t in sorted(self.targets, key=lambda t: t.usd_per_m_input + t.usd_per_m_output)]
+
 
     def fallback_chain(self, first: str) -> list[str]:
         """The targets to try, in order, when `first` is chosen: first itself, then its fallbacks."""

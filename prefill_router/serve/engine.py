@@ -1,23 +1,43 @@
-"""The gateway's routing step: P per target for a prompt (micro-batched, cached), then the request's policy.
+"""The gateway's routing step: which part of the conversation is read, P per target for it (length-bucketed
+micro-batches, cached), a deadline, the session rules, then the request's policy.
 
-The cache keeps what the encoder and the MLP computed, P and C per target, keyed by a hash of the messages;
-the policy and lambda are applied per request, so `router:cheap` and `router:best` share cache entries.
+Per request (`RoutingEngine.decide`):
+1. the session mode picks the conversation to route on: `per_turn` the whole request, `first_turn` the
+   conversation up to its first user message (every turn of a conversation then reads the same window, on
+   every replica, with no shared state), `sticky` a pinned target when the session has one;
+2. the routing window (`features/window.py`: the first system message and the last user message) is taken;
+   the encoder cuts it to `max_route_tokens` tokens. The cache key is the window, so turns that share it share
+   one forward pass;
+3. P and C come from the cache, from an identical prompt being scored, or from a forward pass in the window's
+   length bucket (a long prompt never holds a short one);
+4. when the routing deadline passes first, the request goes to the default target (counted and flagged);
+   the forward pass goes on and fills the cache if it had started, and is dropped if nobody waits for it;
+5. the policy (with lambda, or tolerance) is applied among the allowed targets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol
 
 import numpy as np
+from prometheus_client import Counter
 
-from prefill_router.router.decision import RouteDecision
-from prefill_router.serve.batching import LRUCache, MicroBatcher
-from prefill_router.serve.metrics import GatewayMetrics
+from prefill_router.features.window import first_turn, window_messages
+from prefill_router.serve.batching import LengthBuckets, LRUCache
+from prefill_router.serve.metrics import PREFIX, GatewayMetrics
+
+SessionMode = Literal["per_turn", "first_turn", "sticky"]
+# Serving window for a checkpoint that records none (trained on whole prompts): the p97 of MMLU-Pro's
+# templated lengths, so nearly every single-turn prompt of that kind is read exactly as in training.
+DEFAULT_MAX_ROUTE_TOKENS = 512
+CHARS_PER_TOKEN = 4  # to estimate the input tokens the router did not read, for the cost estimate only
 
 
 class BadMessages(ValueError):
@@ -27,8 +47,9 @@ class BadMessages(ValueError):
 @dataclass(frozen=True)
 class Scores:
     P: np.ndarray  # [K] P(correct) per target, in the scorer's target order
-    C: np.ndarray  # [K] estimated USD per target for this prompt
+    C: np.ndarray  # [K] estimated USD per target for the prompt the router read
     truncated: bool = False
+    tokens: float = 0.0  # templated input tokens the router read (before truncation)
 
 
 class Scorer(Protocol):
@@ -39,6 +60,26 @@ class Scorer(Protocol):
     def score_batch(self, prompts: list[list[dict]]) -> list[Scores]: ...
 
     def choose(self, scores: Scores, policy: str | None, lam: float | None) -> int: ...
+
+
+@dataclass
+class Routed:
+    """One request's routing outcome."""
+
+    target: str                                  # where the request goes first
+    probabilities: dict[str, float] | None       # None: no scores (a pinned session, a missed deadline)
+    estimated_cost: dict[str, float] | None
+    latency_ms: float
+    truncated: bool = False
+    cache: str | None = None                     # hit | miss | shared (None: no lookup)
+    policy: str | None = None
+    deadline_exceeded: bool = False
+    session: str | None = None                   # new | pinned | escalated (sticky sessions only)
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "probabilities": self.probabilities, "estimated_cost": self.estimated_cost,
+                "policy": self.policy, "latency_ms": self.latency_ms, "truncated": self.truncated,
+                "cache": self.cache, "deadline_exceeded": self.deadline_exceeded, "session": self.session}
 
 
 def routing_messages(messages: Any) -> list[dict]:
@@ -84,16 +125,71 @@ def messages_key(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def _chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
+class SessionPins:
+    """session id -> pinned target, forgotten `ttl_s` after its last use, at most `max_size` kept (LRU)."""
+
+    def __init__(self, ttl_s: float, max_size: int):
+        self.ttl_s = ttl_s
+        self._pins: LRUCache[str, tuple[str, float]] = LRUCache(max_size)
+
+    def get(self, session: str) -> str | None:
+        entry = self._pins.get(session)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        self.set(session, entry[0])  # sliding expiry: an active conversation keeps its pin
+        return entry[0]
+
+    def set(self, session: str, target: str) -> None:
+        self._pins.put(session, (target, time.monotonic() + self.ttl_s))
+
+    def __len__(self) -> int:
+        return len(self._pins)
+
+
+@dataclass
+class _Inflight:
+    task: asyncio.Task | None = None
+    waiters: int = 0
+
+
 class RoutingEngine:
     def __init__(self, scorer: Scorer, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
-                 cache_size: int = 4096, metrics: GatewayMetrics | None = None):
+                 cache_size: int = 4096, metrics: GatewayMetrics | None = None,
+                 length_buckets: Sequence[int] = (2000,), deadline_ms: float | None = None,
+                 default_target: str | None = None, session_mode: SessionMode = "per_turn",
+                 session_ttl_s: float = 3600.0, max_sessions: int = 100_000, escalate_only: bool = False,
+                 strength: Sequence[str] | None = None):
         self.scorer = scorer
         self.metrics = metrics
         self.cache: LRUCache[str, Scores] = LRUCache(cache_size)
-        self._inflight: dict[str, asyncio.Task] = {}
+        self._inflight: dict[str, _Inflight] = {}
         on_batch = metrics.batch_size.observe if metrics is not None else None
-        self.batcher: MicroBatcher[list[dict], Scores] = MicroBatcher(
-            scorer.score_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, on_batch=on_batch)
+        # The bucket of a prompt is the length of its window's text (characters: known before tokenizing).
+        self.batcher: LengthBuckets[list[dict], Scores] = LengthBuckets(
+            scorer.score_batch, length_buckets, _chars, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+            on_batch=on_batch)
+        self.deadline_s = None if deadline_ms is None else deadline_ms / 1000
+        targets = list(scorer.targets)
+        # weakest -> strongest; the default and the escalate-only rule read it
+        self.strength = [t for t in (strength or targets) if t in targets] + \
+            [t for t in targets if t not in (strength or targets)]
+        self.default_target = default_target if default_target in targets else self.strength[-1]
+        self.session_mode = session_mode
+        self.escalate_only = escalate_only
+        self.sessions = SessionPins(session_ttl_s, max_sessions)
+        self.deadline_counter = self.session_counter = None
+        if metrics is not None:
+            # Registered here, on the app's own registry, next to the GatewayMetrics the engine is given.
+            self.deadline_counter = Counter(
+                f"{PREFIX}_routing_deadline_exceeded", "Routed requests whose routing deadline passed before "
+                "the router answered; they went to the default target", ["target"], registry=metrics.registry)
+            self.session_counter = Counter(
+                f"{PREFIX}_session_decisions", "Sticky-session routing decisions, by outcome (new pin, pinned, "
+                "escalated)", ["outcome"], registry=metrics.registry)
 
     @property
     def targets(self) -> list[str]:
@@ -103,66 +199,147 @@ class RoutingEngine:
         await self.batcher.close()
 
     async def scores(self, messages: list[dict]) -> tuple[Scores, str]:
-        """P and C for already-validated routing messages, and where they came from: "hit" (the cache),
-        "shared" (an identical prompt being scored right now) or "miss" (a new forward pass)."""
+        """P and C for a routing window, and where they came from: "hit" (the cache), "shared" (an identical
+        window being scored right now) or "miss" (a new forward pass)."""
         key = messages_key(messages)
         hit = self.cache.get(key)
         if hit is not None:
             self._count_cache("hit")
             return hit, "hit"
-        task = self._inflight.get(key)
+        entry = self._inflight.get(key)
         source = "shared"
-        if task is None:
+        if entry is None:
             source = "miss"
-            task = asyncio.get_running_loop().create_task(self._compute(key, messages))
+            entry = self._inflight[key] = _Inflight()
+            entry.task = asyncio.get_running_loop().create_task(self._compute(key, messages, entry))
             # Retrieve the exception even when every waiter has gone, so none is reported as lost.
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._inflight[key] = task
+            entry.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._count_cache(source)
-        # shield: a client that disconnects does not cancel a forward pass others may share.
-        return await asyncio.shield(task), source
-
-    async def _compute(self, key: str, messages: list[dict]) -> Scores:
+        entry.waiters += 1
         try:
-            result = await self.batcher.submit(messages)
+            # shield: a caller that gives up does not cancel a forward pass others may share; one that nobody
+            # waits for any more is dropped before it starts (see `wanted` in `_compute`).
+            return await asyncio.shield(entry.task), source
+        finally:
+            entry.waiters -= 1
+
+    async def _compute(self, key: str, messages: list[dict], entry: _Inflight) -> Scores:
+        try:
+            result = await self.batcher.submit(messages, wanted=lambda: entry.waiters > 0)
         finally:
             self._inflight.pop(key, None)
         self.cache.put(key, result)
         return result
 
-    async def decide(self, messages: list[dict], *, policy: str | None = None,
-                     lam: float | None = None) -> tuple[RouteDecision, str]:
+    async def decide(self, messages: list[dict], *, policy: str | None = None, lam: float | None = None,
+                     allowed: Sequence[str] | None = None, session: str | None = None,
+                     mode: SessionMode | None = None) -> Routed:
+        """Route already-validated routing messages (see the module docstring for the steps).
+
+        allowed: the targets this request may go to (None: all); session: a sticky session id (used in
+        `sticky` mode, or whenever `mode` is given as sticky); mode: the session mode (default: the engine's).
+        """
         start = time.perf_counter()
-        scores, source = await self.scores(messages)
-        index = self.scorer.choose(scores, policy, lam)
+        mode = mode or self.session_mode
+        allowed = list(self.scorer.targets) if allowed is None else [t for t in self.scorer.targets if t in allowed]
+        if mode == "sticky" and session is None:
+            mode = "first_turn"  # no session id: the stateless way to keep a conversation on one target
+        pinned = self.sessions.get(session) if mode == "sticky" else None
+        if pinned is not None and pinned not in allowed:
+            pinned = None  # this request may not go there: route it afresh, and leave the pin alone
+        if pinned is not None and not self.escalate_only:
+            self._count_session("pinned")
+            return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, session="pinned")
+
+        conversation = first_turn(messages) if mode == "first_turn" else messages
+        routed = await self._route(conversation, messages, policy, lam, allowed, start)
+        if mode != "sticky" or routed.deadline_exceeded:
+            return routed  # a deadline's default target is not pinned: the next turn routes again
+        if pinned is None:
+            self.sessions.set(session, routed.target)
+            routed.session = "new"
+        elif self.strength.index(routed.target) > self.strength.index(pinned):
+            self.sessions.set(session, routed.target)
+            routed.session = "escalated"
+        else:
+            routed = replace(routed, target=pinned, session="pinned")
+        self._count_session(routed.session)
+        return routed
+
+    async def _route(self, conversation: list[dict], messages: list[dict], policy: str | None, lam: float | None,
+                     allowed: list[str], start: float) -> Routed:
+        window = window_messages(conversation)
+        try:
+            scores, source = await asyncio.wait_for(self.scores(window), self.deadline_s)
+        except TimeoutError:
+            target = self.default_target if self.default_target in allowed else \
+                next(t for t in reversed(self.strength) if t in allowed)
+            if self.deadline_counter is not None:
+                self.deadline_counter.labels(target=target).inc()
+            return Routed(target, None, None, (time.perf_counter() - start) * 1000, deadline_exceeded=True)
+        unread = _chars(messages) - _chars(window)
+        estimate = getattr(self.scorer, "estimate_costs", None)
+        if unread > 0 and estimate is not None:
+            # The whole conversation goes upstream, so the cost counts the tokens the router did not read too.
+            scores = replace(scores, C=np.asarray(estimate(scores.tokens + unread / CHARS_PER_TOKEN), np.float64))
+        targets = list(self.scorer.targets)
+        index = [targets.index(t) for t in allowed]
+        sub = replace(scores, P=scores.P[index], C=scores.C[index])
+        target = allowed[self.scorer.choose(sub, policy, lam)]
         latency_ms = (time.perf_counter() - start) * 1000
         if self.metrics is not None:
             self.metrics.routing_latency.observe(latency_ms / 1000)
-        targets = self.scorer.targets
-        decision = RouteDecision(
-            target=targets[index],
-            probabilities={t: float(p) for t, p in zip(targets, scores.P)},
-            estimated_cost={t: float(c) for t, c in zip(targets, scores.C)},
-            latency_ms=latency_ms,
-            truncated=scores.truncated,
-        )
-        return decision, source
+        describe = getattr(self.scorer, "policy_spec", None)
+        return Routed(target, {t: float(p) for t, p in zip(targets, scores.P)},
+                      {t: float(c) for t, c in zip(targets, scores.C)}, latency_ms, scores.truncated, source,
+                      describe(policy, lam) if describe is not None else policy)
 
     def _count_cache(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.cache.labels(result=result).inc()
 
+    def _count_session(self, outcome: str) -> None:
+        if self.session_counter is not None:
+            self.session_counter.labels(outcome=outcome).inc()
+
 
 class RouterScorer:
-    """A trained `prefill_router.router.Router` seen through the `Scorer` interface."""
+    """A trained `prefill_router.router.Router` seen through the `Scorer` interface.
 
-    def __init__(self, router):
-        self.router = router
+    max_route_tokens: the routing window. A checkpoint trained on windowed features serves with its own window
+    (a different number is refused). A checkpoint trained on whole prompts is served with this window (default
+    DEFAULT_MAX_ROUTE_TOKENS) so that a long prompt costs bounded time; `window_source` says which applies.
+    """
+
+    def __init__(self, router, max_route_tokens: int | None = None):
+        from prefill_router.errors import ConfigError
+
+        # A shallow copy: the serving window's encoder (see _apply_window) is set on this copy only.
+        self.router = copy.copy(router)
         self.targets = list(router.targets)
+        trained = (router.encoder_identity or {}).get("max_route_tokens")
+        if trained is not None and max_route_tokens is not None and max_route_tokens != trained:
+            raise ConfigError(f"router.max_route_tokens: {max_route_tokens}, but the checkpoint was trained on a "
+                              f"routing window of {trained} tokens; use {trained} (or leave it unset)")
+        self.max_route_tokens = trained or max_route_tokens or DEFAULT_MAX_ROUTE_TOKENS
+        self.window_source = "checkpoint" if trained else "serving"
 
     def warm_up(self) -> None:
         """Load the encoder now (the router loads it lazily) and run one forward, so the first request is fast."""
         self.router.predict_batch([[{"role": "user", "content": "warm up"}]])
+        self._apply_window()
+
+    def _apply_window(self) -> None:
+        """Give a router trained on whole prompts an encoder that reads the serving window: the same model and
+        tokenizer, with `max_route_tokens` set. (A windowed checkpoint's encoder already has it.)"""
+        from prefill_router.features.encoder import Encoder
+
+        encoder = getattr(self.router, "encoder", None)
+        if self.window_source != "serving" or not isinstance(encoder, Encoder) or \
+                encoder.spec.max_route_tokens == self.max_route_tokens:
+            return
+        spec = encoder.spec.model_copy(update={"max_route_tokens": self.max_route_tokens})
+        self.router.encoder = Encoder(spec, encoder.tokenizer, encoder.model, encoder._resolved)
 
     @property
     def encoder_loaded(self) -> bool:
@@ -172,14 +349,27 @@ class RouterScorer:
     def encoder_info(self) -> dict | None:
         return getattr(self.router, "encoder_identity", None)
 
+    @property
+    def window_info(self) -> dict:
+        return {"max_route_tokens": self.max_route_tokens, "source": self.window_source}
+
     def check_policy(self, policy: str | None, lam: float | None) -> None:
         """Raise ConfigError now for a policy/lambda the router cannot apply, rather than at a request."""
         self.router.resolve_policy(policy, lam)
 
+    def policy_spec(self, policy: str | None, lam: float | None) -> str:
+        resolved = self.router.resolve_policy(policy, lam)
+        return resolved.spec() if callable(getattr(resolved, "spec", None)) else str(resolved)
+
     def score_batch(self, prompts: list[list[dict]]) -> list[Scores]:
-        P, C, truncated = self.router.predict_batch(prompts)
-        return [Scores(np.asarray(P[i], dtype=np.float64), np.asarray(C[i], dtype=np.float64), bool(truncated[i]))
-                for i in range(len(prompts))]
+        self._apply_window()  # no-op after warm_up; here for a router whose encoder was attached later
+        X, tokens, truncated, _ = self.router.encode(prompts)
+        P, C = self.router.predict_proba_features(X), self.router.estimate_costs(tokens)
+        return [Scores(np.asarray(P[i], dtype=np.float64), np.asarray(C[i], dtype=np.float64), bool(truncated[i]),
+                       float(tokens[i])) for i in range(len(prompts))]
+
+    def estimate_costs(self, tokens: float) -> np.ndarray:
+        return np.asarray(self.router.estimate_costs(np.array([tokens], dtype=np.float64))[0], dtype=np.float64)
 
     def choose(self, scores: Scores, policy: str | None, lam: float | None) -> int:
         return int(self.router.choose(scores.P[None, :], scores.C[None, :], policy=policy, lam=lam)[0])

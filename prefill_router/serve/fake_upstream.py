@@ -28,6 +28,7 @@ Behaviours (one is consumed per request; a model's own queue is used before the 
         response starts (simulated model latency); streaming sends one chunk per word, `chunk_delay_s` apart.
         Token counts default to len(text)//4 of the prompt and the number of words of the answer.
         `cut_after=n` makes a stream break off after n chunks (the connection is dropped mid-stream).
+        `tool_calls=[{"name": ..., "arguments": "<json>"}]` answers with function calls instead of (or with) text.
     Fail(status=500, message=..., retry_after=None)
         An OpenAI-style error body {"error": {...}} with that status; `retry_after` sets the Retry-After header.
     Stall(seconds, then=None)
@@ -65,8 +66,20 @@ class Answer:
     finish_reason: str = "stop"
     cut_after: int | None = None  # streaming only: drop the connection after this many chunks
 
+    # Function calls to answer with, e.g. [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]: the
+    # reply then carries message.tool_calls (streamed as tool_calls deltas) and finish_reason "tool_calls".
+    tool_calls: list[dict] | None = None
+
     def text(self, body: dict) -> str:
         return self.content(body) if callable(self.content) else self.content
+
+    def tool_call_list(self) -> list[dict]:
+        return [{"id": f"call_{i}", "type": "function",
+                 "function": {"name": c["name"], "arguments": c.get("arguments", "{}")}}
+                for i, c in enumerate(self.tool_calls or [])]
+
+    def finish(self) -> str:
+        return "tool_calls" if self.tool_calls and self.finish_reason == "stop" else self.finish_reason
 
 
 @dataclass
@@ -270,8 +283,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": behaviour.finish_reason}],
+            "choices": [{"index": 0, "message": {"role": "assistant",
+                                                 "content": None if behaviour.tool_calls and not text else text,
+                                                 **({"tool_calls": behaviour.tool_call_list()}
+                                                    if behaviour.tool_calls else {})},
+                         "finish_reason": behaviour.finish()}],
             "usage": usage,
         })
 
@@ -288,7 +304,12 @@ class _Handler(BaseHTTPRequestHandler):
                                         "finish_reason": None}]}]
         events += [{**base, "choices": [{"index": 0, "delta": {"content": w if i == 0 else " " + w},
                                          "finish_reason": None}]} for i, w in enumerate(words)]
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": behaviour.finish_reason}]})
+        if behaviour.tool_calls and not text:
+            events = events[:1]  # a tool-call-only answer has no content deltas
+        events += [{**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": i, **call}]},
+                                         "finish_reason": None}]}
+                   for i, call in enumerate(behaviour.tool_call_list())]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": behaviour.finish()}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": usage})
         try:
