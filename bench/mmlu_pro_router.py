@@ -4,11 +4,6 @@ Rows: the questions whose reference features are done (see the features README; 
 from the full 12,002). Folds: `prefill_router.data.kfold` (prompt-level, stratified by category), seed 0.
 Contenders per target pool and feature choice:
   prefill-trunk          SharedTrunkNet ensemble on scaler+PCA features (P averaged over kept seeds)
-  prefill-trunk+robust   the same P through RobustPolicy (shrinkage, frontier pruning, margin to leave the best
-                         target), fitted on out-of-fold predictions of the TRAINING rows only. The harness sweeps
-                         the utility policy over the policy's adjusted scores (P' shrunk; ineligible targets -1;
-                         anchor + margin), which is exactly RobustPolicy at each lambda. Its AUC column is that of
-                         the adjusted scores (targets pruned or with alpha = 0 score 0.5), so read AUC on the plain row.
   prefill-logreg         one logistic regression per target on the same scaler+PCA features
 plus random, best single (chosen on training rows) and oracle from the harness.
 
@@ -68,12 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--keep", type=int, default=5)
     ap.add_argument("--pca", type=int, default=200)
-    ap.add_argument("--robust-seeds", type=int, default=2)
-    ap.add_argument("--robust-folds", type=int, default=3)
     ap.add_argument("--features", default="mean-all", help=f"comma list of {sorted(FEATURES)}")
     ap.add_argument("--pools", default="two,five,all", help=f"comma list of {sorted(POOLS)}")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-robust", action="store_true")
     ap.add_argument("--no-logreg", action="store_true")
     ap.add_argument("--out", default="runs/h5-mmlu-pro-router")
     args = ap.parse_args(argv)
@@ -94,8 +86,7 @@ def main(argv=None) -> int:
         X = X_all[rows]
         folds = kfold(sub, k=args.folds, seed=0)
         cache = FitCache()
-        settings = PrefillSettings(pca=args.pca, robust=not args.no_robust, logistic=not args.no_logreg,
-                                   robust_seeds=args.robust_seeds, robust_folds=args.robust_folds,
+        settings = PrefillSettings(pca=args.pca, logistic=not args.no_logreg,
                                    trunk=TrunkConfig(seeds=args.seeds, keep=args.keep, threads=args.threads, seed=0))
         for pool in args.pools.split(","):
             pds = sub if POOLS[pool] is None else sub.select_targets(POOLS[pool])

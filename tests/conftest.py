@@ -38,15 +38,24 @@ def isolated_cache(_test_cache_folder, monkeypatch) -> Path:
     return _test_cache_folder / "prefill-router"
 
 
-SHARED_DATA = Path(os.environ.get("PREFILL_ROUTER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The routing data shipped with the package (MMLU-Pro, RouteLLM): always present."""
+    from prefill_router.data.builtin import SHIPPED_DATA
+
+    return SHIPPED_DATA
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared routing data folder; tests that need it are skipped where it is absent."""
-    if not (SHARED_DATA / "mmlu-pro").exists():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def reference_features() -> Path:
+    """The precomputed SmolLM2 reference features of MMLU-Pro (an optional accelerator, not shipped); tests
+    that compare against them are skipped where no `shared/data` beside the clone holds them."""
+    from prefill_router.data.builtin import REFERENCE_FEATURES, find_reference_features
+
+    folder = find_reference_features(Path(__file__).resolve().parents[2] / "shared" / "data")
+    if folder is None:
+        pytest.skip(f"reference features ({REFERENCE_FEATURES}) not found beside the clone")
+    return folder
 
 
 TINY_CHAT_TEMPLATE = (

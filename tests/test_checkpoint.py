@@ -14,7 +14,7 @@ from prefill_router.router.checkpoint import CONFIG_FILE, TENSORS_FILE
 
 TARGETS = ["big", "small", "mid"]
 PRICES = {"big": (10.0, 30.0), "small": (0.1, 0.3), "mid": (1.0, 3.0)}
-SMALL = {"pca": 6, "robust_folds": 2, "robust_seeds": 1,
+SMALL = {"pca": 6, "calibration_folds": 2, "calibration_seeds": 1,
          "trunk": {"seeds": 3, "keep": 2, "max_epochs": 8, "patience": 4, "batch_size": 32, "threads": 1}}
 
 
@@ -32,7 +32,8 @@ def array_router(tmp_path_factory):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(160, 3, 8)).astype(np.float32)
     ds = _dataset(160)
-    router = train_router(ds, X, np.arange(120), SMALL, hidden_states=[0, 6, 12])
+    cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([40.0, 40.0, 40.0]))
+    router = train_router(ds, X, np.arange(120), SMALL, hidden_states=[0, 6, 12], cost_model=cost_model)
     folder = router.save(tmp_path_factory.mktemp("ckpt"))
     return router, folder, X
 
@@ -44,7 +45,7 @@ def test_save_load_predict_is_bit_identical(array_router):
     P = router.predict_proba_features(X[120:])
     assert np.array_equal(P, loaded.predict_proba_features(X[120:]))
     C = np.tile([3e-3, 3e-5, 3e-4], (40, 1))
-    for policy in (None, "argmax", "utility:0.5", "robust:0.2"):
+    for policy in (None, "argmax", "utility:0.5", "tolerance:0.1"):
         assert np.array_equal(router.choose(P, C, policy=policy), loaded.choose(P, C, policy=policy))
     # saving the loaded router again gives the same tensors
     again = loaded.save(folder.parent / "again")
@@ -57,8 +58,10 @@ def test_checkpoint_json_holds_the_contract(array_router):
     for key in ("format", "targets", "encoder", "features", "transform", "trunk", "cost_model", "policy",
                 "metrics", "tensors_sha256"):
         assert key in meta
-    assert meta["policy"]["default"] == "robust"
-    assert len(meta["metrics"]["oof_auc"]) == 3
+    assert meta["policy"]["default"].startswith("utility:")  # "auto": the calibrated utility weight
+    chosen = meta["metrics"]["default_policy"]
+    assert meta["policy"]["default"] == f"utility:{float(meta['policy']['default'].split(':')[1]):g}"
+    assert len(chosen["oof_auc"]) == 3 and chosen["best_single"] == 0  # "big" is the most accurate target
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in folder.iterdir())
 
 
@@ -70,12 +73,41 @@ def test_truncated_tensors_are_refused_naming_the_file(array_router, tmp_path):
     (bad / TENSORS_FILE).write_bytes((folder / TENSORS_FILE).read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=TENSORS_FILE):
         Router.load(bad)
-    # without the recorded hash, the safetensors reader itself must refuse the truncated file
+    # without the recorded hash the tensors cannot be checked: refused, naming the missing field
     meta = json.loads((folder / CONFIG_FILE).read_text())
     del meta["tensors_sha256"]
     (bad / CONFIG_FILE).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=TENSORS_FILE):
+    (bad / TENSORS_FILE).write_bytes((folder / TENSORS_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="tensors_sha256"):
         Router.load(bad)
+
+
+def test_non_finite_tensors_are_refused_even_with_a_matching_hash(array_router, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from prefill_router.router.checkpoint import _sha256
+
+    _, folder, _ = array_router
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    arrays = load_file(str(folder / TENSORS_FILE))
+    arrays = {name: np.full_like(a, np.nan) if np.issubdtype(a.dtype, np.floating) else a
+              for name, a in arrays.items()}
+    save_file(arrays, str(bad / TENSORS_FILE))
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    meta["tensors_sha256"] = _sha256(bad / TENSORS_FILE)
+    (bad / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="NaN or infinity"):
+        Router.load(bad)
+
+
+def test_training_without_prices_warns_and_defaults_to_argmax():
+    rng = np.random.default_rng(1)
+    ds = _dataset(80)
+    ds = RoutingDataset(ds.prompt_ids, ds.prompts, ds.targets, ds.Y, np.zeros_like(ds.Y))
+    with pytest.warns(UserWarning, match="without prices"):
+        router = train_router(ds, rng.normal(size=(80, 1, 8)).astype(np.float32), None, SMALL)
+    assert router.default_policy == "argmax"
 
 
 def test_bad_json_and_missing_files_are_refused(array_router, tmp_path):

@@ -381,7 +381,7 @@ def test_collected_dataset_trains_a_router(tmp_path, upstreams, tiny_encoder_dir
     assert main(["extract", "--data", str(out), "--encoder", str(tiny_encoder_dir), "--poolings", "mean",
                  "--threads", "1", "--no-progress", "--out", str(store)]) == 0
     assert main(["train", "--dataset", str(out), "--features", str(store), "--pca", "4", "--seeds", "2",
-                 "--keep", "1", "--policy", "argmax", "--robust-folds", "0", "--threads", "1",
+                 "--keep", "1", "--policy", "argmax", "--calibration-folds", "0", "--threads", "1",
                  "--out", str(checkpoint)]) == 0
 
     router = Router.load(checkpoint, encoder=load_encoder(str(tiny_encoder_dir)))

@@ -71,15 +71,30 @@ def test_mmlu_pro_targets_and_limit(shared_data):
         load_mmlu_pro(shared_data, targets=["gpt-5"])
 
 
-def test_data_root_from_env_or_error(shared_data, monkeypatch, tmp_path):
+def test_data_root_defaults_to_the_shipped_data_and_follows_env(shared_data, monkeypatch, tmp_path):
+    from prefill_router.data.builtin import SHIPPED_DATA, data_root
+
     monkeypatch.delenv(DATA_ENV, raising=False)
-    with pytest.raises(DataError) as info:
-        load_routellm()
-    assert DATA_ENV in str(info.value) and "root" in str(info.value)
+    assert data_root() == SHIPPED_DATA and load_routellm(benchmark="gsm8k").k == 2
     with pytest.raises(DataError, match="does not exist"):
         load_routellm(tmp_path / "nowhere")
-    monkeypatch.setenv(DATA_ENV, str(shared_data))
-    assert load_routellm(benchmark="gsm8k").k == 2
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "elsewhere"))
+    with pytest.raises(DataError, match=DATA_ENV):
+        load_routellm()
+
+
+def test_reference_features_are_found_only_where_present(monkeypatch, tmp_path):
+    from prefill_router.data import find_reference_features
+
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert find_reference_features() is None
+    folder = tmp_path / "data" / "mmlu-pro" / "features-smollm2-135m"
+    folder.mkdir(parents=True)
+    (folder / "layout.json").write_text("{}")
+    assert find_reference_features(tmp_path / "data") == folder
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "data"))
+    assert find_reference_features() == folder
 
 
 @pytest.mark.parametrize("benchmark", ["mmlu", "gsm8k"])

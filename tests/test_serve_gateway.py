@@ -53,7 +53,7 @@ def checkpoint(tiny_encoder_dir, tmp_path_factory):
     data = RoutingDataset([str(i) for i in range(48)], prompts, TARGETS, Y,
                           cost_model.estimate(encoder.count_tokens(prompts)))
     router = train_router(data, features, config={
-        "pca": 8, "policy": "argmax", "robust_folds": 0,
+        "pca": 8, "policy": "argmax", "calibration_folds": 0,
         "trunk": {"seeds": 2, "keep": 1, "max_epochs": 5, "hidden": [16], "dropout": [0.0], "threads": 1}},
         encoder=encoder, cost_model=cost_model)
     folder = router.save(tmp_path_factory.mktemp("router"))

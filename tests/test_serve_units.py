@@ -96,7 +96,7 @@ def test_missing_config_file_and_auth_env(tmp_path, monkeypatch):
 
 
 # --- model names ----------------------------------------------------------------------------------------
-PRESETS = {"best": Preset(lam=0.0), "cheap": Preset(lam=1.0), "safe": Preset(policy="robust:0.2")}
+PRESETS = {"best": Preset(lam=0.0), "cheap": Preset(lam=1.0), "safe": Preset(policy="tolerance:0.05")}
 
 
 def test_resolve_model_names():
@@ -105,10 +105,10 @@ def test_resolve_model_names():
     assert (r.pinned, r.policy, r.lam) == (None, "utility:0.1", None)
     r = resolve_model("router:0.25", targets, PRESETS)
     assert (r.pinned, r.lam) == (None, 0.25)
-    r = resolve_model("router:cheap", targets, PRESETS, default_policy="robust", default_lam=0.5)
-    assert (r.policy, r.lam) == ("robust", 1.0)
+    r = resolve_model("router:cheap", targets, PRESETS, default_policy="utility:0.2", default_lam=0.5)
+    assert (r.policy, r.lam) == ("utility:0.2", 1.0)
     r = resolve_model("router:safe", targets, PRESETS, default_policy="argmax", default_lam=0.5)
-    assert (r.policy, r.lam) == ("robust:0.2", None)  # a preset naming its policy is taken as written
+    assert (r.policy, r.lam) == ("tolerance:0.05", None)  # a preset naming its policy is taken as written
     assert resolve_model("small", targets, PRESETS).pinned == "small"
 
 

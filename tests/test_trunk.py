@@ -1,4 +1,4 @@
-"""SharedTrunkNet ensemble, masked loss, feature transform and the robust many-target policy."""
+"""SharedTrunkNet ensemble, masked loss, feature transform and out-of-fold predictions."""
 
 from __future__ import annotations
 
@@ -7,13 +7,7 @@ import pytest
 import torch
 
 from prefill_router.errors import ConfigError
-from prefill_router.router.robust import (
-    RobustPolicy,
-    fit_robust_policy,
-    out_of_fold_proba,
-    pareto_frontier,
-    shrinkage_alpha,
-)
+from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble, masked_bce, split_labels
 
@@ -160,59 +154,7 @@ def test_select_hidden_states_by_index():
         select_hidden_states(X, [0, 6, 12], [18])
 
 
-# ---- robust policy -------------------------------------------------------------------------------------
-
-def test_pareto_frontier_by_hand():
-    acc = np.array([0.7, 0.6, 0.5, 0.65, 0.4])
-    cost = np.array([10.0, 2.0, 3.0, 10.0, 1.0])
-    # target 2 is beaten by 1 (more accurate, cheaper); target 3 by 0 (same cost, more accurate)
-    assert pareto_frontier(acc, cost).tolist() == [True, True, False, False, True]
-
-
-def test_shrinkage_alpha_is_one_for_perfect_and_zero_for_noise():
-    rng = np.random.default_rng(0)
-    Y = (rng.random((2000, 2)) < 0.5).astype(float)
-    prior = Y.mean(axis=0)
-    P = np.stack([Y[:, 0], rng.random(2000)], axis=1)
-    alpha = shrinkage_alpha(P, Y, prior)
-    assert alpha[0] == pytest.approx(1.0)
-    assert alpha[1] < 0.1
-
-
-def test_robust_choose_by_hand():
-    policy = RobustPolicy(prior=[0.7, 0.5, 0.3], alpha=[1.0, 1.0, 1.0], eligible=[True, True, False],
-                          anchor=0, margin=0.1)
-    P = np.array([[0.6, 0.65, 0.99],    # target 1 better by 0.05 < margin -> anchor; target 2 ineligible
-                  [0.5, 0.65, 0.1],     # better by 0.15 >= margin -> target 1
-                  [0.8, 0.2, 0.1]])
-    C = np.zeros_like(P)
-    assert policy.choose(P, C).tolist() == [0, 1, 0]
-    # with a cost weight (costs / row max): U = P - 0.5 * [1, 0.1, 0.01]
-    # row 0: U0 = 0.10, U1 = 0.60 -> 1; row 2: U0 = 0.30, U1 = 0.15 -> stays with the anchor
-    C = np.tile([1.0, 0.1, 0.01], (3, 1))
-    assert policy.with_lambda(0.5).choose(P, C).tolist() == [1, 1, 0]
-    back = RobustPolicy.from_dict(policy.to_dict())
-    assert back.choose(P, np.zeros_like(P)).tolist() == [0, 1, 0]
-
-
-def test_robust_policy_is_not_worse_than_the_best_single_target_with_many_noisy_targets():
-    rng = np.random.default_rng(0)
-    n, k = 3000, 12
-    acc = np.r_[0.75, np.full(k - 1, 0.45)]
-    Y = (rng.random((n, k)) < acc).astype(float)
-    # predictions: pure noise around each target's rate -> argmax chases the noise
-    P = np.clip(acc + rng.normal(0, 0.25, size=(n, k)), 0, 1)
-    C = np.tile(np.linspace(1.0, 0.1, k), (n, 1))
-    train, test = slice(0, 2000), slice(2000, None)
-    policy = fit_robust_policy(P[train], Y[train], C[train])
-    rows = np.arange(1000)
-    robust_acc = Y[test][rows, policy.choose(P[test], C[test])].mean()
-    argmax_acc = Y[test][rows, P[test].argmax(axis=1)].mean()
-    best_single = Y[test][:, 0].mean()
-    assert policy.anchor == 0
-    assert argmax_acc < best_single - 0.05
-    assert robust_acc >= best_single - 0.01
-
+# ---- out-of-fold predictions ---------------------------------------------------------------------------
 
 def test_out_of_fold_predictions_never_see_their_own_row():
     class Memorise:

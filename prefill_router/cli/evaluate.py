@@ -122,9 +122,9 @@ def _label_oracle(inputs: EvalInputs):
     return (lambda: OraclePredictor(Y)), inputs.row_ids()
 
 
-def _prefill(index: int):
-    """Builder of the index-th contender of `evaluate.prefill.prefill_contenders` (trunk, robust, logistic),
-    all pools' columns, sharing one fit cache per command."""
+def _prefill(kind: str):
+    """Builder of the `kind` contender ("prefill-trunk" or "prefill-logreg") of
+    `evaluate.prefill.prefill_contenders`, all pools' columns, sharing one fit cache per command."""
 
     def build(inputs: EvalInputs):
         from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders
@@ -137,8 +137,8 @@ def _prefill(index: int):
                                                                           threads=inputs.args.threads))
         cache = inputs._cache.setdefault("fit_cache", FitCache())
         ds = inputs.dataset
-        contender = prefill_contenders(X, ds.Y, ds.C, list(range(ds.k)), inputs.args.pooling, settings,
-                                       cache)[index]
+        contenders = prefill_contenders(X, ds.Y, ds.C, list(range(ds.k)), inputs.args.pooling, settings, cache)
+        contender = next(c for c in contenders if c.name.startswith(f"{kind} ["))
         return contender.make_predictor, contender.X
 
     return build
@@ -150,11 +150,9 @@ CONTENDERS: dict[str, ContenderSpec] = {
     "mlp": ContenderSpec("mlp-minilm", "multi-output MLP on MiniLM embeddings, masked BCE", _mlp),
     "tfidf": ContenderSpec("tfidf-logreg", "TF-IDF word 1-2 grams, logistic regression per target", _tfidf),
     "prefill-trunk": ContenderSpec("prefill-trunk", "SharedTrunkNet ensemble on --features (scaler + PCA)",
-                                   _prefill(0)),
-    "prefill-robust": ContenderSpec("prefill-trunk+robust", "the same through the robust many-target policy",
-                                    _prefill(1)),
+                                   _prefill("prefill-trunk")),
     "prefill-logreg": ContenderSpec("prefill-logreg", "logistic regression per target on --features",
-                                    _prefill(2)),
+                                    _prefill("prefill-logreg")),
     "prior": ContenderSpec("prior", "each target's training accuracy for every prompt", _prior),
     "label-oracle": ContenderSpec("label-oracle", "predicts the true labels (a check: near-oracle numbers)",
                                   _label_oracle),

@@ -39,11 +39,15 @@ def register(subparsers) -> None:
     p.add_argument("--pca", type=_pca, default=200, help="PCA components, or 'none' (default 200)")
     p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained (default 10)")
     p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss (default 5)")
-    p.add_argument("--policy", default="robust",
-                   help="default policy stored in the checkpoint: robust | robust:<lam> | argmax | "
-                        "utility:<lam> | tolerance:<tol> (default robust)")
-    p.add_argument("--robust-folds", type=int, default=3,
-                   help="inner folds for the robust policy's out-of-fold predictions; 0 disables it")
+    p.add_argument("--policy", default="auto",
+                   help="default policy stored in the checkpoint: auto (utility at the cheapest lambda that keeps "
+                        "the best single target's accuracy on out-of-fold training predictions; argmax when there "
+                        "are no prices) | argmax | utility:<lam> | tolerance:<tol> (default auto)")
+    p.add_argument("--calibration-folds", type=int, default=3,
+                   help="inner folds for the out-of-fold predictions that --policy auto reads (default 3)")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.0,
+                   help="accuracy --policy auto may give up against the best single target, as a fraction "
+                        "(0.005 = half a point; default 0)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="share of prompts held out (prompt-level split) and scored after training (default 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = RouterTrainConfig.parse({
         "pooling": args.pooling, "layers": args.layers, "pca": args.pca, "policy": args.policy,
-        "robust_folds": args.robust_folds, "seed": args.seed,
+        "calibration_folds": args.calibration_folds, "max_accuracy_drop": args.max_accuracy_drop,
+        "seed": args.seed,
         "trunk": {"seeds": args.seeds, "keep": args.keep, "seed": args.seed, "threads": args.threads}})
     held = features.hidden_states.get(args.pooling)
     if held is None:
@@ -103,5 +108,15 @@ def run(args: argparse.Namespace) -> int:
           + (f" ({skipped} prompts without features skipped)" if skipped else ""))
     if "holdout" in router.metrics:
         print(json.dumps(router.metrics["holdout"], indent=1))
+    chosen = router.metrics.get("default_policy", {})
+    print(f"default policy: {router.default_policy}"
+          + (f" (out-of-fold training accuracy {chosen['accuracy']:.2%} vs best single "
+             f"{chosen['best_single_accuracy']:.2%}, cost {_ratio(chosen)} of always calling it)"
+             if "accuracy" in chosen else ""))
     print(f"router checkpoint written to {folder}")
     return 0
+
+
+def _ratio(info: dict) -> str:
+    base = info.get("best_single_cost_per_query")
+    return f"{info['cost_per_query'] / base:.0%}" if base else "n/a"

@@ -1,6 +1,6 @@
 """The data stage: datasets, readers, prices and costs, token counts, splits, statistics, known datasets."""
 
-from prefill_router.data.builtin import load_mmlu_pro, load_routellm
+from prefill_router.data.builtin import find_reference_features, load_mmlu_pro, load_routellm
 from prefill_router.data.dataset import Prompt, RoutingDataset
 from prefill_router.data.prices import CostModel, Price, PriceTable
 from prefill_router.data.readers import read_routing_data
@@ -9,5 +9,5 @@ from prefill_router.data.stats import dataset_stats, format_stats
 from prefill_router.data.tokens import count_tokens
 
 __all__ = ["CostModel", "Price", "PriceTable", "Prompt", "RoutingDataset", "count_tokens", "dataset_stats",
-           "format_stats", "kfold", "load_mmlu_pro", "load_routellm", "normalize_prompt", "read_routing_data",
+           "find_reference_features", "format_stats", "kfold", "load_mmlu_pro", "load_routellm", "normalize_prompt", "read_routing_data",
            "stratified_sample", "train_test_split"]

@@ -1,7 +1,8 @@
 """Loaders for known routing datasets: MMLU-Pro (12,002 questions x 28 LLMs) and RouteLLM's GPT-4 vs Mixtral.
 
-The data folder comes from the `root` argument or the PREFILL_ROUTER_DATA environment variable. It holds
-`mmlu-pro/` and `routellm/` as described in that folder's README.
+The data ships with the package (`prefill_router/data/shipped/`, Apache-2.0, sources in its README), so these
+loaders work on a fresh clone. Another folder of the same layout (`mmlu-pro/`, `routellm/`) can be named by
+the `root` argument or the PREFILL_ROUTER_DATA environment variable.
 """
 
 from __future__ import annotations
@@ -35,18 +36,35 @@ ROUTELLM_STRONG = "gpt-4-1106-preview"
 ROUTELLM_PRICES = {ROUTELLM_WEAK: (0.24, 0.24), ROUTELLM_STRONG: (10.0, 30.0)}
 
 
+SHIPPED_DATA = Path(__file__).resolve().parent / "shipped"
+REFERENCE_FEATURES = Path("mmlu-pro") / "features-smollm2-135m"
+# Where a checkout's precomputed reference features usually sit: a `shared/data` folder beside the clone.
+REFERENCE_SEARCH = (Path("..") / "shared" / "data",)
+
+
 def data_root(root: str | Path | None = None) -> Path:
-    """The shared data folder: `root` if given, else $PREFILL_ROUTER_DATA."""
+    """The data folder: `root` if given, else $PREFILL_ROUTER_DATA, else the data shipped with the package."""
     source = "the root argument"
     if root is None:
         root, source = os.environ.get(DATA_ENV), DATA_ENV
         if not root:
-            raise DataError(f"no data folder: pass root= (--data-root on the command line) or set {DATA_ENV}")
+            return SHIPPED_DATA
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DataError(f"data folder given by {source} does not exist (pass root= / --data-root or set "
                         f"{DATA_ENV})", file=str(path))
     return path
+
+
+def find_reference_features(root: str | Path | None = None) -> Path | None:
+    """The precomputed SmolLM2 reference features of MMLU-Pro, if any folder holds them: under `root`, under
+    $PREFILL_ROUTER_DATA, or under `../shared/data` from the working directory. They only save encoder time."""
+    candidates = [Path(r).expanduser() for r in (root, os.environ.get(DATA_ENV)) if r]
+    candidates += [Path.cwd() / p for p in REFERENCE_SEARCH]
+    for folder in candidates:
+        if (folder / REFERENCE_FEATURES / "layout.json").is_file():
+            return folder / REFERENCE_FEATURES
+    return None
 
 
 def _require(path: Path) -> Path:

@@ -25,7 +25,7 @@ from prefill_router.evaluate import metrics
 from prefill_router.evaluate.report import Report, ReportRow
 from prefill_router.evaluate.sweep import DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve
 from prefill_router.router.base import Predictor
-from prefill_router.router.policy import ArgmaxPolicy, UtilityPolicy
+from prefill_router.router.policy import ArgmaxPolicy, UtilityPolicy, lambda_keeping_accuracy
 
 # What each fold reports (all on the fold's test rows). Rows that are not predictors leave NaN where a
 # metric needs predictions.
@@ -44,10 +44,11 @@ FOLD_METRICS = {
                                        "the test-row sweep whose accuracy reaches the best single target's",
     "cost_per_1k_at_best_single_accuracy": "USD per 1,000 queries at that point",
     "lambda_at_best_single_accuracy": "that lambda (chosen on test rows: an optimistic reading)",
-    "lambda_train": "lambda calibrated on training rows only: the cheapest lambda whose accuracy on a "
-                    "calibration hold-out carved from the training rows (a predictor fitted on the rest) reaches "
-                    "the best single target's accuracy there (the most accurate lambda if none does); "
-                    "in-sample predictions when calibration_holdout = 0",
+    "lambda_train": "lambda calibrated on training rows only, by the rule of a trained router's default "
+                    "policy: the cheapest lambda whose accuracy on a calibration hold-out carved from the "
+                    "training rows (a predictor fitted on the rest) reaches the most accurate single target's "
+                    "accuracy there (the most accurate lambda if none does); in-sample predictions when "
+                    "calibration_holdout = 0",
     "accuracy_at_lambda_train": "test accuracy of the utility policy at lambda_train",
     "cost_per_1k_at_lambda_train": "test USD per 1,000 queries at lambda_train",
     "savings_at_lambda_train": "test cost savings vs the most expensive target at lambda_train",
@@ -147,17 +148,6 @@ def _calibration_split(train: np.ndarray, holdout: float, seed: int) -> tuple[np
         return None
     shuffled = np.random.default_rng(seed).permutation(train)
     return np.sort(shuffled[n_cal:]), np.sort(shuffled[:n_cal])
-
-
-def _calibrated_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, best_k: int, grid: np.ndarray,
-                       cost_scale: float | None) -> float:
-    """The cheapest grid lambda reaching the accuracy of always calling `best_k` on these rows."""
-    level = metrics.routed_accuracy(Y, np.full(len(Y), best_k))
-    curve = cost_quality_curve(P, Y, C, "utility", grid, cost_scale)
-    point = cheapest_point_reaching(curve, level)
-    if point is not None:
-        return point.param
-    return float(grid[int(np.nanargmax(curve.accuracy))])
 
 
 def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Contender], *,
@@ -273,7 +263,8 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
                            cost_per_1k_at_best_single_accuracy=point.cost * 1000,
                            lambda_at_best_single_accuracy=point.param)
 
-            lam = _calibrated_lambda(Pcal, Y[cal_rows], C[cal_rows], best_k, grid, cost_scale)
+            # The rule a trained router's default policy uses (router.policy.lambda_keeping_accuracy).
+            lam, _ = lambda_keeping_accuracy(Pcal, Y[cal_rows], C[cal_rows], lambdas=grid, cost_scale=cost_scale)
             at_lam = UtilityPolicy(lam, cost_scale).choose(Pte, Cte)
             acc_lam, cost_lam = metrics.routed_accuracy(Yte, at_lam), metrics.routed_cost(Cte, at_lam)
             row.update(lambda_train=lam, accuracy_at_lambda_train=acc_lam, cost_per_1k_at_lambda_train=cost_lam * 1000,

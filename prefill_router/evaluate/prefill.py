@@ -1,5 +1,5 @@
-"""Prefill-feature contenders for the k-fold harness: SharedTrunkNet, the same with the robust policy, and
-one logistic regression per target, all on scaler+PCA features of the encoder's hidden states.
+"""Prefill-feature contenders for the k-fold harness: SharedTrunkNet and one logistic regression per target,
+both on scaler+PCA features of the encoder's hidden states.
 
 The harness gets row indices as X; the contenders hold features, labels and costs of every row and fit on
 the rows the harness gives them. Each model is trained on ALL targets' labels of its training rows (the
@@ -17,7 +17,6 @@ import numpy as np
 
 from prefill_router.evaluate.harness import Contender
 from prefill_router.router.baselines import LogisticPredictor
-from prefill_router.router.robust import fit_robust_policy, out_of_fold_proba
 from prefill_router.router.transform import FeatureTransform
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 
@@ -45,9 +44,6 @@ class FitCache:
 class PrefillSettings:
     pca: int | None = 200
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
-    robust: bool = True
-    robust_seeds: int = 1       # seeds of the small ensembles that give the robust policy its out-of-fold P
-    robust_folds: int = 3
     logistic: bool = True
 
 
@@ -59,8 +55,6 @@ def prefill_contenders(X: np.ndarray, Y: np.ndarray, C: np.ndarray, cols: list[i
     in the report rows, e.g. "mean-all".
     """
     trunk_cfg = settings.trunk
-    small_cfg = trunk_cfg.model_copy(update={"seeds": settings.robust_seeds,
-                                             "keep": min(trunk_cfg.keep, settings.robust_seeds)})
 
     def transform(rows):
         return cache.get(_key("tf", label, rows), lambda: FeatureTransform(settings.pca).fit(X[rows]))
@@ -82,27 +76,6 @@ def prefill_contenders(X: np.ndarray, Y: np.ndarray, C: np.ndarray, cols: list[i
             return cache.get(_key("trunk", label, self.rows),
                              lambda: TrunkEnsemble(trunk_cfg).fit(Z(self.rows, self.rows), Y[self.rows]))
 
-    class Robust(Trunk):
-        """The trunk's P through RobustPolicy, fitted on out-of-fold predictions of the TRAINING rows only.
-
-        The harness sweeps the utility policy over the policy's adjusted scores (P shrunk, ineligible targets
-        -1, anchor + margin), which is exactly RobustPolicy at each lambda. Its AUC is that of the adjusted
-        scores, so read AUC on the plain trunk row."""
-
-        def fit(self, idx, Ytr):
-            super().fit(idx, Ytr)
-            P_oof = cache.get(_key("oof", label, self.rows), lambda: out_of_fold_proba(
-                Z(self.rows, self.rows), Y[self.rows], lambda: TrunkEnsemble(small_cfg), settings.robust_folds, 0))
-            self.policy = fit_robust_policy(P_oof[:, cols], Y[self.rows][:, cols], C[self.rows][:, cols])
-            return self
-
-        def predict_proba(self, idx):
-            p = self.policy
-            S = p.calibrate(super().predict_proba(idx))
-            S[:, ~p.eligible] = -1.0
-            S[:, p.anchor] += p.margin
-            return S
-
     class Logistic(_Fitted):
         def _fit(self):
             return cache.get(_key("logreg", label, self.rows),
@@ -110,8 +83,6 @@ def prefill_contenders(X: np.ndarray, Y: np.ndarray, C: np.ndarray, cols: list[i
 
     rows = np.arange(len(Y))
     out = [Contender(f"prefill-trunk [{label}]", Trunk, rows)]
-    if settings.robust:
-        out.append(Contender(f"prefill-trunk+robust [{label}]", Robust, rows))
     if settings.logistic:
         out.append(Contender(f"prefill-logreg [{label}]", Logistic, rows))
     return out

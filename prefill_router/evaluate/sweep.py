@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from prefill_router.evaluate import metrics
-from prefill_router.router.policy import TolerancePolicy, UtilityPolicy
+from prefill_router.router.policy import DEFAULT_LAMBDAS, TolerancePolicy, UtilityPolicy
 
 # lam = 0 is argmax; with costs scaled by each row's priciest target, lam around 1e2..1e3 is always-cheapest
-DEFAULT_LAMBDAS = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)])
 # tol = 0 is argmax; tol = 1 is always-cheapest
 DEFAULT_TOLERANCES = np.linspace(0.0, 1.0, 51)
 

@@ -7,7 +7,8 @@ as safetensors plus tokenizer under $PREFILL_ROUTER_CACHE (default ~/.cache/pref
 take about a second.
 
 Hidden states: index 0 is the embedding output, index l the output of decoder layer l; the last one is after
-the model's final norm, as transformers returns it. `num_hidden_states` = layers + 1.
+the model's final norm, as transformers returns it. `num_hidden_states` = layers + 1. Early exit: a call that
+wants no state past l runs only the first l decoder layers (the results are the same as a full pass).
 
 Poolings, both exact under left and right padding (padding never enters a result):
 - `mean`: average over every token of the templated prompt, template tokens included;
@@ -24,6 +25,7 @@ so little compute goes to padding. Results come back in input order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -533,8 +535,7 @@ class Encoder:
         # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            hidden = self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
-                                output_hidden_states=True, use_cache=False).hidden_states
+            hidden = self._hidden_states(input_ids, mask, positions, max(layer_ids))
             lengths = mask.sum(-1)
             last = (torch.arange(longest, device=self.device) * mask).argmax(-1)  # last real token per row
             weights = (mask.float() / lengths[:, None].float()).unsqueeze(1)  # [b, 1, T]
@@ -548,6 +549,58 @@ class Encoder:
                 if "last" in result:
                     result["last"].append(states[torch.arange(size, device=self.device), last])
             return {name: torch.stack(parts, 1).cpu().numpy() for name, parts in result.items()}
+
+
+    def _hidden_states(self, input_ids, mask, positions, deepest: int) -> Sequence[torch.Tensor]:
+        """Hidden states 0..deepest (index l = output of decoder layer l). Early exit: when no state past
+        `deepest` is wanted, the forward stops after decoder layer `deepest`, so a router reading states up
+        to 18 of SmolLM2's 30 runs 18 layers. The final state (after the model's last norm) needs every layer."""
+        layers = self._decoder_layers()
+        if layers is None or deepest >= len(layers):
+            return self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
+                              output_hidden_states=True, use_cache=False).hidden_states
+        capture = self._capture
+        capture.states, capture.stop_after = [], deepest
+        try:
+            self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
+        except _EarlyExit:
+            pass
+        finally:
+            states, capture.states = capture.states, None
+        if len(states) != deepest + 1:
+            raise EncoderError(f"early exit captured {len(states)} hidden states, expected {deepest + 1}")
+        return states
+
+    def _decoder_layers(self):
+        """The decoder's layer list with capture hooks installed once, or None when the model does not expose
+        one (then every call runs the whole model)."""
+        if not hasattr(self, "_capture"):
+            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+            layers = getattr(decoder, "layers", None)
+            self._layers = layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+            # Thread-local: the hooks stay installed, and only the calling thread's early-exit forward records.
+            self._capture = threading.local()
+            if self._layers is not None:
+                self._layers[0].register_forward_pre_hook(self._record_input, with_kwargs=True)
+                for index, layer in enumerate(self._layers, start=1):
+                    layer.register_forward_hook(functools.partial(self._record_output, index))
+        return self._layers
+
+    def _record_input(self, module, args, kwargs):
+        if getattr(self._capture, "states", None) is not None:
+            self._capture.states.append(args[0] if args else kwargs["hidden_states"])
+
+    def _record_output(self, index: int, module, args, output):
+        capture = self._capture
+        if getattr(capture, "states", None) is None:
+            return
+        capture.states.append(output[0] if isinstance(output, tuple) else output)
+        if index >= capture.stop_after:
+            raise _EarlyExit
+
+
+class _EarlyExit(Exception):
+    """Raised by the last wanted decoder layer's hook to stop the forward pass (see Encoder._hidden_states)."""
 
 
 def _as_prompt_list(prompts: Any) -> list:

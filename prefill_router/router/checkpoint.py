@@ -3,11 +3,16 @@
 A checkpoint folder holds two files:
 
     router.json          format version, encoder identity and spec, pooling, hidden states, targets, cost model
-                         (prices and median output tokens), policy defaults (and the fitted robust policy),
+                         (prices and median output tokens), the default policy and how it was chosen,
                          transform and ensemble metadata, metrics measured at training time, and the SHA-256 of
     router.safetensors   the tensors: scaler, PCA, and every kept SharedTrunkNet member's weights.
 
-Loading parses JSON and safetensors only; nothing is unpickled, so a checkpoint cannot run code.
+Loading parses JSON and safetensors only; nothing is unpickled, so a checkpoint cannot run code. A checkpoint
+without the tensors' SHA-256, or whose tensors hold NaN or infinity, is refused.
+
+The default policy ("auto" at training time) is the one the evaluation reports: utility with the cheapest
+lambda that keeps the best single target's accuracy on out-of-fold predictions of the training rows
+(`policy.lambda_keeping_accuracy`). Without prices there is nothing to trade, and the default is argmax.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,9 +29,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefill_router.errors import CheckpointError, ConfigError, invalid_config
+from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.decision import RouteDecision
-from prefill_router.router.policy import UtilityPolicy, policy_from_spec
-from prefill_router.router.robust import DEFAULT_MARGINS, RobustPolicy, fit_robust_policy, out_of_fold_proba
+from prefill_router.router.policy import UtilityPolicy, lambda_keeping_accuracy, policy_from_spec
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 
@@ -86,8 +92,7 @@ class Router:
     def __init__(self, *, targets: Sequence[str], transform: FeatureTransform, predictor: TrunkEnsemble,
                  pooling: str, hidden_states: Sequence[int] | None, encoder_identity: dict | None,
                  encoder_spec: dict | None = None, cost_model=None, policy: str = "argmax",
-                 robust_policy: RobustPolicy | None = None, metrics: dict | None = None,
-                 training: dict | None = None, encoder=None):
+                 metrics: dict | None = None, training: dict | None = None, encoder=None):
         self._targets = list(targets)
         self.transform = transform
         self.predictor = predictor
@@ -97,7 +102,6 @@ class Router:
         self.encoder_spec = encoder_spec
         self.cost_model = cost_model
         self.default_policy = policy
-        self.robust_policy = robust_policy
         self.metrics = metrics or {}
         self.training = training or {}
         self.encoder = None
@@ -168,25 +172,18 @@ class Router:
     # -- policy --------------------------------------------------------------------------------------------
     def resolve_policy(self, policy=None, lam: float | None = None):
         """A Policy object from: None (the checkpoint default), a spec string ("argmax", "tolerance:0.05",
-        "utility:0.3", "robust", "robust:0.3") or a Policy. `lam` sets the cost weight of the utility or
-        robust policy (with policy=None it applies to the default's kind)."""
+        "utility:0.3") or a Policy. `lam` sets the utility policy's cost weight (with policy=None it replaces
+        the default's)."""
         if policy is None:
             policy = self.default_policy
         if not isinstance(policy, str):
             if not callable(getattr(policy, "choose", None)):
                 raise ConfigError(f"policy must be a spec string or have choose(P, C), got {policy!r}")
             return policy
-        name, _, arg = policy.strip().partition(":")
-        name = name.strip().lower()
-        if name == "robust":
-            if self.robust_policy is None:
-                raise ConfigError("policy 'robust' needs a router trained with a robust policy "
-                                  "(train with robust_folds >= 2)")
-            value = lam if lam is not None else (float(arg) if arg.strip() else self.robust_policy.lam)
-            return self.robust_policy.with_lambda(value)
+        name = policy.strip().partition(":")[0].strip().lower()
         if lam is not None:
             if name not in ("utility", "argmax"):
-                raise ConfigError(f"lam applies to the utility or robust policy, not to {policy!r}")
+                raise ConfigError(f"lam applies to the utility policy, not to {policy!r}")
             return UtilityPolicy(float(lam))
         return policy_from_spec(policy)
 
@@ -234,8 +231,7 @@ class Router:
             "transform": self.transform.meta(),
             "trunk": self.predictor.meta(),
             "cost_model": None if self.cost_model is None else self.cost_model.to_dict(),
-            "policy": {"default": self.default_policy,
-                       "robust": None if self.robust_policy is None else self.robust_policy.to_dict()},
+            "policy": {"default": self.default_policy},
             "metrics": self.metrics,
             "training": self.training,
             "tensors_sha256": _sha256(tensors_path),
@@ -261,7 +257,10 @@ class Router:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise CheckpointError(f"{config_path}: format is {found!r}, expected {FORMAT!r}")
         expected_hash = meta.get("tensors_sha256")
-        if expected_hash is not None and _sha256(tensors_path) != expected_hash:
+        if not isinstance(expected_hash, str):
+            raise CheckpointError(f"{config_path}: no tensors_sha256; the tensors cannot be checked, so the "
+                                  "checkpoint is refused (save it again with Router.save)")
+        if _sha256(tensors_path) != expected_hash:
             raise CheckpointError(f"{tensors_path}: contents do not match the SHA-256 recorded in {config_path} "
                                   "(the file is corrupt or was replaced)")
         try:
@@ -270,6 +269,11 @@ class Router:
             arrays = load_file(str(tensors_path))
         except Exception as exc:  # safetensors raises its own error types for every kind of damage
             raise CheckpointError(f"{tensors_path}: cannot read safetensors: {exc}") from exc
+        bad = sorted(name for name, array in arrays.items()
+                     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all())
+        if bad:
+            raise CheckpointError(f"{tensors_path}: tensor(s) {bad[:5]} hold NaN or infinity; the router would "
+                                  "route on meaningless probabilities")
         try:
             targets = meta["targets"]
             transform = FeatureTransform.from_state(meta["transform"], arrays)
@@ -279,12 +283,10 @@ class Router:
                 from prefill_router.data.prices import CostModel
 
                 cost_model = CostModel.from_dict(meta["cost_model"])
-            robust = meta["policy"].get("robust")
             router = cls(targets=targets, transform=transform, predictor=predictor,
                          pooling=meta["features"]["pooling"], hidden_states=meta["features"]["hidden_states"],
                          encoder_identity=meta["encoder"]["identity"], encoder_spec=meta["encoder"].get("spec"),
                          cost_model=cost_model, policy=meta["policy"]["default"],
-                         robust_policy=None if robust is None else RobustPolicy.from_dict(robust),
                          metrics=meta.get("metrics"), training=meta.get("training"))
         except CheckpointError as exc:
             raise CheckpointError(f"{folder}: {exc}") from exc
@@ -354,10 +356,12 @@ class RouterTrainConfig(BaseModel):
     layers: list[int] | Literal["all"] = "all"   # hidden-state indices to concatenate
     pca: int | None = Field(default=200, ge=1)     # None: no PCA, scaler only
     trunk: TrunkConfig = Field(default_factory=TrunkConfig)
-    policy: str = "robust"                       # the checkpoint's default policy spec
-    robust_folds: int = Field(default=3, ge=0)   # inner folds for out-of-fold predictions; 0 disables "robust"
-    robust_seeds: int = Field(default=3, ge=1)   # ensemble size inside those folds (cheaper than the full one)
-    robust_margins: list[float] = Field(default_factory=lambda: list(DEFAULT_MARGINS))
+    # The checkpoint's default policy: "auto" (utility at the calibrated lambda, see the module docstring) or
+    # any spec ("argmax", "utility:0.3", "tolerance:0.05").
+    policy: str = "auto"
+    calibration_folds: int = Field(default=3, ge=0)   # inner folds for the out-of-fold P that "auto" reads
+    calibration_seeds: int = Field(default=3, ge=1)   # ensemble size inside those folds (cheaper than the full one)
+    max_accuracy_drop: float = Field(default=0.0, ge=0, lt=1)  # "auto" may lose this much accuracy (a fraction)
     seed: int = 0
 
     @classmethod
@@ -405,7 +409,7 @@ def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.n
 def train_router(dataset, features, train_rows=None, config: RouterTrainConfig | dict | None = None, *,
                  encoder=None, hidden_states: Sequence[int] | None = None, cost_model=None,
                  progress: bool = False) -> Router:
-    """Fit transform, SharedTrunkNet ensemble, cost model and robust policy on `train_rows` of `dataset`.
+    """Fit transform, SharedTrunkNet ensemble, cost model and default policy on `train_rows` of `dataset`.
 
     dataset: a RoutingDataset (its Y, targets and, when it carries prices, its cost model).
     features: a FeatureSet (`.get(pooling, layers)`, `.hidden_states`), a dict pooling -> [N, L, H], or an
@@ -438,23 +442,13 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         from prefill_router.data.prices import CostModel
 
         cost_model = CostModel.fit(dataset, rows)
-    C = dataset.C[rows]  # the robust policy's frontier uses the costs the training rows really had
-
     metrics: dict = {"train_rows": len(rows), "feature_dim": int(Z.shape[1]),
                      "val_losses": predictor.val_losses}
-    robust = None
-    if config.robust_folds >= 2:
-        # Out-of-fold predictions of the training rows: the robust rules must not see predictions of rows
-        # the model was fitted on, or every target would look trustworthy. The transform is unsupervised (no
-        # labels), so the folds reuse the one fitted on all training rows.
-        small = trunk_cfg.model_copy(update={"seeds": config.robust_seeds,
-                                             "keep": min(trunk_cfg.keep, config.robust_seeds), "progress": False})
-        P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small), config.robust_folds, config.seed)
-        robust = fit_robust_policy(P_oof, Y, C, margins=config.robust_margins)
-        metrics["oof_auc"] = _per_target_auc(Y, P_oof)
-        metrics["robust"] = robust.fit_info
-    elif config.policy.strip().lower().startswith("robust"):
-        raise ConfigError("policy: 'robust' needs robust_folds >= 2 (out-of-fold predictions to fit it on)")
+    policy = config.policy.strip()
+    if policy.lower() == "auto":
+        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model)
+    else:
+        policy_from_spec(policy)  # fail now on a bad spec
 
     identity = encoder_identity(encoder) if encoder is not None else feature_identity
     spec = _encoder_spec_dict(encoder) if encoder is not None else None
@@ -464,8 +458,30 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
                 "notes": list(getattr(dataset, "notes", []))}
     return Router(targets=dataset.targets, transform=transform, predictor=predictor, pooling=config.pooling,
                   hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
-                  policy=config.policy, robust_policy=robust, metrics=metrics, training=training,
+                  policy=policy, metrics=metrics, training=training,
                   encoder=encoder if encoder is not None and hasattr(encoder, "encode") else None)
+
+
+def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,
+                        C: np.ndarray, cost_model) -> tuple[str, dict]:
+    """The "auto" default policy and how it was chosen (see the module docstring)."""
+    known = np.isfinite(C) & (C > 0)
+    if cost_model is None or not known.any():
+        warnings.warn("training without prices: the router cannot trade cost for accuracy, so its default "
+                      "policy is argmax (always the target most likely to be right); pass prices to save money",
+                      UserWarning, stacklevel=3)
+        return "argmax", {"rule": "argmax: no prices to trade against"}
+    if config.calibration_folds < 2:
+        raise ConfigError("policy: 'auto' needs calibration_folds >= 2 (out-of-fold predictions to choose lambda "
+                          "on); set policy to a spec such as 'utility:0.3' instead")
+    # Out-of-fold predictions: in-sample P are overconfident and would pick too large a lambda. The transform is
+    # unsupervised (no labels), so the folds reuse the one fitted on all training rows.
+    small = trunk_cfg.model_copy(update={"seeds": config.calibration_seeds,
+                                         "keep": min(trunk_cfg.keep, config.calibration_seeds), "progress": False})
+    P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small), config.calibration_folds, config.seed)
+    lam, info = lambda_keeping_accuracy(P_oof, Y, C, max_drop=config.max_accuracy_drop)
+    info["oof_auc"] = _per_target_auc(Y, P_oof)
+    return f"utility:{lam:g}", info
 
 
 def _per_target_auc(Y: np.ndarray, P: np.ndarray) -> list[float | None]:

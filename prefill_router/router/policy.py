@@ -4,8 +4,10 @@
     TolerancePolicy(tol)    the cheapest target whose P is within `tol` of the row's best P
     UtilityPolicy(lam)      maximise P - lam * C / scale (scale: the row's most expensive target by default)
 
-`policy_from_spec("utility:0.3")` builds one from a short string (CLI, config, request model names), and
-`calibrate_lambda` picks the utility weight that meets a budget or a traffic share on training rows.
+`policy_from_spec("utility:0.3")` builds one from a short string (CLI, config, request model names).
+`lambda_keeping_accuracy` picks the utility weight a trained router uses by default: the cheapest one that
+keeps the best single target's accuracy on (out-of-fold) training rows. `calibrate_lambda` picks the weight
+that meets a budget or a traffic share instead.
 
 Unknown costs (NaN) rank after every known cost; a target whose P is NaN is never chosen unless the whole
 row is NaN, in which case the cheapest target is.
@@ -150,6 +152,54 @@ def policy_from_spec(spec: str):
             raise ConfigError(f"policy '{name}' argument must be a number, got {arg.strip()!r} in {spec!r}") from None
         return TolerancePolicy(value) if name == "tolerance" else UtilityPolicy(value)
     raise ConfigError(f"unknown policy {name!r} in {spec!r}; known: argmax, tolerance:<tol>, utility:<lambda>")
+
+
+# The utility weights swept by calibration and by the evaluation's cost-quality curves.
+DEFAULT_LAMBDAS = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)])
+
+
+def lambda_keeping_accuracy(P, Y, C, *, max_drop: float = 0.0, lambdas=None,
+                            cost_scale: float | None = None) -> tuple[float, dict]:
+    """The cheapest utility weight on the grid whose routed accuracy on these rows reaches that of always
+    calling the most accurate single target, less `max_drop` (a fraction: 0.005 is half a point). When no
+    weight does, the most accurate one. Returns (lam, facts about the choice on these rows).
+
+    Use held-out or out-of-fold predictions of TRAINING rows (in-sample P are overconfident and would pick
+    too large a weight). Y may hold NaN (not run): those pairs count in neither accuracy.
+    """
+    P, C = _inputs(P, C)
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.shape != P.shape or not P.shape[0]:
+        raise ConfigError(f"Y has shape {Y.shape} but P has shape {P.shape} (and at least one row is needed)")
+    if not 0 <= max_drop < 1:
+        raise ConfigError(f"max_drop must be a fraction in [0, 1), got {max_drop!r}")
+    grid = DEFAULT_LAMBDAS if lambdas is None else np.asarray(lambdas, dtype=np.float64).ravel()
+    rows = np.arange(len(P))
+    labelled = np.isfinite(Y)
+    # A target with no label on these rows cannot be the best single one.
+    target_acc = np.where(labelled.any(axis=0), np.where(labelled, Y, 0).sum(axis=0) / np.maximum(
+        labelled.sum(axis=0), 1), -np.inf)
+    best = int(np.argmax(target_acc))
+    level = float(target_acc[best]) - max_drop
+    acc, cost = [], []
+    for lam in grid:
+        choice = UtilityPolicy(float(lam), cost_scale).choose(P, C)
+        acc.append(_mean_known(Y[rows, choice]))
+        cost.append(_mean_known(C[rows, choice]))
+    acc, cost = np.asarray(acc), np.asarray(cost)
+    ok = np.flatnonzero(acc >= level - 1e-12)
+    # Ties in cost go to the larger weight, the thriftier setting.
+    i = int(ok[np.lexsort((-grid[ok], cost[ok]))[0]]) if ok.size else int(np.nanargmax(acc))
+    best_cost = _mean_known(C[:, best])
+    return float(grid[i]), {"rule": f"cheapest utility lambda keeping best-single accuracy - {max_drop:g}",
+                            "best_single": best, "best_single_accuracy": float(target_acc[best]),
+                            "accuracy": float(acc[i]), "cost_per_query": float(cost[i]),
+                            "best_single_cost_per_query": best_cost, "reached": bool(ok.size)}
+
+
+def _mean_known(values: np.ndarray) -> float:
+    known = values[np.isfinite(values)]
+    return float(known.mean()) if known.size else float("nan")
 
 
 def _chosen_cost(P: np.ndarray, C: np.ndarray, lam: float, cost_scale: float | None) -> float:
