@@ -28,11 +28,19 @@ from starlette.types import Receive, Scope, Send
 
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.serve.config import GatewayConfig
-from prefill_router.serve.engine import BadMessages, RouterScorer, RoutingEngine, Scorer, routing_messages
+from prefill_router.serve.engine import BadMessages, Routed, RouterScorer, RoutingEngine, Scorer, routing_messages
 from prefill_router.serve.metrics import GatewayMetrics
-from prefill_router.serve.engine import Routed
-from prefill_router.serve.models import (BadRouterOptions, ModelChoice, RouterOptions, UnknownModel, apply_options,
-                                         model_ids, parse_router_options, preset_policy, resolve_model)
+from prefill_router.serve.models import (
+    BadRouterOptions,
+    ModelChoice,
+    RouterOptions,
+    UnknownModel,
+    apply_options,
+    model_ids,
+    parse_router_options,
+    preset_policy,
+    resolve_model,
+)
 from prefill_router.serve.upstream import AllUpstreamsFailed, Attempt, UpstreamPool, UpstreamReply
 
 log = logging.getLogger("prefill_router.serve")
