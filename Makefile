@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Where the shared routing data lives; override with `make run DATA=/path/to/data`.
-DATA ?= ../shared/data
+# The routing data ships with the package; `make run DATA=/path/to/data` reads another folder of that layout.
+DATA ?=
 OUT ?= runs/mmlu-pro
+DATA_ARG := $(if $(DATA),--data-root $(DATA),)
 
 .PHONY: run run-full test venv clean
 
@@ -22,10 +23,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/prefill-router pipeline --data $(DATA) --out $(OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/prefill-router pipeline $(DATA_ARG) --out $(OUT)
 
 run-full: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/prefill-router pipeline --data $(DATA) --out $(OUT)-full --full
+	HF_HUB_OFFLINE=1 $(VENV)/bin/prefill-router pipeline $(DATA_ARG) --out $(OUT)-full --full
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

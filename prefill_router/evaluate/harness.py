@@ -52,6 +52,8 @@ FOLD_METRICS = {
     "accuracy_at_lambda_train": "test accuracy of the utility policy at lambda_train",
     "cost_per_1k_at_lambda_train": "test USD per 1,000 queries at lambda_train",
     "savings_at_lambda_train": "test cost savings vs the most expensive target at lambda_train",
+    "savings_vs_best_single_at_lambda_train": "test cost savings vs always calling the best single target at "
+                                              "lambda_train",
     "gap_captured_at_lambda_train": "test gap captured at lambda_train",
     "missing_labels": "test rows whose argmax-chosen target has no label (left out of accuracy)",
 }
@@ -269,6 +271,7 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
             acc_lam, cost_lam = metrics.routed_accuracy(Yte, at_lam), metrics.routed_cost(Cte, at_lam)
             row.update(lambda_train=lam, accuracy_at_lambda_train=acc_lam, cost_per_1k_at_lambda_train=cost_lam * 1000,
                        savings_at_lambda_train=metrics.cost_savings(cost_lam, top_cost),
+                       savings_vs_best_single_at_lambda_train=metrics.cost_savings(cost_lam, best_cost),
                        gap_captured_at_lambda_train=metrics.gap_captured(acc_lam, best_acc, oracle_acc))
             record(contender.name, row, choice)
             curves[contender.name].append(curve.to_dict())

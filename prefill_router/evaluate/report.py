@@ -228,9 +228,10 @@ class Report:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
-    def plot(self, path) -> Path:
+    def plot(self, path, title: str | None = None) -> Path:
         """Cost-quality PNG: each router's fold-mean utility sweep and its convex hull, the fixed baselines
-        and every single target, cost in USD per 1,000 queries."""
+        and every single target (named when there are few, else the ones on the cost-accuracy frontier), cost
+        in USD per 1,000 queries. `title` names the data and pool."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -245,6 +246,10 @@ class Report:
             acc = np.nanmean([p["accuracy"] for p in self.target_points], axis=0)
             cost = np.nanmean([p["cost"] for p in self.target_points], axis=0) * 1000
             ax.scatter(cost, acc, s=14, color="0.6", label="single targets", zorder=2)
+            named = np.ones(len(acc), bool) if len(acc) <= 10 else _frontier(acc, cost)
+            for k in np.flatnonzero(named & np.isfinite(acc) & np.isfinite(cost)):
+                ax.annotate(self.targets[k], (cost[k], acc[k]), xytext=(4, -8), textcoords="offset points",
+                            fontsize=7, color="0.35")
         markers = {"random": ("s", "0.85"), "best single": ("D", "0.45"), "oracle": ("*", "black")}
         for r in self.rows:
             if r.kind == "baseline":
@@ -279,7 +284,8 @@ class Report:
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("USD per 1,000 queries" + (" (log scale)" if log else ""))
         ax.set_ylabel("accuracy")
-        ax.set_title("Cost-quality on held-out prompts (mean over folds; dashed: convex hull)")
+        ax.set_title((f"{title}\n" if title else "")
+                     + "Cost-quality on held-out prompts (mean over folds; dashed: convex hull)")
         ax.grid(True, alpha=0.3)
         # Outside the axes: the curves end near the best single model, where a legend inside would sit.
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -288,22 +294,30 @@ class Report:
         plt.close(fig)
         return path
 
-    def save(self, folder) -> dict[str, Path]:
-        """Write report.json, report.md and cost_quality.png into `folder` (created if needed)."""
+    def save(self, folder, title: str | None = None) -> dict[str, Path]:
+        """Write report.json, report.md and cost_quality.png (titled `title`) into `folder` (created if needed)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         md = folder / "report.md"
         md.write_text(self.to_markdown())
         return {"json": self.to_json(folder / "report.json"), "markdown": md,
-                "plot": self.plot(folder / "cost_quality.png")}
+                "plot": self.plot(folder / "cost_quality.png", title=title)}
+
+
+def _frontier(accuracy: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Targets no other target beats on both accuracy (>=) and cost (<=), strictly on one."""
+    better_or_equal = (accuracy[None, :] >= accuracy[:, None]) & (cost[None, :] <= cost[:, None])
+    strictly = (accuracy[None, :] > accuracy[:, None]) | (cost[None, :] < cost[:, None])
+    return ~(better_or_equal & strictly).any(axis=1)
 
 
 # Columns of the one-line-per-contender summary that compares target pools (the README's headline table).
 POOL_COLUMNS = [("mean_auc", "mean AUC", "num"), ("accuracy", "argmax acc", "pct"),
-                ("gap_captured", "gap captured", "pct"), ("cost_per_1k", "$/1k queries (argmax)", "usd"),
+                ("gap_captured", "gap captured", "pct"), ("cost_per_1k", "$/1k (argmax)", "usd"),
+                ("accuracy_at_lambda_train", "default: acc", "pct"),
+                ("cost_per_1k_at_lambda_train", "default: $/1k", "usd"),
+                ("savings_vs_best_single_at_lambda_train", "default: saves vs best", "pct"),
                 ("savings_at_best_single_accuracy", "savings @ best-single acc", "pct"),
-                ("savings_at_lambda_train", "savings @ λ_train", "pct"),
-                ("accuracy_at_lambda_train", "acc @ λ_train", "pct"),
                 ("max_curve_accuracy", "max acc on curve", "pct"), ("aiq", "AIQ", "num")]
 
 
