@@ -17,18 +17,21 @@ import json
 import logging
 import os
 from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.serve.config import GatewayConfig
 from prefill_router.serve.engine import BadMessages, Routed, RouterScorer, RoutingEngine, Scorer, routing_messages
+from prefill_router.serve.jsonbody import BadBody, parse_json_body
 from prefill_router.serve.metrics import GatewayMetrics
 from prefill_router.serve.models import (
     BadRouterOptions,
@@ -41,13 +44,11 @@ from prefill_router.serve.models import (
     preset_policy,
     resolve_model,
 )
-from prefill_router.serve.upstream import AllUpstreamsFailed, Attempt, UpstreamPool, UpstreamReply
+from prefill_router.serve.upstream import AllUpstreamsFailed, Attempt, UpstreamPool, UpstreamReply, relayed_headers
 
 log = logging.getLogger("prefill_router.serve")
 
-# Not forwarded from the upstream's reply: they describe the upstream connection, not the body.
-HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date",
-               "server"}
+T = TypeVar("T")
 
 
 class GatewayError(Exception):
@@ -78,7 +79,10 @@ class UpstreamStream(Response):
         self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        finished = False  # after the last byte, the server reports the closed cycle as a disconnect too
+
         async def relay(cancel: anyio.CancelScope) -> None:
+            nonlocal finished
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             try:
                 async for chunk in self.upstream.aiter_raw():
@@ -90,6 +94,7 @@ class UpstreamStream(Response):
                                    "upstream_stream_failed")
                 await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(),
                             "more_body": True})
+            finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             cancel.cancel()
 
@@ -97,7 +102,8 @@ class UpstreamStream(Response):
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    self.on_disconnect()
+                    if not finished:
+                        self.on_disconnect()
                     cancel.cancel()
                     return
 
@@ -108,6 +114,28 @@ class UpstreamStream(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
+
+
+async def unless_client_leaves(receive: Receive, call: Awaitable[T]) -> T | None:
+    """Await `call`, or cancel it as soon as the client disconnects (then None): a request nobody waits for
+    must not go on retrying and falling back. Call once the body has been read."""
+    outcome: list = []  # [result] or [None, exception] once `call` has finished
+
+    async def watch(cancel: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        cancel.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch, group.cancel_scope)
+        try:
+            outcome.append(await call)
+        except Exception as exc:  # re-raised below, outside the group (which would wrap it in a group)
+            outcome += [None, exc]
+        group.cancel_scope.cancel()
+    if len(outcome) == 2:
+        raise outcome[1]
+    return outcome[0] if outcome else None
 
 
 def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | None = None,
@@ -152,7 +180,9 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
                                      escalate_only=config.sessions.escalate_only,
                                      strength=config.strength_order())
     app.state.pool = UpstreamPool(config.targets, retries=config.retries, on_attempt_failed=on_attempt_failed,
-                                  transport=transport)
+                                  transport=transport, request_timeout_s=config.request_timeout_s,
+                                  max_retry_after_s=config.max_retry_after_s,
+                                  max_body_bytes=config.max_upstream_body_bytes)
 
     def fail(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
              headers: dict[str, str] | None = None) -> JSONResponse:
@@ -193,17 +223,18 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise too_big
         try:
-            body = json.loads(bytes(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GatewayError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
-        return body
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    raise too_big
+        except ClientDisconnect:  # it left, or was cut off for sending too slowly (listen.read_timeout_s)
+            raise GatewayError(400, "the client disconnected before sending the whole body",
+                               code="client_disconnected") from None
+        try:
+            return parse_json_body(bytes(raw))
+        except BadBody as exc:
+            raise GatewayError(400, str(exc), code="invalid_json") from None
 
     def choose_model(body: dict, default: str | None = None) -> ModelChoice:
         try:
@@ -279,7 +310,11 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         body = await read_json(request)
         choice = choose_model(body)
         messages = messages_of(body)
-        stream = bool(body.get("stream"))
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise GatewayError(400, f"'stream' must be a boolean (true or false), got {json.dumps(stream)[:40]}",
+                               code="invalid_stream")
+        stream = bool(stream)
         options, choice = router_options(body, choice)
         body = {k: v for k, v in body.items() if k != "router"}  # the gateway's own field, never forwarded
         decision = await decide(choice, messages, options, request, body)
@@ -288,20 +323,23 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
         chain = [chosen] if choice.pinned else config.fallback_chain(chosen)
         headers = routing_headers(decision, chosen)
         try:
-            reply: UpstreamReply = await app.state.pool.chat(chain, body, stream=stream)
+            reply: UpstreamReply | None = await unless_client_leaves(
+                request.receive, app.state.pool.chat(chain, body, stream=stream))
         except AllUpstreamsFailed as exc:
             for name in dict.fromkeys(a.target for a in exc.attempts):
                 metrics.fallbacks.labels(target=name).inc()
             headers["x-router-fallbacks"] = json.dumps(list(dict.fromkeys(a.target for a in exc.attempts)))
             raise GatewayError(502, str(exc), "upstream_error", "all_upstreams_failed", headers) from None
+        if reply is None:  # nobody to answer: the attempt in flight and the rest of the chain were cancelled
+            return fail(499, "the client closed the request", "invalid_request_error", "client_disconnected")
         for name in reply.fallbacks:
             metrics.fallbacks.labels(target=name).inc()
         metrics.requests.labels(target=reply.target, status=str(reply.response.status_code)).inc()
         headers["x-router-target"] = reply.target
         headers["x-router-fallbacks"] = json.dumps(reply.fallbacks)
         headers["x-router-upstream-ms"] = f"{reply.upstream_ms:.3f}"
-        for key, value in reply.response.headers.items():
-            if key.lower() not in HOP_HEADERS and not key.lower().startswith("x-router-"):
+        for key, value in relayed_headers(reply.response.headers).items():
+            if not key.lower().startswith("x-router-"):
                 headers.setdefault(key, value)
         if stream and reply.response.status_code < 400:
             target = reply.target

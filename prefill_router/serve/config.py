@@ -22,8 +22,11 @@
         timeout_s: 60
         fallbacks: [llama-70b]           # optional: who to try when this target fails (default: fallback_order)
     fallback_order: [gpt-4o, llama-70b]  # optional: default order after the chosen target (default: targets order)
-    retries: 1                           # retries of the same target on timeout, connection error, 408/429/5xx
-    listen: {host: 127.0.0.1, port: 8000}
+    retries: 1                           # retries of the same target on timeout, connection error, 408/409/429/5xx
+    request_timeout_s: 180               # all attempts of one request together (each also stops at timeout_s)
+    max_retry_after_s: 5                 # honour an upstream's Retry-After up to this; longer: next target
+    max_upstream_body_bytes: 16000000    # a larger plain reply counts as that target failing
+    listen: {host: 127.0.0.1, port: 8000, read_timeout_s: 30, keep_alive_s: 5, max_connections: 1000}
     auth: {keys: [], keys_env: GATEWAY_KEYS}   # bearer keys; keys_env holds comma-separated keys
     max_body_bytes: 1000000
     batching: {max_batch_size: 16, max_wait_ms: 5,   # on a CPU-only host prefer max_batch_size: 1, see below
@@ -92,6 +95,12 @@ class Listen(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # A client must send a whole request (headers and body) within this many seconds of connecting or of its
+    # previous reply; a stalled or trickling one is disconnected (slowloris).
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)  # idle keep-alive connections are closed after this
+    # Connections plus requests in progress beyond which new requests get 503 (uvicorn's limit_concurrency).
+    max_connections: int | None = Field(default=1000, ge=1)
 
 
 class Auth(BaseModel):
@@ -142,6 +151,11 @@ class GatewayConfig(BaseModel):
     presets: dict[str, Preset] = Field(default_factory=_default_presets)
     fallback_order: list[str] | None = None
     retries: int = Field(default=1, ge=0, le=5)
+    # The whole upstream part of one request (every attempt, Retry-After wait and fallback) until the reply,
+    # or a stream's first headers; each attempt also stops at its target's timeout_s.
+    request_timeout_s: float | None = Field(default=180.0, gt=0)
+    max_retry_after_s: float = Field(default=5.0, ge=0)  # a longer Retry-After: next target instead of waiting
+    max_upstream_body_bytes: int = Field(default=16_000_000, ge=1)  # larger plain replies: that target failed
     listen: Listen = Field(default_factory=Listen)
     auth: Auth = Field(default_factory=Auth)
     max_body_bytes: int = Field(default=1_000_000, ge=1)

@@ -36,7 +36,14 @@ Behaviours (one is consumed per request; a model's own queue is used before the 
     Drop()
         Closes the connection without sending anything — the client sees a connection error.
     Raw(status=200, body="not json", content_type="text/plain")
-        Sends exactly this body, for testing how a client copes with garbage.
+        Sends exactly this body, for testing how a client copes with garbage (or a 302 with a Location header,
+        or a huge body).
+    Drip(seconds, then=None, every_s=0.25)
+        Sends the status line and headers of `then` (an Answer; default: a plain one) at once, then its body
+        in pieces `every_s` apart, spread over `seconds`: every read is fast, the whole reply is slow.
+
+Answer, Fail and Raw take `headers={...}`, extra response headers (e.g. Set-Cookie, Location);
+`Fail(echo_key=True)` puts the Authorization header it received into its error message, as some APIs do.
 
 Run it by hand (to try the gateway without API keys, for curl experiments or a load test):
 `prefill-router fake-upstream --port 8001 --delay 0.05`.
@@ -65,6 +72,7 @@ class Answer:
     completion_tokens: int | None = None
     finish_reason: str = "stop"
     cut_after: int | None = None  # streaming only: drop the connection after this many chunks
+    headers: dict[str, str] | None = None  # extra response headers
 
     # Function calls to answer with, e.g. [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]: the
     # reply then carries message.tool_calls (streamed as tool_calls deltas) and finish_reason "tool_calls".
@@ -87,6 +95,8 @@ class Fail:
     status: int = 500
     message: str = "fake upstream failure"
     retry_after: float | None = None
+    headers: dict[str, str] | None = None
+    echo_key: bool = False  # append the received Authorization header to the message
 
 
 @dataclass
@@ -105,9 +115,17 @@ class Raw:
     status: int = 200
     body: str = "not json"
     content_type: str = "text/plain"
+    headers: dict[str, str] | None = None
 
 
-Behaviour = Answer | Fail | Stall | Drop | Raw
+@dataclass
+class Drip:
+    seconds: float
+    then: Answer | None = None
+    every_s: float = 0.25
+
+
+Behaviour = Answer | Fail | Stall | Drop | Raw | Drip
 
 
 @dataclass
@@ -262,13 +280,22 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         if isinstance(behaviour, Raw):
-            self._send(behaviour.status, behaviour.body.encode(), behaviour.content_type)
+            self._send(behaviour.status, behaviour.body.encode(), behaviour.content_type, behaviour.headers)
             return
         if isinstance(behaviour, Fail):
-            extra = {} if behaviour.retry_after is None else {"Retry-After": str(behaviour.retry_after)}
-            self._json(behaviour.status, {"error": {"message": behaviour.message, "type": "upstream_error",
+            extra = dict(behaviour.headers or {})
+            if behaviour.retry_after is not None:
+                extra["Retry-After"] = str(behaviour.retry_after)
+            message = behaviour.message
+            if behaviour.echo_key:
+                message += f" (key: {self.headers.get('Authorization', '')})"
+            self._json(behaviour.status, {"error": {"message": message, "type": "upstream_error",
                                                     "code": behaviour.status}}, extra)
             return
+        drip = None
+        if isinstance(behaviour, Drip):
+            drip = (behaviour.seconds, behaviour.every_s)
+            behaviour = behaviour.then if isinstance(behaviour.then, Answer) else Answer()
         if behaviour.delay_s:
             time.sleep(behaviour.delay_s)
         text = behaviour.text(body)
@@ -277,7 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
                              else len(text.split()))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        if body.get("stream"):
+        if body.get("stream") and drip is None:
             self._stream(body, text, behaviour, usage)
             return
         self._json(200, {
@@ -289,13 +316,15 @@ class _Handler(BaseHTTPRequestHandler):
                                                     if behaviour.tool_calls else {})},
                          "finish_reason": behaviour.finish()}],
             "usage": usage,
-        })
+        }, behaviour.headers, drip=drip)
 
     def _stream(self, body: dict, text: str, behaviour: Answer, usage: dict) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
+        for k, v in (behaviour.headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": body.get("model")}
@@ -336,10 +365,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
-    def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+    def _json(self, status: int, payload: dict, headers: dict | None = None,
+              drip: tuple[float, float] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", headers, drip)
 
-    def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None,
+              drip: tuple[float, float] | None = None) -> None:
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -347,6 +378,15 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
+            if drip:  # headers now, then the body a piece every `every_s` until `seconds` have passed
+                seconds, every_s = drip
+                self.wfile.flush()
+                step = max(1, -(-len(data) // max(1, int(seconds / every_s))))
+                for i in range(0, len(data), step):
+                    time.sleep(every_s)
+                    self.wfile.write(data[i:i + step])
+                    self.wfile.flush()
+                return
             self.wfile.write(data)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
