@@ -74,7 +74,7 @@ def read_config_file(path: str | Path) -> dict:
         else:
             data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+        raise ConfigError(f"{path}: cannot parse: {' '.join(str(exc).split())}") from exc  # one line
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prefill_router.cli.common import HelpFormatter
 from prefill_router.errors import ConfigError
 
 DESCRIPTION = """\
@@ -21,7 +22,7 @@ dataset, so `train` treats them as missing, never as wrong; run again with --ret
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("collect", help="label prompts by running target models and judging the answers",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--prompts", required=True, metavar="FILE",
                    help="JSONL or CSV: prompt_id, prompt (or messages), answer/reference, [category]")
     p.add_argument("--targets", required=True, metavar="FILE",
@@ -30,8 +31,9 @@ def register(subparsers) -> None:
                    help="how an answer is scored against the reference")
     p.add_argument("--out", required=True, metavar="DATASET", help="output dataset (.jsonl)")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="call only these targets of the file (the dataset still lists every target's labels)")
-    p.add_argument("--judge-config", metavar="FILE", help="judge endpoint and rubric for --judge llm")
+                   help="call only these targets of the file; the dataset still lists every target's labels "
+                        "(default: all)")
+    p.add_argument("--judge-config", metavar="FILE", help="judge endpoint and rubric for --judge llm (default: none)")
     p.add_argument("--reference-field", metavar="NAME",
                    help="prompts-file field holding the reference (default: 'answer', else 'reference')")
     p.add_argument("--letters", default="ABCDEFGHIJ", help="valid option letters for --judge choice")
@@ -93,15 +95,24 @@ def run(args: argparse.Namespace) -> int:
                                retry=RetryPolicy(max_attempts=args.max_attempts, backoff_s=args.backoff),
                                retry_failed=args.retry_failed, progress=not args.no_progress,
                                only=tuple(args.only) if args.only else None)
-    if args.dry_run:
-        estimate = dry_run(prompts, targets, args.out, settings, assumed_output_tokens=args.assume_output_tokens)
-        print(estimate.table())
-        return 0
     judge_config = None
     if args.judge == "llm":
         if not args.judge_config:
             raise ConfigError("--judge llm needs --judge-config FILE (the judge endpoint and rubric)")
         judge_config = load_judge_config(args.judge_config)
+    if args.dry_run:
+        # What the real run checks before its first paid call, so a dry run that passes means the run starts.
+        from prefill_router.collect.runner import check_references
+
+        for target in targets:
+            if not args.only or target.name in args.only:
+                target.api_key()
+        if judge_config is not None:
+            judge_config.judge.api_key()
+        check_references(prompts, args.judge, args.letters, args.prompts)
+        estimate = dry_run(prompts, targets, args.out, settings, assumed_output_tokens=args.assume_output_tokens)
+        print(estimate.table())
+        return 0
     try:
         summary = run_collect(prompts, targets, args.out, settings, judge_config=judge_config,
                               prompts_file=args.prompts)

@@ -10,6 +10,33 @@ import numpy as np
 from prefill_router.errors import ConfigError
 
 BUILTIN_DATASETS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
+DATA_ROOT_HELP = ("data folder of the built-in datasets (default: $PREFILL_ROUTER_DATA, else the data shipped with "
+                  "the package)")
+PRICES_HELP = ("price table for a data file without costs: a CSV or YAML file giving each target "
+               "its usd_per_m_input and usd_per_m_output (format: docs/data-formats.md)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The formatter of every subcommand: descriptions and epilogs keep their line breaks, and every option's
+    help ends with its default, "(default: X)", unless the help already says "(default ...)" in its own words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or action.required:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a required positional has no default
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+def add_parser(subparsers, name: str, *, help: str, description: str | None = None, **kwargs):
+    """A subcommand parser with HelpFormatter and the description as written (default: the help line)."""
+    return subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter,
+                                 **kwargs)
 
 
 def load_dataset(args: argparse.Namespace, *, name_option: str = "dataset"):
@@ -60,19 +87,19 @@ def select_rows(ds, args: argparse.Namespace):
 
 def add_row_selection_arguments(p: argparse.ArgumentParser) -> None:
     """--limit / --sample / --sample-seed, shared by every command that reads a dataset."""
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts (default: all)")
     p.add_argument("--sample", type=int, default=None, metavar="N",
                    help="use a category-stratified sample of N prompts (seeded; the same N and seed always "
-                        "pick the same prompts, in extract, evaluate, probe and train alike)")
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0)")
+                        "pick the same prompts, in extract, evaluate, probe and train alike) (default: all)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample")
 
 
 def add_store_dataset_arguments(p: argparse.ArgumentParser) -> None:
     """The options of commands that read a feature store beside its dataset (probe, train)."""
     p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
     p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
-    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
-    p.add_argument("--prices", default=None, help="price table for a data file without costs")
+    p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
+    p.add_argument("--prices", default=None, help=PRICES_HELP + " (default: none)")
     p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
     add_row_selection_arguments(p)
 

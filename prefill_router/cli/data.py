@@ -9,24 +9,32 @@ from pathlib import Path
 
 import numpy as np
 
+from prefill_router.cli.common import DATA_ROOT_HELP, PRICES_HELP, HelpFormatter
+
 BUILTINS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="validate routing data and show its statistics",
-                                   description=__doc__.splitlines()[0])
+                                   description=__doc__.splitlines()[0] + "\nFile formats: docs/data-formats.md.",
+                                   formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    validate = sub.add_parser("validate", help="check a routing data file; prints OK and its shape")
+    validate = sub.add_parser("validate", help="check a routing data file; prints OK and its shape",
+                              description="Check a routing data file (CSV, JSONL or Parquet; long or wide layout, "
+                                          "see docs/data-formats.md); print OK and its shape, or the line and "
+                                          "field of the first problem.", formatter_class=HelpFormatter)
     validate.add_argument("path", help="CSV, JSONL or Parquet file, long or wide layout")
     _reader_options(validate)
     validate.set_defaults(func=_validate)
 
-    stats = sub.add_parser("stats", help="per-target accuracy and cost, oracle, best single target")
+    stats = sub.add_parser("stats", help="per-target accuracy and cost, oracle, best single target",
+                           description="Per-target accuracy and cost, the oracle and the best single target of a "
+                                       "routing data file or a built-in dataset.", formatter_class=HelpFormatter)
     source = stats.add_mutually_exclusive_group(required=True)
     source.add_argument("path", nargs="?", help="CSV, JSONL or Parquet file")
     source.add_argument("--builtin", choices=BUILTINS, help="a known dataset from the data folder")
-    stats.add_argument("--data-root", help="data folder for --builtin (default: $PREFILL_ROUTER_DATA)")
+    stats.add_argument("--data-root", help=DATA_ROOT_HELP)
     stats.add_argument("--json", dest="json_out", metavar="OUT",
                        help="also write the statistics as JSON here")
     _reader_options(stats)
@@ -34,10 +42,10 @@ def register(subparsers) -> None:
 
 
 def _reader_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prices",
-                        help="price table (YAML or CSV: target, usd_per_m_input, usd_per_m_output)")
+    parser.add_argument("--prices", help=PRICES_HELP + " (default: none)")
     parser.add_argument("--layout", choices=("auto", "long", "wide"), default="auto",
-                        help="long: one row per (prompt, target); wide: one row per prompt (default: auto)")
+                        help="long: one row per (prompt, target); wide: one row per prompt; auto: long when the file "
+                             "has 'target' and 'score' columns (default: auto)")
 
 
 def _load(args):

@@ -20,7 +20,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from prefill_router.cli.common import BUILTIN_DATASETS, add_row_selection_arguments, load_dataset, split_names
+from prefill_router.cli.common import (
+    BUILTIN_DATASETS,
+    DATA_ROOT_HELP,
+    PRICES_HELP,
+    HelpFormatter,
+    add_row_selection_arguments,
+    load_dataset,
+    split_names,
+)
 from prefill_router.errors import ConfigError
 
 DEFAULT_CONTENDERS = "knn,logreg,mlp,tfidf"
@@ -304,14 +312,13 @@ def _json_safe(x):
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="k-fold evaluation of routers with random, best single, oracle and semantic baselines",
-        description=__doc__.split("\n\n")[0])
+        description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset", required=True,
                    help=f"{' | '.join(BUILTIN_DATASETS)} | PATH to a routing data file (CSV, JSONL, Parquet)")
-    p.add_argument("--data-root", default=None, help="shared data folder (default: $PREFILL_ROUTER_DATA)")
+    p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--folds", type=int, default=5, help="number of prompt-level folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for folds and seeded predictors (default 0)")
-    p.add_argument("--prices", default=None,
-                   help="price table for a data file without costs (see `prefill-router data --help`)")
+    p.add_argument("--prices", default=None, help=PRICES_HELP + " (default: none)")
     p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
     add_row_selection_arguments(p)
     p.add_argument("--out", default="runs/eval", help="output folder for report.json/.md and cost_quality.png")
@@ -319,7 +326,7 @@ def register(subparsers) -> None:
                    help=f"comma-separated contenders (default {DEFAULT_CONTENDERS}); known: "
                         + ", ".join(sorted(CONTENDERS)))
     p.add_argument("--features", default=None,
-                   help="feature store (from `prefill-router extract`) for the prefill-* contenders")
+                   help="feature store (from `prefill-router extract`) for the prefill-* contenders (default: none)")
     p.add_argument("--pooling", default="mean", help="pooling read from --features (default mean)")
     p.add_argument("--pca", type=int, default=200, help="PCA components for the prefill-* contenders (default 200)")
     p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained (default 10)")
@@ -337,7 +344,7 @@ def register(subparsers) -> None:
                    help="share of each fold's training prompts held out to calibrate the cost-quality lambda "
                         "(default 0.2; 0 calibrates in-sample, which saves one fit per fold but is optimistic)")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads per predictor fit (BLAS and torch; default 1: these fits are small and "
+                   help="CPU threads per predictor fit, BLAS and torch (default 1: these fits are small and "
                         "a contended thread pool slows them down)")
     p.set_defaults(func=_main)
 

@@ -7,21 +7,26 @@ imported first (once) and only the rows they lack are computed, with the same hi
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from prefill_router.cli.common import BUILTIN_DATASETS, add_row_selection_arguments, load_dataset
+from prefill_router.cli.common import (
+    BUILTIN_DATASETS,
+    DATA_ROOT_HELP,
+    HelpFormatter,
+    add_row_selection_arguments,
+    load_dataset,
+)
 from prefill_router.errors import ConfigError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="compute prefill features of a dataset's prompts into a feature store",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True,
                    help=f"a known dataset ({', '.join(BUILTIN_DATASETS)}) or a routing data file "
                         "(CSV, JSONL, Parquet)")
-    p.add_argument("--data-root", help="data folder for known datasets (default: $PREFILL_ROUTER_DATA)")
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--encoder", default="smollm2-135m",
                    help="built-in alias, Hugging Face id, local folder or .gguf file (default: smollm2-135m)")
     p.add_argument("--gguf-file", help="GGUF file inside --encoder (folder or hub repo)")

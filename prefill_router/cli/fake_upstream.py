@@ -11,18 +11,20 @@ model it was asked for, so you can see where the gateway routed each request.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from prefill_router.cli.common import HelpFormatter
+from prefill_router.errors import ConfigError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("fake-upstream", help="a fake OpenAI-compatible upstream to try the gateway offline",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8001, help="port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--content", default=None,
                    help="fixed answer text (default: 'Hello from the fake upstream (model <name>).')")
-    p.add_argument("--delay", type=float, default=0.0, help="seconds before each response starts (default: %(default)s)")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each response starts")
     p.set_defaults(func=run)
 
 
@@ -33,7 +35,14 @@ def run(args: argparse.Namespace) -> int:
         return args.content if args.content is not None else \
             f"Hello from the fake upstream (model {body.get('model')!s})."
 
-    up = FakeUpstream(Answer(reply, delay_s=args.delay), port=args.port, host=args.host).start()
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port: {args.port} is not a port number (0-65535)")
+    if args.delay < 0:
+        raise ConfigError(f"--delay: {args.delay:g} is negative")
+    try:
+        up = FakeUpstream(Answer(reply, delay_s=args.delay), port=args.port, host=args.host).start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     print(f"fake upstream listening on {up.base_url} (Ctrl-C stops it)", flush=True)
     try:
         while True:

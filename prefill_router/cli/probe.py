@@ -12,24 +12,24 @@ import argparse
 
 import numpy as np
 
-from prefill_router.cli.common import add_store_dataset_arguments, open_store_and_dataset
+from prefill_router.cli.common import HelpFormatter, add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("probe", help="per-layer Fisher J, d_eff and probe AUC (table + plot)",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__, formatter_class=HelpFormatter)
     add_store_dataset_arguments(p)
     p.add_argument("--poolings", default=None, help="comma-separated poolings (default: all in the store)")
     p.add_argument("--test-size", type=float, default=0.2,
                    help="share of prompts held out and never probed (default 0.2)")
     p.add_argument("--max-rows", type=int, default=None,
-                   help="probe at most this many training rows (random, seeded) to bound the time")
+                   help="probe at most this many training rows (random, seeded) to bound the time (default: all)")
     p.add_argument("--components", type=int, default=50, help="PCA components for Fisher J (default 50)")
     p.add_argument("--shrinkage", type=float, default=0.1, help="within-class covariance shrinkage (default 0.1)")
     p.add_argument("--cv-folds", type=int, default=3, help="folds of the probe AUC (default 3)")
     p.add_argument("--probe-pca", type=int, default=64, help="PCA components inside the probe (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the row sample and the probes")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 

@@ -1,38 +1,60 @@
-"""`prefill-router serve`: the OpenAI-compatible routing gateway."""
+"""`prefill-router serve`: the OpenAI-compatible routing gateway.
+
+    prefill-router serve --config gateway.yaml --check    # validate the config, keys and router, then exit
+    prefill-router serve --config gateway.yaml --port 8000
+"""
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+from prefill_router.cli.common import HelpFormatter
+from prefill_router.errors import ConfigError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="run the OpenAI-compatible routing gateway",
-        description="Route each /v1/chat/completions request with a trained router checkpoint and proxy it to "
-                    "the chosen upstream. See prefill_router/serve/config.py for the config file format.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__ + "\nRoute each /v1/chat/completions request with a trained router checkpoint and "
+                              "proxy it to the chosen upstream.\nThe config file format: docs/serving.md and "
+                              "prefill_router/serve/config.py.",
+        formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="gateway config file (YAML or TOML)")
-    p.add_argument("--host", default=None, help="listen address (overrides listen.host)")
-    p.add_argument("--port", type=int, default=None, help="listen port (overrides listen.port)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--host", default=None, help="listen address (default: listen.host of the config)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: listen.port of the config)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     p.add_argument("--check", action="store_true",
-                   help="validate the config, load the router and encoder, then exit without serving")
+                   help="validate the config and that every API key variable it names is set (before loading "
+                        "anything), then load the router and its encoder, and exit without serving")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from prefill_router.serve.app import build_gateway
+    from prefill_router.serve.app import build_gateway, load_router
     from prefill_router.serve.config import load_gateway_config
     from prefill_router.serve.server import serve_forever
 
+    # Everything cheap first, so a bad config or an unset key is reported in a second, not after loading the encoder.
     config = load_gateway_config(args.config)
-    app = build_gateway(config)
+    unset = config.unset_variables()
+    if unset and args.check:
+        raise ConfigError(f"{args.config}: " + "; ".join(unset))
+    config.auth.all_keys()  # an unset auth.keys_env stops the gateway too: it would accept no client
+    for problem in unset:  # a target without its key: its requests go to the fallbacks
+        print(f"warning: {problem}", file=sys.stderr)
+    router = load_router(config)  # reads the checkpoint; its encoder loads at warm-up below
+    missing = [t for t in router.targets if t not in {c.name for c in config.targets}]
+    if missing:
+        raise ConfigError(f"{args.config}: targets: the router predicts for {missing}, which have no upstream "
+                          "entry in the config")
+    app = build_gateway(config, router)
     host = args.host or config.listen.host
     port = config.listen.port if args.port is None else args.port
     routed = app.state.engine.targets
     print(f"router: {config.router.checkpoint} ({len(routed)} targets: {', '.join(routed)})")
     if args.check:
-        print("config and router OK")
+        print("config, API keys and router OK")
         return 0
     print(f"serving on http://{host}:{port}/v1  (models: router, "
           + ", ".join(f"router:{p}" for p in config.presets) + ", or a target name)")

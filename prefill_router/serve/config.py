@@ -204,6 +204,18 @@ class GatewayConfig(BaseModel):
         return [t.name for t in sorted(self.targets, key=lambda t: t.usd_per_m_input + t.usd_per_m_output)]
 
 
+    def unset_variables(self) -> list[str]:
+        """One line per environment variable this config names that is unset: auth.keys_env, and each
+        target's api_key_env (a target without its key fails every call, so its requests fall back)."""
+        problems = []
+        if self.auth.keys_env and os.environ.get(self.auth.keys_env) is None:
+            problems.append(f"auth.keys_env: environment variable {self.auth.keys_env} is not set")
+        for i, t in enumerate(self.targets):
+            if t.api_key_env and os.environ.get(t.api_key_env) is None:
+                problems.append(f"targets.{i}.api_key_env: environment variable {t.api_key_env} "
+                                f"(API key of target '{t.name}') is not set")
+        return problems
+
     def fallback_chain(self, first: str) -> list[str]:
         """The targets to try, in order, when `first` is chosen: first itself, then its fallbacks."""
         by_name = {t.name: t for t in self.targets}

@@ -1,0 +1,146 @@
+"""The `prefill-router` command on bad input: every subcommand, run as a user runs it (a subprocess), answers a
+missing file, a bad flag value or a bad config with one line on stderr naming the problem, a non-zero exit and no
+traceback. Also: `serve --check` checks keys before loading anything, and `--help` shows examples and defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from prefill_router.cli import EXAMPLES, build_parser
+from prefill_router.cli.common import HelpFormatter
+
+GATEWAY_NO_KEY = """\
+router: {checkpoint: no-such-router}
+targets: [{name: a, base_url: "http://127.0.0.1:9/v1", api_key_env: PR_TEST_UNSET_KEY}]
+"""
+GATEWAY_NO_CHECKPOINT = """\
+router: {checkpoint: no-such-router}
+targets: [{name: a, base_url: "http://127.0.0.1:9/v1"}]
+"""
+GATEWAY_NO_CLIENT_KEYS = GATEWAY_NO_CHECKPOINT + "auth: {keys_env: PR_TEST_UNSET_GATEWAY_KEYS}\n"
+FILES = {
+    "bad.csv": "prompt,target,score\nq,a,2\n",
+    "broken.yaml": "router: [\n",
+    "gw_no_key.yaml": GATEWAY_NO_KEY,
+    "gw_no_checkpoint.yaml": GATEWAY_NO_CHECKPOINT,
+    "gw_no_client_keys.yaml": GATEWAY_NO_CLIENT_KEYS,
+    "prompts.jsonl": '{"prompt_id": "1", "prompt": "2+2?", "answer": "B"}\n',
+    "prompts51.jsonl": '{"prompt_id": "1", "prompt": "17+34?", "answer": "51"}\n',
+}
+
+# (arguments, a piece of the one-line error that names the problem)
+CASES = [
+    ("data validate missing.csv", "missing.csv: file not found"),
+    ("data validate bad.csv", "bad.csv, line 2, field 'score'"),
+    ("data stats --builtin nope", "argument --builtin: invalid choice: 'nope'"),
+    ("extract --data missing.csv --out out", "--data: 'missing.csv' is neither"),
+    ("extract --data mmlu-pro --limit abc --out out", "argument --limit: invalid int value: 'abc'"),
+    ("probe --features missing --dataset mmlu-pro --out out", "--features: missing does not exist"),
+    ("train --features missing --dataset mmlu-pro --out out", "--features: missing does not exist"),
+    ("evaluate --dataset bad.csv", "bad.csv, line 2, field 'score'"),
+    ("evaluate --dataset mmlu-pro --contenders nope", "--contenders: unknown contender(s) ['nope']"),
+    ("pipeline --pools nope --out out", "--pools: unknown pool(s) ['nope']"),
+    ("serve --config missing.yaml", "missing.yaml: file not found"),
+    ("serve --config broken.yaml", "broken.yaml: cannot parse"),
+    ("serve --config gw_no_key.yaml --check", "targets.0.api_key_env: environment variable PR_TEST_UNSET_KEY"),
+    ("serve --config gw_no_client_keys.yaml", "auth.keys_env: environment variable PR_TEST_UNSET_GATEWAY_KEYS"),
+    ("serve --config gw_no_checkpoint.yaml --check", "no-such-router/router.json: file not found"),
+    ("fake-upstream --port 99999", "--port: 99999 is not a port number"),
+    ("fake-upstream --delay abc", "argument --delay: invalid float value: 'abc'"),
+    ("collect --prompts missing.jsonl --targets gw_no_checkpoint.yaml --judge choice --out o.jsonl",
+     "missing.jsonl: file not found"),
+    ("collect --prompts prompts.jsonl --targets broken.yaml --judge choice --out o.jsonl", "broken.yaml: cannot parse"),
+    ("collect --prompts prompts.jsonl --targets gw_no_key.yaml --judge choice --out o.jsonl --dry-run",
+     "environment variable PR_TEST_UNSET_KEY is not set"),
+    ("collect --prompts prompts51.jsonl --targets gw_no_checkpoint.yaml --judge choice --out o.jsonl --dry-run",
+     "choice reference '51' is not a letter"),
+    ("no-such-command", "invalid choice: 'no-such-command'"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad-input")
+    for name, text in FILES.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def run_cli(args: str, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PR_TEST_UNSET")}
+    return subprocess.run([sys.executable, "-m", "prefill_router", *shlex.split(args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,names", CASES, ids=[c[0].split(" --")[0] + f"-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_naming_the_problem(args, names, workdir):
+    done = run_cli(args, workdir)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert names in lines[0]
+    assert not (workdir / "out").exists() and not (workdir / "o.jsonl").exists()
+
+
+def test_serve_check_fails_on_an_unset_key_before_reading_the_checkpoint(workdir):
+    """The checkpoint does not exist: had the command loaded anything, it would have stopped on that instead."""
+    done = run_cli("serve --config gw_no_key.yaml --check", workdir)
+    assert done.returncode == 2 and "PR_TEST_UNSET_KEY" in done.stderr and "router.json" not in done.stderr
+    assert "API key of target 'a'" in done.stderr
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser, prefix: str = ""):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix}{name}", sub
+                yield from _subcommand_parsers(sub, f"{prefix}{name} ")
+
+
+# `pipeline` and `train` are being rewritten with the same formatter; remove them from here once they use it.
+NOT_YET = {"pipeline", "train"}
+
+
+def test_every_flag_of_every_subcommand_shows_its_default():
+    checked = 0
+    for name, sub in _subcommand_parsers(build_parser()):
+        if name in NOT_YET:
+            continue
+        assert issubclass(sub.formatter_class, HelpFormatter), name
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.default is argparse.SUPPRESS or action.required:
+                continue
+            assert action.help, f"{name} {action.option_strings[0]}: no help text"
+            text = formatter._expand_help(action)
+            assert "(default" in text, f"{name} {action.option_strings[0]}: no default shown in {text!r}"
+            checked += 1
+    assert checked > 50
+
+
+def test_top_level_help_shows_examples_that_parse():
+    parser = build_parser()
+    assert "examples:" in parser.format_help()
+    commands = [line.split("#")[0].split() for line in EXAMPLES.splitlines() if line.strip().startswith("prefill-router")]
+    assert len(commands) >= 5
+    for words in commands:
+        args = parser.parse_args(words[1:])  # a usage error would exit
+        assert callable(args.func), words
+
+
+def test_the_help_formatter_words_defaults():
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--n", type=int, default=3, help="count")
+    parser.add_argument("--name", default=None, help="a name")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    parser.add_argument("--own", default=1, help="its own words (default: one)")
+    text = " ".join(parser.format_help().split())
+    assert "count (default: 3)" in text and "a name (default: none)" in text and "a switch (default: off)" in text
+    assert "its own words (default: one)" in text and "(default: 1)" not in text
