@@ -54,7 +54,7 @@ def run(args) -> int:
     routed = app.state.engine.targets
     print(f"router: {config.router.checkpoint} ({len(routed)} targets: {', '.join(routed)})")
     if args.check:
-        print("config, API keys and router OK")
+        print("API keys set; config and router OK")
         return 0
     print(f"serving on http://{host}:{port}/v1  (models: router, "
           + ", ".join(f"router:{p}" for p in config.presets) + ", or a target name)")
