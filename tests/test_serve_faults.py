@@ -144,7 +144,7 @@ def test_an_upstream_refusing_its_key_or_redirecting_falls_back_and_never_leaks(
     text = pinned.text + json.dumps(dict(pinned.headers))
     for leak in (UPSTREAM_KEY, "Incorrect API key", "Forbidden", "moved", "elsewhere"):
         assert leak not in text
-    assert f"HTTP {getattr(reply, 'status')}" in message
+    assert f"HTTP {reply.status}" in message
 
 
 # --- "stream" must be a boolean -----------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_stream_disconnect_metric_counts_only_streams_the_client_left(ups):
 # --- a client that gives up cancels the retry and fallback chain --------------------------------------------------
 def test_a_client_that_leaves_cancels_retries_and_fallbacks(ups):
     ups["a"].default = Stall(1.5)  # times out at 1 s: without the client, a retry on a, then b, would follow
-    with gateway(ups, timeout_s=1, retries=1) as (client, server):
+    with gateway(ups, timeout_s=1, retries=1) as (_, server):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", json={"model": "router", "messages": MESSAGES},
                        timeout=0.4)

@@ -16,8 +16,8 @@ import hmac
 import json
 import logging
 import os
-from contextlib import asynccontextmanager
 from collections.abc import Awaitable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
@@ -130,7 +130,7 @@ async def unless_client_leaves(receive: Receive, call: Awaitable[T]) -> T | None
         group.start_soon(watch, group.cancel_scope)
         try:
             outcome.append(await call)
-        except Exception as exc:  # re-raised below, outside the group (which would wrap it in a group)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the group (which would wrap it)
             outcome += [None, exc]
         group.cancel_scope.cancel()
     if len(outcome) == 2:

@@ -52,10 +52,6 @@ DROPPED_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "pr
                              "content-length", "content-encoding", "date", "server", "set-cookie", "set-cookie2"})
 
 
-def is_transient_status(status: int) -> bool:
-    return is_retryable_status(status)
-
-
 def relayed_headers(headers: httpx.Headers) -> dict[str, str]:
     """The upstream reply headers worth passing on to the client (see DROPPED_HEADERS)."""
     also = {t.strip().lower() for t in headers.get("connection", "").split(",")}  # named hop-by-hop headers
@@ -196,7 +192,7 @@ class UpstreamPool:
             with anyio.fail_after(budget):
                 response = await self._client.send(request, stream=True)
                 status = response.status_code
-                if is_transient_status(status) or is_endpoint_failure(status):
+                if is_retryable_status(status) or is_endpoint_failure(status):
                     await response.aclose()  # unread: never relayed, and it may echo our key
                     return Attempt(name, f"HTTP {status}", status,
                                    parse_retry_after(response.headers.get("retry-after")))
