@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefill_router.cli.common import add_store_dataset_arguments, open_store_and_dataset
+from prefill_router.cli.common import add_parser, add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 
 
@@ -30,28 +30,28 @@ def _pca(value: str):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a router on prefill features and save a checkpoint",
-                              description=__doc__.split("\n\n")[0])
+    p = add_parser(subparsers, "train", help="train a router on prefill features and save a checkpoint",
+                   description=__doc__)
     add_store_dataset_arguments(p)
-    p.add_argument("--pooling", default="mean", help="pooling to read from the store (default mean)")
+    p.add_argument("--pooling", default="mean", help="pooling to read from the store")
     p.add_argument("--layers", type=_layers, default="all",
-                   help="'all' or comma-separated hidden-state indices to concatenate (default all)")
-    p.add_argument("--pca", type=_pca, default=200, help="PCA components, or 'none' (default 200)")
-    p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained (default 10)")
-    p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss (default 5)")
+                   help="'all' or comma-separated hidden-state indices to concatenate")
+    p.add_argument("--pca", type=_pca, default=200, help="PCA components, or 'none'")
+    p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained")
+    p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss")
     p.add_argument("--policy", default="auto",
                    help="default policy stored in the checkpoint: auto (utility at the cheapest lambda that keeps "
                         "the best single target's accuracy on out-of-fold training predictions; argmax when there "
-                        "are no prices) | argmax | utility:<lam> | tolerance:<tol> (default auto)")
+                        "are no prices) | argmax | utility:<lam> | tolerance:<tol>")
     p.add_argument("--calibration-folds", type=int, default=3,
-                   help="inner folds for the out-of-fold predictions that --policy auto reads (default 3)")
+                   help="inner folds for the out-of-fold predictions that --policy auto reads")
     p.add_argument("--max-accuracy-drop", type=float, default=0.0,
                    help="accuracy --policy auto may give up against the best single target, as a fraction "
-                        "(0.005 = half a point; default 0)")
+                        "(0.005 = half a point)")
     p.add_argument("--holdout", type=float, default=0.0,
-                   help="share of prompts held out (prompt-level split) and scored after training (default 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
+                   help="share of prompts held out (prompt-level split) and scored after training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the models")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads while training (default: torch's)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.set_defaults(func=run)
 
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             "cost_per_1k_default_policy": 1000 * metrics.routed_cost(Cte, choice),
             "best_single_target": ds.targets[best_k],
             "best_single_accuracy": metrics.routed_accuracy(Yte, np.full(test.size, best_k)),
+            "best_single_cost_per_1k": 1000 * metrics.routed_cost(Cte, np.full(test.size, best_k)),
         }
     folder = router.save(args.out)
     print(f"trained on {rows.size} prompts x {ds.k} targets"
