@@ -294,12 +294,12 @@ def test_stream_disconnect_metric_counts_only_streams_the_client_left(ups):
 
 # --- a client that gives up cancels the retry and fallback chain --------------------------------------------------
 def test_a_client_that_leaves_cancels_retries_and_fallbacks(ups):
-    ups["a"].default = Stall(1.5)  # times out at 1 s: without the client, a retry on a, then b, would follow
-    with gateway(ups, timeout_s=1, retries=1) as (_, server):
+    ups["a"].default = Stall(5)  # times out at 3 s: without the client, a retry on a (and then b) would follow
+    with gateway(ups, timeout_s=3, retries=1) as (_, server):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", json={"model": "router", "messages": MESSAGES},
-                       timeout=0.4)
-        time.sleep(4)  # long enough for the whole chain (1 s + 1 s + b) to have run
+                       timeout=1)
+        time.sleep(4.5)  # past the moment the retry on a would have been sent
         assert ups["a"].calls() == 1 and ups["b"].calls() == 0
 
 
