@@ -126,6 +126,17 @@ def test_request_timeout_bounds_every_attempt_and_fallback_together(ups):
     assert elapsed < 10
 
 
+def test_a_stream_that_stalls_after_its_headers_ends_with_an_error_event(ups):
+    ups["a"].default = Answer("one two three four", chunk_delay_s=30)  # headers and first chunk, then silence
+    with gateway(ups, timeout_s=1) as (client, _):
+        start = time.monotonic()
+        r = chat(client, stream=True)
+        elapsed = time.monotonic() - start
+    assert r.status_code == 200 and r.headers["x-router-target"] == "a"
+    assert "upstream_stream_failed" in r.text and "[DONE]" not in r.text
+    assert elapsed < 20  # the gap between chunks is bounded by timeout_s, not by the 30 s stall
+
+
 # --- 401, 403 and 3xx upstream: fallback, and a 502 that relays nothing of the upstream's ----------------------
 @pytest.mark.parametrize("reply", [Fail(401, "Incorrect API key provided", echo_key=True),
                                    Fail(403, "Forbidden", echo_key=True),
