@@ -15,6 +15,17 @@ The router is trained here in seconds on the shared reference SmolLM2 features o
 overhead = latency seen by the client minus the upstream's latency (the gateway's x-router-upstream-ms
 header), p50 and p99, plus the mean forward-pass batch size read from the gateway's /metrics. Request counts
 are bounded, so the run stops by itself.
+
+    .venv/bin/python bench/serve.py --flood --threads 1   # the long-prompt flood case (issue 12)
+
+The long-prompt flood case: short routed requests ("What is 17 + 23?", each different, one at a time) are
+timed on a quiet gateway, then again while `--flood-workers` clients keep sending 171 KB prompts (the issue's
+'Lorem ipsum ... ' * 3000, each different so nothing is cached). Reported: the short requests' overhead p50
+and p99 quiet and under the flood, their ratio (the target: at most 2x), deadline fallbacks, and how many long
+prompts were routed meanwhile. The gateway runs with its defaults for the routing window (512 tokens for this
+checkpoint, which records none), length buckets and sessions; the routing deadline is raised to 60 s so that
+it cannot hide a slow short request. `--flood-baseline` also runs the gateway as it was before issue 12 (one
+batch queue, prompts cut only at the encoder's 8,192-token context, no deadline) with a few short requests.
 """
 
 from __future__ import annotations
@@ -69,7 +80,7 @@ def train_router(out: Path, encoder_name: str, train_rows: int, total_rows: int,
         q.astype(np.float32) + 128)
     encoder = load_encoder(encoder_name)
     train = data.subset(np.arange(train_rows))
-    router = fit(train, X, config={"pca": 64, "policy": "argmax", "robust_folds": 0,
+    router = fit(train, X, config={"pca": 64, "policy": "argmax", "calibration_folds": 0,
                                    "trunk": {"seeds": 2, "keep": 1, "max_epochs": 30}},
                  encoder=encoder, hidden_states=layout["hidden_states"]["mean"], cost_model=CostModel.fit(train))
     router.save(out)
@@ -190,6 +201,141 @@ def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, leve
     return rows
 
 
+LONG_TEXT = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 3000  # 171 KB, as in issue 12
+
+
+def short_prompt(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"What is {17 + i} + {23 + 2 * i}?"}]
+
+
+async def timed_shorts(client: httpx.AsyncClient, start: int, n: int) -> tuple[list[float], int, list[str]]:
+    """n short routed requests one after another: overheads (ms), deadline fallbacks, errors."""
+    overheads, deadlines, errors = [], 0, []
+    for i in range(start, start + n):
+        began = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json={"model": "router", "messages": short_prompt(i),
+                                                             "max_tokens": 8})
+        total_ms = (time.perf_counter() - began) * 1000
+        if r.status_code != 200:
+            errors.append(f"{r.status_code}: {r.text[:200]}")
+            continue
+        overheads.append(total_ms - float(r.headers["x-router-upstream-ms"]))
+        deadlines += r.headers.get("x-router-deadline") == "exceeded"
+    return overheads, deadlines, errors
+
+
+async def flood_and_measure(url: str, n_short: int, workers: int) -> dict:
+    """Quiet short requests, then the same number while `workers` clients keep sending long prompts."""
+    limits = httpx.Limits(max_connections=workers + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        await timed_shorts(client, 10_000, 2)  # warm-up
+        quiet, quiet_deadlines, errors = await timed_shorts(client, 0, n_short)
+        stop, long_done, long_ms = asyncio.Event(), [0], []
+
+        async def flood(worker: int) -> None:
+            i = 0
+            while not stop.is_set():
+                began = time.perf_counter()
+                body = {"model": "router", "max_tokens": 8,
+                        "messages": [{"role": "user", "content": f"[{worker}.{i}] {LONG_TEXT}"}]}
+                try:
+                    r = await client.post("/v1/chat/completions", json=body)
+                except httpx.HTTPError:
+                    return
+                if r.status_code == 200:
+                    long_done[0] += 1
+                    long_ms.append((time.perf_counter() - began) * 1000)
+                i += 1
+
+        flooders = [asyncio.create_task(flood(w)) for w in range(workers)]
+        await asyncio.sleep(1.0)  # the long prompts are queued and their forward passes running
+        forwards_before = metric_sum((await client.get("/metrics")).text, "prefill_router_batch_size_count")
+        busy, busy_deadlines, busy_errors = await timed_shorts(client, n_short, n_short)
+        # forward passes that started while the short ones were timed, less the short ones' own
+        long_forwards = metric_sum((await client.get("/metrics")).text, "prefill_router_batch_size_count") - \
+            forwards_before - n_short
+        stop.set()
+        for task in flooders:  # leaving: the gateway drops what nobody waits for any more
+            task.cancel()
+        await asyncio.gather(*flooders, return_exceptions=True)
+    return {"short_requests": n_short, "quiet_p50_ms": float(np.percentile(quiet, 50)),
+            "quiet_p99_ms": float(np.percentile(quiet, 99)), "flood_p50_ms": float(np.percentile(busy, 50)),
+            "flood_p99_ms": float(np.percentile(busy, 99)),
+            "ratio_p50": float(np.percentile(busy, 50) / np.percentile(quiet, 50)),
+            "deadline_fallbacks": quiet_deadlines + busy_deadlines, "errors": errors + busy_errors,
+            "long_forwards": long_forwards, "long_routed": long_done[0], "long_p50_ms": float(np.percentile(long_ms, 50)) if long_ms else None}
+
+
+def run_flood(label: str, checkpoint: Path, upstream_url: str, folder: Path, threads: int | None, n_short: int,
+              workers: int, router_extra: dict, batching_extra: dict) -> dict:
+    config = {
+        "router": {"checkpoint": str(checkpoint), "deadline_ms": 60_000, **router_extra},
+        "targets": [{"name": t, "base_url": upstream_url, "timeout_s": 60} for t in TARGETS],
+        "batching": {"max_batch_size": 16, "max_wait_ms": 5, **batching_extra},
+        "cache_size": 0,
+        "max_body_bytes": 10_000_000,
+    }
+    path = folder / f"gateway-flood-{label}.yaml"
+    path.write_text(json.dumps(config))
+    port = free_port()
+    proc, _ = start_process([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port",
+                             str(port), "--log-level", "warning"], r"serving on",
+                            env={"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        window = httpx.get(url + "/health").json().get("window")
+        row = {"gateway": label, "window": window, **asyncio.run(flood_and_measure(url, n_short, workers))}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log(f"  {label}: short overhead p50 quiet {row['quiet_p50_ms']:.1f} ms, under the flood "
+        f"{row['flood_p50_ms']:.1f} ms ({row['ratio_p50']:.2f}x); {row['long_routed']} long prompts routed")
+    return row
+
+
+def main_flood(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-serve-flood-") as tmp:
+        folder = Path(tmp)
+        train_router(folder / "router", args.encoder, args.train_rows, args.train_rows + 1, args.data)
+        upstream, match = start_process([sys.executable, "-m", "prefill_router", "fake-upstream", "--port", "0",
+                                         "--delay", str(args.upstream_delay_ms / 1000), "--content",
+                                         "The answer is (B)."], r"listening on (http://\S+)")
+        try:
+            rows = [run_flood("bounded (defaults)", folder / "router", match.group(1), folder, args.threads,
+                              args.flood_shorts, args.flood_workers, {}, {})]
+            if args.flood_baseline:
+                rows.append(run_flood("unbounded (before issue 12)", folder / "router", match.group(1), folder,
+                                      args.threads, args.flood_baseline_shorts, args.flood_workers,
+                                      {"max_route_tokens": 8192, "deadline_ms": None}, {"length_buckets": []}))
+        finally:
+            upstream.terminate()
+            upstream.wait(timeout=30)
+    print(f"\nLong-prompt flood: encoder {args.encoder}, {os.cpu_count()} CPU(s), gateway threads "
+          f"{args.threads or 'default'}, {args.flood_workers} clients sending 171 KB prompts; load average at the "
+          f"end {os.getloadavg()[0]:.1f}; overhead = client latency - upstream latency")
+    print("| gateway | window | short requests | overhead p50 quiet (ms) | p50 under flood (ms) | ratio | "
+          "p99 quiet / flood (ms) | deadline fallbacks | long forward passes meanwhile | long prompts routed (p50 s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        window = r["window"] or {}
+        long_p50 = f"{r['long_p50_ms'] / 1000:.1f}" if r["long_p50_ms"] is not None else "-"
+        print(f"| {r['gateway']} | {window.get('max_route_tokens')} ({window.get('source')}) | {r['short_requests']}"
+              f"{' (' + str(len(r['errors'])) + ' errors)' if r['errors'] else ''} | {r['quiet_p50_ms']:.1f} | "
+              f"{r['flood_p50_ms']:.1f} | {r['ratio_p50']:.2f}x | {r['quiet_p99_ms']:.0f} / {r['flood_p99_ms']:.0f} | "
+              f"{r['deadline_fallbacks']} | {r['long_forwards']:.0f} | {r['long_routed']} ({long_p50}) |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="smollm2-135m")
@@ -204,7 +350,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in the gateway (OMP_NUM_THREADS); default: torch's choice")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--flood", action="store_true", help="run the long-prompt flood case instead")
+    parser.add_argument("--flood-shorts", type=int, default=40, help="short requests timed, quiet and flooded")
+    parser.add_argument("--flood-workers", type=int, default=2, help="clients sending long prompts")
+    parser.add_argument("--flood-baseline", action="store_true",
+                        help="also run the flood against the gateway as it was before (slow: minutes per request)")
+    parser.add_argument("--flood-baseline-shorts", type=int, default=3)
     args = parser.parse_args()
+    if args.flood:
+        main_flood(args)
+        return
     if len(args.requests) != len(args.concurrency):
         parser.error("--requests needs one number per --concurrency level")
     levels = list(zip(args.concurrency, args.requests))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from contextlib import contextmanager
 
@@ -247,8 +248,10 @@ def test_a_long_prompt_never_holds_a_short_one(router, upstreams):
 
 def test_length_buckets_run_on_their_own_workers():
     gate, entered = threading.Event(), threading.Event()
+    nice: dict[str, int] = {}
 
     def fn(items):
+        nice[items[0]] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         if any(len(x) > 10 for x in items):
             entered.set()
             gate.wait(30)
@@ -271,6 +274,7 @@ def test_length_buckets_run_on_their_own_workers():
         assert asyncio.run(main()) == (3, 50)
     finally:
         gate.set()
+    assert nice["x" * 50] > nice["abc"]  # the long bucket's worker yields the CPU to the short one
 
 
 def test_micro_batcher_drops_an_item_nobody_wants():
@@ -374,3 +378,16 @@ def test_router_object_bad_values_are_400_naming_the_field(router, upstreams, va
     assert r.json()["error"]["code"] == "invalid_router_options" and field in r.json()["error"]["message"]
     assert pinned.status_code == 400 and "router.models" in pinned.json()["error"]["message"]
     assert sum(up.calls() for up in upstreams.values()) == 0
+
+
+def test_openai_sdk_extra_body_as_in_the_docs(router, upstreams):
+    openai = pytest.importorskip("openai")
+    with gateway(RouterScorer(router, max_route_tokens=WINDOW), upstreams) as client:
+        sdk = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="unused", max_retries=0)
+        reply = sdk.chat.completions.create(
+            model="router", messages=question(6),
+            extra_body={"router": {"models": ["small", "mid"], "lambda": 0.3, "return_decision": True}})
+    decision = reply.model_extra["router_decision"]
+    assert decision["target"] in ("small", "mid") and reply.choices[0].message.content == f"answer from " \
+        f"{decision['answered_by']}"
+    assert all("router" not in r.body for up in upstreams.values() for r in up.requests)

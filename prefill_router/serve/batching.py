@@ -7,6 +7,8 @@ under load batches fill by themselves, and an idle gateway waits at most `max_wa
 
 `LengthBuckets` runs one MicroBatcher per length bucket, each with its own worker thread, so a long prompt
 is batched only with other long prompts and a short prompt never waits for a long prompt's forward pass.
+The workers of the longer buckets run at a lower CPU priority (nice 10, Linux), so on a busy CPU the short
+prompts' worker is scheduled first rather than sharing the cores evenly with a flood of long ones.
 
 An item submitted with `wanted` is dropped before its forward pass when `wanted()` has turned false (every
 caller gave up: a routing deadline passed or the client left), so a flood of abandoned prompts costs nothing.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +31,7 @@ Out = TypeVar("Out")
 
 class MicroBatcher(Generic[In, Out]):
     def __init__(self, fn: Callable[[list[In]], list[Out]], *, max_batch_size: int = 16,
-                 max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
+                 max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None, nice: int = 0):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.fn = fn
@@ -37,7 +41,8 @@ class MicroBatcher(Generic[In, Out]):
         self._queue: asyncio.Queue[tuple[In, asyncio.Future, Callable[[], bool] | None]] | None = None
         self._worker: asyncio.Task | None = None
         # One thread: the encoder is not run concurrently with itself, and torch gets the cores it is given.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-router-encoder")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-router-encoder",
+                                            initializer=_lower_priority, initargs=(nice,))
 
     async def submit(self, item: In, wanted: Callable[[], bool] | None = None) -> Out:
         if self._worker is None or self._worker.done():
@@ -117,6 +122,19 @@ class MicroBatcher(Generic[In, Out]):
                     fut.set_result(result)
 
 
+LONG_BUCKET_NICE = 10
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by `nice` (Linux gives each thread its own nice value)."""
+    if nice and hasattr(os, "setpriority"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except OSError:
+            pass  # not permitted here: the bucket still has its own worker, only without the priority
+
+
 class LengthBuckets(Generic[In, Out]):
     """One MicroBatcher (and worker thread) per length bucket. `bounds` are ascending upper limits of
     `size(item)`: bounds [2000] make two buckets, size <= 2000 and size > 2000."""
@@ -125,8 +143,8 @@ class LengthBuckets(Generic[In, Out]):
                  max_batch_size: int = 16, max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
         self.bounds = sorted(bounds)
         self.size = size
-        self.lanes = [MicroBatcher(fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, on_batch=on_batch)
-                      for _ in range(len(self.bounds) + 1)]
+        self.lanes = [MicroBatcher(fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, on_batch=on_batch,
+                                   nice=LONG_BUCKET_NICE if i else 0) for i in range(len(self.bounds) + 1)]
 
     def bucket(self, item: In) -> int:
         return bisect.bisect_left(self.bounds, self.size(item))
