@@ -391,3 +391,24 @@ def test_openai_sdk_extra_body_as_in_the_docs(router, upstreams):
     assert decision["target"] in ("small", "mid") and reply.choices[0].message.content == f"answer from " \
         f"{decision['answered_by']}"
     assert all("router" not in r.body for up in upstreams.values() for r in up.requests)
+
+
+def test_a_windowed_checkpoint_serves_with_its_own_window(tiny_encoder_dir, tmp_path):
+    from prefill_router.errors import CheckpointError, ConfigError
+
+    windowed, plain = load_encoder(str(tiny_encoder_dir), max_route_tokens=WINDOW), load_encoder(str(tiny_encoder_dir))
+    prompts = [question(i) for i in range(24)]
+    cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([50.0, 50.0, 50.0]))
+    data = RoutingDataset([str(i) for i in range(24)], prompts, TARGETS, np.ones((24, 3)),
+                          cost_model.estimate(windowed.count_tokens(prompts)))
+    folder = train_router(data, windowed.encode(prompts, poolings=("mean",)), config={
+        "pca": 4, "policy": "argmax", "trunk": {"seeds": 1, "keep": 1, "max_epochs": 2, "hidden": [8],
+                                                "dropout": [0.0], "threads": 1}},
+        encoder=windowed, cost_model=cost_model).save(tmp_path / "router")
+    loaded = Router.load(folder)
+    assert loaded.encoder_spec["max_route_tokens"] == WINDOW  # what training read is what serving loads
+    assert RouterScorer(loaded).window_info == {"max_route_tokens": WINDOW, "source": "checkpoint"}
+    with pytest.raises(ConfigError, match="router.max_route_tokens"):
+        RouterScorer(loaded, max_route_tokens=2 * WINDOW)
+    with pytest.raises(CheckpointError, match="encoder mismatch"):
+        Router.load(folder, encoder=plain)  # features read without the window are not these features
