@@ -230,7 +230,11 @@ class Stream:
                 error = event["error"]
                 message = error.get("message", error) if isinstance(error, dict) else error
                 raise UpstreamReplyError(self.routing.target, f"stream ended with an error: {message}", event)
-            return _parse(ChatCompletionChunk, event, self.routing.target, self.routing)
+            try:
+                return _parse(ChatCompletionChunk, event, self.routing.target, self.routing)
+            except UpstreamReplyError:
+                self.close()
+                raise
         self.close()
         raise StopIteration
 

@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "data-formats.md"
 
 
 def blocks() -> list[tuple[str, str]]:
-    return re.findall(r"```(\w+)\n(.*?)```", DOC.read_text(), flags=re.S)
+    return re.findall(r"```(\w+)\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
 
 
 def test_the_documented_examples_read_as_described(tmp_path):
