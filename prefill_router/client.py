@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from prefill_router.errors import PrefillRouterError
 from prefill_router.serve.config import GatewayConfig, load_gateway_config, parse_gateway_config
-from prefill_router.serve.engine import routing_messages
+from prefill_router.features.window import first_turn, window_messages
+from prefill_router.serve.engine import RouterScorer, routing_messages
 from prefill_router.serve.models import resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, UpstreamPool, UpstreamReply
 
@@ -352,10 +353,20 @@ class Client:
             from prefill_router.serve.app import load_router
 
             router = load_router(config)
+        # The gateway's routing window: a checkpoint trained on whole prompts reads at most
+        # router.max_route_tokens of each conversation here too, so the Client routes as the gateway does.
+        from prefill_router.router import Router
+
+        if isinstance(router, Router):  # (tests may hand in any object with route())
+            scorer = RouterScorer(router, config.router.max_route_tokens)
+            scorer.warm_up()
+            router = scorer.router
         self.router = router
         self._targets = [t.name for t in config.targets]
         self._loop = _LoopThread()
-        self._pool = UpstreamPool(config.targets, retries=config.retries)
+        self._pool = UpstreamPool(config.targets, retries=config.retries, request_timeout_s=config.request_timeout_s,
+                                  max_retry_after_s=config.max_retry_after_s,
+                                  max_body_bytes=config.max_upstream_body_bytes)
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._closed = False
         self.chat = _Chat(self)
@@ -368,14 +379,21 @@ class Client:
                                default_policy=self.config.router.policy, default_lam=self.config.router.lam)
         if choice.pinned is not None:
             raise ValueError(f"model '{model}' is a target, not a router alias")
-        return self.router.route(routing_messages(messages), policy=choice.policy, lam=choice.lam)
+        return self.router.route(self._routing_text(messages), policy=choice.policy, lam=choice.lam)
+
+    def _routing_text(self, messages: list[dict]) -> list[dict]:
+        """What the router reads, by the gateway's rules: the conversation's first turn (sessions.mode
+        first_turn, the default; an in-process client keeps no sticky pins, so sticky reads it too), or the
+        whole conversation (per_turn), then the routing window (first system + last user message)."""
+        routed = routing_messages(messages)
+        return window_messages(routed if self.config.sessions.mode == "per_turn" else first_turn(routed))
 
     def _create(self, *, model: str, messages: list[dict], stream: bool, **params: Any):
         if self._closed:
             raise PrefillRouterError("this Client is closed")
         choice = resolve_model(model, self._targets, self.config.presets,
                                default_policy=self.config.router.policy, default_lam=self.config.router.lam)
-        routed = routing_messages(messages)
+        routed = self._routing_text(messages)
         decision = None
         if choice.pinned is None:
             decision = self.router.route(routed, policy=choice.policy, lam=choice.lam)

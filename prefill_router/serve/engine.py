@@ -27,11 +27,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from prometheus_client import Counter
 
 from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.batching import LengthBuckets, LRUCache
-from prefill_router.serve.metrics import PREFIX, GatewayMetrics
+from prefill_router.serve.metrics import GatewayMetrics
 
 SessionMode = Literal["per_turn", "first_turn", "sticky"]
 # Serving window for a checkpoint that records none (trained on whole prompts): the p97 of MMLU-Pro's
@@ -181,15 +180,8 @@ class RoutingEngine:
         self.session_mode = session_mode
         self.escalate_only = escalate_only
         self.sessions = SessionPins(session_ttl_s, max_sessions)
-        self.deadline_counter = self.session_counter = None
-        if metrics is not None:
-            # Registered here, on the app's own registry, next to the GatewayMetrics the engine is given.
-            self.deadline_counter = Counter(
-                f"{PREFIX}_routing_deadline_exceeded", "Routed requests whose routing deadline passed before "
-                "the router answered; they went to the default target", ["target"], registry=metrics.registry)
-            self.session_counter = Counter(
-                f"{PREFIX}_session_decisions", "Sticky-session routing decisions, by outcome (new pin, pinned, "
-                "escalated)", ["outcome"], registry=metrics.registry)
+        self.deadline_counter = None if metrics is None else metrics.deadline_exceeded
+        self.session_counter = None if metrics is None else metrics.session_decisions
 
     @property
     def targets(self) -> list[str]:

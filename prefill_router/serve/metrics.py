@@ -32,6 +32,11 @@ class GatewayMetrics:
         self.cache = Counter(f"{PREFIX}_cache_lookups", "Routing cache lookups, by result", ["result"], registry=r)
         self.stream_disconnects = Counter(f"{PREFIX}_stream_disconnects", "Streams the client closed before the "
                                           "end (the upstream call is cancelled)", ["target"], registry=r)
+        self.deadline_exceeded = Counter(f"{PREFIX}_routing_deadline_exceeded", "Routed requests whose routing "
+                                         "deadline passed before the router answered; they went to the default "
+                                         "target", ["target"], registry=r)
+        self.session_decisions = Counter(f"{PREFIX}_session_decisions", "Sticky-session routing decisions, by "
+                                         "outcome (new pin, pinned, escalated)", ["outcome"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
