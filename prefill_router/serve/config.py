@@ -11,7 +11,7 @@
     presets:                             # `model: "router:<name>"` picks one of these per request
       best: {lam: 0}                     # policy omitted: the default policy's kind, with this lambda
       cheap: {lam: 1.0}
-      safe: {policy: "robust:0.2"}       # any policy spec the router accepts: argmax, utility:<l>, robust:<l>
+      safe: {policy: "tolerance:0.05"}   # any policy spec: argmax, utility:<l>, tolerance:<t>
     targets:                             # the same entries `collect` reads (prefill_router/targets.py), plus:
       - name: gpt-4o
         base_url: https://api.openai.com/v1
@@ -136,9 +136,8 @@ class Batching(BaseModel):
         return bounds
 
 
-
 def _default_presets() -> dict[str, Preset]:
-    # Both keep the router's default policy kind (utility or robust) and only set its cost weight lambda:
+    # Both keep the router's default policy kind (utility) and only set its cost weight lambda:
     # 0 ignores cost; 1 means calling the priciest target must buy a full probability point.
     return {"best": Preset(lam=0.0), "cheap": Preset(lam=1.0)}
 
@@ -202,7 +201,6 @@ class GatewayConfig(BaseModel):
         if self.sessions.strength is not None:
             return list(self.sessions.strength)
         return [t.name for t in sorted(self.targets, key=lambda t: t.usd_per_m_input + t.usd_per_m_output)]
-
 
     def unset_variables(self) -> list[str]:
         """One line per environment variable this config names that is unset: auth.keys_env, and each
