@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from gateway_helpers import reset_upstreams, running_upstreams
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.serve.app import create_app
 from prefill_router.serve.config import parse_gateway_config
 from prefill_router.serve.engine import Scores
-from prefill_router.serve.fake_upstream import Answer, Drip, Fail, FakeUpstream, Raw, Stall
+from prefill_router.serve.fake_upstream import Answer, Drip, Fail, Raw, Stall
 from prefill_router.serve.server import BackgroundServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,19 +46,15 @@ class FixedScorer:
 
 @pytest.fixture(scope="module")
 def ups():
-    started = {name: FakeUpstream(name=name).start() for name in NAMES}
-    yield started
-    for up in started.values():
-        up.stop()
+    with running_upstreams(NAMES) as started:
+        yield started
 
 
 @pytest.fixture(autouse=True)
 def fresh(request, monkeypatch):
     monkeypatch.setenv("PR_FAULTS_UPSTREAM_KEY", UPSTREAM_KEY)
     if "ups" in request.fixturenames:
-        for name, up in request.getfixturevalue("ups").items():
-            up.reset()
-            up.default = Answer(f"answer from {name}")
+        reset_upstreams(request.getfixturevalue("ups"))
     yield
 
 

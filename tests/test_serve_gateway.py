@@ -11,53 +11,27 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream, Stall
+from gateway_helpers import TARGETS, question, reset_upstreams, running_upstreams, train_tiny_router
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.client import Client, UpstreamHTTPError
-from prefill_router.data.dataset import RoutingDataset
-from prefill_router.data.prices import CostModel, PriceTable
-from prefill_router.router import Router, train_router
+from prefill_router.router import Router
 from prefill_router.serve.app import create_app
 from prefill_router.serve.config import parse_gateway_config
 from prefill_router.serve.engine import RouterScorer
+from prefill_router.serve.fake_upstream import Answer, Fail, Stall
 from prefill_router.serve.models import UnknownModel
 from prefill_router.serve.server import BackgroundServer
 from prefill_router.serve.upstream import AllUpstreamsFailed
 
-TARGETS = ["big", "small", "mid"]
-PRICES = {"big": (10.0, 30.0), "small": (0.1, 0.3), "mid": (1.0, 3.0)}  # USD per million tokens in / out
-
-
-def _load_encoder(path):
-    try:
-        from prefill_router.features import load_encoder
-    except ImportError:  # the features package did not export it yet
-        from prefill_router.features.encoder import load_encoder
-    return load_encoder(str(path))
-
-
-def question(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"question {i}: what is {i} + {3 * i}? " + "fox " * (i % 7)}]
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_encoder_dir, tmp_path_factory):
-    """Train a small router on a synthetic 3-target dataset with the tiny encoder, save it to disk."""
-    encoder = _load_encoder(tiny_encoder_dir)
-    prompts = [question(i) for i in range(48)]
-    features = encoder.encode(prompts, poolings=("mean",))
-    rng = np.random.default_rng(0)
-    Y = np.stack([np.ones(48), (np.arange(48) % 2).astype(float), rng.integers(0, 2, 48).astype(float)], axis=1)
-    cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([50.0, 50.0, 50.0]))
-    data = RoutingDataset([str(i) for i in range(48)], prompts, TARGETS, Y,
-                          cost_model.estimate(encoder.count_tokens(prompts)))
-    router = train_router(data, features, config={
-        "pca": 8, "policy": "argmax", "calibration_folds": 0,
-        "trunk": {"seeds": 2, "keep": 1, "max_epochs": 5, "hidden": [16], "dropout": [0.0], "threads": 1}},
-        encoder=encoder, cost_model=cost_model)
-    folder = router.save(tmp_path_factory.mktemp("router"))
-    return folder, encoder
+    """A small router on a synthetic 3-target dataset with the tiny encoder, saved to disk."""
+    from prefill_router.features import load_encoder
+
+    encoder = load_encoder(str(tiny_encoder_dir))
+    return train_tiny_router(encoder, tmp_path_factory.mktemp("router")), encoder
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +42,14 @@ def router(checkpoint):
 
 @pytest.fixture(scope="module")
 def upstreams():
-    ups = {name: FakeUpstream(name=name).start() for name in TARGETS}
-    yield ups
-    for up in ups.values():
-        up.stop()
+    with running_upstreams(TARGETS) as ups:
+        yield ups
 
 
 @pytest.fixture(autouse=True)
 def fresh_upstreams(request):
     if "upstreams" in request.fixturenames:
-        ups = request.getfixturevalue("upstreams")
-        for name, up in ups.items():
-            up.reset()
-            up.default = Answer(f"answer from {name}")
+        reset_upstreams(request.getfixturevalue("upstreams"))
     yield
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+from gateway_helpers import PRICES, TARGETS, question, reset_upstreams, running_upstreams, train_tiny_router
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.data.dataset import RoutingDataset
@@ -22,48 +23,27 @@ from prefill_router.serve.app import create_app
 from prefill_router.serve.batching import LengthBuckets, MicroBatcher
 from prefill_router.serve.config import parse_gateway_config
 from prefill_router.serve.engine import RouterScorer
-from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream
+from prefill_router.serve.fake_upstream import Answer, Fail
 from prefill_router.serve.server import BackgroundServer
 
-TARGETS = ["big", "small", "mid"]
-PRICES = {"big": (10.0, 30.0), "small": (0.1, 0.3), "mid": (1.0, 3.0)}  # USD per million tokens in / out
 WINDOW = 32  # max_route_tokens in these tests (the tiny encoder's context is 128)
-
-
-def question(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"question {i}: what is {i} + {3 * i}? " + "fox " * (i % 7)}]
 
 
 @pytest.fixture(scope="module")
 def router(tiny_encoder_dir, tmp_path_factory):
     encoder = load_encoder(str(tiny_encoder_dir))
-    prompts = [question(i) for i in range(48)]
-    features = encoder.encode(prompts, poolings=("mean",))
-    rng = np.random.default_rng(0)
-    Y = np.stack([np.ones(48), (np.arange(48) % 2).astype(float), rng.integers(0, 2, 48).astype(float)], axis=1)
-    cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([50.0, 50.0, 50.0]))
-    data = RoutingDataset([str(i) for i in range(48)], prompts, TARGETS, Y,
-                          cost_model.estimate(encoder.count_tokens(prompts)))
-    trained = train_router(data, features, config={
-        "pca": 8, "policy": "argmax",
-        "trunk": {"seeds": 2, "keep": 1, "max_epochs": 5, "hidden": [16], "dropout": [0.0], "threads": 1}},
-        encoder=encoder, cost_model=cost_model)
-    return Router.load(trained.save(tmp_path_factory.mktemp("router")), encoder=encoder)
+    return Router.load(train_tiny_router(encoder, tmp_path_factory.mktemp("router")), encoder=encoder)
 
 
 @pytest.fixture(scope="module")
 def upstreams():
-    ups = {name: FakeUpstream(name=name).start() for name in TARGETS}
-    yield ups
-    for up in ups.values():
-        up.stop()
+    with running_upstreams(TARGETS) as ups:
+        yield ups
 
 
 @pytest.fixture(autouse=True)
 def fresh_upstreams(upstreams):
-    for name, up in upstreams.items():
-        up.reset()
-        up.default = Answer(f"answer from {name}")
+    reset_upstreams(upstreams)
 
 
 def config(ups, **overrides) -> dict:

@@ -1,0 +1,59 @@
+"""What the gateway tests share: a tiny router over three priced targets, and one fake upstream per target.
+
+    from gateway_helpers import TARGETS, PRICES, question, train_tiny_router, running_upstreams, reset_upstreams
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from prefill_router.data.dataset import RoutingDataset
+from prefill_router.data.prices import CostModel, PriceTable
+from prefill_router.router import train_router
+from prefill_router.serve.fake_upstream import Answer, FakeUpstream
+
+TARGETS = ["big", "small", "mid"]
+PRICES = {"big": (10.0, 30.0), "small": (0.1, 0.3), "mid": (1.0, 3.0)}  # USD per million tokens in / out
+
+
+def question(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"question {i}: what is {i} + {3 * i}? " + "fox " * (i % 7)}]
+
+
+def train_tiny_router(encoder, folder: Path, n: int = 48) -> Path:
+    """A small argmax router on `encoder`'s features of `n` questions: "big" always right, "small" on odd
+    questions, "mid" at random. Saved to `folder`."""
+    prompts = [question(i) for i in range(n)]
+    features = encoder.encode(prompts, poolings=("mean",))
+    rng = np.random.default_rng(0)
+    Y = np.stack([np.ones(n), (np.arange(n) % 2).astype(float), rng.integers(0, 2, n).astype(float)], axis=1)
+    cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([50.0, 50.0, 50.0]))
+    data = RoutingDataset([str(i) for i in range(n)], prompts, TARGETS, Y,
+                          cost_model.estimate(encoder.count_tokens(prompts)))
+    router = train_router(data, features, config={
+        "pca": 8, "policy": "argmax", "calibration_folds": 0,
+        "trunk": {"seeds": 2, "keep": 1, "max_epochs": 5, "hidden": [16], "dropout": [0.0], "threads": 1}},
+        encoder=encoder, cost_model=cost_model)
+    return router.save(folder)
+
+
+@contextmanager
+def running_upstreams(names: Sequence[str]) -> Iterator[dict[str, FakeUpstream]]:
+    """One started fake upstream per name, stopped on exit."""
+    started = {name: FakeUpstream(name=name).start() for name in names}
+    try:
+        yield started
+    finally:
+        for up in started.values():
+            up.stop()
+
+
+def reset_upstreams(upstreams: dict[str, FakeUpstream]) -> None:
+    """Forget scripts and recorded requests; each answers "answer from <name>" again."""
+    for name, up in upstreams.items():
+        up.reset()
+        up.default = Answer(f"answer from {name}")
