@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -142,6 +143,31 @@ async def load(url: str, prompts: list, concurrency: int) -> tuple[float, list[f
     return wall, overheads, routing, errors
 
 
+@contextmanager
+def running_gateway(config: dict, path: Path, threads: int | None):
+    """Serve `config` (written to `path`) in a subprocess; yields its URL once /health answers."""
+    path.write_text(json.dumps(config))
+    port = free_port()
+    proc, _ = start_process([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port",
+                             str(port), "--log-level", "warning"], r"serving on",
+                            env={"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # the server binds shortly after printing its banner
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, levels: list[tuple[int, int]],
              max_wait_ms: float, folder: Path, threads: int | None) -> list[dict]:
     config = {
@@ -151,22 +177,8 @@ def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, leve
         "cache_size": 0,
         "max_body_bytes": 10_000_000,
     }
-    path = folder / f"gateway-{mode}.yaml"
-    path.write_text(json.dumps(config))
-    port = free_port()
-    proc, _ = start_process([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port",
-                             str(port), "--log-level", "warning"], r"serving on",
-                            env={"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
-    url = f"http://127.0.0.1:{port}"
     rows = []
-    try:
-        for _ in range(600):  # the server binds shortly after printing its banner
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        offset = 0
+    with running_gateway(config, folder / f"gateway-{mode}.yaml", threads) as url:
         # warm-up: a few requests through the whole path before timing anything
         asyncio.run(load(url, prompts[:4], 4))
         offset = 4
@@ -192,12 +204,6 @@ def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, leve
                 f"{row['overhead_p50_ms']:8.1f} ms  p99 {row['overhead_p99_ms']:8.1f} ms  mean batch "
                 f"{row['mean_batch']:.1f}")
             rows.append(row)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return rows
 
 
@@ -275,28 +281,9 @@ def run_flood(label: str, checkpoint: Path, upstream_url: str, folder: Path, thr
         "cache_size": 0,
         "max_body_bytes": 10_000_000,
     }
-    path = folder / f"gateway-flood-{label}.yaml"
-    path.write_text(json.dumps(config))
-    port = free_port()
-    proc, _ = start_process([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port",
-                             str(port), "--log-level", "warning"], r"serving on",
-                            env={"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with running_gateway(config, folder / f"gateway-flood-{label}.yaml", threads) as url:
         window = httpx.get(url + "/health").json().get("window")
         row = {"gateway": label, "window": window, **asyncio.run(flood_and_measure(url, n_short, workers))}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     log(f"  {label}: short overhead p50 quiet {row['quiet_p50_ms']:.1f} ms, under the flood "
         f"{row['flood_p50_ms']:.1f} ms ({row['ratio_p50']:.2f}x); {row['long_routed']} long prompts routed")
     return row
