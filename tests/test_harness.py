@@ -175,7 +175,9 @@ def test_harness_end_to_end(tmp_path):
         learned = report.row("difficulty").folds[f]
         assert learned["mean_auc"] > 0.6
         assert learned["aiq"] > mean["aiq"]
-        assert 0 <= learned["lambda_train"]
+        # the default policy: a utility weight >= 0, or (NaN) the best single target, whose accuracy it then has
+        assert 0 <= learned["lambda_train"] or learned["accuracy_at_lambda_train"] == pytest.approx(
+            best["accuracy"])
 
     # the dumbest hull can't beat the oracle's
     assert report.row("peek").stat("aiq")[0] >= report.row("difficulty").stat("aiq")[0]
@@ -224,7 +226,8 @@ def test_missing_labels_are_reported_not_scored_as_wrong():
     X, Y, C, folds = synthetic(90, seed=4)
     Y = Y.copy()
     Y[:, 3] = np.nan  # the dearest target was never run
-    report = evaluate_contenders(Y, C, folds, [Contender("mean", MeanPredictor, X)], calibration_holdout=0,
+    report = evaluate_contenders(Y, C, folds, [Contender("mean", MeanPredictor, X)], calibration_folds=0,
+                                 calibration_holdout=0,
                                  progress=False)
     assert "in-sample" in report.to_markdown()
     for f in range(len(folds)):

@@ -12,7 +12,7 @@ from prefill_router.router.policy import (
     TolerancePolicy,
     UtilityPolicy,
     calibrate_lambda,
-    lambda_keeping_accuracy,
+    choose_default_policy,
     policy_from_spec,
 )
 
@@ -141,7 +141,7 @@ def test_policy_from_spec():
             policy_from_spec(bad)
 
 
-def test_lambda_keeping_accuracy_is_the_cheapest_weight_that_keeps_best_single_accuracy():
+def test_default_policy_is_utility_at_the_largest_weight_keeping_best_single_accuracy():
     rng = np.random.default_rng(0)
     n = 2000
     # target 0: expensive, right 80 %; target 1: cheap, right where an informative P says so
@@ -150,25 +150,27 @@ def test_lambda_keeping_accuracy_is_the_cheapest_weight_that_keeps_best_single_a
                 + rng.normal(0, 0.1, (n, 2)), 0, 1)
     C = np.tile([1.0, 0.1], (n, 1))
     grid = np.linspace(0, 2, 41)
-    lam, info = lambda_keeping_accuracy(P, Y, C, lambdas=grid)
-    assert info["best_single"] == 0 and info["reached"]
-    assert info["accuracy"] >= Y[:, 0].mean() - 1e-12
+    spec, info = choose_default_policy(P, Y, C, lambdas=grid)
+    assert spec == f"utility:{info['lambda']:g}" and info["best_single"] == 0 and info["reached"]
     assert info["cost_per_query"] < 1.0  # some traffic moved to the cheap target
-    for other in grid:  # every grid point that costs less loses accuracy against always calling target 0
-        choice = UtilityPolicy(float(other)).choose(P, C)
-        if C[np.arange(n), choice].mean() < info["cost_per_query"] - 1e-12:
-            assert Y[np.arange(n), choice].mean() < Y[:, 0].mean()
-    assert lambda_keeping_accuracy(P, Y, C, lambdas=grid, max_drop=0.05)[0] >= lam  # a looser bound saves more
+    rows = np.arange(n)
+    accuracy = [Y[rows, UtilityPolicy(float(lam)).choose(P, C)].mean() for lam in grid]
+    kept = [a >= Y[:, 0].mean() for a in accuracy]
+    i = int(np.flatnonzero(grid == info["lambda"])[0])
+    assert all(kept[:i + 1]) and (i == len(grid) - 1 or not kept[i + 1])  # the first stretch, to its end
+    looser, _ = choose_default_policy(P, Y, C, lambdas=grid, max_drop=0.05)
+    assert float(looser.split(":")[1]) >= info["lambda"]  # a looser bound saves more
 
 
-def test_lambda_keeping_accuracy_falls_back_to_the_most_accurate_weight_when_none_reaches():
+def test_default_policy_is_the_best_single_target_when_routing_loses_accuracy():
     rng = np.random.default_rng(1)
     n = 1000
-    Y = np.stack([np.ones(n), rng.random(n) < 0.3], axis=1).astype(float)  # target 0 is always right
-    P = rng.random((n, 2))  # noise: argmax sends some rows to target 1 and loses accuracy
-    C = np.tile([1.0, 0.1], (n, 1))
-    lam, info = lambda_keeping_accuracy(P, Y, C, lambdas=[0.0, 0.5, 1.0])
-    assert not info["reached"] and lam == 0.0
+    Y = np.stack([rng.random(n) < 0.3, np.ones(n)], axis=1).astype(float)  # target 1 is always right
+    P = rng.random((n, 2))  # noise: argmax sends some rows to target 0 and loses accuracy
+    C = np.tile([0.1, 1.0], (n, 1))
+    spec, info = choose_default_policy(P, Y, C, lambdas=[0.0, 0.5, 1.0])
+    assert spec == "fixed:1" and not info["reached"]
+    assert (policy_from_spec(spec).choose(P, C) == 1).all()
 
 
 def test_a_router_trained_on_shipped_mmlu_pro_saves_money_by_default_and_obeys_lambda():

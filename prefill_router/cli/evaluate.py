@@ -279,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
     notes.append(f"folds: {args.folds}, prompt-level (duplicate prompts share a fold), seed {args.seed}"
                  + (", stratified by category" if ds.groups is not None else ""))
     report = evaluate_contenders(ds.Y, ds.C, folds, contenders, targets=ds.targets, seed=args.seed,
+                                 calibration_folds=args.calibration_folds,
                                  calibration_holdout=args.calibration_holdout, groups=ds.groups, notes=notes)
 
     out = Path(args.out)
@@ -340,6 +341,10 @@ def register(subparsers) -> None:
     p.add_argument("--knn-k", type=int, default=20, help="neighbours for the knn contender (default 20)")
     p.add_argument("--logreg-c", type=float, default=1.0,
                    help="inverse L2 strength of the logreg and tfidf contenders (default 1.0)")
+    p.add_argument("--calibration-folds", type=int, default=3,
+                   help="cross-fitted parts of each fold's training prompts on which the default policy is chosen, "
+                        "as a trained router chooses it (each costs one more fit per fold); below 2, "
+                        "--calibration-holdout is used instead")
     p.add_argument("--calibration-holdout", type=float, default=0.2,
                    help="share of each fold's training prompts held out to calibrate the cost-quality lambda "
                         "(default 0.2; 0 calibrates in-sample, which saves one fit per fold but is optimistic)")

@@ -25,7 +25,7 @@ from prefill_router.evaluate import metrics
 from prefill_router.evaluate.report import Report, ReportRow
 from prefill_router.evaluate.sweep import DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve
 from prefill_router.router.base import Predictor
-from prefill_router.router.policy import ArgmaxPolicy, UtilityPolicy, lambda_keeping_accuracy
+from prefill_router.router.policy import ArgmaxPolicy, UtilityPolicy, choose_default_policy, policy_from_spec
 
 # What each fold reports (all on the fold's test rows). Rows that are not predictors leave NaN where a
 # metric needs predictions.
@@ -44,17 +44,16 @@ FOLD_METRICS = {
                                        "the test-row sweep whose accuracy reaches the best single target's",
     "cost_per_1k_at_best_single_accuracy": "USD per 1,000 queries at that point",
     "lambda_at_best_single_accuracy": "that lambda (chosen on test rows: an optimistic reading)",
-    "lambda_train": "lambda calibrated on training rows only, by the rule of a trained router's default "
-                    "policy: the cheapest lambda whose accuracy on a calibration hold-out carved from the "
-                    "training rows (a predictor fitted on the rest) reaches the most accurate single target's "
-                    "accuracy there (the most accurate lambda if none does); in-sample predictions when "
-                    "calibration_holdout = 0",
-    "accuracy_at_lambda_train": "test accuracy of the utility policy at lambda_train",
-    "cost_per_1k_at_lambda_train": "test USD per 1,000 queries at lambda_train",
-    "savings_at_lambda_train": "test cost savings vs the most expensive target at lambda_train",
-    "savings_vs_best_single_at_lambda_train": "test cost savings vs always calling the best single target at "
-                                              "lambda_train",
-    "gap_captured_at_lambda_train": "test gap captured at lambda_train",
+    "lambda_train": "the default policy's lambda, chosen on training rows only by the rule of a trained "
+                    "router (router.policy.choose_default_policy): utility at the largest lambda up to which "
+                    "the most accurate single target's accuracy holds on cross-fitted predictions of the "
+                    "training rows; NaN where the default is that single target (routing lost accuracy)",
+    "accuracy_at_lambda_train": "test accuracy of the default policy",
+    "cost_per_1k_at_lambda_train": "test USD per 1,000 queries of the default policy",
+    "savings_at_lambda_train": "test cost savings vs the most expensive target of the default policy",
+    "savings_vs_best_single_at_lambda_train": "test cost savings vs always calling the best single target of "
+                                              "the default policy",
+    "gap_captured_at_lambda_train": "test gap captured by the default policy",
     "missing_labels": "test rows whose argmax-chosen target has no label (left out of accuracy)",
 }
 
@@ -154,15 +153,17 @@ def _calibration_split(train: np.ndarray, holdout: float, seed: int) -> tuple[np
 
 def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Contender], *,
                         targets: Sequence[str] | None = None, lambdas=None, cost_scale: float | None = None,
-                        calibration_holdout: float = 0.2, seed: int = 0, groups: Sequence[str] | None = None,
+                        calibration_folds: int = 3, calibration_holdout: float = 0.2, seed: int = 0,
+                        groups: Sequence[str] | None = None,
                         notes: Sequence[str] = (), progress: bool = True) -> Report:
     """Evaluate every contender on every fold, with random, best single and oracle rows. Returns a Report.
 
     Y[N, K] labels in [0, 1] (NaN = not run), C[N, K] USD per query, folds = [(train_idx, test_idx), ...].
     `lambdas` is the utility-policy grid (default sweep.DEFAULT_LAMBDAS); `cost_scale` goes to UtilityPolicy.
-    `calibration_holdout` is the share of each fold's training rows held out to calibrate lambda_train (an
-    extra fit per fold and contender, on the other training rows; `seed` picks the rows). 0 calibrates on
-    in-sample predictions instead, which is cheaper but optimistic for predictors that overfit.
+    The default policy (lambda_train) is chosen on predictions of each fold's training rows: cross-fitted over
+    `calibration_folds` parts (as a trained router does; `calibration_folds` extra fits per fold and
+    contender); with calibration_folds < 2, on a `calibration_holdout` share of them (one extra fit), or on
+    in-sample predictions when that is 0 too (cheapest, optimistic for predictors that overfit).
     `groups` (one category per row, e.g. RoutingDataset.groups) adds per-group accuracy and cost per fold.
     Each router row keeps its held-out predictions in memory as `ReportRow.predictions` [(test_idx, P)].
     """
@@ -240,14 +241,19 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
 
         for contender in contenders:
             steps.set_postfix_str(f"fold {f + 1}/{len(folds)} {contender.name}")
-            split = _calibration_split(train, calibration_holdout, seed + f)
-            if split is None:
-                _, (Pte, Pcal) = _predict(contender, train, [test, train], Y, f)
-                cal_rows = train
-            else:
+            cal_rows = train
+            if calibration_folds >= 2:  # cross-fitted: every training row predicted by a model that did not see it
+                _, (Pte,) = _predict(contender, train, [test], Y, f)
+                Pcal = np.full((train.size, Y.shape[1]), np.nan)
+                parts = np.array_split(np.random.default_rng(seed + f).permutation(train.size), calibration_folds)
+                for part in parts:
+                    _, (Pcal[part],) = _predict(contender, np.delete(train, part), [train[part]], Y, f)
+            elif (split := _calibration_split(train, calibration_holdout, seed + f)) is not None:
                 fit_rows, cal_rows = split
                 _, (Pcal,) = _predict(contender, fit_rows, [cal_rows], Y, f)
                 _, (Pte,) = _predict(contender, train, [test], Y, f)
+            else:
+                _, (Pte, Pcal) = _predict(contender, train, [test, train], Y, f)
             predictions[contender.name].append((test, Pte))
 
             choice = ArgmaxPolicy().choose(Pte, Cte)
@@ -265,9 +271,10 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
                            cost_per_1k_at_best_single_accuracy=point.cost * 1000,
                            lambda_at_best_single_accuracy=point.param)
 
-            # The rule a trained router's default policy uses (router.policy.lambda_keeping_accuracy).
-            lam, _ = lambda_keeping_accuracy(Pcal, Y[cal_rows], C[cal_rows], lambdas=grid, cost_scale=cost_scale)
-            at_lam = UtilityPolicy(lam, cost_scale).choose(Pte, Cte)
+            # The rule a trained router's default policy uses (router.policy.choose_default_policy).
+            spec, facts = choose_default_policy(Pcal, Y[cal_rows], C[cal_rows], lambdas=grid, cost_scale=cost_scale)
+            lam = facts.get("lambda", float("nan"))  # NaN: the default is the best single target
+            at_lam = (UtilityPolicy(lam, cost_scale) if facts["reached"] else policy_from_spec(spec)).choose(Pte, Cte)
             acc_lam, cost_lam = metrics.routed_accuracy(Yte, at_lam), metrics.routed_cost(Cte, at_lam)
             row.update(lambda_train=lam, accuracy_at_lambda_train=acc_lam, cost_per_1k_at_lambda_train=cost_lam * 1000,
                        savings_at_lambda_train=metrics.cost_savings(cost_lam, top_cost),
@@ -285,8 +292,10 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
     all_notes = [
         "All numbers are on held-out (test) rows, mean ± std (ddof=1) across folds.",
         "Best single target chosen on training rows; most expensive target = highest mean cost on test rows.",
-        (f"lambda_train: calibrated on a {calibration_holdout:.0%} hold-out of each fold's training rows."
-         if calibration_holdout > 0 else "lambda_train: calibrated on in-sample training predictions."),
+        ("default policy (lambda_train): chosen on " + (
+            f"{calibration_folds}-fold cross-fitted predictions of each fold's training rows."
+            if calibration_folds >= 2 else f"a {calibration_holdout:.0%} hold-out of each fold's training rows."
+            if calibration_holdout > 0 else "in-sample predictions of each fold's training rows.")),
         "Router accuracy and cost use the argmax policy; curves sweep the utility policy P - lambda * C / "
         + ("(row's priciest cost)." if cost_scale is None else f"{cost_scale:g} USD."),
         *notes,

@@ -10,9 +10,10 @@ A checkpoint folder holds two files:
 Loading parses JSON and safetensors only; nothing is unpickled, so a checkpoint cannot run code. A checkpoint
 without the tensors' SHA-256, or whose tensors hold NaN or infinity, is refused.
 
-The default policy ("auto" at training time) is the one the evaluation reports: utility with the cheapest
-lambda that keeps the best single target's accuracy on out-of-fold predictions of the training rows
-(`policy.lambda_keeping_accuracy`). Without prices there is nothing to trade, and the default is argmax.
+The default policy ("auto" at training time) is the one the evaluation reports (`policy.choose_default_policy`):
+utility at the largest lambda up to which the best single target's accuracy holds on out-of-fold predictions
+of the training rows, or always that target ("fixed:<k>") when routing loses accuracy even at lambda 0.
+Without prices there is nothing to trade, and the default is argmax.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prefill_router.errors import CheckpointError, ConfigError, invalid_config
 from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.decision import RouteDecision
-from prefill_router.router.policy import UtilityPolicy, lambda_keeping_accuracy, policy_from_spec
+from prefill_router.router.policy import UtilityPolicy, choose_default_policy, policy_from_spec
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 
@@ -172,8 +173,8 @@ class Router:
     # -- policy --------------------------------------------------------------------------------------------
     def resolve_policy(self, policy=None, lam: float | None = None):
         """A Policy object from: None (the checkpoint default), a spec string ("argmax", "tolerance:0.05",
-        "utility:0.3") or a Policy. `lam` sets the utility policy's cost weight (with policy=None it replaces
-        the default's)."""
+        "utility:0.3", "fixed:0") or a Policy. `lam` asks for the utility policy with that cost weight (with
+        policy=None, or a utility, argmax or fixed policy)."""
         if policy is None:
             policy = self.default_policy
         if not isinstance(policy, str):
@@ -182,7 +183,7 @@ class Router:
             return policy
         name = policy.strip().partition(":")[0].strip().lower()
         if lam is not None:
-            if name not in ("utility", "argmax"):
+            if name not in ("utility", "argmax", "fixed"):
                 raise ConfigError(f"lam applies to the utility policy, not to {policy!r}")
             return UtilityPolicy(float(lam))
         return policy_from_spec(policy)
@@ -479,9 +480,9 @@ def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np
     small = trunk_cfg.model_copy(update={"seeds": config.calibration_seeds,
                                          "keep": min(trunk_cfg.keep, config.calibration_seeds), "progress": False})
     P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small), config.calibration_folds, config.seed)
-    lam, info = lambda_keeping_accuracy(P_oof, Y, C, max_drop=config.max_accuracy_drop)
+    spec, info = choose_default_policy(P_oof, Y, C, max_drop=config.max_accuracy_drop)
     info["oof_auc"] = _per_target_auc(Y, P_oof)
-    return f"utility:{lam:g}", info
+    return spec, info
 
 
 def _per_target_auc(Y: np.ndarray, P: np.ndarray) -> list[float | None]:

@@ -3,10 +3,12 @@
     ArgmaxPolicy()          the most likely target; ties go to the cheaper one
     TolerancePolicy(tol)    the cheapest target whose P is within `tol` of the row's best P
     UtilityPolicy(lam)      maximise P - lam * C / scale (scale: the row's most expensive target by default)
+    FixedPolicy(k)          always target k (what a router falls back to when routing would lose accuracy)
 
 `policy_from_spec("utility:0.3")` builds one from a short string (CLI, config, request model names).
-`lambda_keeping_accuracy` picks the utility weight a trained router uses by default: the cheapest one that
-keeps the best single target's accuracy on (out-of-fold) training rows. `calibrate_lambda` picks the weight
+`choose_default_policy` picks the policy a trained router uses by default: utility at the largest weight up to
+which the best single target's accuracy holds on (out-of-fold) training rows, or that single target when
+routing loses accuracy even at weight 0. `calibrate_lambda` picks the weight
 that meets a budget or a traffic share instead.
 
 Unknown costs (NaN) rank after every known cost; a target whose P is NaN is never chosen unless the whole
@@ -115,6 +117,27 @@ class UtilityPolicy:
         return f"utility:{self.lam:g}"
 
 
+@dataclass(frozen=True)
+class FixedPolicy:
+    """Always target k: the router's default when, on training rows, no routing kept the best single
+    target's accuracy. A cost weight given per request (`router:<lambda>`) still routes."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, (int, np.integer)) or self.k < 0:
+            raise ConfigError(f"fixed policy needs a target index >= 0, got {self.k!r}")
+
+    def choose(self, P, C) -> np.ndarray:
+        P, C = _inputs(P, C)
+        if self.k >= P.shape[1]:
+            raise ConfigError(f"fixed:{self.k} names target index {self.k}, but there are {P.shape[1]} targets")
+        return np.full(P.shape[0], self.k, dtype=np.int64)
+
+    def spec(self) -> str:
+        return f"fixed:{self.k}"
+
+
 def scale_costs(C, cost_scale: float | None = None) -> np.ndarray:
     """C divided by `cost_scale`, or by each row's largest known cost when None. Unknown costs become +inf;
     a row with no known cost (or all zero) becomes all zeros, so its choice falls back to P alone."""
@@ -133,7 +156,8 @@ def scale_costs(C, cost_scale: float | None = None) -> np.ndarray:
 
 
 def policy_from_spec(spec: str):
-    """Build a policy from "argmax", "tolerance:<tol>" or "utility:<lambda>" (for example "utility:0.3")."""
+    """Build a policy from "argmax", "tolerance:<tol>", "utility:<lambda>" (for example "utility:0.3") or
+    "fixed:<target index>"."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"policy spec must be a non-empty string like 'argmax', 'tolerance:0.05' or "
                           f"'utility:0.3', got {spec!r}")
@@ -151,21 +175,33 @@ def policy_from_spec(spec: str):
         except ValueError:
             raise ConfigError(f"policy '{name}' argument must be a number, got {arg.strip()!r} in {spec!r}") from None
         return TolerancePolicy(value) if name == "tolerance" else UtilityPolicy(value)
-    raise ConfigError(f"unknown policy {name!r} in {spec!r}; known: argmax, tolerance:<tol>, utility:<lambda>")
+    if name == "fixed":
+        try:
+            return FixedPolicy(int(arg))
+        except ValueError:
+            raise ConfigError(f"policy 'fixed' needs a target index, e.g. 'fixed:0'; got {spec!r}") from None
+    raise ConfigError(f"unknown policy {name!r} in {spec!r}; known: argmax, tolerance:<tol>, utility:<lambda>, "
+                      f"fixed:<target index>")
 
 
 # The utility weights swept by calibration and by the evaluation's cost-quality curves.
 DEFAULT_LAMBDAS = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)])
 
 
-def lambda_keeping_accuracy(P, Y, C, *, max_drop: float = 0.0, lambdas=None,
-                            cost_scale: float | None = None) -> tuple[float, dict]:
-    """The cheapest utility weight on the grid whose routed accuracy on these rows reaches that of always
-    calling the most accurate single target, less `max_drop` (a fraction: 0.005 is half a point). When no
-    weight does, the most accurate one. Returns (lam, facts about the choice on these rows).
+def choose_default_policy(P, Y, C, *, max_drop: float = 0.0, lambdas=None,
+                          cost_scale: float | None = None) -> tuple[str, dict]:
+    """The default policy of a trained router, as a spec, and facts about it on these rows.
 
-    Use held-out or out-of-fold predictions of TRAINING rows (in-sample P are overconfident and would pick
-    too large a weight). Y may hold NaN (not run): those pairs count in neither accuracy.
+    The level to keep is the accuracy of always calling the most accurate single target on these rows, less
+    `max_drop` (a fraction: 0.005 is half a point). Walking the utility weight up from 0, the choice is the
+    largest weight before accuracy first drops below the level (raising the weight never raises cost, so this
+    is the cheapest weight of the first stretch that keeps the level). Stopping at the first drop, rather
+    than taking any cheaper weight that reaches the level again later, keeps noise in the accuracy curve from
+    being picked as savings. When routing is below the level even at weight 0, the default is that single
+    target ("fixed:<k>"): the router then costs what the best model costs, and loses nothing.
+
+    Use out-of-fold (or held-out) predictions of TRAINING rows: in-sample P are overconfident. Y may hold NaN
+    (not run); those pairs count in neither accuracy.
     """
     P, C = _inputs(P, C)
     Y = np.asarray(Y, dtype=np.float64)
@@ -173,28 +209,31 @@ def lambda_keeping_accuracy(P, Y, C, *, max_drop: float = 0.0, lambdas=None,
         raise ConfigError(f"Y has shape {Y.shape} but P has shape {P.shape} (and at least one row is needed)")
     if not 0 <= max_drop < 1:
         raise ConfigError(f"max_drop must be a fraction in [0, 1), got {max_drop!r}")
-    grid = DEFAULT_LAMBDAS if lambdas is None else np.asarray(lambdas, dtype=np.float64).ravel()
-    rows = np.arange(len(P))
+    grid = np.sort(DEFAULT_LAMBDAS if lambdas is None else np.asarray(lambdas, dtype=np.float64).ravel())
     labelled = np.isfinite(Y)
     # A target with no label on these rows cannot be the best single one.
     target_acc = np.where(labelled.any(axis=0), np.where(labelled, Y, 0).sum(axis=0) / np.maximum(
         labelled.sum(axis=0), 1), -np.inf)
     best = int(np.argmax(target_acc))
-    level = float(target_acc[best]) - max_drop
-    acc, cost = [], []
+    level = float(target_acc[best]) - max_drop - 1e-12
+    rows = np.arange(len(P))
+    facts = {"rule": f"utility at the largest lambda keeping best-single accuracy - {max_drop:g} on training rows; "
+                     f"else the best single target",
+             "best_single": best, "best_single_accuracy": float(target_acc[best]),
+             "best_single_cost_per_query": _mean_known(C[:, best])}
+    kept = None
     for lam in grid:
         choice = UtilityPolicy(float(lam), cost_scale).choose(P, C)
-        acc.append(_mean_known(Y[rows, choice]))
-        cost.append(_mean_known(C[rows, choice]))
-    acc, cost = np.asarray(acc), np.asarray(cost)
-    ok = np.flatnonzero(acc >= level - 1e-12)
-    # Ties in cost go to the larger weight, the thriftier setting.
-    i = int(ok[np.lexsort((-grid[ok], cost[ok]))[0]]) if ok.size else int(np.nanargmax(acc))
-    best_cost = _mean_known(C[:, best])
-    return float(grid[i]), {"rule": f"cheapest utility lambda keeping best-single accuracy - {max_drop:g}",
-                            "best_single": best, "best_single_accuracy": float(target_acc[best]),
-                            "accuracy": float(acc[i]), "cost_per_query": float(cost[i]),
-                            "best_single_cost_per_query": best_cost, "reached": bool(ok.size)}
+        accuracy = _mean_known(Y[rows, choice])
+        if not accuracy >= level:
+            break
+        kept = (float(lam), accuracy, _mean_known(C[rows, choice]))
+    if kept is None:
+        return f"fixed:{best}", {**facts, "accuracy": facts["best_single_accuracy"],
+                                 "cost_per_query": facts["best_single_cost_per_query"], "reached": False}
+    lam, accuracy, cost = kept
+    return f"utility:{lam:g}", {**facts, "lambda": lam, "accuracy": accuracy, "cost_per_query": cost,
+                                "reached": True}
 
 
 def _mean_known(values: np.ndarray) -> float:

@@ -275,9 +275,13 @@ class RoutingEngine:
             # The whole conversation goes upstream, so the cost counts the tokens the router did not read too.
             scores = replace(scores, C=np.asarray(estimate(scores.tokens + unread / CHARS_PER_TOKEN), np.float64))
         targets = list(self.scorer.targets)
-        index = [targets.index(t) for t in allowed]
-        sub = replace(scores, P=scores.P[index], C=scores.C[index])
-        target = allowed[self.scorer.choose(sub, policy, lam)]
+        # Targets this request may not use get no P, so no policy picks them (indices stay the router's own,
+        # which a "fixed:<k>" policy names); a fixed target outside the allow-list yields to the best allowed.
+        barred = np.array([t not in allowed for t in targets])
+        masked = np.where(barred, np.nan, scores.P)
+        target = targets[self.scorer.choose(replace(scores, P=masked), policy, lam)]
+        if target not in allowed:
+            target = allowed[int(np.nanargmax(masked[[targets.index(t) for t in allowed]]))]
         latency_ms = (time.perf_counter() - start) * 1000
         if self.metrics is not None:
             self.metrics.routing_latency.observe(latency_ms / 1000)
