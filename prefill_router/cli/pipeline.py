@@ -316,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
     router = train_router(ds, chosen.X, np.arange(ds.n), config, hidden_states=chosen.states,
                           encoder=chosen.identity, progress=True)
     ckpt = router.save(out / "router")
-    print(f"checkpoint: {ckpt}, default policy {router.default_policy} ({time.time() - t:.0f} s)", file=sys.stderr)
+    print(f"checkpoint: {ckpt}, default policy {router.describe_policy()} ({time.time() - t:.0f} s)",
+          file=sys.stderr)
     example = _example(router)
     print(example)
 
@@ -340,7 +341,7 @@ def _default_policy_section(router, folder: Path) -> str:
     info = router.metrics.get("default_policy", {})
     lines = ["## The router checkpoint", "",
              f"`{folder}` was trained on every evaluated prompt and all {len(router.targets)} targets. Its default "
-             f"policy is `{router.default_policy}` ({info.get('rule', 'as configured')})."]
+             f"policy is `{router.describe_policy()}`: {info.get('rule', 'as configured')}."]
     if "accuracy" in info:
         base = info.get("best_single_cost_per_query") or float("nan")
         lines.append(f"On out-of-fold predictions of its training prompts: accuracy {info['accuracy']:.2%} against "

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if "holdout" in router.metrics:
         print(json.dumps(router.metrics["holdout"], indent=1))
     chosen = router.metrics.get("default_policy", {})
-    print(f"default policy: {router.default_policy}"
+    print(f"default policy: {router.describe_policy()}"
           + (f" (out-of-fold training accuracy {chosen['accuracy']:.2%} vs best single "
              f"{chosen['best_single_accuracy']:.2%}, cost {_ratio(chosen)} of always calling it)"
              if "accuracy" in chosen else ""))

@@ -188,6 +188,13 @@ class Router:
             return UtilityPolicy(float(lam))
         return policy_from_spec(policy)
 
+    def describe_policy(self, policy=None, lam: float | None = None) -> str:
+        """The policy spec, with the target a "fixed:<k>" policy names: "fixed:0 (always gpt-4o)"."""
+        spec = self.resolve_policy(policy, lam)
+        text = spec.spec() if callable(getattr(spec, "spec", None)) else str(spec)
+        k = getattr(spec, "k", None)
+        return f"{text} (always {self._targets[k]})" if k is not None and k < len(self._targets) else text
+
     def choose(self, P: np.ndarray, C: np.ndarray, *, policy=None, lam: float | None = None) -> np.ndarray:
         return np.asarray(self.resolve_policy(policy, lam).choose(P, C), dtype=np.int64)
 
@@ -199,6 +206,7 @@ class Router:
         if not prompts:
             return []
         chosen_policy = self.resolve_policy(policy, lam)
+        self._require_encoder()  # a first call loads the encoder: that is not routing time
         start = time.perf_counter()
         P, C, truncated = self.predict_batch(prompts)
         choice = np.asarray(chosen_policy.choose(P, C), dtype=np.int64)

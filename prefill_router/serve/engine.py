@@ -354,8 +354,7 @@ class RouterScorer:
         self.router.resolve_policy(policy, lam)
 
     def policy_spec(self, policy: str | None, lam: float | None) -> str:
-        resolved = self.router.resolve_policy(policy, lam)
-        return resolved.spec() if callable(getattr(resolved, "spec", None)) else str(resolved)
+        return self.router.describe_policy(policy, lam)
 
     def score_batch(self, prompts: list[list[dict]]) -> list[Scores]:
         self._apply_window()  # no-op after warm_up; here for a router whose encoder was attached later
