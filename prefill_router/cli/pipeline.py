@@ -1,6 +1,6 @@
 """`prefill-router pipeline`: the whole method on MMLU-Pro with the offline default encoder, as one command.
 
-    prefill-router pipeline --out runs/mmlu-pro                 # quick: a stratified 1,000 prompts, ~15 min on 2 cores
+    prefill-router pipeline --out runs/mmlu-pro                 # quick: a stratified 1,000 prompts, ~7 min on 2 cores
     prefill-router pipeline --out runs/mmlu-pro-full --full     # every prompt (about an hour of encoder time on CPU)
 
 Steps: features (SmolLM2-135M prefill; precomputed reference features are used where found) -> layer probes
