@@ -36,8 +36,8 @@ from typing import Any, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from prefill_router.errors import PrefillRouterError
-from prefill_router.serve.config import GatewayConfig, load_gateway_config, parse_gateway_config
 from prefill_router.features.window import first_turn, window_messages
+from prefill_router.serve.config import GatewayConfig, load_gateway_config, parse_gateway_config
 from prefill_router.serve.engine import RouterScorer, routing_messages
 from prefill_router.serve.models import resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, UpstreamPool, UpstreamReply

@@ -12,12 +12,12 @@ import time
 
 import httpx
 import pytest
-from prefill_router.serve.fake_upstream import Answer, Drop, Fail, FakeUpstream, Raw, Stall
 
 from prefill_router.collect.journal import Journal
 from prefill_router.collect.openai_api import RateLimiter, RetryPolicy, chat_completion, parse_retry_after
 from prefill_router.collect.prompts import read_prompts
 from prefill_router.errors import ConfigError, DataError
+from prefill_router.serve.fake_upstream import Answer, Drop, Fail, FakeUpstream, Raw, Stall
 from prefill_router.targets import TargetConfig
 
 MESSAGES = [{"role": "user", "content": "What is 2+2? Reply with a number."}]

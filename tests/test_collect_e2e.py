@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream
 
 from prefill_router.cli import main
 from prefill_router.collect.journal import journal_path
 from prefill_router.data.readers import read_routing_data
+from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream
 
 REPO = Path(__file__).resolve().parents[1]
 LETTERS = "ABCD"

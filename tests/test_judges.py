@@ -8,7 +8,6 @@ import json
 
 import httpx
 import pytest
-from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream, Raw
 
 from prefill_router.collect.judges import (
     check_reference,
@@ -29,6 +28,7 @@ from prefill_router.collect.llm_judge import (
 )
 from prefill_router.collect.openai_api import RetryPolicy
 from prefill_router.errors import ConfigError
+from prefill_router.serve.fake_upstream import Answer, Fail, FakeUpstream, Raw
 
 # --------------------------------------------------------------------------------------------- choice
 

@@ -8,12 +8,12 @@ import threading
 
 import httpx
 import pytest
-from prefill_router.serve.fake_upstream import Answer, Drop, Fail, FakeUpstream, Stall
 
 from prefill_router.errors import ConfigError
 from prefill_router.serve.batching import LRUCache, MicroBatcher
 from prefill_router.serve.config import Preset, load_gateway_config, parse_gateway_config
 from prefill_router.serve.engine import BadMessages, messages_key, routing_messages
+from prefill_router.serve.fake_upstream import Answer, Drop, Fail, FakeUpstream, Stall
 from prefill_router.serve.models import UnknownModel, resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, UpstreamPool
 from prefill_router.targets import TargetConfig
