@@ -187,3 +187,26 @@ def test_concurrent_encode_calls_keep_their_own_results_and_diagnostics(tiny_enc
         for out, n_truncated, n_counts in seen[name]:
             np.testing.assert_allclose(out, expected[name], rtol=1e-4, atol=1e-5)
             assert (n_truncated, n_counts) == (truncated, 2)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_early_exit_runs_only_the_layers_it_needs_and_matches_a_full_pass(tmp_path, side):
+    """A call that wants hidden states up to l runs decoder layers 1..l only, with the same numbers as the
+    full pass; the last state (after the final norm) still runs every layer."""
+    from conftest import make_tiny_encoder
+
+    folder = make_tiny_encoder(tmp_path / "enc", layers=4)
+    enc = load_encoder(str(folder), padding_side=side)
+    ref_mean, ref_last, _ = reference_features(folder, PROMPTS)  # [N, 5 states, hidden]
+    calls = [0] * 4
+    for i, layer in enumerate(enc.model.get_decoder().layers):
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    out = enc.encode(PROMPTS, poolings=("mean", "last"), layers=[0, 2])
+    assert calls[:2] != [0, 0] and calls[2:] == [0, 0]  # layers 3 and 4 never ran
+    np.testing.assert_allclose(out["mean"], ref_mean[:, [0, 2]], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["last"], ref_last[:, [0, 2]], rtol=1e-4, atol=1e-5)
+
+    full = enc.encode(PROMPTS, poolings=("mean",), layers=[1, 4])
+    assert calls[3] > 0
+    np.testing.assert_allclose(full["mean"], ref_mean[:, [1, 4]], rtol=1e-4, atol=1e-5)
