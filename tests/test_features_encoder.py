@@ -210,3 +210,17 @@ def test_early_exit_runs_only_the_layers_it_needs_and_matches_a_full_pass(tmp_pa
     full = enc.encode(PROMPTS, poolings=("mean",), layers=[1, 4])
     assert calls[3] > 0
     np.testing.assert_allclose(full["mean"], ref_mean[:, [1, 4]], rtol=1e-4, atol=1e-5)
+
+
+def test_int8_quantization_is_part_of_the_identity_and_stays_close_to_float32(tiny_encoder_dir):
+    fp32 = load_encoder(str(tiny_encoder_dir))
+    int8 = load_encoder(str(tiny_encoder_dir), quantize="int8")
+    assert "quantize" not in fp32.identity() and int8.identity()["quantize"].startswith("torch dynamic int8")
+    assert {k: v for k, v in int8.identity().items() if k != "quantize"} == fp32.identity()
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.model.modules())
+    a = fp32.encode(PROMPTS, poolings=("mean",), layers=[1, 2])["mean"]
+    b = int8.encode(PROMPTS, poolings=("mean",), layers=[1, 2])["mean"]
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cosine.min() > 0.95 and not np.array_equal(a, b)  # quantized, yet the same features in substance
+    with pytest.raises(ConfigError, match="quantize"):
+        load_encoder(str(tiny_encoder_dir), quantize="int4")

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                    help="read only the routing window: the first system message and the last user message, cut "
                         "to this many tokens (features/window.py); recorded in the feature identity, and a router "
                         "trained on these features serves with the same window (default: the whole prompt)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="run the encoder's Linear layers in dynamic int8 (CPU; faster, features change slightly "
+                        "and the identity records it, so a router trained on them serves int8 too; default: off)")
     p.add_argument("--poolings", help="comma-separated, from mean,last (default: mean,last, or the store's)")
     p.add_argument("--layers", help="'all' or comma-separated hidden-state indices, 0 = embeddings "
                                     "(default: all, or the store's)")
@@ -106,8 +109,8 @@ def run(args) -> int:
     prompts = list(load_dataset(args, name_option="data").prompts)
     started = time.perf_counter()
     encoder = load(args.encoder, gguf_file=args.gguf_file, revision=args.revision, template=args.template,
-                   max_tokens=args.max_tokens, max_route_tokens=args.max_route_tokens, dtype=args.compute_dtype,
-                   device=args.device)
+                   max_tokens=args.max_tokens, max_route_tokens=args.max_route_tokens, quantize=args.quantize,
+                   dtype=args.compute_dtype, device=args.device)
     print(f"encoder: {encoder} (loaded in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
     poolings = args.poolings.split(",") if args.poolings else None
     layers = _parse_layers(args.layers)

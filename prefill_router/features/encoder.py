@@ -78,12 +78,14 @@ class EncoderSpec(BaseModel):
     max_tokens: the truncation limit; None means the encoder's context length.
     max_route_tokens: read only the routing window (features/window.py: the first system message and the last
         user message, cut to this many tokens by the truncation rule); None reads the whole conversation.
+    quantize: `int8` runs every Linear layer with torch's dynamic int8 quantization (weights int8, activations
+        quantized per call; CPU only). It changes the features slightly, so it is part of the identity.
     dtype: compute dtype; `auto` is float32 on CPU and bfloat16 on GPU.
     device: `auto` (CUDA when available, else CPU), or any torch device string.
     padding_side: where batches are padded; results do not depend on it.
 
-    Only model, gguf_file, revision, template, max_tokens and max_route_tokens shape the features, so only
-    they (plus the file hashes) enter `identity()`. dtype, device and padding change the numbers by float
+    Only model, gguf_file, revision, template, max_tokens, max_route_tokens and quantize shape the features,
+    so only they (plus the file hashes) enter `identity()`. dtype, device and padding change the numbers by float
     rounding only.
     """
 
@@ -95,6 +97,7 @@ class EncoderSpec(BaseModel):
     template: TemplateName = "chat"
     max_tokens: int | None = Field(default=None, gt=0)
     max_route_tokens: int | None = Field(default=None, gt=0)
+    quantize: Literal["int8"] | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     padding_side: Literal["right", "left"] = "right"
@@ -191,6 +194,8 @@ class Resolved:
                     "template": spec.template, "max_tokens": spec.max_tokens, "truncation": TRUNCATION_RULE}
         if spec.max_route_tokens is not None:  # only when set, so identities without a window stay as they were
             identity.update(window=WINDOW_RULE, max_route_tokens=spec.max_route_tokens)
+        if spec.quantize is not None:  # likewise: only when set
+            identity["quantize"] = QUANTIZE_RULES[spec.quantize]
         return identity
 
 
@@ -334,7 +339,27 @@ def load_encoder(spec: EncoderSpec | str | Path | dict | None = None, **override
         except Exception as exc:
             raise EncoderError(f"could not load encoder {spec.model!r} from {folder}: {exc}") from exc
     model.to(device).eval()
+    if spec.quantize == "int8":
+        model = _quantize_int8(model, device)
     return Encoder(spec, tokenizer, model, resolved)
+
+
+QUANTIZE_RULES = {"int8": "torch dynamic int8, nn.Linear (weights per tensor, activations per call)"}
+
+
+def _quantize_int8(model, device: torch.device):
+    """Every nn.Linear as torch's dynamic int8 Linear: int8 weights and int8 matmuls on the CPU. The
+    embeddings and norms stay float32."""
+    if device.type != "cpu":
+        raise ConfigError("quantize: int8 runs on the CPU only (device is "
+                          f"{device.type}); on a GPU use dtype bfloat16 instead")
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 # ----------------------------------------------------------------------------------------------------------
