@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from prefill_router.data import load_mmlu_pro, stratified_sample, train_test_split  # noqa: E402
-from prefill_router.evaluate import metrics  # noqa: E402
-from prefill_router.features import FeatureSet, extract_to_store, load_encoder  # noqa: E402
-from prefill_router.features.store import is_store  # noqa: E402
-from prefill_router.router import train_router  # noqa: E402
+from prefill_router.data import load_mmlu_pro, stratified_sample, train_test_split
+from prefill_router.evaluate import metrics
+from prefill_router.features import FeatureSet, extract_to_store, load_encoder
+from prefill_router.features.store import is_store
+from prefill_router.router import train_router
 
 FULL = [0, 6, 12, 18, 24, 30]
 EARLY = [0, 6, 12, 18]
