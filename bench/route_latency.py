@@ -94,6 +94,15 @@ def mean_auc(X_train, Y_train, X_test, Y_test, threads: int) -> float:
     return float(np.nanmean(metrics.per_target_auc(Y_test, P)))
 
 
+def auc_rows(args, ds) -> np.ndarray:
+    """A stratified sample for the AUC split, among the rows the fp32 store already holds when there is one."""
+    store = Path(args.features)
+    if not is_store(store):
+        return stratified_sample(ds, args.n_auc, seed=2)
+    done = np.flatnonzero(np.asarray(FeatureSet.open(store).done, bool)[:ds.n])
+    return done[stratified_sample(ds.subset(done), args.n_auc, seed=2)]
+
+
 def fp32_features(args, ds, rows: np.ndarray) -> np.ndarray:
     """float32 [rows, 6 states, hidden] mean-pooled at FULL, from the store when it holds the rows."""
     store = Path(args.features)
@@ -132,7 +141,7 @@ def main(argv=None) -> int:
         rows.append({"config": label, **latency(encoders[kind], prompts, layers)})
 
     if not args.no_auc:
-        chosen = stratified_sample(ds, args.n_auc, seed=2)
+        chosen = auc_rows(args, ds)
         sub = ds.subset(chosen)
         train, test = train_test_split(sub, test_size=0.25, seed=0, stratify=True)
         X = fp32_features(args, ds, chosen)
