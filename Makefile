@@ -8,7 +8,7 @@ DATA ?=
 OUT ?= runs/mmlu-pro
 DATA_ARG := $(if $(DATA),--data-root $(DATA),)
 
-.PHONY: run run-full test venv clean
+.PHONY: run run-full test test-fast venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ run-full: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (the real encoder, Ray, whole pipelines). CI runs `test`.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

