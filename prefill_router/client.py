@@ -36,9 +36,8 @@ from typing import Any, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from prefill_router.errors import PrefillRouterError
-from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.config import GatewayConfig, load_gateway_config, parse_gateway_config
-from prefill_router.serve.engine import RouterScorer, routing_messages
+from prefill_router.serve.engine import RouterScorer, routed_window, routing_messages
 from prefill_router.serve.models import resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, UpstreamPool, UpstreamReply
 
@@ -385,8 +384,8 @@ class Client:
         """What the router reads, by the gateway's rules: the conversation's first turn (sessions.mode
         first_turn, the default; an in-process client keeps no sticky pins, so sticky reads it too), or the
         whole conversation (per_turn), then the routing window (first system + last user message)."""
-        routed = routing_messages(messages)
-        return window_messages(routed if self.config.sessions.mode == "per_turn" else first_turn(routed))
+        mode = "per_turn" if self.config.sessions.mode == "per_turn" else "first_turn"
+        return routed_window(routing_messages(messages), mode)
 
     def _create(self, *, model: str, messages: list[dict], stream: bool, **params: Any):
         if self._closed:

@@ -145,12 +145,12 @@ def _features(args, ds) -> Chosen:
         rows = np.arange(ds.n)
         last = fs.get("last") if "last" in fs.hidden_states else None
         return Chosen(rows, fs.get("mean"), fs.hidden_states["mean"], last, fs.hidden_states.get("last", []),
-                      _encoder_identity(fs), f"all {ds.n} prompts")
+                      fs.identity, f"all {ds.n} prompts")
     rows = stratified_sample(ds, int(args.rows), seed=args.seed)
     fs = _sample_store(args, ds, rows, _full_store(args, ds, reference, compute=False))
     what = (f"a category-stratified sample of {rows.size} of the {ds.n} prompts (seed {args.seed}; --full "
             f"evaluates all)") if rows.size < ds.n else f"all {ds.n} prompts"
-    return Chosen(rows, fs.get("mean"), QUICK_STATES, None, [], _encoder_identity(fs), what)
+    return Chosen(rows, fs.get("mean"), QUICK_STATES, None, [], fs.identity, what)
 
 
 def _sample_store(args, ds, rows: np.ndarray, full):
@@ -173,12 +173,6 @@ def _sample_store(args, ds, rows: np.ndarray, full):
     store.close()
     extract_to_store(prompts, encoder, path, progress=True)
     return FeatureSet.open(path)
-
-
-def _encoder_identity(fs) -> dict:
-    identity = fs.identity
-    return identity["encoder"] if isinstance(identity, dict) and isinstance(identity.get("encoder"), dict) \
-        else identity
 
 
 def _probes(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[str, dict]:

@@ -81,6 +81,12 @@ class Routed:
                 "cache": self.cache, "deadline_exceeded": self.deadline_exceeded, "session": self.session}
 
 
+def routed_window(messages: list[dict], mode: SessionMode) -> list[dict]:
+    """What the router reads of validated messages: in `first_turn` mode the conversation up to its first user
+    turn, otherwise all of it, then the routing window (features/window.py)."""
+    return window_messages(first_turn(messages) if mode == "first_turn" else messages)
+
+
 def routing_messages(messages: Any) -> list[dict]:
     """Validate OpenAI chat messages and reduce them to [{"role", "content": str}] for the encoder.
 
@@ -243,8 +249,7 @@ class RoutingEngine:
             self._count_session("pinned")
             return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, session="pinned")
 
-        conversation = first_turn(messages) if mode == "first_turn" else messages
-        routed = await self._route(conversation, messages, policy, lam, allowed, start)
+        routed = await self._route(routed_window(messages, mode), messages, policy, lam, allowed, start)
         if mode != "sticky" or routed.deadline_exceeded:
             return routed  # a deadline's default target is not pinned: the next turn routes again
         if pinned is None:
@@ -258,9 +263,8 @@ class RoutingEngine:
         self._count_session(routed.session)
         return routed
 
-    async def _route(self, conversation: list[dict], messages: list[dict], policy: str | None, lam: float | None,
+    async def _route(self, window: list[dict], messages: list[dict], policy: str | None, lam: float | None,
                      allowed: list[str], start: float) -> Routed:
-        window = window_messages(conversation)
         try:
             scores, source = await asyncio.wait_for(self.scores(window), self.deadline_s)
         except TimeoutError:
