@@ -237,14 +237,14 @@ def choose_default_policy(P, Y, C, *, max_drop: float = 0.0, lambdas=None,
 
 
 def _mean_known(values: np.ndarray) -> float:
-    known = values[np.isfinite(values)]
+    """The mean of the non-NaN values (NaN: unknown), NaN when there are none, without nanmean's warning."""
+    known = values[~np.isnan(values)]
     return float(known.mean()) if known.size else float("nan")
 
 
 def _chosen_cost(P: np.ndarray, C: np.ndarray, lam: float, cost_scale: float | None) -> float:
     choice = UtilityPolicy(lam, cost_scale).choose(P, C)
-    picked = C[np.arange(len(choice)), choice]
-    return float(np.nanmean(picked)) if np.any(~np.isnan(picked)) else float("nan")
+    return _mean_known(C[np.arange(len(choice)), choice])
 
 
 def _share(P: np.ndarray, C: np.ndarray, lam: float, cost_scale: float | None, target: int) -> float:
