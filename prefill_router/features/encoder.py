@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prefill_router.data.tokens import cache_dir
 from prefill_router.errors import ConfigError, EncoderError
+from prefill_router.features.prefix_cache import BLOCK, PrefixCache, PrefixHit, sums_at_blocks
 from prefill_router.features.template import TemplateName, render
 from prefill_router.features.window import WINDOW_RULE
 
@@ -411,6 +412,21 @@ class Encoder:
         # thread, so that concurrent callers (the gateway's workers) never read each other's numbers.
         self._calls = threading.local()
         self._identity: dict | None = None
+        self.prefix_cache: PrefixCache | None = None
+
+    def use_prefix_cache(self, max_mb: float | None) -> None:
+        """Reuse the encoder state of prompt prefixes seen before (features/prefix_cache.py), keeping at most
+        `max_mb` MB of it; 0 or None turns reuse off. The features are the same within float rounding, so
+        this is not part of the identity. Models with sliding-window attention are left without reuse."""
+        if not max_mb:
+            self.prefix_cache = None
+            return
+        if getattr(self.model.config, "sliding_window", None):
+            logger.warning("prefix reuse is off for %s: its sliding-window attention keeps a bounded cache",
+                           self.spec.model)
+            self.prefix_cache = None
+            return
+        self.prefix_cache = PrefixCache(int(max_mb * 2**20))
 
     @property
     def last_truncated(self) -> int:
@@ -521,9 +537,24 @@ class Encoder:
 
             bar = tqdm(total=len(ids), unit="prompt", desc="prefill", dynamic_ncols=True)
         tokens_done, started = 0, time.perf_counter()
+        # With prefix reuse, a prompt whose prefix is cached runs alone on top of that prefix; the others are
+        # batched as usual and leave their own state in the cache.
+        cache = self.prefix_cache
+        hits: dict[int, PrefixHit] = {}
+        if cache is not None:
+            for i, row_ids in enumerate(ids):
+                hit = cache.lookup(row_ids, max(layer_ids))
+                if hit is not None:
+                    hits[i] = hit
+        rest = np.array([i for i in range(len(ids)) if i not in hits], dtype=np.int64)
+        work = [(np.array([i]), hit) for i, hit in hits.items()]
+        work += [(rest[batch], None) for batch in plan_batches([lengths[i] for i in rest], budget)]
         try:
-            for rows in plan_batches(lengths, budget):
-                pooled = self._forward([ids[i] for i in rows], poolings, layer_ids)
+            for rows, hit in work:
+                if hit is not None:
+                    pooled = self._forward_on_prefix(ids[rows[0]], hit, poolings, layer_ids)
+                else:
+                    pooled = self._forward([ids[i] for i in rows], poolings, layer_ids)
                 yield rows, pooled
                 if bar is not None:
                     tokens_done += sum(lengths[i] for i in rows)
@@ -559,8 +590,12 @@ class Encoder:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        deepest = max(layer_ids)
+        kv = self._new_kv_cache()
         with torch.inference_mode():
-            hidden = self._hidden_states(input_ids, mask, positions, max(layer_ids))
+            hidden = self._hidden_states(input_ids, mask, positions, deepest, kv)
+            if kv is not None:
+                self._store_prefixes(batch, mask, hidden, kv, deepest)
             lengths = mask.sum(-1)
             last = (torch.arange(longest, device=self.device) * mask).argmax(-1)  # last real token per row
             weights = (mask.float() / lengths[:, None].float()).unsqueeze(1)  # [b, 1, T]
@@ -576,18 +611,68 @@ class Encoder:
             return {name: torch.stack(parts, 1).cpu().numpy() for name, parts in result.items()}
 
 
-    def _hidden_states(self, input_ids, mask, positions, deepest: int) -> Sequence[torch.Tensor]:
+    def _forward_on_prefix(self, ids: list[int], hit: PrefixHit, poolings: Sequence[str],
+                           layer_ids: list[int]) -> dict[str, np.ndarray]:
+        """One prompt whose first `hit.tokens` tokens are cached: only the rest runs, attending to the cached
+        keys and values; mean pooling adds the cached running sums."""
+        from transformers import DynamicCache
+
+        deepest, start, entry = max(layer_ids), hit.tokens, hit.entry
+        kv = DynamicCache(ddp_cache_data=[(k[:, :, :start], v[:, :, :start]) for k, v in entry.kv[:deepest]])
+        input_ids = torch.tensor([ids[start:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, len(ids)), dtype=torch.bool, device=self.device)  # the prefix and the new tokens
+        positions = torch.arange(start, len(ids), device=self.device)[None]
+        with torch.inference_mode():
+            hidden = self._hidden_states(input_ids, mask, positions, deepest, kv)
+            new = torch.stack([hidden[s][0].float() for s in range(deepest + 1)])  # [S, new tokens, H]
+            before = entry.block_sums[:deepest + 1, hit.blocks - 1]  # [S, H]: sums over the cached prefix
+            blocks = len(ids) // BLOCK - hit.blocks
+            self.prefix_cache.store(ids, deepest, self._kv_of_row(kv, deepest, 0, 0, len(ids)), torch.cat(
+                [entry.block_sums[:deepest + 1, :hit.blocks], sums_at_blocks(new, blocks, before)], 1))
+            result = {}
+            if "mean" in poolings:
+                result["mean"] = ((before[layer_ids] + new[layer_ids].sum(1)) / len(ids))[None]
+            if "last" in poolings:
+                result["last"] = new[layer_ids, -1][None]
+            return {name: result[name].cpu().numpy() for name in poolings}
+
+    def _new_kv_cache(self):
+        """An empty KV cache to fill during a forward when prefixes are being kept, else None."""
+        if self.prefix_cache is None:
+            return None
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def _kv_of_row(self, kv, deepest: int, row: int, start: int, length: int) -> list:
+        """Copies of one batch row's keys and values over its whole blocks (so the batch's tensors can go)."""
+        end = start + length // BLOCK * BLOCK
+        return [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
+                for layer in kv.layers[:deepest]]
+
+    def _store_prefixes(self, batch: list[list[int]], mask, hidden, kv, deepest: int) -> None:
+        for row, row_ids in enumerate(batch):
+            start = int(mask[row].long().argmax())  # first real token: 0 under right padding
+            states = torch.stack([hidden[s][row, start:start + len(row_ids)].float() for s in range(deepest + 1)])
+            self.prefix_cache.store(row_ids, deepest, self._kv_of_row(kv, deepest, row, start, len(row_ids)),
+                                    sums_at_blocks(states, len(row_ids) // BLOCK))
+
+    def _hidden_states(self, input_ids, mask, positions, deepest: int, kv=None) -> Sequence[torch.Tensor]:
         """Hidden states 0..deepest (index l = output of decoder layer l). Early exit: when no state past
         `deepest` is wanted, the forward stops after decoder layer `deepest`, so a router reading states up
-        to 18 of SmolLM2's 30 runs 18 layers. The final state (after the model's last norm) needs every layer."""
+        to 18 of SmolLM2's 30 runs 18 layers. The final state (after the model's last norm) needs every layer.
+
+        `kv`: a KV cache holding the keys and values of tokens before `input_ids` (the mask covers them too);
+        it is extended in place with those of `input_ids`."""
         layers = self._decoder_layers()
+        cache = {"cache": kv, "use_cache": kv is not None}
         if layers is None or deepest >= len(layers):
             return self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
-                              output_hidden_states=True, use_cache=False).hidden_states
+                              output_hidden_states=True, **cache).hidden_states
         capture = self._capture
         capture.states, capture.stop_after = [], deepest
         try:
-            self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions, **cache)
         except _EarlyExit:
             pass
         finally:
