@@ -129,6 +129,31 @@ def test_five_turn_conversation_stays_on_one_target_and_reads_a_bounded_window(r
     assert [len(r.body["messages"]) for r in sent] == [len(m) for m in conversation(5)]
 
 
+def test_per_turn_routing_reuses_the_system_prompt_prefix_and_decides_as_without_it(router, upstreams):
+    """per_turn mode re-routes every turn on [system, last user turn]: with prefix reuse on, turns 2..5 run
+    only the tokens after the cached template opening and system prompt, and get the same P as without."""
+    from prefill_router.features.prefix_cache import BLOCK
+
+    turns = conversation(5, tool_turns=False)
+    decided = {}
+    for mb in (0, 16):
+        scorer = RouterScorer(router, max_route_tokens=WINDOW, prefix_cache_mb=mb)
+        scorer.warm_up()  # as build_gateway does: the serving window's encoder, with reuse when asked
+        with gateway(scorer, upstreams, sessions={"mode": "per_turn"}, cache_size=0) as client, \
+                tokens_seen(scorer.router) as seen:
+            decided[mb] = [client.post("/v1/route", json={"messages": m}).json() for m in turns]
+            runs = list(seen)
+        if mb:
+            assert scorer.router.encoder.prefix_cache.stats()["hits"] == 4
+            assert all(n <= WINDOW - BLOCK for n in runs[1:])  # the head block (template + system) was reused
+        else:
+            assert all(n > WINDOW - BLOCK for n in runs)
+    for plain, reused in zip(decided[0], decided[16]):
+        assert plain["target"] == reused["target"]
+        for t in TARGETS:
+            assert reused["probabilities"][t] == pytest.approx(plain["probabilities"][t], abs=1e-4)
+
+
 def test_first_turn_is_the_same_on_every_replica(router, upstreams):
     """No shared state: two gateways (replicas) send every turn of one conversation to the same target."""
     turns = conversation(3)

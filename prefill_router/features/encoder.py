@@ -367,6 +367,21 @@ def _quantize_int8(model, device: torch.device):
 # Running
 
 
+def set_cpu_threads(threads: int | None = None) -> int:
+    """Give torch `threads` CPU threads (None: every core this process may use) and return the number.
+
+    torch's own default counts the machine's cores, not the ones a container or `taskset` allows, and more
+    threads than cores makes every forward wait on the scheduler. The Rust tokenizer's thread pool is turned
+    off (TOKENIZERS_PARALLELISM) because the gateway tokenizes a few prompts at a time next to the forward."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads or available
+    if threads > available:
+        logger.warning("threads: %d torch threads on %d usable cores oversubscribes them", threads, available)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return threads
+
+
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int = MAX_BATCH_SIZE) -> list[np.ndarray]:
     """Group prompt indices into batches: longest first, each batch filled while
     (batch size x its longest prompt) stays within `batch_tokens`. A prompt longer than the budget runs alone."""

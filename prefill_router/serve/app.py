@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from prefill_router.errors import ConfigError, EncoderError
+from prefill_router.features.encoder import set_cpu_threads
 from prefill_router.serve.config import GatewayConfig
 from prefill_router.serve.engine import BadMessages, Routed, RouterScorer, RoutingEngine, Scorer, routing_messages
 from prefill_router.serve.jsonbody import BadBody, parse_json_body
@@ -425,6 +426,8 @@ def load_router(config: GatewayConfig):
 
 def build_gateway(config: GatewayConfig, router=None) -> FastAPI:
     """Load the router (unless given), load its encoder and warm it up, and build the app."""
-    scorer = RouterScorer(router if router is not None else load_router(config), config.router.max_route_tokens)
+    set_cpu_threads(config.router.threads)
+    scorer = RouterScorer(router if router is not None else load_router(config), config.router.max_route_tokens,
+                          config.router.prefix_cache_mb)
     scorer.warm_up()
     return create_app(config, scorer)

@@ -7,6 +7,8 @@
       max_route_tokens: null             # routing window; null: the checkpoint's, or 512 if it records none
       deadline_ms: 2000                  # routing deadline; past it the request goes to default_target
       default_target: null               # null: the strongest target (see sessions.strength)
+      threads: null                      # torch CPU threads for the encoder; null: every core it may use
+      prefix_cache_mb: 256                # reuse of prompt prefixes seen before (turns, system prompts); 0: off
     sessions: {mode: first_turn, ttl_s: 3600, max_sessions: 100000, escalate_only: false, strength: null}
     presets:                             # `model: "router:<name>"` picks one of these per request
       best: {lam: 0}                     # policy omitted: the default policy's kind, with this lambda
@@ -69,6 +71,11 @@ class RouterSection(BaseModel):
     # Past this, a routed request goes to default_target (null: no deadline).
     deadline_ms: float | None = Field(default=2000.0, gt=0)
     default_target: str | None = None  # null: the strongest routed target (sessions.strength)
+    # torch CPU threads for the encoder; null: every core this process may use. See docs/serving.md "Threads".
+    threads: int | None = Field(default=None, ge=1)
+    # Prefix reuse (features/prefix_cache.py): MB of cached prompt prefixes (keys, values and running sums);
+    # a turn or request that starts like an earlier one computes only its new tokens. 0 turns it off.
+    prefix_cache_mb: float = Field(default=256.0, ge=0)
 
 
 class Sessions(BaseModel):

@@ -309,9 +309,10 @@ class RouterScorer:
     max_route_tokens: the routing window. A checkpoint trained on windowed features serves with its own window
     (a different number is refused). A checkpoint trained on whole prompts is served with this window (default
     DEFAULT_MAX_ROUTE_TOKENS) so that a long prompt costs bounded time; `window_source` says which applies.
+    prefix_cache_mb: prefix reuse in the encoder (features/prefix_cache.py); 0 turns it off.
     """
 
-    def __init__(self, router, max_route_tokens: int | None = None):
+    def __init__(self, router, max_route_tokens: int | None = None, prefix_cache_mb: float = 0):
         from prefill_router.errors import ConfigError
 
         # A shallow copy: the serving window's encoder (see _apply_window) is set on this copy only.
@@ -323,11 +324,14 @@ class RouterScorer:
                               f"routing window of {trained} tokens; use {trained} (or leave it unset)")
         self.max_route_tokens = trained or max_route_tokens or DEFAULT_MAX_ROUTE_TOKENS
         self.window_source = "checkpoint" if trained else "serving"
+        self.prefix_cache_mb = prefix_cache_mb
 
     def warm_up(self) -> None:
         """Load the encoder now (the router loads it lazily) and run one forward, so the first request is fast."""
         self.router.predict_batch([[{"role": "user", "content": "warm up"}]])
         self._apply_window()
+        if hasattr(self.router.encoder, "use_prefix_cache"):  # local encoders only; a remote one has its own
+            self.router.encoder.use_prefix_cache(self.prefix_cache_mb)
 
     def _apply_window(self) -> None:
         """Give a router trained on whole prompts an encoder that reads the serving window: the same model and
