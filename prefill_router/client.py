@@ -35,7 +35,7 @@ from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from prefill_router.errors import PrefillRouterError
+from prefill_router.errors import ConfigError, PrefillRouterError
 from prefill_router.serve.config import GatewayConfig, load_gateway_config, parse_gateway_config
 from prefill_router.serve.engine import RouterScorer, routed_window, routing_messages
 from prefill_router.serve.models import resolve_model
@@ -377,7 +377,7 @@ class Client:
         choice = resolve_model(model, self._targets, self.config.presets,
                                default_policy=self.config.router.policy, default_lam=self.config.router.lam)
         if choice.pinned is not None:
-            raise ValueError(f"model '{model}' is a target, not a router alias")
+            raise ConfigError(f"model '{model}' is a target, not a router alias")
         return self.router.route(self._routing_text(messages), policy=choice.policy, lam=choice.lam)
 
     def _routing_text(self, messages: list[dict]) -> list[dict]:

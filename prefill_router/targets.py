@@ -46,7 +46,7 @@ class TargetConfig(BaseModel):
     @classmethod
     def _http_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+            raise ConfigError("must start with http:// or https://")
         return v.rstrip("/")
 
     @property

@@ -32,13 +32,17 @@ FILES = {
     "gw_no_client_keys.yaml": GATEWAY_NO_CLIENT_KEYS,
     "prompts.jsonl": '{"prompt_id": "1", "prompt": "2+2?", "answer": "B"}\n',
     "prompts51.jsonl": '{"prompt_id": "1", "prompt": "17+34?", "answer": "51"}\n',
+    "gw_two_problems.yaml": "router: {checkpoint: x, bogus: 1}\ntargets: []\n",
+    "afile": "not a folder\n",
 }
+DIRS = ["adir"]  # a folder given where a file is expected
 
 # (arguments, a piece of the one-line error that names the problem)
 CASES = [
     ("data validate missing.csv", "missing.csv: file not found"),
     ("data validate bad.csv", "bad.csv, line 2, field 'score'"),
     ("data stats --builtin nope", "argument --builtin: invalid choice: 'nope'"),
+    ("data stats bad.csv", "bad.csv, line 2, field 'score'"),
     ("extract --data missing.csv --out out", "--data: 'missing.csv' is neither"),
     ("extract --data mmlu-pro --limit abc --out out", "argument --limit: invalid int value: 'abc'"),
     ("probe --features missing --dataset mmlu-pro --out out", "--features: missing does not exist"),
@@ -48,6 +52,10 @@ CASES = [
     ("pipeline --pools nope --out out", "--pools: unknown pool(s) ['nope']"),
     ("serve --config missing.yaml", "missing.yaml: file not found"),
     ("serve --config broken.yaml", "broken.yaml: cannot parse"),
+    # OSErrors (not our own error classes) are one line too: a folder where a file belongs.
+    ("serve --config adir", "adir: Is a directory"),
+    # A config error lists each problem on its own line in the library; the command joins them into one.
+    ("serve --config gw_two_problems.yaml", "router.bogus: Extra inputs are not permitted; targets: List should"),
     ("serve --config gw_no_key.yaml --check", "targets.0.api_key_env: environment variable PR_TEST_UNSET_KEY"),
     ("serve --config gw_no_client_keys.yaml", "auth.keys_env: environment variable PR_TEST_UNSET_GATEWAY_KEYS"),
     ("serve --config gw_no_checkpoint.yaml --check", "no-such-router/router.json: file not found"),
@@ -56,6 +64,7 @@ CASES = [
     ("collect --prompts missing.jsonl --targets gw_no_checkpoint.yaml --judge choice --out o.jsonl",
      "missing.jsonl: file not found"),
     ("collect --prompts prompts.jsonl --targets broken.yaml --judge choice --out o.jsonl", "broken.yaml: cannot parse"),
+    ("collect --prompts adir --targets gw_no_checkpoint.yaml --judge choice --out o.jsonl", "adir: Is a directory"),
     ("collect --prompts prompts.jsonl --targets gw_no_key.yaml --judge choice --out o.jsonl --dry-run",
      "environment variable PR_TEST_UNSET_KEY is not set"),
     ("collect --prompts prompts51.jsonl --targets gw_no_checkpoint.yaml --judge choice --out o.jsonl --dry-run",
@@ -69,6 +78,8 @@ def workdir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad-input")
     for name, text in FILES.items():
         (folder / name).write_text(text)
+    for name in DIRS:
+        (folder / name).mkdir()
     return folder
 
 
@@ -87,6 +98,15 @@ def test_bad_input_is_one_line_naming_the_problem(args, names, workdir):
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert names in lines[0]
     assert not (workdir / "out").exists() and not (workdir / "o.jsonl").exists()
+
+
+def test_every_subcommand_gets_bad_input_above():
+    """A new subcommand needs its own bad-input case here."""
+    leaves = {name for name, sub in _subcommand_parsers(build_parser())
+              if not any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)}
+    covered = {" ".join(args.split()[:2]) if args.startswith("data ") else args.split()[0] for args, _ in CASES}
+    assert leaves <= covered, f"no bad-input case for {sorted(leaves - covered)}"
+    assert len(leaves) >= 10
 
 
 def test_serve_check_fails_on_an_unset_key_before_reading_the_checkpoint(workdir):

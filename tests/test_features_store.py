@@ -54,7 +54,7 @@ def test_store_holds_the_encoder_output_and_is_a_cache_hit(encoder, expected, tm
     np.testing.assert_allclose(fs.get("mean"), expected["mean"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fs.get("last", layers=[2, 0]), expected["last"][:, [2, 0]], rtol=1e-5, atol=1e-6)
     assert (fs.tokens == encoder.count_tokens(PROMPTS)).all()
-    with pytest.raises(KeyError, match="hidden state"):
+    with pytest.raises(ConfigError, match="hidden state"):
         fs.get("mean", layers=[5])
     # Same prompts, same spec (or a subset of what is stored): nothing is computed again.
     sizes = count_forwards(monkeypatch, encoder)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from prefill_router.errors import ConfigError
+from prefill_router.errors import ConfigError, DataError
 from prefill_router.router.base import out_of_fold_proba
+from prefill_router.router.baselines import check_labels
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble, masked_bce, split_labels
 
@@ -48,8 +49,11 @@ def test_masked_bce_is_the_mean_over_observed_entries_and_ignores_missing_ones()
 
 
 def test_split_labels_rejects_labels_outside_unit_interval():
-    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+    # The same DataError as every baseline predictor's check_labels gives for the same bad labels.
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
         split_labels(np.array([[0.0, 1.5]]))
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        check_labels(np.array([[0.0, 1.5]]))
 
 
 def test_rows_without_any_label_change_nothing():

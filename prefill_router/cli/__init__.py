@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import warnings
 
@@ -48,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prefill-router {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"prefill_router.cli.{name.replace('-', '_')}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"prefill_router.cli.{name.replace('-', '_')}":
-                continue  # stage not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"prefill_router.cli.{name.replace('-', '_')}").register(sub)
     return parser
 
 
@@ -62,9 +57,26 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+class _StderrHandler(logging.Handler):
+    """Library log records as bare lines on the current sys.stderr (looked up per record, so output captured
+    by a test or redirected after start-up still gets them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    # The library logs progress notes (resuming a store, ...) at INFO; the command shows them as plain lines.
+    log = logging.getLogger("prefill_router")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Warnings meant for the user (e.g. training without prices) read as one line, not a source location.
     warnings.formatwarning = _one_line_warning
+    _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -74,11 +86,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PrefillRouterError as exc:
         # Our own errors already name the problem; a traceback would bury it.
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A missing file, a folder where a file was expected, no permission: the user's to fix, so one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{_one_line(exc.strerror or str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    """A multi-line message (a config error: a title, then one problem per line) as one line."""
+    parts = [part.strip() for part in message.splitlines() if part.strip()]
+    if len(parts) < 2:
+        return message.strip()
+    return f"{parts[0].rstrip(':')}: {'; '.join(parts[1:])}"
 
 
 if __name__ == "__main__":

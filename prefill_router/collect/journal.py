@@ -97,7 +97,7 @@ class Journal:
             try:
                 record = json.loads(raw)
                 if not isinstance(record, dict) or "prompt_id" not in record or "target" not in record:
-                    raise ValueError("not a record")
+                    raise DataError("not a record")
             except ValueError as exc:
                 if is_last:  # unterminated final line: the write that was in progress when the run died
                     break

@@ -16,6 +16,8 @@ import string
 import unicodedata
 from collections.abc import Callable, Sequence
 
+from prefill_router.errors import ConfigError, DataError
+
 Reference = str | int | float | Sequence[str | int | float]
 
 # MMLU-Pro has up to 10 options (A-J); most multiple-choice sets use A-D.
@@ -106,11 +108,11 @@ def extract_choice(text: str, letters: str = DEFAULT_LETTERS) -> str | None:
 def _reference_letter(reference: Reference, letters: str) -> str:
     if isinstance(reference, int) and not isinstance(reference, bool):
         if not 0 <= reference < len(letters):
-            raise ValueError(f"choice reference index {reference} is outside 0..{len(letters) - 1}")
+            raise DataError(f"choice reference index {reference} is outside 0..{len(letters) - 1}")
         return letters[reference]
     ref = extract_choice(str(reference), letters)
     if ref is None:
-        raise ValueError(f"choice reference {reference!r} is not a letter among {letters}")
+        raise DataError(f"choice reference {reference!r} is not a letter among {letters}")
     return ref
 
 
@@ -194,7 +196,7 @@ def extract_number(text: str, *, fractions: bool = True) -> float | None:
 def _as_list(reference: Reference) -> list:
     if isinstance(reference, (list, tuple)):
         if not reference:
-            raise ValueError("reference list is empty")
+            raise DataError("reference list is empty")
         return list(reference)
     return [reference]
 
@@ -208,7 +210,7 @@ def judge_numeric(answer: str, reference: Reference, *, rel_tol: float = 1e-6, a
     for ref in _as_list(reference):
         want = extract_number(ref, fractions=fractions)
         if want is None:
-            raise ValueError(f"numeric reference {ref!r} contains no number")
+            raise DataError(f"numeric reference {ref!r} contains no number")
         if math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol):
             return 1.0
     return 0.0
@@ -245,7 +247,7 @@ def judge_exact(answer: str, reference: Reference) -> float:
     got = normalize_text(_strip_answer_prefix(answer))
     refs = [normalize_text(str(r)) for r in _as_list(reference)]
     if not all(refs):
-        raise ValueError(f"exact reference {reference!r} is empty after normalisation")
+        raise DataError(f"exact reference {reference!r} is empty after normalisation")
     return float(got in refs)
 
 
@@ -257,7 +259,7 @@ def judge_contains(answer: str, reference: Reference) -> float:
     for ref in _as_list(reference):
         want = normalize_text(str(ref))
         if not want:
-            raise ValueError(f"contains reference {ref!r} is empty after normalisation")
+            raise DataError(f"contains reference {ref!r} is empty after normalisation")
         if f" {want} " in got:
             return 1.0
     return 0.0
@@ -284,10 +286,10 @@ def check_reference(kind: str, reference: Reference, *, letters: str = DEFAULT_L
     elif kind == "numeric":
         for ref in _as_list(reference):
             if extract_number(ref) is None:
-                raise ValueError(f"numeric reference {ref!r} contains no number")
+                raise DataError(f"numeric reference {ref!r} contains no number")
     elif kind in ("exact", "contains"):
         for ref in _as_list(reference):
             if not normalize_text(str(ref)):
-                raise ValueError(f"{kind} reference {ref!r} is empty after normalisation")
+                raise DataError(f"{kind} reference {ref!r} is empty after normalisation")
     elif kind not in MODEL_JUDGES:
-        raise ValueError(f"unknown judge {kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+        raise ConfigError(f"unknown judge {kind!r}; choose one of {', '.join(JUDGE_KINDS)}")

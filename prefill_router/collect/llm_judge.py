@@ -27,7 +27,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefill_router.collect.openai_api import RateLimiter, RetryPolicy, Sleep, chat_completion
-from prefill_router.errors import ConfigError
+from prefill_router.errors import ConfigError, DataError
 from prefill_router.targets import TargetConfig, read_config_file, validation_message
 
 DEFAULT_RUBRIC = (
@@ -74,7 +74,7 @@ def parse_judge_score(reply: str) -> float:
     "80%" reads as 0.8. Nothing else is guessed: "7/10" or "correct" are refused.
     """
     if not isinstance(reply, str) or not reply.strip():
-        raise ValueError("empty judge reply")
+        raise DataError("empty judge reply")
     text = reply.strip()
     value: float | None = None
     matches = list(_SCORE.finditer(text))
@@ -92,9 +92,9 @@ def parse_judge_score(reply: str) -> float:
         elif isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
             value = float(parsed)
     if value is None:
-        raise ValueError(f"no score in judge reply {text[:120]!r}")
+        raise DataError(f"no score in judge reply {text[:120]!r}")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"judge score {value:g} is outside [0, 1]")
+        raise DataError(f"judge score {value:g} is outside [0, 1]")
     return value
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from prefill_router.errors import ConfigError
 from prefill_router.targets import TargetConfig
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -50,9 +51,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+            raise ConfigError("max_attempts must be at least 1")
         if self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise ValueError("backoff_s and max_backoff_s must be >= 0")
+            raise ConfigError("backoff_s and max_backoff_s must be >= 0")
 
     def wait_s(self, attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float | None:
         """Seconds to wait after failed try number `attempt` (1-based); None: a Retry-After over the cap."""

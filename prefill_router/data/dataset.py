@@ -10,6 +10,7 @@ import numpy as np
 
 # Notes that describe how C was computed start with COST_NOTE_PREFIX, so that recomputing C can replace them.
 from prefill_router.data.prices import COST_NOTE_PREFIX
+from prefill_router.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from prefill_router.data.prices import CostModel, PriceTable
@@ -49,21 +50,21 @@ class RoutingDataset:
         if self.input_tokens is not None:
             self.input_tokens = np.asarray(self.input_tokens, dtype=np.float64)
             if self.input_tokens.shape != (n,):
-                raise ValueError(f"input_tokens has shape {self.input_tokens.shape}, expected ({n},)")
+                raise DataError(f"input_tokens has shape {self.input_tokens.shape}, expected ({n},)")
         if self.output_tokens is not None:
             self.output_tokens = np.asarray(self.output_tokens, dtype=np.float64)
             if self.output_tokens.shape != (n, k):
-                raise ValueError(f"output_tokens has shape {self.output_tokens.shape}, expected ({n}, {k})")
+                raise DataError(f"output_tokens has shape {self.output_tokens.shape}, expected ({n}, {k})")
         if len(self.prompts) != n:
-            raise ValueError(f"prompts has {len(self.prompts)} entries, prompt_ids has {n}")
+            raise DataError(f"prompts has {len(self.prompts)} entries, prompt_ids has {n}")
         if self.Y.shape != (n, k):
-            raise ValueError(f"Y has shape {self.Y.shape}, expected ({n}, {k})")
+            raise DataError(f"Y has shape {self.Y.shape}, expected ({n}, {k})")
         if self.C.shape != (n, k):
-            raise ValueError(f"C has shape {self.C.shape}, expected ({n}, {k})")
+            raise DataError(f"C has shape {self.C.shape}, expected ({n}, {k})")
         if self.groups is not None and len(self.groups) != n:
-            raise ValueError(f"groups has {len(self.groups)} entries, expected {n}")
+            raise DataError(f"groups has {len(self.groups)} entries, expected {n}")
         if len(set(self.targets)) != k:
-            raise ValueError(f"target names repeat: {self.targets}")
+            raise DataError(f"target names repeat: {self.targets}")
 
     @property
     def n(self) -> int:
@@ -93,7 +94,7 @@ class RoutingDataset:
     def select_targets(self, names: Sequence[str]) -> RoutingDataset:
         unknown = [t for t in names if t not in self.targets]
         if unknown:
-            raise KeyError(f"unknown target(s) {unknown}; known: {self.targets}")
+            raise ConfigError(f"unknown target(s) {unknown}; known: {self.targets}")
         cols = [self.targets.index(t) for t in names]
         return RoutingDataset(self.prompt_ids, self.prompts, list(names), self.Y[:, cols], self.C[:, cols],
                               self.groups, list(self.notes), input_tokens=self.input_tokens,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from prefill_router.errors import DataError
+from prefill_router.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from prefill_router.data.dataset import RoutingDataset
@@ -179,7 +179,7 @@ class CostModel:
     def __post_init__(self) -> None:
         self.median_output_tokens = np.asarray(self.median_output_tokens, dtype=np.float64)
         if self.median_output_tokens.shape != (len(self.targets),):
-            raise ValueError(f"median_output_tokens has shape {self.median_output_tokens.shape}, "
+            raise DataError(f"median_output_tokens has shape {self.median_output_tokens.shape}, "
                              f"expected ({len(self.targets)},)")
         for t in self.targets:
             self.prices[t]  # raises a DataError naming an unpriced target now, not at first use
@@ -194,7 +194,7 @@ class CostModel:
         """
         if isinstance(data, np.ndarray) or not hasattr(data, "targets"):
             if prices is None or targets is None:
-                raise ValueError("CostModel.fit on an array needs prices= and targets=")
+                raise ConfigError("CostModel.fit on an array needs prices= and targets=")
             output_tokens = np.asarray(data, dtype=np.float64)
             targets = list(targets)
         else:
@@ -205,7 +205,7 @@ class CostModel:
             output_tokens = (np.full((data.n, data.k), np.nan) if data.output_tokens is None
                              else data.output_tokens)
         if output_tokens.ndim != 2 or output_tokens.shape[1] != len(targets):
-            raise ValueError(f"output tokens have shape {output_tokens.shape}, expected (N, {len(targets)})")
+            raise DataError(f"output tokens have shape {output_tokens.shape}, expected (N, {len(targets)})")
         rows = np.arange(len(output_tokens)) if train_rows is None else np.asarray(train_rows)
         scope = "all rows" if train_rows is None else f"{len(rows)} training rows"
         known = output_tokens[rows]

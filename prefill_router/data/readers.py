@@ -158,9 +158,9 @@ def _number(value, what: str) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} {value!r} is not a number") from None
+        raise DataError(f"{what} {value!r} is not a number") from None
     if not math.isfinite(number):
-        raise ValueError(f"{what} {value!r} is not a finite number")
+        raise DataError(f"{what} {value!r} is not a finite number")
     return number
 
 
@@ -169,7 +169,7 @@ def _prompt(value):
     if isinstance(value, np.ndarray):  # Parquet returns list columns as arrays
         value = value.tolist()
     if _missing(value):
-        raise ValueError("empty prompt")
+        raise DataError("empty prompt")
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -177,12 +177,12 @@ def _prompt(value):
         for j, message in enumerate(value):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                     or not isinstance(message.get("content"), str):
-                raise ValueError(f"chat message {j} must be an object with string 'role' and 'content'")
+                raise DataError(f"chat message {j} must be an object with string 'role' and 'content'")
             messages.append({"role": message["role"], "content": message["content"]})
         if not any(m["content"].strip() for m in messages):
-            raise ValueError("empty prompt (no chat message has content)")
+            raise DataError("empty prompt (no chat message has content)")
         return messages
-    raise ValueError(f"prompt must be text or a list of chat messages, got {type(value).__name__}")
+    raise DataError(f"prompt must be text or a list of chat messages, got {type(value).__name__}")
 
 
 def _prompt_key(prompt) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from prefill_router.errors import ConfigError, DataError
 from prefill_router.evaluate import metrics
 from prefill_router.evaluate.report import Report, ReportRow
 from prefill_router.evaluate.sweep import DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve
@@ -80,27 +81,27 @@ def _row_count(X: Any) -> int:
     try:
         return len(X)
     except TypeError:
-        raise ValueError(f"contender input X must be row-indexable with a length, got {type(X).__name__}") from None
+        raise DataError(f"contender input X must be row-indexable with a length, got {type(X).__name__}") from None
 
 
 def _check_folds(folds: Sequence[tuple], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     if not len(folds):
-        raise ValueError("folds is empty; pass at least one (train_idx, test_idx) pair")
+        raise ConfigError("folds is empty; pass at least one (train_idx, test_idx) pair")
     out = []
     for f, pair in enumerate(folds):
         try:
             train, test = pair
         except (TypeError, ValueError):
-            raise ValueError(f"fold {f} must be a (train_idx, test_idx) pair") from None
+            raise ConfigError(f"fold {f} must be a (train_idx, test_idx) pair") from None
         train, test = np.asarray(train, dtype=np.int64).ravel(), np.asarray(test, dtype=np.int64).ravel()
         if not train.size or not test.size:
-            raise ValueError(f"fold {f} has {train.size} training and {test.size} test rows; both need rows")
+            raise ConfigError(f"fold {f} has {train.size} training and {test.size} test rows; both need rows")
         for name, idx in (("train", train), ("test", test)):
             if idx.min() < 0 or idx.max() >= n:
-                raise ValueError(f"fold {f} {name} indices fall outside [0, {n - 1}]")
+                raise ConfigError(f"fold {f} {name} indices fall outside [0, {n - 1}]")
         overlap = np.intersect1d(train, test)
         if overlap.size:
-            raise ValueError(f"fold {f}: {overlap.size} rows are in both train and test (e.g. row {overlap[0]})")
+            raise ConfigError(f"fold {f}: {overlap.size} rows are in both train and test (e.g. row {overlap[0]})")
         out.append((train, test))
     return out
 
@@ -113,7 +114,7 @@ def _predict(contender: Contender, rows_fit: np.ndarray, rows_pred: list[np.ndar
     for rows in rows_pred:
         P = np.asarray(predictor.predict_proba(take_rows(contender.X, rows)), dtype=np.float64)
         if P.shape != (rows.size, Y.shape[1]):
-            raise ValueError(f"contender {contender.name!r}, fold {fold}: predict_proba returned shape {P.shape}, "
+            raise DataError(f"contender {contender.name!r}, fold {fold}: predict_proba returned shape {P.shape}, "
                              f"expected ({rows.size}, {Y.shape[1]})")
         outs.append(P)
     return predictor, outs
@@ -168,28 +169,28 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
     Each router row keeps its held-out predictions in memory as `ReportRow.predictions` [(test_idx, P)].
     """
     if not 0 <= calibration_holdout < 1:
-        raise ValueError(f"calibration_holdout must be in [0, 1), got {calibration_holdout!r}")
+        raise ConfigError(f"calibration_holdout must be in [0, 1), got {calibration_holdout!r}")
     Y = np.asarray(Y, dtype=np.float64)
     C = np.asarray(C, dtype=np.float64)
     if Y.ndim != 2 or Y.shape != C.shape:
-        raise ValueError(f"Y and C must share one [N, K] shape; got {Y.shape} and {C.shape}")
+        raise DataError(f"Y and C must share one [N, K] shape; got {Y.shape} and {C.shape}")
     n, k = Y.shape
     targets = list(targets) if targets is not None else [f"target_{j}" for j in range(k)]
     if len(targets) != k:
-        raise ValueError(f"targets names {len(targets)} entries, Y has {k} columns")
+        raise DataError(f"targets names {len(targets)} entries, Y has {k} columns")
     names = [c.name for c in contenders]
     fixed = {"random", "best single", "oracle"}
     clash = sorted({n_ for n_ in names if names.count(n_) > 1} | (set(names) & fixed))
     if clash:
-        raise ValueError(f"contender names must be unique and differ from the fixed rows {sorted(fixed)}: {clash}")
+        raise ConfigError(f"contender names must be unique and differ from the fixed rows {sorted(fixed)}: {clash}")
     for c in contenders:
         if _row_count(c.X) != n:
-            raise ValueError(f"contender {c.name!r}: X has {_row_count(c.X)} rows, Y has {n}")
+            raise DataError(f"contender {c.name!r}: X has {_row_count(c.X)} rows, Y has {n}")
     folds = _check_folds(folds, n)
     if groups is not None:
         groups = np.asarray([str(g) for g in groups], dtype=object)
         if groups.shape != (n,):
-            raise ValueError(f"groups has {groups.size} entries, Y has {n} rows")
+            raise DataError(f"groups has {groups.size} entries, Y has {n} rows")
     grid = DEFAULT_LAMBDAS if lambdas is None else np.asarray(lambdas, dtype=np.float64)
 
     per_fold: dict[str, list[dict]] = {name: [] for name in ["random", "best single", "oracle", *names]}

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 from scipy.stats import rankdata
 
+from prefill_router.errors import ConfigError, DataError
+
 # ----------------------------------------------------------------------------------------------------------------
 # input checks
 
@@ -24,27 +26,27 @@ from scipy.stats import rankdata
 def _matrix(name: str, a, k: int | None = None) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, K], got shape {a.shape}")
+        raise DataError(f"{name} must be a 2-D array [N, K], got shape {a.shape}")
     if k is not None and a.shape[1] != k:
-        raise ValueError(f"{name} has {a.shape[1]} columns, expected {k}")
+        raise DataError(f"{name} has {a.shape[1]} columns, expected {k}")
     return a
 
 
 def _same_shape(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"{name_a} has shape {a.shape} but {name_b} has shape {b.shape}")
+        raise DataError(f"{name_a} has shape {a.shape} but {name_b} has shape {b.shape}")
 
 
 def _choice(choice, n: int, k: int) -> np.ndarray:
     choice = np.asarray(choice)
     if choice.shape != (n,):
-        raise ValueError(f"choice must have shape ({n},), got {choice.shape}")
+        raise DataError(f"choice must have shape ({n},), got {choice.shape}")
     if choice.size and not np.issubdtype(choice.dtype, np.integer):
         if not np.all(np.equal(np.mod(choice, 1), 0)):
-            raise ValueError("choice must hold integer target indices")
+            raise DataError("choice must hold integer target indices")
         choice = choice.astype(np.int64)
     if choice.size and (choice.min() < 0 or choice.max() >= k):
-        raise ValueError(f"choice holds target indices outside [0, {k - 1}]")
+        raise DataError(f"choice holds target indices outside [0, {k - 1}]")
     return choice.astype(np.int64)
 
 
@@ -109,7 +111,7 @@ def expected_calibration_error(Y, P, bins: int = 10) -> np.ndarray:
     A prediction p falls in bin min(floor(p * bins), bins - 1), so p = 1 lands in the last bin.
     """
     if int(bins) != bins or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+        raise ConfigError(f"bins must be a positive integer, got {bins!r}")
     Y = _matrix("Y", Y)
     P = _matrix("P", P)
     _same_shape("Y", Y, "P", P)
@@ -162,7 +164,7 @@ def routing_distribution(choice, K: int) -> np.ndarray:
     """[K] fraction of rows routed to each target."""
     choice = np.asarray(choice, dtype=np.int64)
     if choice.size and (choice.min() < 0 or choice.max() >= K):
-        raise ValueError(f"choice holds target indices outside [0, {K - 1}]")
+        raise DataError(f"choice holds target indices outside [0, {K - 1}]")
     if not choice.size:
         return np.zeros(K)
     return np.bincount(choice, minlength=K) / choice.size
@@ -216,7 +218,7 @@ def best_single(Y, C) -> tuple[int, float, float]:
     acc = target_accuracy(Y)
     cost = target_cost(C)
     if np.all(np.isnan(acc)):
-        raise ValueError("no target has any label, so there is no best single target")
+        raise DataError("no target has any label, so there is no best single target")
     order = np.lexsort((np.arange(acc.size), np.nan_to_num(cost, nan=np.inf), -np.nan_to_num(acc, nan=-np.inf)))
     k = int(order[0])
     return k, float(acc[k]), float(cost[k])
@@ -226,7 +228,7 @@ def most_expensive(C) -> tuple[int, float]:
     """The target with the highest mean cost (ties: lower index). Returns (index, its mean cost in USD)."""
     cost = target_cost(C)
     if np.all(np.isnan(cost)):
-        raise ValueError("no target has a known cost")
+        raise DataError("no target has a known cost")
     k = int(np.nanargmax(cost))
     return k, float(cost[k])
 
@@ -279,11 +281,11 @@ def _pair(y_weak, y_strong, score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y_strong = np.asarray(y_strong, dtype=np.float64).ravel()
     score = np.asarray(score, dtype=np.float64).ravel()
     if not (y_weak.size == y_strong.size == score.size):
-        raise ValueError(f"y_weak, y_strong and score must have one entry per prompt; got "
+        raise DataError(f"y_weak, y_strong and score must have one entry per prompt; got "
                          f"{y_weak.size}, {y_strong.size}, {score.size}")
     keep = ~(np.isnan(y_weak) | np.isnan(y_strong) | np.isnan(score))
     if not keep.any():
-        raise ValueError("no prompt has both labels and a score")
+        raise DataError("no prompt has both labels and a score")
     return y_weak[keep], y_strong[keep], score[keep]
 
 
@@ -309,7 +311,7 @@ def routellm_curve(y_weak, y_strong, score, num_results: int = 10) -> dict[str, 
     (arrays of num_results + 1 points), and `weak_accuracy`, `strong_accuracy` over the same rows.
     """
     if int(num_results) != num_results or num_results < 1:
-        raise ValueError(f"num_results must be a positive integer, got {num_results!r}")
+        raise ConfigError(f"num_results must be a positive integer, got {num_results!r}")
     y_weak, y_strong, score = _pair(y_weak, y_strong, score)
     edges = np.quantile(score, np.linspace(0.0, 1.0, int(num_results) + 1))
     fractions, accs = [], []
@@ -365,7 +367,7 @@ def cpt(y_weak, y_strong, score, pgr: float = 0.5, num_results: int = 10,
     if rule == "routellm":
         return float(np.interp(target, acc, x))
     if rule != "first_crossing":
-        raise ValueError(f"rule must be 'first_crossing' or 'routellm', got {rule!r}")
+        raise ConfigError(f"rule must be 'first_crossing' or 'routellm', got {rule!r}")
     if acc[0] >= target:
         return float(x[0])
     for i in range(1, x.size):
@@ -400,11 +402,11 @@ def convex_hull(costs, accs) -> tuple[np.ndarray, np.ndarray]:
     costs = np.asarray(costs, dtype=np.float64).ravel()
     accs = np.asarray(accs, dtype=np.float64).ravel()
     if costs.size != accs.size:
-        raise ValueError(f"costs has {costs.size} points but accs has {accs.size}")
+        raise DataError(f"costs has {costs.size} points but accs has {accs.size}")
     keep = ~(np.isnan(costs) | np.isnan(accs))
     costs, accs = costs[keep], accs[keep]
     if not costs.size:
-        raise ValueError("no (cost, accuracy) point without NaN")
+        raise DataError("no (cost, accuracy) point without NaN")
     order = np.lexsort((-accs, costs))  # by cost, then most accurate first
     # Pareto front: each kept point is strictly more accurate than every cheaper one
     front: list[tuple[float, float]] = []
@@ -441,7 +443,7 @@ def aiq(costs, accs, cost_range: tuple[float, float] | None = None) -> float:
     else:
         lo, hi = map(float, cost_range)
         if not hi >= lo:
-            raise ValueError(f"cost_range must be (low, high) with high >= low, got {cost_range}")
+            raise ConfigError(f"cost_range must be (low, high) with high >= low, got {cost_range}")
     if hi == lo:
         return float(np.interp(lo, hc, ha)) if lo >= hc[0] else 0.0
     start = max(lo, hc[0])

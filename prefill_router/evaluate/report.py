@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prefill_router.errors import DataError
 from prefill_router.evaluate.sweep import Curve
 
 FORMAT_VERSION = 1
@@ -158,7 +159,7 @@ class Report:
     @classmethod
     def from_dict(cls, d: dict) -> Report:
         if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"report format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
+            raise DataError(f"report format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
         d = _unclean(d)
         rows = [ReportRow(r["name"], r["kind"], r["folds"], r["curves"], r["distributions"],
                           by_group=r.get("by_group", [])) for r in d["rows"]]
@@ -177,7 +178,7 @@ class Report:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+            raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
         return cls.from_dict(data)
 
     # ------------------------------------------------------------------ presentation

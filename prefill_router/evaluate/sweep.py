@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prefill_router.errors import ConfigError, DataError
 from prefill_router.evaluate import metrics
 from prefill_router.router.policy import DEFAULT_LAMBDAS, TolerancePolicy, UtilityPolicy
 
@@ -69,7 +70,7 @@ def make_policy(policy: str, param: float, cost_scale: float | None = None):
         return UtilityPolicy(float(param), cost_scale)
     if policy == "tolerance":
         return TolerancePolicy(float(param))
-    raise ValueError(f"policy must be 'utility' or 'tolerance' for a sweep, got {policy!r}")
+    raise ConfigError(f"policy must be 'utility' or 'tolerance' for a sweep, got {policy!r}")
 
 
 def cost_quality_curve(P, Y, C, policy: str = "utility", grid=None,
@@ -82,12 +83,12 @@ def cost_quality_curve(P, Y, C, policy: str = "utility", grid=None,
     Y = np.asarray(Y, dtype=np.float64)
     C = np.asarray(C, dtype=np.float64)
     if not (P.shape == Y.shape == C.shape) or P.ndim != 2:
-        raise ValueError(f"P, Y and C must share one [N, K] shape; got {P.shape}, {Y.shape}, {C.shape}")
+        raise DataError(f"P, Y and C must share one [N, K] shape; got {P.shape}, {Y.shape}, {C.shape}")
     if grid is None:
         grid = DEFAULT_LAMBDAS if policy == "utility" else DEFAULT_TOLERANCES
     grid = np.asarray(grid, dtype=np.float64).ravel()
     if not grid.size:
-        raise ValueError("the sweep grid is empty")
+        raise ConfigError("the sweep grid is empty")
     k = P.shape[1]
     acc, cost, dist, missing = [], [], [], []
     for value in grid:

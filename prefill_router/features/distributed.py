@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,8 @@ from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_lis
 from prefill_router.features.extract import fill_rows, open_store
 from prefill_router.features.store import FeatureSet, FeatureStore
 from prefill_router.features.template import as_messages, render
+
+log = logging.getLogger(__name__)
 
 RAY_MISSING = "the Ray engine needs Ray: pip install 'prefill-router[ray]'"
 SHARDS_DIR = "shards"
@@ -209,7 +211,7 @@ def _valid_shard(path: Path, expected: dict[str, str], store: FeatureSet, rows: 
                     return False
             return tuple(f.get_slice("rows").get_shape()) == (rows,)
     except Exception as exc:  # a damaged file is recomputed, not trusted
-        print(f"ignoring damaged shard {path.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        log.warning("ignoring damaged shard %s: %s: %s", path.name, type(exc).__name__, exc)
         return False
 
 
@@ -404,8 +406,7 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
     if not todo:
         return run
     if len(todo) < plan.count:
-        print(f"resuming {store.path}: {plan.count - len(todo)} of {plan.count} shards already done",
-              file=sys.stderr)
+        log.info("resuming %s: %d of %d shards already done", store.path, plan.count - len(todo), plan.count)
     ray, started_here = _connect(address, num_cpus)
     try:
         n_actors, cpus, gpus, threads = _actor_resources(ray, shape.spec, actors, cpus_per_actor,

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from prefill_router.errors import ConfigError
 from prefill_router.features.encoder import Encoder, _as_prompt_list, _check_poolings
 from prefill_router.features.store import FeatureSet, FeatureStore, identity_diff, is_store, remove_store
 from prefill_router.features.template import prompt_hashes
+
+log = logging.getLogger(__name__)
 
 
 def loadable_spec(spec) -> dict:
@@ -72,7 +74,7 @@ def open_store(prompts: list, encoder: Encoder, path: Path, *, poolings=None, la
             if not overwrite:
                 raise ConfigError(f"feature store {path} cannot be reused: {reason}. Pass overwrite=True "
                                   f"(--overwrite) to replace it, or choose another output folder")
-            print(f"replacing feature store {path}: {reason}", file=sys.stderr)
+            log.info("replacing feature store %s: %s", path, reason)
             remove_store(path)
             existing = None
     if existing is None:
@@ -102,7 +104,7 @@ def extract_to_store(prompts: Sequence[Any], encoder: Encoder, path: str | Path,
         store.close()
         return FeatureSet.open(path)
     if len(todo) < len(prompts):
-        print(f"resuming {path}: {len(prompts) - len(todo)} of {len(prompts)} rows already done", file=sys.stderr)
+        log.info("resuming %s: %d of %d rows already done", path, len(prompts) - len(todo), len(prompts))
     fill_rows(store, encoder, [prompts[i] for i in todo], todo, batch_tokens=batch_tokens, progress=progress)
     tokens = store.tokens
     store.set_manifest_fields(truncated_rows=int((tokens > encoder.max_tokens).sum()))

@@ -143,13 +143,13 @@ class FeatureSet:
     def layers_index(self, pooling: str, layers: Sequence[int] | None = None) -> list[int]:
         """Positions in the stored array of the requested hidden-state indices."""
         if pooling not in self.hidden_states:
-            raise KeyError(f"pooling {pooling!r} not in this feature set (has {', '.join(self.poolings)})")
+            raise ConfigError(f"pooling {pooling!r} not in this feature set (has {', '.join(self.poolings)})")
         held = self.hidden_states[pooling]
         if layers is None:
             return list(range(len(held)))
         missing = [layer for layer in layers if layer not in held]
         if missing:
-            raise KeyError(f"hidden state(s) {missing} not stored for pooling {pooling!r} (holds {held})")
+            raise ConfigError(f"hidden state(s) {missing} not stored for pooling {pooling!r} (holds {held})")
         return [held.index(layer) for layer in layers]
 
     def get(self, pooling: str, layers: Sequence[int] | None = None,
@@ -181,7 +181,7 @@ class FeatureStore(FeatureSet):
         if dtype not in STORE_DTYPES:
             raise ConfigError(f"dtype: {dtype!r} is not a store dtype ({', '.join(STORE_DTYPES)})")
         if prompt_hashes is not None and len(prompt_hashes) != rows:
-            raise ValueError(f"{len(prompt_hashes)} prompt hashes for {rows} rows")
+            raise DataError(f"{len(prompt_hashes)} prompt hashes for {rows} rows")
         if path.exists() and any(path.iterdir()) and not is_store(path) and not _only_store_files(path):
             raise ConfigError(f"output folder {path} exists and is not a feature store; choose an empty folder")
         if is_store(path):

@@ -21,16 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefill_router.errors import ConfigError
+from prefill_router.errors import ConfigError, DataError
 
 
 def _inputs(P, C) -> tuple[np.ndarray, np.ndarray]:
     P = np.asarray(P, dtype=np.float64)
     C = np.asarray(C, dtype=np.float64)
     if P.ndim != 2:
-        raise ValueError(f"P must be a 2-D array [N, K], got shape {P.shape}")
+        raise DataError(f"P must be a 2-D array [N, K], got shape {P.shape}")
     if C.shape != P.shape:
-        raise ValueError(f"C has shape {C.shape} but P has shape {P.shape}")
+        raise DataError(f"C has shape {C.shape} but P has shape {P.shape}")
     return P, C
 
 
@@ -269,7 +269,7 @@ def calibrate_lambda(P_train, C_train, *, budget: float | None = None,
         raise ConfigError("calibrate_lambda needs exactly one of budget=<USD per query> or "
                           "share=(target_index, fraction)")
     if not P.shape[0]:
-        raise ValueError("calibrate_lambda needs at least one training row")
+        raise DataError("calibrate_lambda needs at least one training row")
 
     if budget is not None:
         if not np.isfinite(budget) or budget < 0:

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 from tqdm.auto import tqdm
 
-from prefill_router.errors import CheckpointError, ConfigError, invalid_config
+from prefill_router.errors import CheckpointError, ConfigError, DataError, invalid_config
+from prefill_router.router.baselines import check_labels
 
 
 class TrunkConfig(BaseModel):
@@ -47,11 +48,11 @@ class TrunkConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrunkConfig:
         if len(self.hidden) != len(self.dropout):
-            raise ValueError(f"hidden has {len(self.hidden)} layers but dropout has {len(self.dropout)} rates")
+            raise ConfigError(f"hidden has {len(self.hidden)} layers but dropout has {len(self.dropout)} rates")
         if self.keep > self.seeds:
-            raise ValueError(f"keep ({self.keep}) cannot exceed seeds ({self.seeds})")
+            raise ConfigError(f"keep ({self.keep}) cannot exceed seeds ({self.seeds})")
         if any(not 0 <= p < 1 for p in self.dropout):
-            raise ValueError(f"dropout rates must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout rates must be in [0, 1), got {self.dropout}")
         return self
 
     @classmethod
@@ -86,10 +87,8 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 def split_labels(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(targets with NaN replaced by 0, mask with 1 where a label exists), both float32."""
-    Y = np.asarray(Y, dtype=np.float64)
+    Y = check_labels(Y)  # the baselines' check, so a bad label is the same DataError for every predictor
     mask = np.isfinite(Y)
-    if mask.any() and (Y[mask].min() < 0 or Y[mask].max() > 1):
-        raise ConfigError(f"labels must lie in [0, 1] (or be NaN), got range [{Y[mask].min()}, {Y[mask].max()}]")
     return np.where(mask, Y, 0.0).astype(np.float32), mask.astype(np.float32)
 
 
@@ -129,15 +128,15 @@ class TrunkEnsemble:
         X = np.asarray(X, dtype=np.float32)
         Y = np.asarray(Y, dtype=np.float64)
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
-            raise ConfigError(f"fit needs X [N, D] and Y [N, K] with the same N, got {X.shape} and {Y.shape}")
+            raise DataError(f"fit needs X [N, D] and Y [N, K] with the same N, got {X.shape} and {Y.shape}")
         if not np.isfinite(X).all():
-            raise ConfigError("X contains NaN or infinite values")
+            raise DataError("X contains NaN or infinite values")
         # Rows with no label at all carry no information: dropping them first makes the result identical
         # to never having had them (the validation split included).
         labelled = np.isfinite(Y).any(axis=1)
         X, Y = X[labelled], Y[labelled]
         if len(X) < 2:
-            raise ConfigError(f"need at least 2 rows with a label to train, got {len(X)}")
+            raise DataError(f"need at least 2 rows with a label to train, got {len(X)}")
         targets, mask = split_labels(Y)
         n = len(X)
         order = np.random.default_rng(cfg.seed).permutation(n)
@@ -199,7 +198,7 @@ class TrunkEnsemble:
             raise ConfigError("the SharedTrunkNet ensemble is not fitted; call fit() first")
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.in_dim:
-            raise ConfigError(f"X must be [N, {self.in_dim}], got {X.shape}")
+            raise DataError(f"X must be [N, {self.in_dim}], got {X.shape}")
         # The members' weights stacked: three batched matmuls instead of ~40 torch module calls, which keeps
         # routing one prompt far under a millisecond (dropout is off at inference). Plain torch tensor ops, not
         # NumPy: after an encoder forward NumPy's BLAS threads would contend with torch's still-spinning ones.
