@@ -57,3 +57,23 @@ def reset_upstreams(upstreams: dict[str, FakeUpstream]) -> None:
     for name, up in upstreams.items():
         up.reset()
         up.default = Answer(f"answer from {name}")
+
+
+def upstream_targets(upstreams: dict[str, FakeUpstream]) -> list[dict]:
+    """Gateway `targets` entries for the fake upstreams, priced as PRICES."""
+    return [{"name": n, "base_url": up.base_url, "model": f"{n}-upstream", "timeout_s": 5,
+             "usd_per_m_input": PRICES[n][0], "usd_per_m_output": PRICES[n][1]} for n, up in upstreams.items()]
+
+
+def usage_cost(target: str, usage: dict) -> float:
+    """USD of one reply's usage at PRICES."""
+    usd_in, usd_out = PRICES[target]
+    return (usage["prompt_tokens"] * usd_in + usage["completion_tokens"] * usd_out) / 1e6
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of a Prometheus exposition's samples named `name` whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

@@ -94,10 +94,10 @@ def add_row_selection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample")
 
 
-def add_store_dataset_arguments(p: argparse.ArgumentParser) -> None:
+def add_store_dataset_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     """The options of commands that read a feature store beside its dataset (probe, train)."""
-    p.add_argument("--features", required=True, help="feature store folder (from `prefill-router extract`)")
-    p.add_argument("--dataset", required=True, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
+    p.add_argument("--features", required=required, help="feature store folder (from `prefill-router extract`)")
+    p.add_argument("--dataset", required=required, help="mmlu-pro | routellm-mmlu | routellm-gsm8k | PATH")
     p.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--prices", default=None, help=PRICES_HELP + " (default: none)")
     p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")

@@ -51,7 +51,7 @@ def run(args) -> int:
     app = build_gateway(config, router)
     host = args.host or config.listen.host
     port = config.listen.port if args.port is None else args.port
-    routed = app.state.engine.targets
+    routed = app.state.gateway.routed_targets
     print(f"router: {config.router.checkpoint} ({len(routed)} targets: {', '.join(routed)})")
     if args.check:
         print("API keys set; config and router OK")

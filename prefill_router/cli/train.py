@@ -2,6 +2,7 @@
 
     prefill-router train --dataset mmlu-pro --features runs/feats --out runs/router
     prefill-router train --dataset labels.csv --prices prices.yaml --features runs/feats --layers 12,18 --out ckpt
+    prefill-router train --feedback runs/feedback --from runs/router --out runs/router-2   # gateway feedback
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prefill_router.cli import train_feedback
 from prefill_router.cli.common import add_parser, add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 
@@ -32,7 +34,8 @@ def _pca(value: str):
 def register(subparsers) -> None:
     p = add_parser(subparsers, "train", help="train a router on prefill features and save a checkpoint",
                    description=__doc__)
-    add_store_dataset_arguments(p)
+    add_store_dataset_arguments(p, required=False)  # not with --feedback (cli/train_feedback.py)
+    train_feedback.add_arguments(p)
     p.add_argument("--pooling", default="mean", help="pooling to read from the store")
     p.add_argument("--layers", type=_layers, default="all",
                    help="'all' or comma-separated hidden-state indices to concatenate")
@@ -61,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
     from prefill_router.evaluate import metrics
     from prefill_router.router import RouterTrainConfig, train_router
 
+    if args.feedback:
+        return train_feedback.run(args)
+    if not args.features or not args.dataset:
+        raise ConfigError("--features and --dataset are required (or --feedback with --from to retrain on "
+                          "gateway feedback)")
     features, ds, store_rows, done = open_store_and_dataset(args)
     if not done.any():
         raise ConfigError(f"--features: no finished rows in {args.features}")

@@ -34,6 +34,10 @@
     batching: {max_batch_size: 16, max_wait_ms: 5,   # on a CPU-only host prefer max_batch_size: 1, see below
                length_buckets: [2000]}   # window characters: one batch queue and worker thread per bucket
     cache_size: 4096                     # routing decisions kept in the LRU cache; 0 turns it off
+    feedback: {dir: null, retention_s: 604800, max_bytes: 1000000000, segment_bytes: 64000000,
+               queue_size: 10000}        # dir null: POST /v1/feedback is off; see docs/serving.md
+    admin: {keys: [], keys_env: null}    # bearer keys for /admin/reload; none: /admin/* answers 403
+    ui: {enabled: true, recent_decisions: 200, prompt_preview_chars: 80}   # the dashboard at /ui
 
 Micro-batching pays where one encoder forward is latency-bound (a GPU). On a CPU the prefill is compute-bound
 and padding prompts of different lengths to one batch costs more than batching saves: bench/serve.py measured
@@ -116,12 +120,12 @@ class Auth(BaseModel):
     keys: list[str] = Field(default_factory=list)
     keys_env: str | None = None
 
-    def all_keys(self) -> set[str]:
+    def all_keys(self, section: str = "auth") -> set[str]:
         keys = {k for k in self.keys if k}
         if self.keys_env:
             value = os.environ.get(self.keys_env)
             if value is None:
-                raise ConfigError(f"auth.keys_env: environment variable {self.keys_env} is not set")
+                raise ConfigError(f"{section}.keys_env: environment variable {self.keys_env} is not set")
             keys |= {k.strip() for k in value.split(",") if k.strip()}
         return keys
 
@@ -141,6 +145,28 @@ class Batching(BaseModel):
         if any(b < 1 for b in bounds) or bounds != sorted(set(bounds)) or len(bounds) > 4:
             raise ValueError("must be at most 4 ascending, distinct numbers >= 1")
         return bounds
+
+
+class Feedback(BaseModel):
+    """Where routed requests' features and the feedback on them are kept (serve/journal.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path | None = None  # relative paths are read from the config file's folder; null: feedback off
+    retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)  # routed features older than this are deleted
+    max_bytes: int = Field(default=1_000_000_000, ge=1)  # ... and the oldest while they take more disk than this
+    segment_bytes: int = Field(default=64_000_000, ge=1)  # one file of routed features is closed past this size
+    # Routed requests waiting for the writer thread; beyond this their features are dropped (counted), so
+    # recording never makes a request wait.
+    queue_size: int = Field(default=10_000, ge=1)
+
+
+class UI(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True  # serve the dashboard at /ui
+    recent_decisions: int = Field(default=200, ge=0)  # decisions kept in memory for /v1/decisions
+    prompt_preview_chars: int = Field(default=80, ge=0)  # of the last user message, in /v1/decisions; 0: none
 
 
 def _default_presets() -> dict[str, Preset]:
@@ -168,6 +194,9 @@ class GatewayConfig(BaseModel):
     batching: Batching = Field(default_factory=Batching)
     cache_size: int = Field(default=4096, ge=0)
     sessions: Sessions = Field(default_factory=Sessions)
+    feedback: Feedback = Field(default_factory=Feedback)
+    admin: Auth = Field(default_factory=Auth)
+    ui: UI = Field(default_factory=UI)
 
     @field_validator("presets")
     @classmethod
@@ -213,8 +242,9 @@ class GatewayConfig(BaseModel):
         """One line per environment variable this config names that is unset: auth.keys_env, and each
         target's api_key_env (a target without its key fails every call, so its requests fall back)."""
         problems = []
-        if self.auth.keys_env and os.environ.get(self.auth.keys_env) is None:
-            problems.append(f"auth.keys_env: environment variable {self.auth.keys_env} is not set")
+        for section, auth in (("auth", self.auth), ("admin", self.admin)):
+            if auth.keys_env and os.environ.get(auth.keys_env) is None:
+                problems.append(f"{section}.keys_env: environment variable {auth.keys_env} is not set")
         for i, t in enumerate(self.targets):
             if t.api_key_env and os.environ.get(t.api_key_env) is None:
                 problems.append(f"targets.{i}.api_key_env: environment variable {t.api_key_env} "
@@ -242,6 +272,8 @@ def parse_gateway_config(data: dict, path: str | Path = "<config>") -> GatewayCo
     base = Path(path).parent if str(path) != "<config>" else Path.cwd()
     if config.router.checkpoint is not None and not config.router.checkpoint.is_absolute():
         config.router.checkpoint = (base / config.router.checkpoint).resolve()
+    if config.feedback.dir is not None and not config.feedback.dir.is_absolute():
+        config.feedback.dir = (base / config.feedback.dir).resolve()
     return config
 
 

@@ -23,11 +23,12 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from prefill_router.errors import PrefillRouterError
 from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.batching import LengthBuckets, LRUCache
 from prefill_router.serve.metrics import GatewayMetrics
@@ -39,7 +40,7 @@ DEFAULT_MAX_ROUTE_TOKENS = 512
 CHARS_PER_TOKEN = 4  # to estimate the input tokens the router did not read, for the cost estimate only
 
 
-class BadMessages(ValueError):
+class BadMessages(PrefillRouterError, ValueError):
     """The request's messages cannot be routed (empty, wrong shape, no text)."""
 
 
@@ -49,6 +50,8 @@ class Scores:
     C: np.ndarray  # [K] estimated USD per target for the prompt the router read
     truncated: bool = False
     tokens: float = 0.0  # templated input tokens the router read (before truncation)
+    # [hidden states, hidden] pooled features the router read: kept so feedback can retrain without re-encoding
+    features: np.ndarray | None = field(default=None, repr=False)
 
 
 class Scorer(Protocol):
@@ -74,6 +77,7 @@ class Routed:
     policy: str | None = None
     deadline_exceeded: bool = False
     session: str | None = None                   # new | pinned | escalated (sticky sessions only)
+    features: np.ndarray | None = field(default=None, repr=False)  # what the router read (Scores.features)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "probabilities": self.probabilities, "estimated_cost": self.estimated_cost,
@@ -188,6 +192,7 @@ class RoutingEngine:
         self.sessions = SessionPins(session_ttl_s, max_sessions)
         self.deadline_counter = None if metrics is None else metrics.deadline_exceeded
         self.session_counter = None if metrics is None else metrics.session_decisions
+        self.active = 0  # decide() calls in progress: a replaced engine closes once they have finished
 
     @property
     def targets(self) -> list[str]:
@@ -195,6 +200,14 @@ class RoutingEngine:
 
     async def close(self) -> None:
         await self.batcher.close()
+
+    async def retire(self, grace_s: float = 300.0) -> None:
+        """Close once the decisions in progress have finished (this engine was replaced by a reload)."""
+        waited = 0.0
+        while self.active and waited < grace_s:
+            await asyncio.sleep(0.05)
+            waited += 0.05
+        await self.close()
 
     async def scores(self, messages: list[dict]) -> tuple[Scores, str]:
         """P and C for a routing window, and where they came from: "hit" (the cache), "shared" (an identical
@@ -237,6 +250,14 @@ class RoutingEngine:
         allowed: the targets this request may go to (None: all); session: a sticky session id (used in
         `sticky` mode, or whenever `mode` is given as sticky); mode: the session mode (default: the engine's).
         """
+        self.active += 1
+        try:
+            return await self._decide(messages, policy, lam, allowed, session, mode)
+        finally:
+            self.active -= 1
+
+    async def _decide(self, messages: list[dict], policy: str | None, lam: float | None,
+                      allowed: Sequence[str] | None, session: str | None, mode: SessionMode | None) -> Routed:
         start = time.perf_counter()
         mode = mode or self.session_mode
         allowed = list(self.scorer.targets) if allowed is None else [t for t in self.scorer.targets if t in allowed]
@@ -292,7 +313,7 @@ class RoutingEngine:
         describe = getattr(self.scorer, "policy_spec", None)
         return Routed(target, {t: float(p) for t, p in zip(targets, scores.P)},
                       {t: float(c) for t, c in zip(targets, scores.C)}, latency_ms, scores.truncated, source,
-                      describe(policy, lam) if describe is not None else policy)
+                      describe(policy, lam) if describe is not None else policy, features=scores.features)
 
     def _count_cache(self, result: str) -> None:
         if self.metrics is not None:
@@ -369,7 +390,7 @@ class RouterScorer:
         X, tokens, truncated, _ = self.router.encode(prompts)
         P, C = self.router.predict_proba_features(X), self.router.estimate_costs(tokens)
         return [Scores(np.asarray(P[i], dtype=np.float64), np.asarray(C[i], dtype=np.float64), bool(truncated[i]),
-                       float(tokens[i])) for i in range(len(prompts))]
+                       float(tokens[i]), np.asarray(X[i], dtype=np.float32)) for i in range(len(prompts))]
 
     def estimate_costs(self, tokens: float) -> np.ndarray:
         return np.asarray(self.router.estimate_costs(np.array([tokens], dtype=np.float64))[0], dtype=np.float64)

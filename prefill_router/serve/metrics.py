@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "prefill_router"
@@ -37,6 +37,27 @@ class GatewayMetrics:
                                          "target", ["target"], registry=r)
         self.session_decisions = Counter(f"{PREFIX}_session_decisions", "Sticky-session routing decisions, by "
                                          "outcome (new pin, pinned, escalated)", ["outcome"], registry=r)
+        # Spend (serve/spend.py): from each reply's `usage` and the config's prices.
+        self.answered = Counter(f"{PREFIX}_answered_requests", "Requests an upstream answered, by target and "
+                                "whether the router chose it (routed) or the caller named it", ["target", "routed"],
+                                registry=r)
+        self.tokens = Counter(f"{PREFIX}_upstream_tokens", "Tokens the upstreams reported in `usage`, by target and "
+                              "kind (prompt, completion)", ["target", "kind"], registry=r)
+        self.spend = Counter(f"{PREFIX}_spend_usd", "USD spent, from `usage` and the config's prices, by target "
+                             "and routed", ["target", "routed"], registry=r)
+        self.always_best = Counter(f"{PREFIX}_always_best_usd", "What the routed requests would have cost at the "
+                                   "best target (same token counts)", registry=r)
+        self.usage_missing = Counter(f"{PREFIX}_usage_missing", "Replies without `usage` (not counted in spend)",
+                                     ["target"], registry=r)
+        # Feedback and reloads (serve/journal.py, serve/admin.py).
+        self.feedback = Counter(f"{PREFIX}_feedback", "Feedback posts, by outcome (recorded, unknown_id, "
+                                "duplicate, unknown_target)", ["outcome"], registry=r)
+        self.journal_dropped = Counter(f"{PREFIX}_journal_dropped", "Routed requests whose features were not "
+                                       "stored because the journal's queue was full", registry=r)
+        self.reloads = Counter(f"{PREFIX}_reloads", "Router reloads, by outcome (ok, refused, failed)",
+                               ["outcome"], registry=r)
+        self.router_info = Gauge(f"{PREFIX}_router_loaded_unix", "When the router now serving was loaded",
+                                 registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,11 +18,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from prefill_router.errors import PrefillRouterError
 from prefill_router.serve.config import ROUTER_ALIAS, Preset
 
 
-class UnknownModel(ValueError):
-    pass
+class UnknownModel(PrefillRouterError, ValueError):
+    """The request's `model` names no router alias, preset or target."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def model_ids(targets: Sequence[str], presets: Mapping[str, Preset]) -> list[str
     return [ROUTER_ALIAS] + [f"{ROUTER_ALIAS}:{p}" for p in presets] + list(targets)
 
 
-class BadRouterOptions(ValueError):
+class BadRouterOptions(PrefillRouterError, ValueError):
     """The request's `router` object is invalid; the message names the field (`router.<field>: ...`)."""
 
 

@@ -42,7 +42,7 @@ from prefill_router.collect.openai_api import (
     is_retryable_status,
     parse_retry_after,
 )
-from prefill_router.errors import ConfigError
+from prefill_router.errors import ConfigError, PrefillRouterError
 from prefill_router.targets import TargetConfig
 
 # Not relayed from an upstream reply: hop-by-hop headers (RFC 9110 7.6.1), framing and encoding that the
@@ -90,7 +90,9 @@ class UpstreamReply:
         return seen
 
 
-class AllUpstreamsFailed(Exception):
+class AllUpstreamsFailed(PrefillRouterError):
+    """Every target of the fallback chain failed; `attempts` lists each attempt and why."""
+
     def __init__(self, attempts: list[Attempt]):
         self.attempts = attempts
         super().__init__("all targets failed: " + "; ".join(str(a) for a in attempts))
