@@ -11,8 +11,15 @@ import time
 import httpx
 import numpy as np
 import pytest
-from gateway_helpers import TARGETS, metric, question, running_upstreams, train_tiny_router, upstream_targets, \
-    usage_cost
+from gateway_helpers import (
+    TARGETS,
+    metric,
+    question,
+    running_upstreams,
+    train_tiny_router,
+    upstream_targets,
+    usage_cost,
+)
 
 from prefill_router.cli import main
 from prefill_router.router import Router
