@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from prefill_router.errors import ConfigError
+from prefill_router.utils import markdown_table, roc_auc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,7 +108,6 @@ def probe_auc(X: np.ndarray, Y: np.ndarray, *, folds: int = 3, probe_pca: int | 
     Y [N, K] with NaN = missing; returns [K] (NaN where a target has one class)."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
 
     X = np.asarray(X, dtype=np.float64)
     Y = np.asarray(Y, dtype=np.float64)
@@ -130,13 +130,7 @@ def probe_auc(X: np.ndarray, Y: np.ndarray, *, folds: int = 3, probe_pca: int | 
                 continue
             model = LogisticRegression(C=C, max_iter=1000).fit(Zr[ok], labels)
             scores[part, k] = model.decision_function(Zp)
-    out = np.full(Y.shape[1], np.nan)
-    for k in range(Y.shape[1]):
-        ok = np.isfinite(Y[:, k]) & np.isfinite(scores[:, k])
-        labels = Y[ok, k] >= 0.5
-        if 0 < labels.sum() < labels.size:
-            out[k] = roc_auc_score(labels, scores[ok, k])
-    return out
+    return np.array([roc_auc(Y[:, k], scores[:, k]) for k in range(Y.shape[1])])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,11 +302,10 @@ def write_probe_outputs(reports: Sequence[LayerReport], out: str | Path) -> dict
                 w.writerow([r.pooling, r.hidden_state, t, _num(r.fisher_j[t]), _num(r.fisher_diag.get(t)),
                             _num(r.auc.get(t)), _num(r.d_eff), _num(r.d_eff_entropy)])
     agreement = rank_agreement(reports)
-    lines = ["| pooling | hidden state | mean J | mean J (diagonal) | mean probe AUC | d_eff (PR) | d_eff (entropy) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in reports:
-        lines.append(f"| {r.pooling} | {r.hidden_state} | {r.mean_j:.4f} | {r.mean_j_diag:.5f} | "
-                     f"{r.mean_auc:.4f} | {r.d_eff:.2f} | {r.d_eff_entropy:.2f} |")
+    lines = markdown_table(["pooling", "hidden state", "mean J", "mean J (diagonal)", "mean probe AUC", "d_eff (PR)",
+                            "d_eff (entropy)"],
+                           [[r.pooling, r.hidden_state, f"{r.mean_j:.4f}", f"{r.mean_j_diag:.5f}", f"{r.mean_auc:.4f}",
+                             f"{r.d_eff:.2f}", f"{r.d_eff_entropy:.2f}"] for r in reports])
     lines += ["", "Spearman correlation of the J ranking with the probe-AUC ranking across hidden states:", ""]
     lines += [f"- {p}: {v:.3f}" for p, v in agreement.items()]
     for by in ("j", "auc"):

@@ -84,7 +84,7 @@ def test_truncated_tensors_are_refused_naming_the_file(array_router, tmp_path):
 def test_non_finite_tensors_are_refused_even_with_a_matching_hash(array_router, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from prefill_router.router.checkpoint import _sha256
+    from prefill_router.utils import file_sha256
 
     _, folder, _ = array_router
     bad = tmp_path / "nan"
@@ -94,7 +94,7 @@ def test_non_finite_tensors_are_refused_even_with_a_matching_hash(array_router, 
               for name, a in arrays.items()}
     save_file(arrays, str(bad / TENSORS_FILE))
     meta = json.loads((folder / CONFIG_FILE).read_text())
-    meta["tensors_sha256"] = _sha256(bad / TENSORS_FILE)
+    meta["tensors_sha256"] = file_sha256(bad / TENSORS_FILE)
     (bad / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="NaN or infinity"):
         Router.load(bad)

@@ -30,6 +30,7 @@ from prefill_router.cli.common import (
     split_names,
 )
 from prefill_router.errors import ConfigError
+from prefill_router.utils import atomic_write_json, markdown_table
 
 DEFAULT_CONTENDERS = "knn,logreg,mlp,tfidf"
 # RouteLLM reports the fraction of strong-model calls needed to recover these shares of the weak-strong gap.
@@ -238,11 +239,9 @@ def two_target_markdown(summary: dict) -> str:
         return f"{m * 100:.1f}% ± {s * 100:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
 
     lines = [f"## Two-model routing (RouteLLM metrics): weak = {summary['weak']}, strong = {summary['strong']}", "",
-             "| | APGR | " + " | ".join(f"CPT({x}%)" for x in CPT_LEVELS) + " |",
-             "|---|---:|" + "---:|" * len(CPT_LEVELS)]
-    for name, stats in summary["rows"].items():
-        lines.append(f"| {name} | {cell(stats['apgr'], False)} | "
-                     + " | ".join(cell(stats[f"cpt{x}"], True) for x in CPT_LEVELS) + " |")
+             *markdown_table(["", "APGR", *(f"CPT({x}%)" for x in CPT_LEVELS)],
+                             [[name, cell(stats["apgr"], False), *(cell(stats[f"cpt{x}"], True) for x in CPT_LEVELS)]
+                              for name, stats in summary["rows"].items()])]
     lines += [""] + [f"- {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -293,21 +292,11 @@ def run(args: argparse.Namespace) -> int:
         with open(paths["markdown"], "a", encoding="utf-8") as f:
             f.write("\n" + section)
         payload = json.loads(paths["json"].read_text())
-        payload["two_target"] = _json_safe(summary)
-        paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+        payload["two_target"] = summary
+        atomic_write_json(paths["json"], payload)
     print(markdown)
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}", file=sys.stderr)
     return 0
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
 
 
 def register(subparsers) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from prefill_router.cli.common import add_parser, split_names
 from prefill_router.errors import ConfigError
+from prefill_router.utils import atomic_write_json
 
 POOLS = {
     "two": ["gemini-1.5-pro-002", "gemini-1.5-flash-002"],
@@ -324,9 +325,8 @@ def run(args: argparse.Namespace) -> int:
           "Plots: `probes/probes.png`, `pool-*/cost_quality.png`. Full reports: `pool-*/report.md`.", "",
           f"Example: {example}", "", f"Total time: {time.time() - started:.0f} s."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
-    (out / "summary.json").write_text(json.dumps({"rows": chosen.what, "pools": summary,
-                                                  "default_policy": router.default_policy,
-                                                  "probe_agreement": agreement}, indent=1, default=_json_float))
+    atomic_write_json(out / "summary.json", {"rows": chosen.what, "pools": summary,
+                                             "default_policy": router.default_policy, "probe_agreement": agreement})
     print(f"\nwrote {out / 'summary.md'} in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
 
@@ -346,7 +346,3 @@ def _default_policy_section(router, folder: Path) -> str:
               'router.route("What is 17 * 23?").target          # the default policy',
               'router.route("What is 17 * 23?", lam=1.0).target  # a larger cost weight: cheaper targets', "```"]
     return "\n".join(lines)
-
-
-def _json_float(x):
-    return None if isinstance(x, float) and not np.isfinite(x) else float(x)

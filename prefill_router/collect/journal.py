@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Self
 
 from prefill_router.errors import DataError
+from prefill_router.utils import atomic_path, json_safe
 
 DATASET_FIELDS = ("prompt_id", "prompt", "target", "score", "cost", "input_tokens", "output_tokens",
                   "category", "answer", "latency_s", "attempts", "error", "judge", "judge_error",
@@ -51,13 +50,6 @@ def failures_path(out: str | Path) -> Path:
 def is_labelled(record: dict) -> bool:
     """The pair has a usable score: the call succeeded and the judge scored the answer."""
     return not record.get("error") and not record.get("judge_error") and record.get("score") is not None
-
-
-def _clean(value):
-    # JSON has no NaN: a missing number is null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def json_line(record: dict) -> str:
@@ -120,7 +112,7 @@ class Journal:
 
     def append_many(self, records: list[dict]) -> None:
         """Write records and make them durable (one fsync for all) before returning. Thread-safe."""
-        data = b"".join(json_line({k: _clean(v) for k, v in r.items()}).encode() for r in records)
+        data = b"".join(json_line({k: json_safe(v) for k, v in r.items()}).encode() for r in records)
         with self._lock:
             if self._fh is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,17 +181,8 @@ def write_dataset(records: Iterable[dict], path: str | Path) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for record in records:
-                row = {k: _clean(record.get(k)) for k in DATASET_FIELDS}
-                fh.write(json_line(row))
-                rows += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, durable=True) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json_line({k: json_safe(record.get(k)) for k in DATASET_FIELDS}))
+            rows += 1
     return rows

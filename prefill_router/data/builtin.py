@@ -8,7 +8,6 @@ the `root` argument or the PREFILL_ROUTER_DATA environment variable.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from prefill_router.data.dataset import RoutingDataset
 from prefill_router.data.prices import CostModel, PriceTable
 from prefill_router.data.tokens import cache_dir, count_tokens, counting_tokenizer
 from prefill_router.errors import DataError
+from prefill_router.utils import atomic_path, file_sha256
 
 DATA_ENV = "PREFILL_ROUTER_DATA"
 
@@ -73,27 +73,18 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _cached_token_counts(prompts: list[str], source: Path, tag: str) -> np.ndarray:
     """count_tokens(prompts), cached on disk by source file content, prompt format tag and tokenizer."""
     tokenizer = counting_tokenizer().name
-    path = cache_dir() / "token_counts" / f"{tag}-{_file_digest(source)}-{tokenizer}.npy"
+    path = cache_dir() / "token_counts" / f"{tag}-{file_sha256(source)[:16]}-{tokenizer}.npy"
     if path.is_file():
         counts = np.load(path, allow_pickle=False)
         if counts.shape == (len(prompts),):
             return counts
     counts = count_tokens(prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, counts, allow_pickle=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, counts, allow_pickle=False)
     return counts
 
 

@@ -6,17 +6,10 @@ when it is 1). Accuracy is the mean score over the prompts the target was run on
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from prefill_router.data.dataset import RoutingDataset
-
-
-def _float(x) -> float | None:
-    """JSON-safe float: NaN becomes None."""
-    x = float(x)
-    return None if math.isnan(x) else x
+from prefill_router.utils import json_safe
 
 
 def dataset_stats(ds: RoutingDataset) -> dict:
@@ -34,10 +27,10 @@ def dataset_stats(ds: RoutingDataset) -> dict:
     for k, name in enumerate(ds.targets):
         rows = scored[:, k]
         per_target[name] = {
-            "accuracy": _float(Y[rows, k].mean()) if rows.any() else None,
+            "accuracy": json_safe(Y[rows, k].mean()) if rows.any() else None,
             "coverage": float(rows.mean()) if ds.n else 0.0,
             "n_scored": int(rows.sum()),
-            "mean_cost": _float(np.nanmean(C[rows, k])) if np.isfinite(C[rows, k]).any() else None,
+            "mean_cost": json_safe(np.nanmean(C[rows, k])) if np.isfinite(C[rows, k]).any() else None,
         }
     any_scored = scored.any(axis=1)
     oracle_score = np.full(ds.n, np.nan)
@@ -67,15 +60,15 @@ def dataset_stats(ds: RoutingDataset) -> dict:
         "n_targets": ds.k,
         "targets": list(ds.targets),
         "per_target": per_target,
-        "oracle_accuracy": _float(np.nanmean(oracle_score)) if any_scored.any() else None,
-        "oracle_cost": _float(np.nanmean(oracle_cost)) if np.isfinite(oracle_cost).any() else None,
+        "oracle_accuracy": json_safe(np.nanmean(oracle_score)) if any_scored.any() else None,
+        "oracle_cost": json_safe(np.nanmean(oracle_cost)) if np.isfinite(oracle_cost).any() else None,
         "prompts_without_scores": int((~any_scored).sum()),
         "best_single": best_single,
         "best_single_accuracy": accuracies.get(best_single),
         "best_single_cost": per_target[best_single]["mean_cost"] if best_single else None,
         "most_expensive": most_expensive,
         "most_expensive_cost": costs.get(most_expensive),
-        "agreement": [[_float(x) for x in row] for row in agreement],
+        "agreement": [[json_safe(x) for x in row] for row in agreement],
         "notes": list(ds.notes),
     }
     if ds.groups is not None:

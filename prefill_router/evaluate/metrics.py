@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from scipy.stats import rankdata
 
 from prefill_router.errors import ConfigError, DataError
+from prefill_router.utils import roc_auc  # the one AUC: evaluation, probes and router training share it
 
 # ----------------------------------------------------------------------------------------------------------------
 # input checks
@@ -56,24 +56,6 @@ def _picked(M: np.ndarray, choice: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------------
 # prediction quality, per target
-
-
-def roc_auc(labels, scores) -> float:
-    """ROC AUC of `scores` for binary `labels` (Mann-Whitney U / (n_pos * n_neg), tied scores count 1/2).
-
-    NaN in either input drops that row. Returns NaN when only one class is present.
-    """
-    labels = np.asarray(labels, dtype=np.float64)
-    scores = np.asarray(scores, dtype=np.float64)
-    keep = ~(np.isnan(labels) | np.isnan(scores))
-    labels, scores = labels[keep] >= 0.5, scores[keep]
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(scores)  # average ranks: ties count one half
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
 
 
 def per_target_auc(Y, P) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 
 from prefill_router.errors import DataError
 from prefill_router.evaluate.sweep import Curve
+from prefill_router.utils import json_safe, markdown_table
 
 FORMAT_VERSION = 1
 
@@ -83,19 +84,6 @@ class ReportRow:
                      np.sum([c.missing for c in cs], axis=0))
 
 
-def _clean(x):
-    """JSON cannot hold NaN or inf: write them as null."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def _unclean(x):
     if isinstance(x, dict):
         return {k: _unclean(v) for k, v in x.items()}
@@ -148,7 +136,7 @@ class Report:
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict:
-        return _clean({
+        return json_safe({
             "format_version": FORMAT_VERSION,
             "targets": self.targets, "n_rows": self.n_rows, "n_folds": self.n_folds, "notes": self.notes,
             "metric_help": self.metric_help, "summary": self.summary(), "target_points": self.target_points,
@@ -184,26 +172,18 @@ class Report:
     # ------------------------------------------------------------------ presentation
 
     def _table(self, columns, rows) -> list[str]:
-        lines = ["| | " + " | ".join(title for title, _, _ in columns) + " |",
-                 "|---|" + "---:|" * len(columns)]
-        for r in rows:
-            cells = [_fmt(*r.stat(key), how) for _, key, how in columns]
-            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
-        return lines
+        return markdown_table(["", *(title for title, _, _ in columns)],
+                              [[r.name, *(_fmt(*r.stat(key), how) for _, key, how in columns)] for r in rows])
 
     def _group_table(self) -> list[str]:
         with_groups = [r for r in self.rows if r.by_group]
         if not with_groups:
             return []
         groups = sorted({g for r in with_groups for f in r.by_group for g in f})
-        lines = ["", "## Accuracy per group (mean over folds; prompts per group summed over test folds)", "",
-                 "| group | prompts | " + " | ".join(r.name for r in with_groups) + " |",
-                 "|---|---:|" + "---:|" * len(with_groups)]
-        for g in groups:
-            count = sum(f[g]["n"] for f in with_groups[0].by_group if g in f)
-            cells = [_fmt(r.group_stat(g), float("nan"), "pct") for r in with_groups]
-            lines.append(f"| {g} | {count} | " + " | ".join(cells) + " |")
-        return lines
+        rows = [[g, sum(f[g]["n"] for f in with_groups[0].by_group if g in f),
+                 *(_fmt(r.group_stat(g), float("nan"), "pct") for r in with_groups)] for g in groups]
+        return ["", "## Accuracy per group (mean over folds; prompts per group summed over test folds)", "",
+                *markdown_table(["group", "prompts", *(r.name for r in with_groups)], rows)]
 
     def to_markdown(self) -> str:
         """Markdown tables (mean ± std across folds) followed by the notes."""
@@ -219,11 +199,10 @@ class Report:
         if with_dist:
             # targets as rows: a table 28 targets wide would not fit a page
             lines += ["", "## Routing distribution (share of test prompts per target, mean over folds)", ""]
-            lines += ["| target | " + " | ".join(r.name for r in with_dist) + " |",
-                      "|---|" + "---:|" * len(with_dist)]
             shares = [np.mean(np.asarray(r.distributions, dtype=np.float64), axis=0) for r in with_dist]
-            for j, target in enumerate(self.targets):
-                lines.append(f"| {target} | " + " | ".join(f"{s[j] * 100:.1f}%" for s in shares) + " |")
+            lines += markdown_table(["target", *(r.name for r in with_dist)],
+                                    [[target, *(f"{s[j] * 100:.1f}%" for s in shares)]
+                                     for j, target in enumerate(self.targets)])
         lines += self._group_table()
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
@@ -335,9 +314,7 @@ def pool_summary(report: Report) -> list[dict]:
 
 
 def pool_markdown(title: str, rows: list[dict]) -> str:
-    lines = [f"### {title}", "", "| contender | " + " | ".join(h for _, h, _ in POOL_COLUMNS) + " |",
-             "|---|" + "---:|" * len(POOL_COLUMNS)]
-    for r in rows:
-        cells = [_fmt(r[key], float("nan"), how) for key, _, how in POOL_COLUMNS]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    table = markdown_table(["contender", *(h for _, h, _ in POOL_COLUMNS)],
+                           [[r["name"], *(_fmt(r[key], float("nan"), how) for key, _, how in POOL_COLUMNS)]
+                            for r in rows])
+    return "\n".join([f"### {title}", "", *table]) + "\n"

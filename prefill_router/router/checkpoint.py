@@ -18,13 +18,12 @@ Without prices there is nothing to trade, and the default is argmax.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,9 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prefill_router.errors import CheckpointError, ConfigError, invalid_config
 from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.decision import RouteDecision
+from prefill_router.router.layers import choose_states
 from prefill_router.router.policy import UtilityPolicy, choose_default_policy, policy_from_spec
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
+from prefill_router.utils import atomic_write_json, file_sha256, json_safe, roc_auc
 
 FORMAT = "prefill-router-checkpoint/1"
 CONFIG_FILE = "router.json"
@@ -243,10 +244,9 @@ class Router:
             "policy": {"default": self.default_policy},
             "metrics": self.metrics,
             "training": self.training,
-            "tensors_sha256": _sha256(tensors_path),
+            "tensors_sha256": file_sha256(tensors_path),
         }
-        text = json.dumps(_json_safe(meta), indent=1, allow_nan=False)
-        (folder / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        atomic_write_json(folder / CONFIG_FILE, meta)
         return folder
 
     @classmethod
@@ -269,7 +269,7 @@ class Router:
         if not isinstance(expected_hash, str):
             raise CheckpointError(f"{config_path}: no tensors_sha256; the tensors cannot be checked, so the "
                                   "checkpoint is refused (save it again with Router.save)")
-        if _sha256(tensors_path) != expected_hash:
+        if file_sha256(tensors_path) != expected_hash:
             raise CheckpointError(f"{tensors_path}: contents do not match the SHA-256 recorded in {config_path} "
                                   "(the file is corrupt or was replaced)")
         try:
@@ -328,31 +328,6 @@ def _spec_from_dict(spec: dict):
     return spec_type(**spec)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become None and numpy scalars plain numbers, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
 # ---------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------
@@ -362,7 +337,11 @@ class RouterTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pooling: str = "mean"
-    layers: list[int] | Literal["all"] = "all"   # hidden-state indices to concatenate
+    # Hidden-state indices to concatenate; "all" the held ones; "auto" the fewest layers run whose out-of-fold AUC
+    # is within layer_tolerance of the best depth's, at most layer_budget layers (router/layers.py).
+    layers: list[int] | Literal["all", "auto"] = "all"
+    layer_tolerance: float = Field(default=0.005, ge=0, lt=1)
+    layer_budget: int | None = Field(default=None, ge=0)
     pca: int | None = Field(default=200, ge=1)     # None: no PCA, scaler only
     trunk: TrunkConfig = Field(default_factory=TrunkConfig)
     # The checkpoint's default policy: "auto" (utility at the calibrated lambda, see the module docstring) or
@@ -431,7 +410,8 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     rows = np.arange(dataset.n) if train_rows is None else np.asarray(train_rows)
     if rows.dtype == bool:
         rows = np.flatnonzero(rows)
-    X_all, states, feature_identity = _features_array(features, config.pooling, config.layers, hidden_states)
+    layers = "all" if config.layers == "auto" else config.layers
+    X_all, states, feature_identity = _features_array(features, config.pooling, layers, hidden_states)
     if len(X_all) != dataset.n:
         raise ConfigError(f"features have {len(X_all)} rows but the dataset has {dataset.n}")
     done = getattr(features, "done", None)
@@ -442,6 +422,15 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
                               "(their done flag is False); extract them first or leave them out of train_rows")
     X, Y = X_all[rows], dataset.Y[rows]
     trunk_cfg = config.trunk.model_copy(update={"progress": progress or config.trunk.progress})
+    layer_choice = None
+    if config.layers == "auto":
+        if states is None:
+            raise ConfigError("layers: 'auto' needs features with a hidden-state axis ([N, L, H]), not a flat array")
+        chosen, layer_choice = choose_states(
+            X, states, Y, pca=config.pca, trunk=trunk_cfg, folds=config.calibration_folds,
+            seeds=config.calibration_seeds, tolerance=config.layer_tolerance, budget=config.layer_budget,
+            seed=config.seed)
+        X, states = X[:, [states.index(s) for s in chosen]], chosen
 
     transform = FeatureTransform(dims=config.pca).fit(X, seed=config.seed)
     Z = transform.transform(X)
@@ -453,6 +442,8 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         cost_model = CostModel.fit(dataset, rows)
     metrics: dict = {"train_rows": len(rows), "feature_dim": int(Z.shape[1]),
                      "val_losses": predictor.val_losses}
+    if layer_choice is not None:
+        metrics["layer_choice"] = layer_choice
     policy = config.policy.strip()
     if policy.lower() == "auto":
         policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model)
@@ -494,11 +485,5 @@ def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np
 
 
 def _per_target_auc(Y: np.ndarray, P: np.ndarray) -> list[float | None]:
-    from sklearn.metrics import roc_auc_score
-
-    out = []
-    for k in range(Y.shape[1]):
-        ok = np.isfinite(Y[:, k]) & np.isfinite(P[:, k])
-        labels = Y[ok, k] >= 0.5
-        out.append(float(roc_auc_score(labels, P[ok, k])) if 0 < labels.sum() < labels.size else None)
-    return out
+    """Per-target AUC over the rows labelled for that target; None where a target has one class only."""
+    return [json_safe(roc_auc(Y[:, k], P[:, k])) for k in range(Y.shape[1])]
