@@ -24,7 +24,12 @@ class DataError(PrefillRouterError, ValueError):
 
 
 class ConfigError(PrefillRouterError, ValueError):
-    """A configuration file or argument is invalid. The message names the field."""
+    """A configuration file or argument is invalid. The message names the field; `field`, when given, is the
+    parameter's name, so a caller can say it in its own words (the CLI as its --flag)."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        self.field, self.reason = field, message
+        super().__init__(f"{field}: {message}" if field else message)
 
 
 class EncoderError(PrefillRouterError, ValueError):

@@ -43,8 +43,10 @@ CASES = [
     ("data validate bad.csv", "bad.csv, line 2, field 'score'"),
     ("data stats --builtin nope", "argument --builtin: invalid choice: 'nope'"),
     ("data stats bad.csv", "bad.csv, line 2, field 'score'"),
-    ("extract --data missing.csv --out out", "--data: 'missing.csv' is neither"),
-    ("extract --data mmlu-pro --limit abc --out out", "argument --limit: invalid int value: 'abc'"),
+    ("extract --dataset missing.csv --out out", "--dataset: 'missing.csv' is neither"),
+    ("extract --data missing.csv --out out", "--dataset: 'missing.csv' is neither"),  # the old name still parses
+    ("extract --dataset mmlu-pro --limit abc --out out", "argument --limit: invalid int value: 'abc'"),
+    ("extract --dataset mmlu-pro --limit 5 --sample 5 --out out", "--limit and --sample are alternatives; give one"),
     ("probe --features missing --dataset mmlu-pro --out out", "--features: missing does not exist"),
     ("train --features missing --dataset mmlu-pro --out out", "--features: missing does not exist"),
     ("evaluate --dataset bad.csv", "bad.csv, line 2, field 'score'"),
@@ -154,6 +156,13 @@ def test_top_level_help_shows_examples_that_parse():
     for words in commands:
         args = parser.parse_args(words[1:])  # a usage error would exit
         assert callable(args.func), words
+
+
+def test_the_help_names_the_data_stages_builtin_datasets():
+    from prefill_router import data
+    from prefill_router.cli import common
+
+    assert common.BUILTIN_DATASETS == data.BUILTIN_DATASETS
 
 
 def test_the_help_formatter_words_defaults():

@@ -122,3 +122,27 @@ def test_cli_stats_builtin(shared_data, tmp_path, capsys):
                  "--json", str(out)]) == 0
     assert "best single:     gpt-4-1106-preview" in capsys.readouterr().out
     assert json.loads(out.read_text())["n_targets"] == 2
+
+
+def test_load_dataset_by_name_with_plain_arguments(tmp_path):
+    """The registry every command uses: a file by path, then targets, then limit or a seeded sample."""
+    from prefill_router.data import load_dataset
+    from prefill_router.errors import ConfigError
+
+    rows = [{"prompt_id": f"p{i}", "prompt": f"q{i}", "target": t, "score": (i + j) % 2, "cost": 0.001 * (j + 1),
+             "category": "ab"[i % 2]} for i in range(10) for j, t in enumerate(["a", "b", "c"])]
+    path = tmp_path / "outcomes.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    ds = load_dataset(str(path), targets=["c", "a"], limit=4)
+    assert ds.targets == ["c", "a"] and ds.prompt_ids == ["p0", "p1", "p2", "p3"]
+    assert ds.Y[:, 0].tolist() == [0, 1, 0, 1] and ds.Y[:, 1].tolist() == [0, 1, 0, 1]
+    sampled = load_dataset(str(path), sample=4, sample_seed=3)
+    assert sampled.n == 4 and sampled.prompt_ids == load_dataset(str(path), sample=4, sample_seed=3).prompt_ids
+    assert any("--sample 4" in n for n in sampled.notes)
+    for kwargs, field in [({"targets": ["zz"]}, "targets"), ({"limit": 0}, "limit"), ({"limit": 2, "sample": 2}, "limit")]:
+        with pytest.raises(ConfigError) as info:
+            load_dataset(str(path), **kwargs)
+        assert info.value.field == field
+    with pytest.raises(ConfigError, match="neither a built-in dataset") as info:
+        load_dataset(str(tmp_path / "nope.csv"))
+    assert info.value.field == "dataset" and str(info.value).startswith("dataset: ")

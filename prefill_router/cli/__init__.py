@@ -27,7 +27,7 @@ examples:
   prefill-router pipeline --out runs/mmlu-pro          # the whole method on the shipped MMLU-Pro (what `make run` runs)
   prefill-router data stats --builtin mmlu-pro         # per-target accuracy and cost, oracle, best single target
   prefill-router data validate my_outcomes.csv --prices prices.yaml   # check your own routing data
-  prefill-router extract --data my_outcomes.csv --out runs/feats      # prefill features of its prompts
+  prefill-router extract --dataset my_outcomes.csv --out runs/feats      # prefill features of its prompts
   prefill-router train --dataset my_outcomes.csv --prices prices.yaml --features runs/feats --out runs/router
   prefill-router serve --config gateway.yaml --check   # validate the gateway config and keys, then `serve` it
 

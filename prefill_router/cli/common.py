@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from prefill_router.errors import ConfigError
 
+# data.BUILTIN_DATASETS written out for the options' help, so that `--help` need not import the data stage
+# (pandas); test_cli_errors checks that the two agree.
 BUILTIN_DATASETS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 DATA_ROOT_HELP = ("data folder of the built-in datasets (default: $PREFILL_ROUTER_DATA, else the data shipped with "
                   "the package)")
@@ -39,50 +43,31 @@ def add_parser(subparsers, name: str, *, help: str, description: str | None = No
                                  **kwargs)
 
 
-def load_dataset(args: argparse.Namespace, *, name_option: str = "dataset"):
-    """The dataset named by --dataset (or the option `name_option`: a built-in name or a file), with
-    --targets, --limit and --sample applied where the command has them."""
+def load_dataset(args: argparse.Namespace):
+    """`data.load_dataset` with the command's options: --dataset, with --data-root, --prices, --targets, --limit,
+    --sample and --sample-seed where the command has them. A bad value is reported under its flag."""
     from prefill_router import data
 
-    name = getattr(args, name_option)
-    targets = split_names(args.targets) if getattr(args, "targets", None) else None
-    if name == "mmlu-pro":
-        ds = data.load_mmlu_pro(args.data_root, targets=targets, limit=getattr(args, "limit", None))
-        targets = None  # already selected by the loader, which names unknown models
-    elif name in ("routellm-mmlu", "routellm-gsm8k"):
-        ds = data.load_routellm(args.data_root, benchmark=name.split("-", 1)[1])
-    elif Path(name).exists():
-        ds = data.read_routing_data(name, prices=getattr(args, "prices", None))
-    else:
-        raise ConfigError(f"--{name_option}: {name!r} is neither a built-in dataset "
-                          f"({', '.join(BUILTIN_DATASETS)}) nor an existing file")
-    if targets is not None:
-        unknown = [t for t in targets if t not in ds.targets]
-        if unknown:
-            raise ConfigError(f"--targets: unknown target(s) {unknown}; known: {ds.targets}")
-        ds = ds.select_targets(targets)
-    return select_rows(ds, args)
-
-
-def select_rows(ds, args: argparse.Namespace):
-    """Apply --limit (the first N prompts) or --sample (a seeded, category-stratified N) to a dataset. Both
-    are deterministic, so a store extracted with one of them lines up with a later evaluate/train using it."""
-    limit, sample = getattr(args, "limit", None), getattr(args, "sample", None)
-    if limit is not None and sample is not None:
+    if getattr(args, "limit", None) is not None and getattr(args, "sample", None) is not None:
         raise ConfigError("--limit and --sample are alternatives; give one")
-    if limit is not None:
-        if limit <= 0:
-            raise ConfigError("--limit: must be a positive number of prompts")
-        return ds.subset(np.arange(limit)) if ds.n > limit else ds
-    if sample is not None:
-        from prefill_router.data import stratified_sample
+    with under_flags("dataset", "targets", "limit"):
+        return data.load_dataset(
+            args.dataset, data_root=getattr(args, "data_root", None), prices=getattr(args, "prices", None),
+            targets=split_names(args.targets) if getattr(args, "targets", None) else None,
+            limit=getattr(args, "limit", None), sample=getattr(args, "sample", None),
+            sample_seed=getattr(args, "sample_seed", 0))
 
-        rows = stratified_sample(ds, sample, seed=args.sample_seed)
-        if rows.size < ds.n:
-            ds = ds.subset(rows)
-            ds.notes.append(f"rows: a category-stratified sample of {rows.size} prompts (--sample {sample}, "
-                            f"--sample-seed {args.sample_seed})")
-    return ds
+
+@contextlib.contextmanager
+def under_flags(*params: str) -> Iterator[None]:
+    """Re-raise a library ConfigError about one of the parameters `params` under the command's flag for it
+    (parameter `data_root` is flag `--data-root`), so the user reads the name they typed."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.field not in params:
+            raise
+        raise ConfigError(exc.reason, field="--" + exc.field.replace("_", "-")) from None
 
 
 def add_row_selection_arguments(p: argparse.ArgumentParser) -> None:

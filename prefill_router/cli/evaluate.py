@@ -4,9 +4,8 @@
     prefill-router evaluate --dataset routellm-mmlu --contenders knn,logreg --out runs/baselines-routellm-mmlu
     prefill-router evaluate --dataset my_outcomes.csv --contenders tfidf,prior
 
-Contenders are looked up by name in CONTENDERS. A contender is built from the loaded data (an `EvalInputs`)
-and returns its predictor factory and input rows, so routers that need other features (an encoder's
-prefill activations, say) register themselves here with `register_contender` without touching the rest.
+Contenders are looked up by name in `prefill_router.evaluate.contenders.CONTENDERS`; with two targets the
+report adds RouteLLM's APGR and CPT (`prefill_router.evaluate.two_model`).
 """
 
 from __future__ import annotations
@@ -14,11 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
 
 from prefill_router.cli.common import (
     BUILTIN_DATASETS,
@@ -28,222 +23,13 @@ from prefill_router.cli.common import (
     add_row_selection_arguments,
     load_dataset,
     split_names,
+    under_flags,
 )
 from prefill_router.errors import ConfigError
-from prefill_router.utils import atomic_write_json, markdown_table
+from prefill_router.evaluate.contenders import CONTENDERS, ContenderSettings, build_contenders, check_contenders
+from prefill_router.utils import atomic_write_json
 
 DEFAULT_CONTENDERS = "knn,logreg,mlp,tfidf"
-# RouteLLM reports the fraction of strong-model calls needed to recover these shares of the weak-strong gap.
-CPT_LEVELS = (20, 50, 80)
-
-
-@dataclass
-class EvalInputs:
-    """What contender builders may use: the dataset, the parsed options, and lazily computed prompt features."""
-
-    dataset: Any  # RoutingDataset
-    args: argparse.Namespace
-    _cache: dict = field(default_factory=dict)
-
-    def texts(self) -> np.ndarray:
-        """Prompt texts as an object array (chat messages joined), one per row."""
-        if "texts" not in self._cache:
-            from prefill_router.features.semantic import prompt_text
-
-            self._cache["texts"] = np.array([prompt_text(p) for p in self.dataset.prompts], dtype=object)
-        return self._cache["texts"]
-
-    def embeddings(self) -> np.ndarray:
-        """Sentence embeddings [N, dim] of every prompt, read from / written to the embedding cache."""
-        if "embeddings" not in self._cache:
-            from prefill_router.features.semantic import embed_texts
-
-            self._cache["embeddings"] = embed_texts(
-                self.dataset.prompts, cache_dir=self.args.cache_dir, batch_size=self.args.batch_size,
-                model_dir=self.args.embedding_model)
-        return self._cache["embeddings"]
-
-    def row_ids(self) -> np.ndarray:
-        return np.arange(self.dataset.n)[:, None]
-
-    def prefill_features(self) -> np.ndarray:
-        """[N, layers * hidden] prefill features of every prompt from the --features store (hidden states of
-        --pooling concatenated); every row must be done."""
-        if "prefill" not in self._cache:
-            from prefill_router.features import FeatureSet
-
-            if not self.args.features:
-                raise ConfigError("the prefill contenders need --features STORE (from `prefill-router extract`)")
-            fs = FeatureSet.open(self.args.features)
-            rows = fs.rows_of(self.dataset.prompts)
-            missing = int((~fs.done[rows]).sum())
-            if missing:
-                raise ConfigError(f"--features: {missing} of the dataset's rows are not extracted yet; rerun "
-                                  f"`prefill-router extract` on the same store to finish them")
-            X = fs.get(self.args.pooling, rows=rows)
-            self._cache["prefill"] = X.reshape(len(X), -1)
-        return self._cache["prefill"]
-
-
-@dataclass
-class ContenderSpec:
-    """A registered contender: `label` names its report row; `build(inputs)` returns (make_predictor, X)."""
-
-    label: str
-    description: str
-    build: Callable[[EvalInputs], tuple[Callable[[], Any], Any]]
-
-
-def _knn(inputs: EvalInputs):
-    from prefill_router.router.baselines import KNNPredictor
-
-    return (lambda: KNNPredictor(k=inputs.args.knn_k, metric="cosine", threads=inputs.args.threads)), inputs.embeddings()
-
-
-def _logreg(inputs: EvalInputs):
-    from prefill_router.router.baselines import LogisticPredictor
-
-    return (lambda: LogisticPredictor(C=inputs.args.logreg_c, threads=inputs.args.threads)), inputs.embeddings()
-
-
-def _mlp(inputs: EvalInputs):
-    from prefill_router.router.baselines import MLPPredictor
-
-    return (lambda: MLPPredictor(seed=inputs.args.seed, threads=inputs.args.threads)), inputs.embeddings()
-
-
-def _tfidf(inputs: EvalInputs):
-    from prefill_router.router.baselines import TfidfLogisticPredictor
-
-    return (lambda: TfidfLogisticPredictor(C=inputs.args.logreg_c, threads=inputs.args.threads)), inputs.texts()
-
-
-def _prior(inputs: EvalInputs):
-    from prefill_router.router.baselines import PriorPredictor
-
-    return PriorPredictor, inputs.row_ids()
-
-
-def _label_oracle(inputs: EvalInputs):
-    from prefill_router.router.baselines import OraclePredictor
-
-    Y = inputs.dataset.Y
-    return (lambda: OraclePredictor(Y)), inputs.row_ids()
-
-
-def _prefill(kind: str):
-    """Builder of the `kind` contender ("prefill-trunk" or "prefill-logreg") of
-    `evaluate.prefill.prefill_contenders`, all pools' columns, sharing one fit cache per command."""
-
-    def build(inputs: EvalInputs):
-        from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders
-        from prefill_router.router.trunk import TrunkConfig
-
-        X = inputs.prefill_features()
-        settings = PrefillSettings(pca=inputs.args.pca, trunk=TrunkConfig(seeds=inputs.args.seeds,
-                                                                          keep=inputs.args.keep,
-                                                                          seed=inputs.args.seed,
-                                                                          threads=inputs.args.threads))
-        cache = inputs._cache.setdefault("fit_cache", FitCache())
-        ds = inputs.dataset
-        contenders = prefill_contenders(X, ds.Y, ds.C, list(range(ds.k)), inputs.args.pooling, settings, cache)
-        contender = next(c for c in contenders if c.name.startswith(f"{kind} ["))
-        return contender.make_predictor, contender.X
-
-    return build
-
-
-CONTENDERS: dict[str, ContenderSpec] = {
-    "knn": ContenderSpec("knn-minilm", "mean label of the k nearest training prompts (MiniLM cosine)", _knn),
-    "logreg": ContenderSpec("logreg-minilm", "logistic regression per target on MiniLM embeddings", _logreg),
-    "mlp": ContenderSpec("mlp-minilm", "multi-output MLP on MiniLM embeddings, masked BCE", _mlp),
-    "tfidf": ContenderSpec("tfidf-logreg", "TF-IDF word 1-2 grams, logistic regression per target", _tfidf),
-    "prefill-trunk": ContenderSpec("prefill-trunk", "SharedTrunkNet ensemble on --features (scaler + PCA)",
-                                   _prefill("prefill-trunk")),
-    "prefill-logreg": ContenderSpec("prefill-logreg", "logistic regression per target on --features",
-                                    _prefill("prefill-logreg")),
-    "prior": ContenderSpec("prior", "each target's training accuracy for every prompt", _prior),
-    "label-oracle": ContenderSpec("label-oracle", "predicts the true labels (a check: near-oracle numbers)",
-                                  _label_oracle),
-}
-
-
-def register_contender(name: str, spec: ContenderSpec) -> None:
-    """Make `--contenders NAME` available (for routers defined in other modules)."""
-    if name in CONTENDERS:
-        raise ConfigError(f"contender {name!r} is already registered")
-    CONTENDERS[name] = spec
-
-
-def _contenders(names: str) -> list[str]:
-    chosen = split_names(names)
-    unknown = [c for c in chosen if c not in CONTENDERS]
-    if unknown:
-        raise ConfigError(f"--contenders: unknown contender(s) {unknown}; known: {sorted(CONTENDERS)}")
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(f"--contenders: a name repeats in {chosen}")
-    return chosen
-
-
-# ---------------------------------------------------------------------------------------------------------
-# two-target (RouteLLM) metrics
-
-
-def two_target_summary(Y: np.ndarray, C: np.ndarray, targets: list[str],
-                       held_out: dict[str, list[tuple[np.ndarray, np.ndarray]]], folds, seed: int) -> dict:
-    """APGR and CPT(x%) per fold for each contender, with random and oracle scores alongside.
-
-    held_out: contender name -> per fold (test rows, P[len, 2]), the harness's held-out predictions.
-
-    The weak model is the target with the lower mean cost. Two router scores per contender:
-    `P(strong) - P(weak)` (how much the strong model is predicted to help) and `P(strong)` alone.
-    """
-    from prefill_router.evaluate import metrics
-
-    weak = int(np.argmin(metrics.target_cost(C)))
-    strong = 1 - weak
-    rng = np.random.default_rng(seed)
-
-    def summarise(score_per_fold: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-        per_fold = []
-        for rows, score in score_per_fold:
-            per_fold.append(metrics.routellm_summary(Y[rows, weak], Y[rows, strong], score))
-        keys = per_fold[0].keys()
-        out = {}
-        for key in keys:
-            values = np.array([f[key] for f in per_fold], dtype=np.float64)
-            finite = values[np.isfinite(values)]
-            out[key] = {"mean": float(finite.mean()) if finite.size else float("nan"),
-                        "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
-                        "folds": values.tolist()}
-        return out
-
-    rows_out = {
-        "random": summarise([(test, rng.random(len(test))) for _, test in folds]),
-        "oracle": summarise([(test, np.nan_to_num(Y[test, strong] - Y[test, weak])) for _, test in folds]),
-    }
-    for name, fold_preds in held_out.items():
-        rows_out[f"{name} [P(strong)-P(weak)]"] = summarise([(r, P[:, strong] - P[:, weak]) for r, P in fold_preds])
-        rows_out[f"{name} [P(strong)]"] = summarise([(r, P[:, strong]) for r, P in fold_preds])
-    return {"weak": targets[weak], "strong": targets[strong], "rows": rows_out,
-            "notes": ["APGR and CPT follow RouteLLM: 10-quantile thresholds of the score, prompts sent to the "
-                      "strong model when score >= threshold; CPT = first crossing of the interpolated curve.",
-                      "Computed per fold on held-out prompts, mean ± std across folds."]}
-
-
-def two_target_markdown(summary: dict) -> str:
-    def cell(stat: dict, pct: bool) -> str:
-        m, s = stat["mean"], stat["std"]
-        if not np.isfinite(m):
-            return "—"
-        return f"{m * 100:.1f}% ± {s * 100:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
-
-    lines = [f"## Two-model routing (RouteLLM metrics): weak = {summary['weak']}, strong = {summary['strong']}", "",
-             *markdown_table(["", "APGR", *(f"CPT({x}%)" for x in CPT_LEVELS)],
-                             [[name, cell(stats["apgr"], False), *(cell(stats[f"cpt{x}"], True) for x in CPT_LEVELS)]
-                              for name, stats in summary["rows"].items()])]
-    lines += [""] + [f"- {n}" for n in summary["notes"]]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,7 +38,8 @@ def two_target_markdown(summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from prefill_router import data
-    from prefill_router.evaluate.harness import Contender, evaluate_contenders
+    from prefill_router.evaluate.harness import evaluate_contenders
+    from prefill_router.evaluate.two_model import two_target_markdown, two_target_summary
 
     if args.folds < 2:
         raise ConfigError(f"--folds must be >= 2, got {args.folds}")
@@ -262,17 +49,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calibration-holdout must be in [0, 1), got {args.calibration_holdout}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    chosen = _contenders(args.contenders)
+    with under_flags("contenders"):
+        chosen = check_contenders(split_names(args.contenders))
     ds = load_dataset(args)
     print(f"dataset: {ds.n} prompts x {ds.k} targets", file=sys.stderr)
     folds = data.kfold(ds, k=args.folds, seed=args.seed, stratify=True)
 
-    inputs = EvalInputs(ds, args)
-    contenders = []
-    for key in chosen:
-        spec = CONTENDERS[key]
-        make, X = spec.build(inputs)
-        contenders.append(Contender(spec.label, make, X))
+    settings = ContenderSettings(
+        cache_dir=args.cache_dir, batch_size=args.batch_size, embedding_model=args.embedding_model,
+        features=args.features, pooling=args.pooling, pca=args.pca, seeds=args.seeds, keep=args.keep,
+        seed=args.seed, threads=args.threads, knn_k=args.knn_k, logreg_c=args.logreg_c)
+    with under_flags("features"):
+        contenders = build_contenders(chosen, ds, settings)
 
     notes = list(ds.notes)
     notes.append(f"folds: {args.folds}, prompt-level (duplicate prompts share a fold), seed {args.seed}"

@@ -23,7 +23,8 @@ from prefill_router.errors import ConfigError
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="compute prefill features of a dataset's prompts into a feature store",
                               description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", required=True,
+    # --dataset as in every other command; --data is its old name, kept so existing scripts still run.
+    p.add_argument("--dataset", "--data", dest="dataset", required=True,
                    help=f"a known dataset ({', '.join(BUILTIN_DATASETS)}) or a routing data file "
                         "(CSV, JSONL, Parquet)")
     p.add_argument("--data-root", help=DATA_ROOT_HELP)
@@ -106,7 +107,7 @@ def run(args) -> int:
 
         require_ray()
         load = describe_encoder  # the driver only reads the encoder's shape; the Ray workers load its weights
-    prompts = list(load_dataset(args, name_option="data").prompts)
+    prompts = list(load_dataset(args).prompts)
     started = time.perf_counter()
     encoder = load(args.encoder, gguf_file=args.gguf_file, revision=args.revision, template=args.template,
                    max_tokens=args.max_tokens, max_route_tokens=args.max_route_tokens, quantize=args.quantize,

@@ -141,11 +141,3 @@ def read_prompts(path: str | Path, *, reference_field: str | None = None) -> lis
                             file=file, line=item.line, field="prompt_id")
         first_line[item.prompt_id] = item.line
     return items
-
-
-def require_references(items: list[PromptItem], judge: str, file: str | Path) -> None:
-    """Every judge but `llm` compares against a reference: refuse a prompt without one up front."""
-    for item in items:
-        if item.reference is None:
-            raise DataError(f"judge '{judge}' needs a reference answer ('answer' or 'reference')",
-                            file=str(file), line=item.line, field="answer")

@@ -1,6 +1,13 @@
 """The data stage: datasets, readers, prices and costs, token counts, splits, statistics, known datasets."""
 
-from prefill_router.data.builtin import find_reference_features, load_mmlu_pro, load_routellm
+from prefill_router.data.builtin import (
+    BUILTIN_DATASETS,
+    find_reference_features,
+    load_dataset,
+    load_mmlu_pro,
+    load_routellm,
+    select_rows,
+)
 from prefill_router.data.dataset import Prompt, RoutingDataset
 from prefill_router.data.prices import CostModel, Price, PriceTable
 from prefill_router.data.readers import read_routing_data
@@ -8,6 +15,7 @@ from prefill_router.data.splits import kfold, normalize_prompt, stratified_sampl
 from prefill_router.data.stats import dataset_stats, format_stats
 from prefill_router.data.tokens import count_tokens
 
-__all__ = ["CostModel", "Price", "PriceTable", "Prompt", "RoutingDataset", "count_tokens", "dataset_stats",
-           "find_reference_features", "format_stats", "kfold", "load_mmlu_pro", "load_routellm", "normalize_prompt", "read_routing_data",
-           "stratified_sample", "train_test_split"]
+__all__ = ["BUILTIN_DATASETS", "CostModel", "Price", "PriceTable", "Prompt", "RoutingDataset", "count_tokens",
+           "dataset_stats", "find_reference_features", "format_stats", "kfold", "load_dataset", "load_mmlu_pro",
+           "load_routellm", "normalize_prompt", "read_routing_data", "select_rows", "stratified_sample",
+           "train_test_split"]

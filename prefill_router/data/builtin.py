@@ -19,7 +19,7 @@ import pandas as pd
 from prefill_router.data.dataset import RoutingDataset
 from prefill_router.data.prices import CostModel, PriceTable
 from prefill_router.data.tokens import cache_dir, count_tokens, counting_tokenizer
-from prefill_router.errors import DataError
+from prefill_router.errors import ConfigError, DataError
 from prefill_router.utils import atomic_path, file_sha256
 
 DATA_ENV = "PREFILL_ROUTER_DATA"
@@ -220,3 +220,55 @@ def _as_correct(column: pd.Series, path: Path, name: str) -> np.ndarray:
         raise DataError(f"expected True/False, got {column.iloc[i]!r}", file=str(path), line=i + 2,
                         field=name)
     return mapped.to_numpy(dtype=np.float64)
+
+
+BUILTIN_DATASETS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
+
+
+def load_dataset(name: str, *, data_root: str | Path | None = None, prices: str | Path | None = None,
+                 targets: Sequence[str] | None = None, limit: int | None = None, sample: int | None = None,
+                 sample_seed: int = 0) -> RoutingDataset:
+    """A dataset by name, as every command reads one: a built-in dataset (BUILTIN_DATASETS, under `data_root`)
+    or a routing data file (with `prices` for a file without costs). Then the subset `targets`, in that order,
+    and at most one of `limit` (the first N prompts) and `sample` (a seeded, category-stratified N). Both are
+    deterministic, so features extracted with one line up with a later evaluation or training using it.
+
+    A bad argument is a ConfigError whose `field` is the parameter's name."""
+    from prefill_router.data.readers import read_routing_data
+
+    if limit is not None and sample is not None:
+        raise ConfigError("give limit or sample, not both", field="limit")
+    if limit is not None and limit <= 0:
+        raise ConfigError("must be a positive number of prompts", field="limit")
+    if name == "mmlu-pro":
+        ds = load_mmlu_pro(data_root, targets=targets, limit=limit)
+        targets = None  # already selected by the loader, which names unknown models
+    elif name in ("routellm-mmlu", "routellm-gsm8k"):
+        ds = load_routellm(data_root, benchmark=name.split("-", 1)[1])
+    elif Path(name).exists():
+        ds = read_routing_data(name, prices=prices)
+    else:
+        raise ConfigError(f"{name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor an "
+                          f"existing file", field="dataset")
+    if targets is not None:
+        unknown = [t for t in targets if t not in ds.targets]
+        if unknown:
+            raise ConfigError(f"unknown target(s) {unknown}; known: {ds.targets}", field="targets")
+        ds = ds.select_targets(targets)
+    return select_rows(ds, limit=limit, sample=sample, sample_seed=sample_seed)
+
+
+def select_rows(ds: RoutingDataset, *, limit: int | None = None, sample: int | None = None,
+                sample_seed: int = 0) -> RoutingDataset:
+    """The first `limit` prompts, or a seeded category-stratified `sample` of them (noted in ds.notes)."""
+    from prefill_router.data.splits import stratified_sample
+
+    if limit is not None:
+        return ds.subset(np.arange(limit)) if ds.n > limit else ds
+    if sample is not None:
+        rows = stratified_sample(ds, sample, seed=sample_seed)
+        if rows.size < ds.n:
+            ds = ds.subset(rows)
+            ds.notes.append(f"rows: a category-stratified sample of {rows.size} prompts (--sample {sample}, "
+                            f"--sample-seed {sample_seed})")
+    return ds

@@ -318,14 +318,9 @@ def _truncated_flags(encoder, tokens: np.ndarray, n: int) -> np.ndarray:
 
 
 def _spec_from_dict(spec: dict):
-    from prefill_router import features
+    from prefill_router.features import EncoderSpec
 
-    spec_type = getattr(features, "EncoderSpec", None)
-    if spec_type is None:
-        return spec
-    if hasattr(spec_type, "model_validate"):
-        return spec_type.model_validate(spec)
-    return spec_type(**spec)
+    return EncoderSpec.model_validate(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------
