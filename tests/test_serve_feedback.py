@@ -316,3 +316,32 @@ def test_sighup_reloads_the_checkpoint_of_a_serving_process(checkpoint, encoder,
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_train_on_feedback_errors_are_one_line(checkpoint, encoder, upstreams, tmp_path, capsys):
+    from conftest import make_tiny_encoder
+
+    from prefill_router.cli import main
+    from prefill_router.features import load_encoder
+
+    def error(argv) -> str:
+        capsys.readouterr()  # only what this command printed
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+        return err
+
+    out = str(tmp_path / "new")
+    assert "--features and --dataset are required" in error(["train", "--out", out])
+    assert "--from" in error(["train", "--feedback", str(tmp_path), "--out", out])
+    assert "no feedback journal" in error(["train", "--feedback", str(tmp_path / "none"), "--from",
+                                           str(checkpoint), "--out", out])
+    journal = tmp_path / "fb"
+    with serving(checkpoint, encoder, upstreams, feedback={"dir": str(journal)}) as (client, _):
+        for i in range(6):
+            r = chat(client, i)
+            assert client.post("/v1/feedback", json={"id": r.headers["x-router-request-id"], "score": 1}).is_success
+    other = train_tiny_router(load_encoder(str(make_tiny_encoder(tmp_path / "enc2", seed=1))), tmp_path / "r2")
+    message = error(["train", "--feedback", str(journal), "--from", str(other), "--out", out])
+    assert "encoder" in message and str(journal) in message
+    assert not (tmp_path / "new" / "router.json").exists()
