@@ -19,12 +19,13 @@ from prefill_router.errors import ConfigError
 
 
 def _layers(value: str):
-    if value.strip().lower() == "all":
-        return "all"
+    if value.strip().lower() in ("all", "auto"):
+        return value.strip().lower()
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--layers: expected 'all' or comma-separated hidden-state indices, got {value!r}") from None
+        raise ConfigError(f"--layers: expected 'all', 'auto' or comma-separated hidden-state indices, "
+                          f"got {value!r}") from None
 
 
 def _pca(value: str):
@@ -38,7 +39,13 @@ def register(subparsers) -> None:
     train_feedback.add_arguments(p)
     p.add_argument("--pooling", default="mean", help="pooling to read from the store")
     p.add_argument("--layers", type=_layers, default="all",
-                   help="'all' or comma-separated hidden-state indices to concatenate")
+                   help="'all', comma-separated hidden-state indices to concatenate, or 'auto': the fewest "
+                        "encoder layers whose out-of-fold AUC is within --layer-tolerance of the best depth's "
+                        "(routing runs only those layers)")
+    p.add_argument("--layer-tolerance", type=float, default=0.005,
+                   help="--layers auto: mean AUC it may give up for running fewer layers")
+    p.add_argument("--layer-budget", type=int, default=None,
+                   help="--layers auto: the most encoder layers routing may run (default: no limit)")
     p.add_argument("--pca", type=_pca, default=200, help="PCA components, or 'none'")
     p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained")
     p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss")
@@ -82,24 +89,26 @@ def run(args: argparse.Namespace) -> int:
 
     config = RouterTrainConfig.parse({
         "pooling": args.pooling, "layers": args.layers, "pca": args.pca, "policy": args.policy,
+        "layer_tolerance": args.layer_tolerance, "layer_budget": args.layer_budget,
         "calibration_folds": args.calibration_folds, "max_accuracy_drop": args.max_accuracy_drop,
         "seed": args.seed,
         "trunk": {"seeds": args.seeds, "keep": args.keep, "seed": args.seed, "threads": args.threads}})
     held = features.hidden_states.get(args.pooling)
     if held is None:
         raise ConfigError(f"--pooling: {args.pooling!r} not in the feature store (it holds {features.poolings})")
-    X = features.get(args.pooling, None if args.layers == "all" else args.layers, rows=store_rows)
-    states = held if args.layers == "all" else args.layers
-    router = train_router(ds, X, rows, config.model_copy(update={"layers": "all"}), hidden_states=states,
+    X = features.get(args.pooling, args.layers if isinstance(args.layers, list) else None, rows=store_rows)
+    states = args.layers if isinstance(args.layers, list) else held
+    auto = "auto" if args.layers == "auto" else "all"
+    router = train_router(ds, X, rows, config.model_copy(update={"layers": auto}), hidden_states=states,
                           encoder=features.identity, progress=True)
     # A store made by `extract` records how to load its encoder (a local folder as an absolute path).
     router.encoder_spec = features.manifest.get("encoder_spec") or router.encoder_spec
-    router.training["config"]["layers"] = states
+    router.training["config"]["layers"] = router.hidden_states
     router.training["features_store"] = str(Path(args.features).resolve())
     router.training["rows_without_features"] = skipped
 
     if test.size:
-        P = router.predict_proba_features(X[test])
+        P = router.predict_proba_features(X[test][:, [states.index(s) for s in router.hidden_states]])
         Yte, Cte = ds.Y[test], ds.C[test]
         choice = router.choose(P, Cte)
         best_k, _, _ = metrics.best_single(ds.Y[rows], ds.C[rows])
@@ -122,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
           + (f" (out-of-fold training accuracy {chosen['accuracy']:.2%} vs best single "
              f"{chosen['best_single_accuracy']:.2%}, cost {_ratio(chosen)} of always calling it)"
              if "accuracy" in chosen else ""))
+    layers = router.metrics.get("layer_choice")
+    if layers is not None:
+        print(f"hidden states {layers['chosen']} (routing runs {layers['layers_run']} encoder layers): "
+              f"{layers['rule']}; "
+              "out-of-fold AUC by layers run: " + ", ".join(f"{c['layers_run']}: {c['oof_auc']:.4f}"
+                                                             for c in layers["candidates"]))
     print(f"router checkpoint written to {folder}")
     return 0
 
