@@ -8,7 +8,7 @@ DATA ?=
 OUT ?= runs/mmlu-pro
 DATA_ARG := $(if $(DATA),--data-root $(DATA),)
 
-.PHONY: run run-full test test-fast venv clean
+.PHONY: run run-full lint test test-fast venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ run: $(STAMP)
 run-full: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/prefill-router pipeline $(DATA_ARG) --out $(OUT)-full --full
 
-test: $(STAMP)
+# ruff (config in pyproject.toml) and mypy (strict on the public seams, lenient elsewhere) before any test.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # The inner loop: everything but the tests marked slow (the real encoder, Ray, whole pipelines). CI runs `test`.

@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from prefill_router.features.encoder import Encoder, EncoderSpec, load_encoder
+from prefill_router.features.encoder import Encoder, EncoderSpec, load_encoder  # noqa: E402  (after sys.path)
 
 CONFIGS = HERE / "configs"
 GPU_MODELS = ("smollm2-135m", "qwen2.5-1.5b", "llama-3-8b")
@@ -210,7 +210,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (real SmolLM2) or cuda (random-weight real configs)")
     parser.add_argument("--n", type=int, help="prompts (default 256 on CPU, 2048 on GPU)")
-    parser.add_argument("--data-root", default=os.environ.get("PREFILL_ROUTER_DATA", str(HERE.parents[1] / "shared" / "data")),
+    parser.add_argument("--data-root",
+                        default=os.environ.get("PREFILL_ROUTER_DATA", str(HERE.parents[1] / "shared" / "data")),
                         help="shared data folder (CPU mode)")
     parser.add_argument("--models", default=",".join(GPU_MODELS), help="GPU mode: configs from bench/configs/")
     parser.add_argument("--batch-tokens", type=int, help="engine token budget (default: the engine's)")

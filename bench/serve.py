@@ -4,14 +4,16 @@
     .venv/bin/python bench/serve.py --requests 16 64 128  # requests per concurrency level (1, 8, 32)
 
 What runs, each in its own process so they do not share a GIL:
-- a fake OpenAI-compatible upstream (prefill_router/serve/fake_upstream.py, `prefill-router fake-upstream`) answering after a fixed delay;
+- a fake OpenAI-compatible upstream (prefill_router/serve/fake_upstream.py, `prefill-router fake-upstream`)
+  answering after a fixed delay;
 - the gateway, `python -m prefill_router serve`, once with batching on (max_batch_size 32) and once with
   batching off (max_batch_size 1, the naive baseline: one encoder forward per request); the LRU cache is off
   and every request carries a different MMLU-Pro question, so every request costs a forward pass;
 - this script, the load generator: N requests per level from C concurrent workers.
 
 The router is trained here in seconds on the shared reference SmolLM2 features of the first MMLU-Pro rows
-(3 targets); the load-test prompts are the questions after them. Reported per (mode, concurrency): requests/s, and routing
+(3 targets); the load-test prompts are the questions after them. Reported per (mode, concurrency): requests/s, and
+routing
 overhead = latency seen by the client minus the upstream's latency (the gateway's x-router-upstream-ms
 header), p50 and p99, plus the mean forward-pass batch size read from the gateway's /metrics. Request counts
 are bounded, so the run stops by itself.
@@ -269,7 +271,8 @@ async def flood_and_measure(url: str, n_short: int, workers: int) -> dict:
             "flood_p99_ms": float(np.percentile(busy, 99)),
             "ratio_p50": float(np.percentile(busy, 50) / np.percentile(quiet, 50)),
             "deadline_fallbacks": quiet_deadlines + busy_deadlines, "errors": errors + busy_errors,
-            "long_forwards": long_forwards, "long_routed": long_done[0], "long_p50_ms": float(np.percentile(long_ms, 50)) if long_ms else None}
+            "long_forwards": long_forwards, "long_routed": long_done[0],
+            "long_p50_ms": float(np.percentile(long_ms, 50)) if long_ms else None}
 
 
 def run_flood(label: str, checkpoint: Path, upstream_url: str, folder: Path, threads: int | None, n_short: int,
@@ -358,7 +361,8 @@ def main() -> None:
         prompts = train_router(folder / "router", args.encoder, args.train_rows, args.train_rows + needed,
                                args.data)
         log(f"router trained in {time.perf_counter() - start:.0f}s; {len(prompts)} load-test prompts")
-        upstream, match = start_process([sys.executable, "-m", "prefill_router", "fake-upstream", "--port", "0", "--delay",
+        upstream, match = start_process([sys.executable, "-m", "prefill_router", "fake-upstream", "--port", "0",
+                                         "--delay",
                                          str(args.upstream_delay_ms / 1000), "--content", "The answer is (B)."],
                                         r"listening on (http://\S+)")
         try:
@@ -374,7 +378,8 @@ def main() -> None:
     import torch
 
     print(f"\nGateway load test: encoder {args.encoder}, {os.cpu_count()} CPU(s), gateway threads "
-          f"{args.threads or 'default'}, torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}; "
+          f"{args.threads or 'default'}, torch {torch.__version__}, "
+          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; "
           f"load average at the end {os.getloadavg()[0]:.1f}; fake upstream delay {args.upstream_delay_ms:g} ms; "
           f"overhead = client latency - upstream latency")
     print("| batching | concurrency | requests | req/s | speed-up vs off | overhead p50 (ms) | overhead p99 (ms) "
@@ -383,7 +388,8 @@ def main() -> None:
     off = {r["concurrency"]: r["rps"] for r in rows if r["mode"] == "off"}
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["mode"] != "off")):
         speedup = r["rps"] / off[r["concurrency"]] if off.get(r["concurrency"]) else float("nan")
-        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']}{' (' + str(r['errors']) + ' errors)' if r['errors'] else ''} "
+        errors = f" ({r['errors']} errors)" if r["errors"] else ""
+        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']}{errors} "
               f"| {r['rps']:.2f} | {speedup:.2f}x | {r['overhead_p50_ms']:.1f} | {r['overhead_p99_ms']:.1f} "
               f"| {r['routing_p50_ms']:.1f} | {r['mean_batch']:.1f} |")
     if args.json:

@@ -108,8 +108,8 @@ def main(argv=None) -> int:
         print(f"val loss (naive, all seeds): {np.round(naive_losses, 4).tolist()}")
     print(f"epochs to best per seed (ours): {ensemble.epochs}")
 
-    rows = [("ensemble training, %d seeds on %d x %d, %d targets (s)" % (args.seeds, args.rows, args.dims,
-                                                                           args.targets), ours_s, naive_s)]
+    rows = [(f"ensemble training, {args.seeds} seeds on {args.rows} x {args.dims}, {args.targets} targets (s)",
+             ours_s, naive_s)]
     if args.encoder != "none":
         from prefill_router.data import load_mmlu_pro
         from prefill_router.features import load_encoder
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         feats = encoder.encode(prompts, poolings=("mean",), layers=states)["mean"]
         # A transform of the right shape; the fitted PCA values do not change the timing.
         rng = np.random.default_rng(0)
-        fit_rows = feats[rng.integers(0, len(feats), 400)] + rng.normal(size=(400,) + feats.shape[1:]).astype(np.float32)
+        noise = rng.normal(size=(400,) + feats.shape[1:]).astype(np.float32)
+        fit_rows = feats[rng.integers(0, len(feats), 400)] + noise
         transform = FeatureTransform(dims=args.dims).fit(fit_rows)
         router = Router(targets=[f"t{k}" for k in range(args.targets)], transform=transform, predictor=ensemble,
                         pooling="mean", hidden_states=states, encoder_identity=None, policy="argmax",
@@ -157,9 +158,9 @@ def main(argv=None) -> int:
             batch_t.append((t1 - t0) / len(chunk))
             single_t.append((t2 - t1) / len(chunk))
         rows += [("encoder prefill per prompt, median (ms)", median_ms(enc_t), float("nan")),
-                 ("transform (scaler + PCA %d of %d) per prompt, median (ms)" % (args.dims, x.size),
+                 (f"transform (scaler + PCA {args.dims} of {x.size}) per prompt, median (ms)",
                   median_ms(tr_t), float("nan")),
-                 ("MLP (%d members) per prompt, median (ms)" % len(ensemble.members), median_ms(mlp_t),
+                 (f"MLP ({len(ensemble.members)} members) per prompt, median (ms)", median_ms(mlp_t),
                   float("nan")),
                  ("policy per prompt, median (ms)", median_ms(pol_t), float("nan")),
                  ("route() per prompt, median (ms)", median_ms(route_t), float("nan"))]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 
 class PrefillRouterError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -40,14 +43,14 @@ class CheckpointError(PrefillRouterError, ValueError):
     """A router checkpoint is missing, corrupt, or does not match the encoder in use."""
 
 
-def invalid_config(title: str, exc) -> ConfigError:
+def invalid_config(title: str, exc: Any) -> ConfigError:
     """A ConfigError from a pydantic ValidationError: the title, then one line per problem naming the dotted
     path of the field."""
     lines = [title] + [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()]
     return ConfigError("\n".join(lines))
 
 
-def read_json_object(path, *, missing: str, invalid: str = "invalid JSON") -> dict:
+def read_json_object(path: str | os.PathLike[str], *, missing: str, invalid: str = "invalid JSON") -> dict:
     """A JSON object read from `path`; a missing file, bad JSON or a non-object is a DataError naming the file
     (`missing` and `invalid` word the first two cases)."""
     import json

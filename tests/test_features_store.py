@@ -10,7 +10,8 @@ import pytest
 from prefill_router.errors import ConfigError, DataError
 from prefill_router.features import FeatureSet, extract_to_store, import_features, load_encoder
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "capital", "of", "france", "paris", "rome", "question", "answer"]
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "capital", "of", "france",
+         "paris", "rome", "question", "answer"]
 
 
 def make_prompts(n: int, seed: int = 0) -> list[str]:

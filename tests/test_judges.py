@@ -153,7 +153,8 @@ def test_fractions_can_be_turned_off():
 
 
 def test_judge_numeric_reference_forms_and_tolerance():
-    gsm8k_reference = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    gsm8k_reference = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n"
+                       "#### 72")
     assert judge_numeric("She sold 72 clips altogether.", gsm8k_reference) == 1.0
     assert judge_numeric("She sold 71 clips.", gsm8k_reference) == 0.0
     assert judge_numeric("The answer is $1,000.", "1000") == 1.0

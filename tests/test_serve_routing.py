@@ -370,7 +370,8 @@ def test_router_object_session_pins_in_any_mode(router, upstreams):
 
 @pytest.mark.parametrize("value, field", [
     ({"models": ["gpt-17"]}, "router.models"), ({"models": []}, "router.models"), ({"models": "big"}, "router.models"),
-    ({"lambda": -1}, "router.lambda"), ({"lambda": "cheap"}, "router.lambda"), ({"tolerance": -0.5}, "router.tolerance"),
+    ({"lambda": -1}, "router.lambda"), ({"lambda": "cheap"}, "router.lambda"),
+    ({"tolerance": -0.5}, "router.tolerance"),
     ({"lambda": 1, "tolerance": 0.1}, "router.lambda"), ({"return_decision": "yes"}, "router.return_decision"),
     ({"session": ""}, "router.session"), ({"session": 7}, "router.session"), ({"speed": "fast"}, "router.speed"),
     ("fast", "router"), ([1], "router"),

@@ -163,7 +163,8 @@ def extract_number(text: str, *, fractions: bool = True) -> float | None:
     """The final numeric answer in a reply, or None.
 
     Order: the GSM8K marker "#### 42"; \\boxed{42}; the last "answer is 42" / "answer: 42" (in "answer is
-    5 + 3 = 8", the number after the last "="); else the last number in the text. Thousands separators, "$", "%" and trailing units are ignored; negatives, decimals
+    5 + 3 = 8", the number after the last "="); else the last number in the text. Thousands separators, "$", "%"
+    and trailing units are ignored; negatives, decimals
     and scientific notation are read; "3/4" and \\frac{3}{4} are 0.75 when `fractions` is on.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):

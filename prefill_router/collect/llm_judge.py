@@ -64,7 +64,8 @@ def build_judge_messages(question: str, answer: str, reference: object | None, r
     return [{"role": "system", "content": rubric}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-_SCORE = re.compile(r"\bscore\b\s*[\"']?\s*[:=]\s*\**\s*(?P<v>[-+]?\d+(?:\.\d+)?|[-+]?\.\d+)\s*(?P<pct>%)?", re.IGNORECASE)
+_SCORE = re.compile(r"\bscore\b\s*[\"']?\s*[:=]\s*\**\s*(?P<v>[-+]?\d+(?:\.\d+)?|[-+]?\.\d+)\s*(?P<pct>%)?",
+                    re.IGNORECASE)
 
 
 def parse_judge_score(reply: str) -> float:

@@ -120,7 +120,7 @@ def check_references(prompts: Sequence[PromptItem], judge: str, letters: str, fi
 def check_journal_matches(prompts: Sequence[PromptItem], records: dict[Key, dict], journal: Path) -> None:
     """A prompt_id whose text changed since it was labelled would mix labels of two prompts: refuse."""
     by_id = {p.prompt_id: p for p in prompts}
-    for (pid, target), record in records.items():
+    for (pid, _target), record in records.items():
         item = by_id.get(pid)
         if item is not None and record.get("prompt") != item.prompt:
             raise ConfigError(f"{journal}: prompt_id {pid!r} was labelled for a different prompt text "
@@ -197,7 +197,8 @@ class CollectSummary:
     failures_path: Path | None = None
 
     def table(self) -> str:
-        head = f"{'target':<24} {'ok':>6} {'failed':>7} {'unjudged':>9} {'missing':>8} {'mean score':>10} {'cost USD':>10}"
+        head = (f"{'target':<24} {'ok':>6} {'failed':>7} {'unjudged':>9} {'missing':>8} {'mean score':>10} "
+                f"{'cost USD':>10}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             mean = "-" if r["mean_score"] is None else f"{r['mean_score']:.3f}"

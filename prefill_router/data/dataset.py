@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from prefill_router.data.prices import CostModel, PriceTable
 
 # A prompt is plain text or OpenAI-style chat messages [{"role": ..., "content": ...}, ...].
-Prompt = Union[str, list]
+Prompt = str | list
 
 
 @dataclass

@@ -98,7 +98,8 @@ class ContenderSpec:
 def _knn(inputs: EvalInputs):
     from prefill_router.router.baselines import KNNPredictor
 
-    return (lambda: KNNPredictor(k=inputs.settings.knn_k, metric="cosine", threads=inputs.settings.threads)), inputs.embeddings()
+    settings = inputs.settings
+    return (lambda: KNNPredictor(k=settings.knn_k, metric="cosine", threads=settings.threads)), inputs.embeddings()
 
 
 def _logreg(inputs: EvalInputs):

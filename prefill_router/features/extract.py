@@ -38,7 +38,8 @@ def loadable_spec(spec) -> dict:
 def _mismatch(store: FeatureSet, identity: dict, hashes: list[str], wanted: dict[str, list[int]]) -> str | None:
     """Why an existing store cannot serve this request, or None when it can."""
     if store.identity != identity:
-        return f"it was made with a different encoder identity (differs in: {', '.join(identity_diff(store.identity, identity))})"
+        differs = ", ".join(identity_diff(store.identity, identity))
+        return f"it was made with a different encoder identity (differs in: {differs})"
     if store.prompt_hashes is None:
         return "it does not record which prompts its rows hold (import it with prompts=...)"
     if len(store.prompt_hashes) != len(hashes):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -65,7 +65,7 @@ class RandomPredictor(_Fitted):
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def fit(self, X, Y) -> "RandomPredictor":
+    def fit(self, X, Y) -> RandomPredictor:
         self.n_targets_ = check_labels(Y).shape[1]
         self._rng = np.random.default_rng(self.seed)
         return self
@@ -81,7 +81,7 @@ class ConstantPredictor(_Fitted):
     def __init__(self, k: int):
         self.k = k
 
-    def fit(self, X, Y) -> "ConstantPredictor":
+    def fit(self, X, Y) -> ConstantPredictor:
         n_targets = check_labels(Y).shape[1]
         if not 0 <= self.k < n_targets:
             raise ConfigError(f"ConstantPredictor: k={self.k} is not a target index in [0, {n_targets})")
@@ -98,7 +98,7 @@ class ConstantPredictor(_Fitted):
 class PriorPredictor(_Fitted):
     """Each target's training accuracy, the same for every prompt."""
 
-    def fit(self, X, Y) -> "PriorPredictor":
+    def fit(self, X, Y) -> PriorPredictor:
         Y = check_labels(Y)
         self.prior_ = label_prior(Y)
         self.n_targets_ = Y.shape[1]
@@ -118,7 +118,7 @@ class OraclePredictor(_Fitted):
     def __init__(self, Y_all):
         self.Y_all = check_labels(Y_all)
 
-    def fit(self, X, Y) -> "OraclePredictor":
+    def fit(self, X, Y) -> OraclePredictor:
         self.n_targets_ = self.Y_all.shape[1]
         return self
 
@@ -154,7 +154,7 @@ class KNNPredictor(_Fitted):
             return X / np.maximum(norms, 1e-12)
         return X
 
-    def fit(self, X, Y) -> "KNNPredictor":
+    def fit(self, X, Y) -> KNNPredictor:
         X = check_features(X)
         Y = check_labels(Y, len(X))
         self.X_ = self._prepare(X).astype(np.float32)
@@ -322,7 +322,7 @@ class _PerTargetLogistic(_Fitted):
 class LogisticPredictor(_PerTargetLogistic):
     """Per target: features standard-scaled on that target's labelled rows, then L2-regularised logistic regression."""
 
-    def fit(self, X, Y) -> "LogisticPredictor":
+    def fit(self, X, Y) -> LogisticPredictor:
         X = check_features(X)
         self._fit_targets(X, check_labels(Y, len(X)), scale=True)
         return self
@@ -349,7 +349,7 @@ class TfidfLogisticPredictor(_PerTargetLogistic):
                             f"{type(texts[bad[0]]).__name__}")
         return texts
 
-    def fit(self, X, Y) -> "TfidfLogisticPredictor":
+    def fit(self, X, Y) -> TfidfLogisticPredictor:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         texts = self._texts(X)
@@ -395,11 +395,11 @@ class MLPPredictor(_Fitted):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
         return (loss * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def fit(self, X, Y) -> "MLPPredictor":
+    def fit(self, X, Y) -> MLPPredictor:
         with _threads(self.threads):
             return self._fit(X, Y)
 
-    def _fit(self, X, Y) -> "MLPPredictor":
+    def _fit(self, X, Y) -> MLPPredictor:
         import torch
 
         X = check_features(X)

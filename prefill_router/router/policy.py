@@ -17,14 +17,16 @@ row is NaN, in which case the cheapest target is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from prefill_router.errors import ConfigError, DataError
 
 
-def _inputs(P, C) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(P: ArrayLike, C: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     P = np.asarray(P, dtype=np.float64)
     C = np.asarray(C, dtype=np.float64)
     if P.ndim != 2:
@@ -44,14 +46,15 @@ def _cheapest_among(candidate: np.ndarray, P: np.ndarray, C: np.ndarray) -> np.n
     costs = np.where(candidate, np.where(np.isnan(C), np.finfo(np.float64).max, C), np.inf)
     tied = costs == costs.min(axis=1, keepdims=True)
     probs = np.where(np.isnan(P), np.finfo(np.float64).min, P)
-    return np.argmax(np.where(tied, probs, -np.inf), axis=1).astype(np.int64)  # argmax: first = lowest index
+    choice: np.ndarray = np.argmax(np.where(tied, probs, -np.inf), axis=1).astype(np.int64)
+    return choice  # argmax: the first, i.e. lowest, index among ties
 
 
 @dataclass(frozen=True)
 class ArgmaxPolicy:
     """Pick the target with the highest P; exact ties go to the cheaper target."""
 
-    def choose(self, P, C) -> np.ndarray:
+    def choose(self, P: ArrayLike, C: ArrayLike) -> np.ndarray:
         P, C = _inputs(P, C)
         probs = np.where(np.isnan(P), -np.inf, P)
         best = probs.max(axis=1, initial=-np.inf)
@@ -71,7 +74,7 @@ class TolerancePolicy:
         if not np.isfinite(self.tol) or self.tol < 0:
             raise ConfigError(f"tolerance must be a finite number >= 0, got {self.tol!r}")
 
-    def choose(self, P, C) -> np.ndarray:
+    def choose(self, P: ArrayLike, C: ArrayLike) -> np.ndarray:
         P, C = _inputs(P, C)
         probs = np.where(np.isnan(P), -np.inf, P)
         best = probs.max(axis=1, initial=-np.inf)
@@ -101,7 +104,7 @@ class UtilityPolicy:
         if self.cost_scale is not None and not (np.isfinite(self.cost_scale) and self.cost_scale > 0):
             raise ConfigError(f"cost_scale must be a positive number of USD, got {self.cost_scale!r}")
 
-    def choose(self, P, C) -> np.ndarray:
+    def choose(self, P: ArrayLike, C: ArrayLike) -> np.ndarray:
         P, C = _inputs(P, C)
         scaled = scale_costs(C, self.cost_scale)
         probs = np.where(np.isnan(P), -np.inf, P)
@@ -128,7 +131,7 @@ class FixedPolicy:
         if not isinstance(self.k, (int, np.integer)) or self.k < 0:
             raise ConfigError(f"fixed policy needs a target index >= 0, got {self.k!r}")
 
-    def choose(self, P, C) -> np.ndarray:
+    def choose(self, P: ArrayLike, C: ArrayLike) -> np.ndarray:
         P, C = _inputs(P, C)
         if self.k >= P.shape[1]:
             raise ConfigError(f"fixed:{self.k} names target index {self.k}, but there are {P.shape[1]} targets")
@@ -138,7 +141,11 @@ class FixedPolicy:
         return f"fixed:{self.k}"
 
 
-def scale_costs(C, cost_scale: float | None = None) -> np.ndarray:
+# What policy_from_spec builds: each has choose(P, C) -> [N] target indices.
+Policy = ArgmaxPolicy | TolerancePolicy | UtilityPolicy | FixedPolicy
+
+
+def scale_costs(C: ArrayLike, cost_scale: float | None = None) -> np.ndarray:
     """C divided by `cost_scale`, or by each row's largest known cost when None. Unknown costs become +inf;
     a row with no known cost (or all zero) becomes all zeros, so its choice falls back to P alone."""
     C = np.asarray(C, dtype=np.float64)
@@ -155,7 +162,7 @@ def scale_costs(C, cost_scale: float | None = None) -> np.ndarray:
     return np.where(no_scale, 0.0, out)
 
 
-def policy_from_spec(spec: str):
+def policy_from_spec(spec: str) -> Policy:
     """Build a policy from "argmax", "tolerance:<tol>", "utility:<lambda>" (for example "utility:0.3") or
     "fixed:<target index>"."""
     if not isinstance(spec, str) or not spec.strip():
@@ -188,7 +195,8 @@ def policy_from_spec(spec: str):
 DEFAULT_LAMBDAS = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)])
 
 
-def choose_default_policy(P, Y, C, *, max_drop: float = 0.0, lambdas=None,
+def choose_default_policy(P: ArrayLike, Y: ArrayLike, C: ArrayLike, *, max_drop: float = 0.0,
+                          lambdas: Sequence[float] | None = None,
                           cost_scale: float | None = None) -> tuple[str, dict]:
     """The default policy of a trained router, as a spec, and facts about it on these rows.
 
@@ -251,7 +259,7 @@ def _share(P: np.ndarray, C: np.ndarray, lam: float, cost_scale: float | None, t
     return float(np.mean(UtilityPolicy(lam, cost_scale).choose(P, C) == target))
 
 
-def calibrate_lambda(P_train, C_train, *, budget: float | None = None,
+def calibrate_lambda(P_train: ArrayLike, C_train: ArrayLike, *, budget: float | None = None,
                      share: tuple[int, float] | None = None, cost_scale: float | None = None,
                      max_lambda: float = 1e9, iterations: int = 100) -> float:
     """The utility weight lam (see `UtilityPolicy`) meeting a constraint on training rows, by bisection.
@@ -284,6 +292,7 @@ def calibrate_lambda(P_train, C_train, *, budget: float | None = None,
                               f"{floor:g} USD on these rows")
     else:
         try:
+            assert share is not None  # exactly one of budget and share is given (checked above)
             k, fraction = int(share[0]), float(share[1])
         except (TypeError, ValueError, IndexError):
             raise ConfigError(f"share must be (target_index, fraction), got {share!r}") from None

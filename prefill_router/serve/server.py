@@ -30,7 +30,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 log = logging.getLogger("prefill_router.serve")
 
 
-class RequestDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+class RequestDeadline(AutoHTTPProtocol):  # type: ignore[valid-type]
     """uvicorn's HTTP protocol (h11 or httptools) plus a deadline for receiving each whole request.
 
     The deadline runs while the connection waits for a request or its body: from the connection opening, or
@@ -40,7 +40,7 @@ class RequestDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     read_timeout_s: float = 30.0
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         self._deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._update_deadline()
