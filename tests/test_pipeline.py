@@ -33,5 +33,9 @@ def test_quick_pipeline_writes_a_summary_with_the_default_policy_and_a_loadable_
     router = Router.load(out / "router")
     assert router.default_policy == data["default_policy"]
     assert router.default_policy.split(":")[0] in ("utility", "fixed")
-    assert router.hidden_states == [0, 6, 12, 18]
+    # the checkpoint reads the states `--layers auto` chose: a prefix of the quick states, run with early exit
+    choice = data["layer_choice"]
+    assert [c["layers_run"] for c in choice["candidates"]] == [0, 6, 12, 18]
+    assert router.hidden_states == choice["chosen"] == [s for s in (0, 6, 12, 18) if s <= choice["layers_run"]]
+    assert "## AUC against encoder layers run" in summary and (out / "layers.png").stat().st_size > 0
     assert (out / "pool-two" / "cost_quality.png").stat().st_size > 0

@@ -6,7 +6,8 @@
 Steps: features (SmolLM2-135M prefill; precomputed reference features are used where found) -> layer probes
 -> k-fold evaluation of the prefill router against the semantic baselines, random, best single and oracle,
 on three target pools -> a router checkpoint trained on every chosen prompt, with the default policy the
-reports measure -> one routed example. Everything lands in --out; summary.md collects it.
+reports measure and the fewest encoder layers that keep its AUC (`train --layers auto`; summary.md reports
+AUC against layers run) -> one routed example. Everything lands in --out; summary.md collects it.
 
 Quick mode samples --rows prompts (stratified by category, seeded) from all 12,002 and reads mean pooling at
 hidden states 0, 6, 12, 18, so the encoder stops after layer 18 of 30. --full computes every prompt's
@@ -29,7 +30,7 @@ import numpy as np
 
 from prefill_router.cli.common import add_parser, split_names
 from prefill_router.errors import ConfigError
-from prefill_router.utils import atomic_write_json
+from prefill_router.utils import atomic_write_json, markdown_table
 
 POOLS = {
     "two": ["gemini-1.5-pro-002", "gemini-1.5-flash-002"],
@@ -305,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     tables, summary = _evaluate_pools(args, ds, chosen, folds, semantic, pools, notes, out)
 
     t = _step("router checkpoint (every chosen prompt, all targets)")
-    config = RouterTrainConfig.parse({"pca": args.pca, "seed": args.seed,
+    # layers "auto": the checkpoint reads the fewest encoder layers that keep its out-of-fold AUC (early exit).
+    config = RouterTrainConfig.parse({"pca": args.pca, "seed": args.seed, "layers": "auto",
                                       "trunk": {"seeds": args.seeds, "keep": args.keep, "seed": args.seed,
                                                 "threads": args.threads}})
     router = train_router(ds, chosen.X, np.arange(ds.n), config, hidden_states=chosen.states,
@@ -320,15 +322,54 @@ def run(args: argparse.Namespace) -> int:
           f"Rows: {chosen.what}. {args.folds}-fold, prompt-level, stratified by category; every number is on "
           f"held-out prompts, mean over folds. Encoder: SmolLM2-135M-Instruct, mean pooling at hidden states "
           f"{chosen.states}.", "", *tables, LEGEND, "", _default_policy_section(router, ckpt), "",
+          _layers_section(router, out), "",
           "## Layer probes", "", probe_table,
           f"J vs probe AUC rank agreement (Spearman): {json.dumps(agreement)}", "",
           "Plots: `probes/probes.png`, `pool-*/cost_quality.png`. Full reports: `pool-*/report.md`.", "",
           f"Example: {example}", "", f"Total time: {time.time() - started:.0f} s."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     atomic_write_json(out / "summary.json", {"rows": chosen.what, "pools": summary,
-                                             "default_policy": router.default_policy, "probe_agreement": agreement})
+                                             "default_policy": router.default_policy, "probe_agreement": agreement,
+                                             "layer_choice": router.metrics.get("layer_choice")})
     print(f"\nwrote {out / 'summary.md'} in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
+
+
+def _layers_section(router, out: Path) -> str:
+    """AUC against encoder layers run, from the checkpoint's layer choice (out-of-fold, training prompts)."""
+    choice = router.metrics.get("layer_choice")
+    if not choice:
+        return ""
+    rows = [[c["layers_run"], ", ".join(map(str, c["states"])), f"{c['oof_auc']:.4f}",
+             "chosen" if c["states"] == choice["chosen"] else ""] for c in choice["candidates"]]
+    _plot_layers(choice, out / "layers.png")
+    return "\n".join([
+        "## AUC against encoder layers run", "",
+        f"Routing runs the encoder only up to the deepest hidden state the router reads (early exit). The checkpoint "
+        f"reads states {choice['chosen']}, so it runs {choice['layers_run']} layers: {choice['rule']}. Mean AUC "
+        f"over all targets on {choice['folds']}-fold out-of-fold predictions of the training prompts "
+        f"(`prefill-router train --layers auto`); plot: `layers.png`.", "",
+        *markdown_table(["layers run", "hidden states read", "out-of-fold mean AUC", ""], rows)])
+
+
+def _plot_layers(choice: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [c["layers_run"] for c in choice["candidates"]]
+    aucs = [c["oof_auc"] for c in choice["candidates"]]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(runs, aucs, marker="o")
+    ax.axvline(choice["layers_run"], color="grey", linestyle="--", label=f"chosen: {choice['layers_run']} layers")
+    ax.set_xlabel("encoder layers run per prompt")
+    ax.set_ylabel("out-of-fold mean AUC")
+    ax.set_title("Router AUC against routing compute")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _default_policy_section(router, folder: Path) -> str:
