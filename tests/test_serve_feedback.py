@@ -266,6 +266,7 @@ def test_reload_needs_the_admin_key_and_refuses_a_foreign_encoder(checkpoint, en
     assert metric(prometheus, "prefill_router_reloads_total", outcome="ok") == 1
 
 
+@pytest.mark.slow
 def test_sighup_reloads_the_checkpoint_of_a_serving_process(checkpoint, encoder, upstreams, tmp_path):
     """`python -m prefill_router serve` in its own process: SIGHUP re-reads router.checkpoint; the new router
     decides from then on."""
@@ -318,6 +319,7 @@ def test_sighup_reloads_the_checkpoint_of_a_serving_process(checkpoint, encoder,
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_train_on_feedback_errors_are_one_line(checkpoint, encoder, upstreams, tmp_path, capsys):
     from conftest import make_tiny_encoder
 
