@@ -253,6 +253,10 @@ def test_reload_needs_the_admin_key_and_refuses_a_foreign_encoder(checkpoint, en
         missing = client.post("/admin/reload", json={"checkpoint": str(tmp_path / "none")}, headers=auth)
         same = client.post("/admin/reload", headers=auth)
         after = chat(client, 1).headers["x-router-target"]
+        with_encoder = client.post("/admin/reload", json={"checkpoint": str(other), "reload_encoder": True},
+                                   headers=auth)
+        health = client.get("/health").json()
+        routed_by_other = client.post("/v1/route", json={"messages": question(1)}).json()
         prometheus = client.get("/metrics").text
     assert off.status_code == 403 and "admin.keys" in off.json()["error"]["message"]
     assert no_key.status_code == 401 and wrong.status_code == 401
@@ -263,7 +267,14 @@ def test_reload_needs_the_admin_key_and_refuses_a_foreign_encoder(checkpoint, en
     assert same.json()["checkpoint"] == str(checkpoint) and same.json()["targets"] == TARGETS
     assert before == after
     assert metric(prometheus, "prefill_router_reloads_total", outcome="refused") == 2
-    assert metric(prometheus, "prefill_router_reloads_total", outcome="ok") == 1
+    assert metric(prometheus, "prefill_router_reloads_total", outcome="ok") == 2
+    # with reload_encoder, the other checkpoint comes with its own encoder and routes with it
+    assert with_encoder.status_code == 200, with_encoder.text
+    other_router = Router.load(other)
+    assert health["encoder"] == other_router.encoder_identity != Router.load(checkpoint).encoder_identity
+    expected = other_router.route(question(1))
+    assert [routed_by_other["probabilities"][t] for t in TARGETS] == \
+        pytest.approx([expected.probabilities[t] for t in TARGETS], abs=1e-5)
 
 
 @pytest.mark.slow
