@@ -26,13 +26,11 @@ so little compute goes to padding. Results come back in input order.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -49,6 +47,7 @@ from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.prefix_cache import BLOCK, PrefixCache, PrefixHit, sums_at_blocks
 from prefill_router.features.template import TemplateName, render
 from prefill_router.features.window import WINDOW_RULE
+from prefill_router.utils import atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +151,10 @@ def _sha256(path: Path) -> str:
         index = {}
     if key in index:
         return index[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    index[key] = digest.hexdigest()
+    index[key] = file_sha256(path, chunk_bytes=1 << 22)
     try:
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index, indent=0))
-        os.replace(tmp, index_path)
+        atomic_write_json(index_path, index, indent=0)
     except OSError:
         pass  # a read-only cache only costs re-hashing next time
     return index[key]
@@ -271,8 +264,7 @@ def converted_gguf_folder(resolved: Resolved) -> Path:
     out = cache_dir() / "encoders" / f"{Path(resolved.gguf_file).stem}-{_sha256(gguf_path)[:16]}"
     if (out / "complete.json").is_file():
         return out
-    print(f"Converting {gguf_path.name} to safetensors (first use only; takes about 20 s) -> {out}",
-          file=sys.stderr)
+    logger.info("Converting %s to safetensors (first use only; takes about 20 s) -> %s", gguf_path.name, out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
