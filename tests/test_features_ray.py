@@ -78,7 +78,7 @@ def test_bad_arguments_are_named_before_ray_starts(tiny_encoder_dir, tmp_path):
         extract_to_store_ray(["a"], str(tiny_encoder_dir), tmp_path / "s", actors=0)
     with pytest.raises(ConfigError, match="empty prompt list"):
         extract_to_store_ray([], str(tiny_encoder_dir), tmp_path / "s")
-    with pytest.raises(EncoderError, match="row 1 is empty"):  # named by the driver, before any worker starts
+    with pytest.raises(EncoderError, match="row 1: empty prompt"):  # named by the driver, before any worker starts
         extract_to_store_ray(["fine", "   "], str(tiny_encoder_dir), tmp_path / "s")
     assert not (tmp_path / "s").exists()
     assert require_ray() is ray

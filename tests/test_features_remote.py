@@ -78,7 +78,7 @@ def test_remote_errors_name_the_problem(encoder_server, tmp_path):
         RemoteEncoder(server.url, api_key="wrong")
     with RemoteEncoder(server.url, api_key="k", max_prompts=2) as remote:
         # The bad prompt is row 3 of the caller's list although it is row 1 of the second request.
-        with pytest.raises(EncoderError, match="row 3 is empty"):
+        with pytest.raises(EncoderError, match="row 3: empty prompt"):
             remote.encode(["a", "b", "c", "   "])
         with pytest.raises(EncoderError, match="not a hidden-state index"):
             remote.encode(["a"], layers=[99])

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefill_router.data.prompt import Prompt, check_prompt, message_text, prompt_hash, prompt_text
 from prefill_router.data.readers import iter_jsonl_objects
 from prefill_router.errors import DataError
 
-# Same shape as prefill_router.data.Prompt; not imported from there so the command starts without pandas.
-Prompt = str | list
+# The roles OpenAI-compatible chat APIs accept; collect sends the messages as they are, so it checks them.
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 REFERENCE_FIELDS = ("answer", "reference")
 
@@ -30,7 +30,7 @@ REFERENCE_FIELDS = ("answer", "reference")
 @dataclass(frozen=True)
 class PromptItem:
     prompt_id: str
-    prompt: Prompt                 # text, or chat messages [{"role", "content"}, ...]
+    prompt: Prompt                 # text, or chat messages as given (content parts and images kept)
     reference: Any = None          # str | number | list, or None
     category: str | None = None
     line: int = 0                  # where it came from, for error messages
@@ -52,10 +52,8 @@ class PromptItem:
         return None
 
     def text(self) -> str:
-        """All message contents joined: what token estimates and the LLM judge read."""
-        if isinstance(self.prompt, str):
-            return self.prompt
-        return "\n".join(str(m.get("content") or "") for m in self.prompt)
+        """The prompt's text (`data.prompt.prompt_text`): what token estimates and the LLM judge read."""
+        return prompt_text(self.prompt)
 
 
 def _check_messages(value: Any, file: str, line: int) -> list[dict]:
@@ -67,22 +65,18 @@ def _check_messages(value: Any, file: str, line: int) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError("must be a non-empty list of {role, content} objects", file=file, line=line,
                         field="messages")
+    try:
+        check_prompt(value)  # the shape every stage reads; the messages themselves are sent as given
+    except DataError as exc:
+        raise DataError(str(exc), file=file, line=line, field="messages") from None
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"message {i} must be an object with 'role' and 'content'", file=file, line=line,
+        if m["role"] not in ROLES:
+            raise DataError(f"messages[{i}] has unknown role {m['role']!r}", file=file, line=line,
                             field="messages")
-        if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
-            raise DataError(f"message {i} has unknown role {m['role']!r}", file=file, line=line,
-                            field="messages")
-    if not any(str(m.get("content") or "").strip() for m in value if m["role"] == "user"):
+    # A target answers the user, so a user message must hold text (a system prompt alone is not a request).
+    if not any(message_text(m.get("content")).strip() for m in value if m["role"] == "user"):
         raise DataError("no user message with content", file=file, line=line, field="messages")
     return value
-
-
-def _content_id(prompt: Prompt) -> str:
-    raw = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    # surrogatepass: a prompt with a lone surrogate still gets an id, so the run can record it as a failure.
-    return "p" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _item(row: dict, file: str, line: int, reference_field: str | None) -> PromptItem:
@@ -103,7 +97,7 @@ def _item(row: dict, file: str, line: int, reference_field: str | None) -> Promp
                         field="prompt")
     pid = row.get("prompt_id", row.get("id"))
     if pid in (None, ""):
-        pid = _content_id(prompt)
+        pid = prompt_hash(prompt, "collect_id")  # hashes a lone surrogate too, so the run can record it
     fields = (reference_field,) if reference_field else REFERENCE_FIELDS
     reference = next((row[f] for f in fields if row.get(f) not in (None, "")), None)
     category = row.get("category")

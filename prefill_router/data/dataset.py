@@ -10,14 +10,11 @@ import numpy as np
 
 # Notes that describe how C was computed start with COST_NOTE_PREFIX, so that recomputing C can replace them.
 from prefill_router.data.prices import COST_NOTE_PREFIX
+from prefill_router.data.prompt import Prompt
 from prefill_router.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from prefill_router.data.prices import CostModel, PriceTable
-
-# A prompt is plain text or OpenAI-style chat messages [{"role": ..., "content": ...}, ...].
-Prompt = str | list
-
 
 @dataclass
 class RoutingDataset:

@@ -22,7 +22,6 @@ in Parquet, "line" i is row i counting from 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import pandas as pd
 
 from prefill_router.data.dataset import RoutingDataset
 from prefill_router.data.prices import CostModel, PriceTable
+from prefill_router.data.prompt import check_prompt, prompt_hash, prompt_key
 from prefill_router.data.tokens import count_tokens, counting_tokenizer
 from prefill_router.errors import DataError
 
@@ -165,28 +165,12 @@ def _number(value, what: str) -> float:
 
 
 def _prompt(value):
-    """The prompt as text or validated chat messages. Raises ValueError with the reason."""
+    """The prompt as text or chat messages (`prompt.check_prompt`). Raises DataError with the reason."""
     if isinstance(value, np.ndarray):  # Parquet returns list columns as arrays
         value = value.tolist()
     if _missing(value):
         raise DataError("empty prompt")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        messages = []
-        for j, message in enumerate(value):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                    or not isinstance(message.get("content"), str):
-                raise DataError(f"chat message {j} must be an object with string 'role' and 'content'")
-            messages.append({"role": message["role"], "content": message["content"]})
-        if not any(m["content"].strip() for m in messages):
-            raise DataError("empty prompt (no chat message has content)")
-        return messages
-    raise DataError(f"prompt must be text or a list of chat messages, got {type(value).__name__}")
-
-
-def _prompt_key(prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return check_prompt(value)
 
 
 class _Columns:
@@ -244,8 +228,8 @@ class _Builder:
                 pid = str(int(raw_id))
             key = pid
         else:
-            key = _prompt_key(prompt)
-            pid = hashlib.sha1(key.encode("utf-8")).hexdigest()[:12]
+            key = prompt_key(prompt)
+            pid = prompt_hash(prompt, "dataset_id")
         group = None
         if self.has_groups:
             raw = row.get(n.category)
@@ -261,7 +245,7 @@ class _Builder:
             self.input_tokens.append(tokens)
             return i
         first = self.first_line[i]
-        if _prompt_key(self.prompts[i]) != _prompt_key(prompt):
+        if prompt_key(self.prompts[i]) != prompt_key(prompt):
             raise self.error(f"prompt id '{pid}' has a different prompt on line {first}", line, n.prompt)
         if self.has_groups and group != self.groups[i]:
             raise self.error(f"prompt '{pid}' has category '{self.groups[i]}' on line {first}, "

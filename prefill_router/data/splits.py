@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from prefill_router.data.dataset import RoutingDataset
-from prefill_router.data.tokens import prompt_text
+from prefill_router.data.prompt import prompt_text
 from prefill_router.errors import ConfigError
 
 _SPACES = re.compile(r"\s+")

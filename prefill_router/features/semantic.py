@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefill_router.data.tokens import prompt_text  # noqa: F401  (re-exported: callers embed prompts by their text)
+from prefill_router.data.prompt import prompt_text  # noqa: F401  (re-exported: callers embed prompts by their text)
 from prefill_router.errors import EncoderError
 from prefill_router.utils import atomic_path
 

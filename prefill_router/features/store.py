@@ -103,7 +103,7 @@ class FeatureSet:
         """The store row of each prompt, matched by prompt hash, so a dataset subset (--limit, --sample, a
         target subset) reads the right rows of a store extracted for the whole dataset or for that subset.
         The k-th copy of a repeated prompt maps to the k-th stored copy when there is one."""
-        from prefill_router.features.template import prompt_hashes
+        from prefill_router.data.prompt import prompt_hashes
 
         wanted = prompt_hashes(prompts)
         if self.prompt_hashes is None:  # an imported store without hashes: rows are positional

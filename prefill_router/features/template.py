@@ -16,38 +16,24 @@ files, which the encoder identity hashes; the window) belong to the feature-set 
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Sequence
 from typing import Any, Literal
 
-from prefill_router.errors import EncoderError
+# prompt_hash(es) are re-exported: the feature store's manifests record them per row.
+from prefill_router.data.prompt import Message, check_prompt, prompt_hash, prompt_hashes  # noqa: F401
+from prefill_router.errors import DataError, EncoderError
 from prefill_router.features.window import window_messages
 
 TemplateName = Literal["chat", "raw"]
 TEMPLATES = ("chat", "raw")
 
 
-def as_messages(prompt: Any, row: int) -> list[dict]:
-    """The prompt as chat messages; raises EncoderError naming the row when it is empty or malformed."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise EncoderError(f"prompt at row {row} is empty")
-        return [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise EncoderError(f"prompt at row {row} must be a non-empty string or a non-empty list of chat "
-                           f"messages, got {type(prompt).__name__}{' (empty)' if not prompt else ''}")
-    messages = []
-    for j, message in enumerate(prompt):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise EncoderError(f"prompt at row {row}, message {j}: expected a dict with 'role' and 'content'")
-        if not isinstance(message["content"], str):
-            raise EncoderError(f"prompt at row {row}, message {j}: 'content' must be text, "
-                               f"got {type(message['content']).__name__}")
-        messages.append({"role": str(message["role"]), "content": message["content"]})
-    if not any(m["content"].strip() for m in messages):
-        raise EncoderError(f"prompt at row {row} is empty (every message has empty content)")
-    return messages
+def as_messages(prompt: Any, row: int) -> list[Message]:
+    """The prompt as chat messages (`data.prompt.check_prompt`'s rules); the error names the row."""
+    try:
+        normal = check_prompt(prompt)
+    except DataError as exc:
+        raise EncoderError(f"prompt at row {row}: {exc}") from None
+    return [{"role": "user", "content": normal}] if isinstance(normal, str) else normal
 
 
 def render(prompt: Any, tokenizer, template: str, row: int = 0, window: bool = False) -> tuple[str, bool]:
@@ -68,17 +54,3 @@ def render(prompt: Any, tokenizer, template: str, row: int = 0, window: bool = F
             return prompt, True
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages), True
     raise EncoderError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
-
-
-def prompt_hash(prompt: Any) -> str:
-    """A stable hash of a prompt's content (before templating; the template is part of the identity)."""
-    if isinstance(prompt, str):
-        payload = "s:" + prompt
-    else:
-        payload = "m:" + json.dumps([{"role": m.get("role"), "content": m.get("content")} for m in prompt],
-                                    ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
-
-
-def prompt_hashes(prompts: Sequence[Any]) -> list[str]:
-    return [prompt_hash(p) for p in prompts]

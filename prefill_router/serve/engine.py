@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +26,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from prefill_router.errors import PrefillRouterError
+from prefill_router.data.prompt import Message, check_prompt, prompt_hash
+from prefill_router.errors import DataError
 from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.batching import LengthBuckets, LRUCache
 from prefill_router.serve.metrics import GatewayMetrics
@@ -40,7 +39,7 @@ DEFAULT_MAX_ROUTE_TOKENS = 512
 CHARS_PER_TOKEN = 4  # to estimate the input tokens the router did not read, for the cost estimate only
 
 
-class BadMessages(PrefillRouterError, ValueError):
+class BadMessages(DataError):
     """The request's messages cannot be routed (empty, wrong shape, no text)."""
 
 
@@ -91,47 +90,23 @@ def routed_window(messages: list[dict], mode: SessionMode) -> list[dict]:
     return window_messages(first_turn(messages) if mode == "first_turn" else messages)
 
 
-def routing_messages(messages: Any) -> list[dict]:
-    """Validate OpenAI chat messages and reduce them to [{"role", "content": str}] for the encoder.
-
-    Content given as parts keeps only its text parts (joined by newlines); images and audio do not reach
-    the encoder. Raises BadMessages naming the offending message.
-    """
+def routing_messages(messages: Any) -> list[Message]:
+    """Validate OpenAI chat messages and reduce them to [{"role", "content": str}] for the encoder
+    (`data.prompt.check_prompt`: text parts kept, images and audio dropped), leaving out messages with no
+    text. Raises BadMessages naming the offending message."""
     if not isinstance(messages, list) or not messages:
         raise BadMessages("'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadMessages(f"messages[{i}] must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise BadMessages(f"messages[{i}].role must be a non-empty string")
-        content = m.get("content")
-        if content is None:
-            text = ""
-        elif isinstance(content, str):
-            text = content
-        elif isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict):
-                    raise BadMessages(f"messages[{i}].content[{j}] must be an object")
-                if part.get("type") == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise BadMessages(f"messages[{i}].content[{j}].text must be a string")
-                    parts.append(part["text"])
-            text = "\n".join(parts)
-        else:
-            raise BadMessages(f"messages[{i}].content must be a string, a list of parts, or null")
-        if text:
-            out.append({"role": role, "content": text})
-    if not any(m["content"].strip() for m in out):
-        raise BadMessages("messages contain no text to route on")
-    return out
+    try:
+        normal = check_prompt(messages)
+    except DataError as exc:
+        raise BadMessages(str(exc)) from None
+    assert not isinstance(normal, str)  # a list stays a list
+    return [m for m in normal if m["content"]]
 
 
-def messages_key(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+def messages_key(messages: list[Message]) -> str:
+    """The score cache's key (in memory only): the prompt's one hash."""
+    return prompt_hash(messages)
 
 
 def _chars(messages: list[dict]) -> int:
