@@ -68,6 +68,10 @@ def test_remote_features_equal_local_ones(encoder_server):
             assert got[pooling].dtype == np.float32 and got[pooling].shape == (4, 2, local.hidden_size)
             np.testing.assert_allclose(got[pooling], want[pooling], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(remote.count_tokens(PROMPTS), local.count_tokens(PROMPTS))
+        # last_token_counts: the lengths the latest encode measured, with no further request
+        remote.encode(PROMPTS, poolings=["mean"], layers=[1])
+        np.testing.assert_array_equal(remote.last_token_counts, local.count_tokens(PROMPTS))
+        assert remote.spec is None  # loaded by URL; a checkpoint falls back to the identity
         np.testing.assert_array_equal(remote.count_tokens(PROMPTS[:1]), local.count_tokens(PROMPTS[:1]))
         assert remote.encode(PROMPTS[:2], layers="all")["mean"].shape == (2, local.num_hidden_states, 32)
 

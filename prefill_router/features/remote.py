@@ -1,8 +1,9 @@
 """An encoder hosted behind HTTP: the interface the router needs, a client, and a reference server.
 
-The router and the gateway use an encoder through four things only (`PrefillEncoder`): `identity()`,
-`encode(prompts, poolings=, layers=)` returning {pooling: float32 [N, L, H]}, `count_tokens(prompts)` and
-`max_tokens`. A loaded `Encoder` has them; so does `RemoteEncoder`, which asks a server for them. That lets a
+The router and the gateway use an encoder through the `PrefillEncoder` protocol (features/protocol.py):
+`identity()`, `encode(prompts, poolings=, layers=)` returning {pooling: float32 [N, L, H]}, `count_tokens`,
+`last_token_counts`, `max_tokens` and the model's shape. A loaded `Encoder` has them; so does `RemoteEncoder`,
+which asks a server for them. That lets a
 large encoder live on its own GPU machine (one copy, batched across gateway replicas) while the gateway stays
 a small CPU process.
 
@@ -26,29 +27,16 @@ encoder would implement the same two routes (see the README's note on vLLM).
 import json
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from prefill_router.data.prompt import prompt_hashes
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.encoder import POOLINGS, _as_prompt_list, _check_poolings
+from prefill_router.features.protocol import PrefillEncoder  # noqa: F401  (re-exported: it was defined here)
 
 PROTOCOL = "prefill-router-encoder/1"
-
-
-@runtime_checkable
-class PrefillEncoder(Protocol):
-    """What the router and gateway need from an encoder, local or remote."""
-
-    max_tokens: int
-
-    def identity(self) -> dict: ...
-
-    def encode(self, prompts: Sequence[Any], *, poolings: Sequence[str] = POOLINGS,
-               layers: Sequence[int] | str | None = None) -> dict[str, np.ndarray]: ...
-
-    def count_tokens(self, prompts: Sequence[Any]) -> np.ndarray: ...
 
 
 def _httpx():
@@ -60,7 +48,7 @@ def _httpx():
 
 
 class RemoteEncoder:
-    """A `PrefillEncoder` served over HTTP (see the module docstring for the protocol).
+    """A `PrefillEncoder` served over HTTP (see the module docstring for the wire protocol).
 
     url: the server's base URL, e.g. http://encoder-host:8100.
     max_prompts: prompts per request; larger calls are split (bounds each response's size).
@@ -90,7 +78,10 @@ class RemoteEncoder:
         except (KeyError, TypeError, ValueError) as exc:
             raise EncoderError(f"encoder server {self.url}: /v1/encoder lacks a valid field "
                                f"({exc})") from None
-        self._last_tokens: tuple[list[str], np.ndarray] | None = None
+        self.spec = None  # loaded by URL: no EncoderSpec describes it (checkpoints fall back to the identity)
+        # (prompt hashes, token counts) of this thread's latest call: per thread, like the local encoder's
+        # diagnostics, so concurrent gateway workers never read each other's counts.
+        self._calls = threading.local()
 
     def __repr__(self) -> str:
         return (f"RemoteEncoder({self.url!r}, model={self._identity.get('model')!r}, "
@@ -143,7 +134,7 @@ class RemoteEncoder:
                                        f"{len(chunk)} prompts")
                 out[name].append(tensors[name])
         result = {name: np.concatenate(parts) for name, parts in out.items()}
-        self._last_tokens = (prompt_hashes(prompts), result["tokens"].astype(np.int64))
+        self._calls.tokens = (prompt_hashes(prompts), result["tokens"].astype(np.int64))
         return result
 
     def encode(self, prompts: Sequence[Any], *, poolings: Sequence[str] = POOLINGS,
@@ -164,9 +155,16 @@ class RemoteEncoder:
     def count_tokens(self, prompts: Sequence[Any]) -> np.ndarray:
         """Templated prompt lengths before truncation; free right after `encode` of the same prompts."""
         prompts = _as_prompt_list(prompts)
-        if self._last_tokens is not None and self._last_tokens[0] == prompt_hashes(prompts):
-            return self._last_tokens[1].copy()
+        last = getattr(self._calls, "tokens", None)
+        if last is not None and last[0] == prompt_hashes(prompts):
+            return last[1].copy()
         return self._prefill(prompts, [], None)["tokens"].astype(np.int64)
+
+    @property
+    def last_token_counts(self) -> np.ndarray:
+        """Templated lengths of this thread's latest call's prompts (the server sends them with the features)."""
+        last = getattr(self._calls, "tokens", None)
+        return np.zeros(0, dtype=np.int64) if last is None else last[1].copy()
 
 
 # ----------------------------------------------------------------------------------------------------------

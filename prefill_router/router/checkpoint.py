@@ -23,12 +23,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefill_router.errors import CheckpointError, ConfigError, invalid_config
+from prefill_router.errors import CheckpointError, ConfigError, EncoderError, invalid_config
+from prefill_router.features.protocol import PrefillEncoder, require_encoder
+from prefill_router.features.store import FeatureSet
 from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.decision import RouteDecision
 from prefill_router.router.layers import choose_states
@@ -37,33 +39,34 @@ from prefill_router.router.transform import FeatureTransform, select_hidden_stat
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 from prefill_router.utils import atomic_write_json, file_sha256, json_safe, roc_auc
 
+if TYPE_CHECKING:
+    from prefill_router.features.encoder import EncoderSpec
+
 FORMAT = "prefill-router-checkpoint/1"
 CONFIG_FILE = "router.json"
 TENSORS_FILE = "router.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# encoder duck typing: the features stage owns encoders; the router only needs identity, encode, count
+# encoders: the features stage owns them; the router reads them through the PrefillEncoder protocol
 # ---------------------------------------------------------------------------------------------------------
-def encoder_identity(encoder) -> dict:
-    """The JSON-safe identity of an encoder (or of an EncoderSpec, or a dict already)."""
+def encoder_identity(encoder: PrefillEncoder | EncoderSpec | dict) -> dict:
+    """The JSON-safe identity of an encoder, of an EncoderSpec, or a dict that already is one."""
     if isinstance(encoder, dict):
         return encoder
-    for holder in (encoder, getattr(encoder, "spec", None)):
-        if holder is not None and callable(getattr(holder, "identity", None)):
-            return holder.identity()
-    raise ConfigError(f"cannot read the identity of encoder {encoder!r}: it has no identity() or spec.identity()")
+    from prefill_router.features.encoder import EncoderSpec
+
+    if isinstance(encoder, EncoderSpec):
+        return encoder.identity()
+    return require_encoder(encoder).identity()
 
 
-def _encoder_spec_dict(encoder) -> dict | None:
-    spec = getattr(encoder, "spec", encoder)
-    if hasattr(spec, "model_dump"):
-        return spec.model_dump(mode="json")
-    if hasattr(spec, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return json.loads(json.dumps(asdict(spec), default=str))
-    return None
+def _encoder_spec_dict(encoder: PrefillEncoder | EncoderSpec | dict) -> dict | None:
+    """The spec that loads `encoder` again, as JSON; None when none does (an identity dict, a remote encoder)."""
+    if isinstance(encoder, dict):
+        return None
+    spec = encoder if not isinstance(encoder, PrefillEncoder) else encoder.spec
+    return None if spec is None else spec.model_dump(mode="json")
 
 
 def _spec_from_identity(identity: dict | None) -> dict | None:
@@ -94,7 +97,7 @@ class Router:
     def __init__(self, *, targets: Sequence[str], transform: FeatureTransform, predictor: TrunkEnsemble,
                  pooling: str, hidden_states: Sequence[int] | None, encoder_identity: dict | None,
                  encoder_spec: dict | None = None, cost_model=None, policy: str = "argmax",
-                 metrics: dict | None = None, training: dict | None = None, encoder=None):
+                 metrics: dict | None = None, training: dict | None = None, encoder: PrefillEncoder | None = None):
         self._targets = list(targets)
         self.transform = transform
         self.predictor = predictor
@@ -106,7 +109,7 @@ class Router:
         self.default_policy = policy
         self.metrics = metrics or {}
         self.training = training or {}
-        self.encoder = None
+        self.encoder: PrefillEncoder | None = None
         if predictor.n_targets is not None and predictor.n_targets != len(self._targets):
             raise ConfigError(f"predictor has {predictor.n_targets} outputs for {len(self._targets)} targets")
         if cost_model is not None and list(cost_model.targets) != self._targets:
@@ -120,8 +123,10 @@ class Router:
         return list(self._targets)
 
     # -- encoder -----------------------------------------------------------------------------------------
-    def attach_encoder(self, encoder) -> None:
-        """Use `encoder` for routing; refuses an encoder whose identity differs from the training one."""
+    def attach_encoder(self, encoder: PrefillEncoder) -> None:
+        """Use `encoder` for routing; refuses an object that is not a PrefillEncoder, and an encoder whose
+        identity differs from the training one."""
+        encoder = require_encoder(encoder)
         if self.encoder_identity is not None:
             given = encoder_identity(encoder)
             if not _same_identity(given, self.encoder_identity):
@@ -131,7 +136,7 @@ class Router:
                     f"{json.dumps(given, sort_keys=True, default=str)}")
         self.encoder = encoder
 
-    def _require_encoder(self):
+    def _require_encoder(self) -> PrefillEncoder:
         if self.encoder is None:
             if self.encoder_spec is None:
                 raise CheckpointError("this router has no encoder attached and its checkpoint names no encoder "
@@ -139,6 +144,7 @@ class Router:
             from prefill_router.features import load_encoder
 
             self.attach_encoder(load_encoder(_spec_from_dict(self.encoder_spec)))
+        assert self.encoder is not None
         return self.encoder
 
     # -- prediction --------------------------------------------------------------------------------------
@@ -154,8 +160,12 @@ class Router:
         start = time.perf_counter()
         out = encoder.encode(prompts, poolings=(self.pooling,), layers=self.hidden_states)
         ms = (time.perf_counter() - start) * 1e3
-        tokens = np.asarray(encoder.count_tokens(prompts), dtype=np.float64).reshape(-1)
-        truncated = _truncated_flags(encoder, tokens, len(prompts))
+        # The lengths that same call measured (tokenizing again would double the CPU work per request).
+        tokens = np.asarray(encoder.last_token_counts, dtype=np.float64).reshape(-1)
+        if len(tokens) != len(prompts):
+            raise EncoderError(f"{type(encoder).__name__}.last_token_counts holds {len(tokens)} counts after "
+                               f"encoding {len(prompts)} prompts (see PrefillEncoder)")
+        truncated = tokens > encoder.max_tokens  # the encoder cut these to max_tokens (keep head and tail)
         return np.asarray(out[self.pooling]), tokens, truncated, ms
 
     def estimate_costs(self, input_tokens: np.ndarray) -> np.ndarray:
@@ -250,7 +260,7 @@ class Router:
         return folder
 
     @classmethod
-    def load(cls, path: str | Path, encoder=None) -> Router:
+    def load(cls, path: str | Path, encoder: PrefillEncoder | None = None) -> Router:
         """Read a checkpoint folder. With `encoder` given, use it (refused when its identity differs from the
         checkpoint's); otherwise the encoder named in the checkpoint is loaded at the first routing call."""
         folder = Path(path)
@@ -306,17 +316,6 @@ class Router:
         return router
 
 
-def _truncated_flags(encoder, tokens: np.ndarray, n: int) -> np.ndarray:
-    flags = getattr(encoder, "last_truncated_mask", None)
-    if flags is not None and len(flags) == n:
-        return np.asarray(flags, dtype=bool)
-    # The encoder truncates past max_tokens (its context length unless the spec sets less).
-    limit = getattr(encoder, "max_tokens", None) or getattr(encoder, "context_length", None)
-    if limit:
-        return tokens > float(limit)
-    return np.zeros(n, dtype=bool)
-
-
 def _spec_from_dict(spec: dict):
     from prefill_router.features import EncoderSpec
 
@@ -357,24 +356,16 @@ class RouterTrainConfig(BaseModel):
 
 def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:
     """(array [N, L, H] of the wanted hidden states, their indices, the feature set's encoder identity)."""
-    identity = None
-    if hasattr(features, "get") and hasattr(features, "hidden_states") and not isinstance(features, dict):
-        held = features.hidden_states
-        if isinstance(held, dict):  # a FeatureSet lists the hidden states per pooling
-            if pooling not in held:
-                raise ConfigError(f"pooling: {pooling!r} not in the feature set (it holds {sorted(held)})")
-            held = held[pooling]
-        available = list(held)
+    if isinstance(features, FeatureSet):
+        if pooling not in features.hidden_states:
+            held = sorted(features.hidden_states)
+            raise ConfigError(f"pooling: {pooling!r} not in the feature set (it holds {held})")
+        available = list(features.hidden_states[pooling])
         wanted = available if layers == "all" else list(layers)
         missing = [w for w in wanted if w not in available]
         if missing:
             raise ConfigError(f"layers: hidden state(s) {missing} not in the feature set (it holds {available})")
-        X = np.asarray(features.get(pooling, wanted))
-        ident = getattr(features, "identity", None)
-        identity = ident() if callable(ident) else ident
-        if isinstance(identity, dict) and "encoder" in identity and isinstance(identity["encoder"], dict):
-            identity = identity["encoder"]
-        return X, wanted, identity
+        return np.asarray(features.get(pooling, wanted)), wanted, features.identity
     if isinstance(features, dict):
         if pooling not in features:
             raise ConfigError(f"pooling: {pooling!r} not among the features given ({sorted(features)})")
@@ -409,9 +400,8 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     X_all, states, feature_identity = _features_array(features, config.pooling, layers, hidden_states)
     if len(X_all) != dataset.n:
         raise ConfigError(f"features have {len(X_all)} rows but the dataset has {dataset.n}")
-    done = getattr(features, "done", None)
-    if done is not None and not isinstance(features, dict):
-        unfinished = int((~np.asarray(done, dtype=bool)[rows]).sum())
+    if isinstance(features, FeatureSet):
+        unfinished = int((~features.done[rows]).sum())
         if unfinished:
             raise ConfigError(f"{unfinished} training row(s) have no features yet in the feature store "
                               "(their done flag is False); extract them first or leave them out of train_rows")
@@ -454,7 +444,7 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     return Router(targets=dataset.targets, transform=transform, predictor=predictor, pooling=config.pooling,
                   hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
                   policy=policy, metrics=metrics, training=training,
-                  encoder=encoder if encoder is not None and hasattr(encoder, "encode") else None)
+                  encoder=encoder if isinstance(encoder, PrefillEncoder) else None)
 
 
 def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,
