@@ -225,3 +225,23 @@ def test_mismatched_encoder_is_refused_naming_both(encoder_checkpoint, tmp_path)
     message = str(info.value)
     assert str(tmp_path / "other") in message or json.dumps(other.identity(), sort_keys=True) in message
     assert json.dumps(encoder.identity(), sort_keys=True, default=str) in message
+
+
+def test_training_record_takes_notes_and_spec_as_arguments(tmp_path):
+    """What `prefill-router train` records about its store goes in through train_router, not by patching."""
+    rng = np.random.default_rng(1)
+    spec = {"model": "/abs/encoder", "template": "chat"}
+    router = train_router(_dataset(40), rng.normal(size=(40, 2, 4)).astype(np.float32), None,
+                          {**SMALL, "policy": "argmax"}, hidden_states=[3, 5], encoder_spec=spec,
+                          notes={"features_store": "/abs/store", "rows_without_features": 2})
+    meta = json.loads((router.save(tmp_path / "r") / CONFIG_FILE).read_text())
+    assert meta["encoder"]["spec"] == spec
+    assert meta["training"]["features_store"] == "/abs/store" and meta["training"]["rows_without_features"] == 2
+    assert meta["training"]["config"]["layers"] == [3, 5]  # "all" resolved to the states the router reads
+
+
+def test_checkpoint_module_still_exports_the_split_parts():
+    from prefill_router.router import checkpoint, persistence, runtime, train
+
+    assert checkpoint.Router is runtime.Router and checkpoint.train_router is train.train_router
+    assert checkpoint.CONFIG_FILE == persistence.CONFIG_FILE == "router.json"

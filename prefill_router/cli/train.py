@@ -99,13 +99,12 @@ def run(args: argparse.Namespace) -> int:
     X = features.get(args.pooling, args.layers if isinstance(args.layers, list) else None, rows=store_rows)
     states = args.layers if isinstance(args.layers, list) else held
     auto = "auto" if args.layers == "auto" else "all"
-    router = train_router(ds, X, rows, config.model_copy(update={"layers": auto}), hidden_states=states,
-                          encoder=features.identity, progress=True)
     # A store made by `extract` records how to load its encoder (a local folder as an absolute path).
-    router.encoder_spec = features.manifest.get("encoder_spec") or router.encoder_spec
-    router.training["config"]["layers"] = router.hidden_states
-    router.training["features_store"] = str(Path(args.features).resolve())
-    router.training["rows_without_features"] = skipped
+    router = train_router(ds, X, rows, config.model_copy(update={"layers": auto}), hidden_states=states,
+                          encoder=features.identity, progress=True,
+                          encoder_spec=features.manifest.get("encoder_spec"),
+                          notes={"features_store": str(Path(args.features).resolve()),
+                                 "rows_without_features": skipped})
 
     if test.size:
         P = router.predict_proba_features(X[test][:, [states.index(s) for s in router.hidden_states]])

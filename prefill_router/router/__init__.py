@@ -1,8 +1,9 @@
 """Router stage: feature transform, SharedTrunkNet ensemble, baselines, policies, checkpoints."""
 
 from prefill_router.router.base import Policy, Predictor, out_of_fold_proba
-from prefill_router.router.checkpoint import Router, RouterTrainConfig, train_router
 from prefill_router.router.decision import RouteDecision
+from prefill_router.router.runtime import Router
+from prefill_router.router.train import RouterTrainConfig, train_router
 from prefill_router.router.transform import FeatureTransform
 from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from prefill_router.errors import ConfigError
-from prefill_router.router.checkpoint import Router
+from prefill_router.router.runtime import Router
 from prefill_router.router.trunk import SharedTrunkNet, masked_bce, split_labels
 
 RefitMode = Literal["heads", "trunk"]

@@ -1,0 +1,112 @@
+"""A trained router as one folder on disk: `save_router` and `load_router` (`Router.save` / `Router.load`).
+
+A checkpoint folder holds two files:
+
+    router.json          format version, encoder identity and spec, pooling, hidden states, targets, cost model
+                         (prices and median output tokens), the default policy and how it was chosen,
+                         transform and ensemble metadata, metrics measured at training time, and the SHA-256 of
+    router.safetensors   the tensors: scaler, PCA, and every kept SharedTrunkNet member's weights.
+
+Loading parses JSON and safetensors only; nothing is unpickled, so a checkpoint cannot run code. A checkpoint
+without the tensors' SHA-256, or whose tensors hold NaN or infinity, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from prefill_router.errors import CheckpointError
+from prefill_router.features.protocol import PrefillEncoder
+from prefill_router.router.runtime import Router
+from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.trunk import TrunkEnsemble
+from prefill_router.utils import atomic_write_json, file_sha256
+
+FORMAT = "prefill-router-checkpoint/1"
+CONFIG_FILE = "router.json"
+TENSORS_FILE = "router.safetensors"
+
+
+def save_router(router: Router, path: str | Path) -> Path:
+    """Write `router` to the folder `path` (created if needed): the tensors, then router.json with their SHA-256."""
+    from safetensors.numpy import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {**router.transform.state_arrays(), **router.predictor.state_arrays()}
+    tensors_path = folder / TENSORS_FILE
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tensors_path))
+    meta = {
+        "format": FORMAT,
+        "targets": router.targets,
+        "encoder": {"identity": router.encoder_identity, "spec": router.encoder_spec},
+        "features": {"pooling": router.pooling, "hidden_states": router.hidden_states},
+        "transform": router.transform.meta(),
+        "trunk": router.predictor.meta(),
+        "cost_model": None if router.cost_model is None else router.cost_model.to_dict(),
+        "policy": {"default": router.default_policy},
+        "metrics": router.metrics,
+        "training": router.training,
+        "tensors_sha256": file_sha256(tensors_path),
+    }
+    atomic_write_json(folder / CONFIG_FILE, meta)
+    return folder
+
+
+def load_router(path: str | Path, encoder: PrefillEncoder | None = None, cls: type[Router] = Router) -> Router:
+    """Read a checkpoint folder. With `encoder` given, use it (refused when its identity differs from the
+    checkpoint's); otherwise the encoder named in the checkpoint is loaded at the first routing call."""
+    folder = Path(path)
+    config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
+    for p in (config_path, tensors_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p}: file not found (is {folder} a router checkpoint folder?)")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{config_path}: format is {found!r}, expected {FORMAT!r}")
+    expected_hash = meta.get("tensors_sha256")
+    if not isinstance(expected_hash, str):
+        raise CheckpointError(f"{config_path}: no tensors_sha256; the tensors cannot be checked, so the "
+                              "checkpoint is refused (save it again with Router.save)")
+    if file_sha256(tensors_path) != expected_hash:
+        raise CheckpointError(f"{tensors_path}: contents do not match the SHA-256 recorded in {config_path} "
+                              "(the file is corrupt or was replaced)")
+    try:
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(tensors_path))
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{tensors_path}: cannot read safetensors: {exc}") from exc
+    bad = sorted(name for name, array in arrays.items()
+                 if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all())
+    if bad:
+        raise CheckpointError(f"{tensors_path}: tensor(s) {bad[:5]} hold NaN or infinity; the router would "
+                              "route on meaningless probabilities")
+    try:
+        targets = meta["targets"]
+        transform = FeatureTransform.from_state(meta["transform"], arrays)
+        predictor = TrunkEnsemble.from_state(meta["trunk"], arrays)
+        cost_model = None
+        if meta.get("cost_model") is not None:
+            from prefill_router.data.prices import CostModel
+
+            cost_model = CostModel.from_dict(meta["cost_model"])
+        router = cls(targets=targets, transform=transform, predictor=predictor,
+                     pooling=meta["features"]["pooling"], hidden_states=meta["features"]["hidden_states"],
+                     encoder_identity=meta["encoder"]["identity"], encoder_spec=meta["encoder"].get("spec"),
+                     cost_model=cost_model, policy=meta["policy"]["default"],
+                     metrics=meta.get("metrics"), training=meta.get("training"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: invalid router checkpoint ({type(exc).__name__}: {exc})") from exc
+    if encoder is not None:
+        router.attach_encoder(encoder)
+    return router

@@ -1,0 +1,233 @@
+"""The trained router at run time: encoder prefill -> pooled hidden states -> transform -> SharedTrunkNet
+ensemble -> policy, for one prompt or a batch (one encoder forward per batch).
+
+The encoder is anything that implements `features.protocol.PrefillEncoder`; a router refuses an encoder whose
+identity differs from the one its features came from. Training is `router/train.py`, the checkpoint folder
+`router/persistence.py` (`Router.save` / `Router.load` call it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from prefill_router.errors import CheckpointError, ConfigError, EncoderError
+from prefill_router.features.protocol import PrefillEncoder, require_encoder
+from prefill_router.router.decision import RouteDecision
+from prefill_router.router.policy import UtilityPolicy, policy_from_spec
+from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.trunk import TrunkEnsemble
+
+if TYPE_CHECKING:
+    from prefill_router.features.encoder import EncoderSpec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# encoders: the features stage owns them; the router reads them through the PrefillEncoder protocol
+# ---------------------------------------------------------------------------------------------------------
+def encoder_identity(encoder: PrefillEncoder | EncoderSpec | dict) -> dict:
+    """The JSON-safe identity of an encoder, of an EncoderSpec, or a dict that already is one."""
+    if isinstance(encoder, dict):
+        return encoder
+    from prefill_router.features.encoder import EncoderSpec
+
+    if isinstance(encoder, EncoderSpec):
+        return encoder.identity()
+    return require_encoder(encoder).identity()
+
+
+def encoder_spec_dict(encoder: PrefillEncoder | EncoderSpec | dict) -> dict | None:
+    """The spec that loads `encoder` again, as JSON; None when none does (an identity dict, a remote encoder)."""
+    if isinstance(encoder, dict):
+        return None
+    spec = encoder if not isinstance(encoder, PrefillEncoder) else encoder.spec
+    return None if spec is None else spec.model_dump(mode="json")
+
+
+def spec_from_identity(identity: dict | None) -> dict | None:
+    """An encoder spec that loads the encoder an identity describes (the identity check then confirms the
+    files are the same), or None when the identity does not name a model."""
+    if not isinstance(identity, dict) or not identity.get("model"):
+        return None
+    spec = {"model": identity["model"]}
+    for key in ("template", "max_tokens", "max_route_tokens", "revision"):
+        if identity.get(key) is not None:
+            spec[key] = identity[key]
+    return spec
+
+
+def _same_identity(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+class Router:
+    """Encoder prefill -> pooled hidden states -> transform -> SharedTrunkNet ensemble -> policy.
+
+    Use `Router.load(folder)` for a saved router, `train_router(...)` (router/train.py) to build one.
+    """
+
+    def __init__(self, *, targets: Sequence[str], transform: FeatureTransform, predictor: TrunkEnsemble,
+                 pooling: str, hidden_states: Sequence[int] | None, encoder_identity: dict | None,
+                 encoder_spec: dict | None = None, cost_model=None, policy: str = "argmax",
+                 metrics: dict | None = None, training: dict | None = None, encoder: PrefillEncoder | None = None):
+        self._targets = list(targets)
+        self.transform = transform
+        self.predictor = predictor
+        self.pooling = pooling
+        self.hidden_states = None if hidden_states is None else [int(h) for h in hidden_states]
+        self.encoder_identity = encoder_identity
+        self.encoder_spec = encoder_spec
+        self.cost_model = cost_model
+        self.default_policy = policy
+        self.metrics = metrics or {}
+        self.training = training or {}
+        self.encoder: PrefillEncoder | None = None
+        if predictor.n_targets is not None and predictor.n_targets != len(self._targets):
+            raise ConfigError(f"predictor has {predictor.n_targets} outputs for {len(self._targets)} targets")
+        if cost_model is not None and list(cost_model.targets) != self._targets:
+            raise ConfigError(f"cost model targets {cost_model.targets} differ from router targets {self._targets}")
+        self.resolve_policy()  # fail now on a bad default, not at the first request
+        if encoder is not None:
+            self.attach_encoder(encoder)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self._targets)
+
+    # -- encoder -----------------------------------------------------------------------------------------
+    def attach_encoder(self, encoder: PrefillEncoder) -> None:
+        """Use `encoder` for routing; refuses an object that is not a PrefillEncoder, and an encoder whose
+        identity differs from the training one."""
+        encoder = require_encoder(encoder)
+        if self.encoder_identity is not None:
+            given = encoder_identity(encoder)
+            if not _same_identity(given, self.encoder_identity):
+                raise CheckpointError(
+                    "encoder mismatch: the router was trained on features of encoder "
+                    f"{json.dumps(self.encoder_identity, sort_keys=True, default=str)} but the encoder given is "
+                    f"{json.dumps(given, sort_keys=True, default=str)}")
+        self.encoder = encoder
+
+    def _require_encoder(self) -> PrefillEncoder:
+        if self.encoder is None:
+            if self.encoder_spec is None:
+                raise CheckpointError("this router has no encoder attached and its checkpoint names no encoder "
+                                      "spec to load; pass encoder= to Router.load")
+            from prefill_router.features import load_encoder
+
+            self.attach_encoder(load_encoder(_spec_from_dict(self.encoder_spec)))
+        assert self.encoder is not None
+        return self.encoder
+
+    # -- prediction --------------------------------------------------------------------------------------
+    def predict_proba_features(self, X: np.ndarray) -> np.ndarray:
+        """P[N, K] from pooled features [N, hidden_states, H] (exactly the router's hidden states) or the
+        same flattened to [N, D]."""
+        return self.predictor.predict_proba(self.transform.transform(X))
+
+    def encode(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """One encoder forward for the batch: (features [N, L, H], input tokens [N], truncated [N], ms)."""
+        encoder = self._require_encoder()
+        prompts = list(prompts)
+        start = time.perf_counter()
+        out = encoder.encode(prompts, poolings=(self.pooling,), layers=self.hidden_states)
+        ms = (time.perf_counter() - start) * 1e3
+        # The lengths that same call measured (tokenizing again would double the CPU work per request).
+        tokens = np.asarray(encoder.last_token_counts, dtype=np.float64).reshape(-1)
+        if len(tokens) != len(prompts):
+            raise EncoderError(f"{type(encoder).__name__}.last_token_counts holds {len(tokens)} counts after "
+                               f"encoding {len(prompts)} prompts (see PrefillEncoder)")
+        truncated = tokens > encoder.max_tokens  # the encoder cut these to max_tokens (keep head and tail)
+        return np.asarray(out[self.pooling]), tokens, truncated, ms
+
+    def estimate_costs(self, input_tokens: np.ndarray) -> np.ndarray:
+        """C[N, K] in USD from the cost model (zeros when the router has none)."""
+        input_tokens = np.asarray(input_tokens, dtype=np.float64).reshape(-1)
+        if self.cost_model is None:
+            return np.zeros((len(input_tokens), len(self._targets)))
+        return self.cost_model.estimate(input_tokens)
+
+    def predict_batch(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(P[N, K], C[N, K], truncated[N]) for a batch of prompts, with ONE encoder forward. The gateway
+        caches P and applies a per-request policy with `choose`."""
+        X, tokens, truncated, _ = self.encode(prompts)
+        return self.predict_proba_features(X), self.estimate_costs(tokens), truncated
+
+    # -- policy --------------------------------------------------------------------------------------------
+    def resolve_policy(self, policy=None, lam: float | None = None):
+        """A Policy object from: None (the checkpoint default), a spec string ("argmax", "tolerance:0.05",
+        "utility:0.3", "fixed:0") or a Policy. `lam` asks for the utility policy with that cost weight (with
+        policy=None, or a utility, argmax or fixed policy)."""
+        if policy is None:
+            policy = self.default_policy
+        if not isinstance(policy, str):
+            if not callable(getattr(policy, "choose", None)):
+                raise ConfigError(f"policy must be a spec string or have choose(P, C), got {policy!r}")
+            return policy
+        name = policy.strip().partition(":")[0].strip().lower()
+        if lam is not None:
+            if name not in ("utility", "argmax", "fixed"):
+                raise ConfigError(f"lam applies to the utility policy, not to {policy!r}")
+            return UtilityPolicy(float(lam))
+        return policy_from_spec(policy)
+
+    def describe_policy(self, policy=None, lam: float | None = None) -> str:
+        """The policy spec, with the target a "fixed:<k>" policy names: "fixed:0 (always gpt-4o)"."""
+        spec = self.resolve_policy(policy, lam)
+        text = spec.spec() if callable(getattr(spec, "spec", None)) else str(spec)
+        k = getattr(spec, "k", None)
+        return f"{text} (always {self._targets[k]})" if k is not None and k < len(self._targets) else text
+
+    def choose(self, P: np.ndarray, C: np.ndarray, *, policy=None, lam: float | None = None) -> np.ndarray:
+        return np.asarray(self.resolve_policy(policy, lam).choose(P, C), dtype=np.int64)
+
+    # -- routing ---------------------------------------------------------------------------------------------
+    def route_batch(self, prompts: Sequence, *, policy=None, lam: float | None = None) -> list[RouteDecision]:
+        """One decision per prompt, from ONE encoder forward over the batch. latency_ms is the batch's
+        encoder + transform + MLP + policy time (shared by every prompt in it)."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        chosen_policy = self.resolve_policy(policy, lam)
+        self._require_encoder()  # a first call loads the encoder: that is not routing time
+        start = time.perf_counter()
+        P, C, truncated = self.predict_batch(prompts)
+        choice = np.asarray(chosen_policy.choose(P, C), dtype=np.int64)
+        ms = (time.perf_counter() - start) * 1e3
+        return [RouteDecision(target=self._targets[int(choice[i])],
+                              probabilities={t: float(P[i, k]) for k, t in enumerate(self._targets)},
+                              estimated_cost={t: float(C[i, k]) for k, t in enumerate(self._targets)},
+                              latency_ms=ms, truncated=bool(truncated[i]))
+                for i in range(len(prompts))]
+
+    def route(self, prompt, *, policy=None, lam: float | None = None) -> RouteDecision:
+        """Route one prompt: text, or chat messages [{"role": ..., "content": ...}, ...]."""
+        if isinstance(prompt, dict):
+            prompt = [prompt]
+        return self.route_batch([prompt], policy=policy, lam=lam)[0]
+
+    # -- persistence (router/persistence.py) -------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the checkpoint folder (see router/persistence.py)."""
+        from prefill_router.router.persistence import save_router  # persistence builds Routers: import late
+
+        return save_router(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, encoder: PrefillEncoder | None = None) -> Router:
+        """Read a checkpoint folder. With `encoder` given, use it (refused when its identity differs from the
+        checkpoint's); otherwise the encoder named in the checkpoint is loaded at the first routing call."""
+        from prefill_router.router.persistence import load_router
+
+        return load_router(path, encoder=encoder, cls=cls)
+
+
+def _spec_from_dict(spec: dict):
+    from prefill_router.features import EncoderSpec
+
+    return EncoderSpec.model_validate(spec)

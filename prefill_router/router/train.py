@@ -1,0 +1,191 @@
+"""Training a router: `train_router(dataset, features, rows, RouterTrainConfig)` fits the feature transform,
+the SharedTrunkNet ensemble, the cost model and the default policy on training rows only, and returns a
+runtime `Router` (router/runtime.py) ready to save.
+
+The default policy ("auto" at training time) is the one the evaluation reports (`policy.choose_default_policy`):
+utility at the largest lambda up to which the best single target's accuracy holds on out-of-fold predictions
+of the training rows, or always that target ("fixed:<k>") when routing loses accuracy even at lambda 0.
+Without prices there is nothing to trade, and the default is argmax.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prefill_router.errors import ConfigError, invalid_config
+from prefill_router.features.protocol import PrefillEncoder
+from prefill_router.features.store import FeatureSet
+from prefill_router.router.base import out_of_fold_proba
+from prefill_router.router.layers import choose_states
+from prefill_router.router.policy import choose_default_policy, policy_from_spec
+from prefill_router.router.runtime import Router, encoder_identity, encoder_spec_dict, spec_from_identity
+from prefill_router.router.transform import FeatureTransform, select_hidden_states
+from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
+from prefill_router.utils import json_safe, roc_auc
+
+if TYPE_CHECKING:
+    from prefill_router.features.encoder import EncoderSpec
+
+
+class RouterTrainConfig(BaseModel):
+    """How `train_router` builds a router. Defaults are the paper's reference recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pooling: str = "mean"
+    # Hidden-state indices to concatenate; "all" the held ones; "auto" the fewest layers run whose out-of-fold AUC
+    # is within layer_tolerance of the best depth's, at most layer_budget layers (router/layers.py).
+    layers: list[int] | Literal["all", "auto"] = "all"
+    layer_tolerance: float = Field(default=0.005, ge=0, lt=1)
+    layer_budget: int | None = Field(default=None, ge=0)
+    pca: int | None = Field(default=200, ge=1)     # None: no PCA, scaler only
+    trunk: TrunkConfig = Field(default_factory=TrunkConfig)
+    # The checkpoint's default policy: "auto" (utility at the calibrated lambda, see the module docstring) or
+    # any spec ("argmax", "utility:0.3", "tolerance:0.05").
+    policy: str = "auto"
+    calibration_folds: int = Field(default=3, ge=0)   # inner folds for the out-of-fold P that "auto" reads
+    calibration_seeds: int = Field(default=3, ge=1)   # ensemble size inside those folds (cheaper than the full one)
+    max_accuracy_drop: float = Field(default=0.0, ge=0, lt=1)  # "auto" may lose this much accuracy (a fraction)
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, data: dict) -> RouterTrainConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise invalid_config("invalid router training configuration", exc) from exc
+
+
+def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:
+    """(array [N, L, H] of the wanted hidden states, their indices, the feature set's encoder identity)."""
+    if isinstance(features, FeatureSet):
+        if pooling not in features.hidden_states:
+            held = sorted(features.hidden_states)
+            raise ConfigError(f"pooling: {pooling!r} not in the feature set (it holds {held})")
+        available = list(features.hidden_states[pooling])
+        wanted = available if layers == "all" else list(layers)
+        missing = [w for w in wanted if w not in available]
+        if missing:
+            raise ConfigError(f"layers: hidden state(s) {missing} not in the feature set (it holds {available})")
+        return np.asarray(features.get(pooling, wanted)), wanted, features.identity
+    if isinstance(features, dict):
+        if pooling not in features:
+            raise ConfigError(f"pooling: {pooling!r} not among the features given ({sorted(features)})")
+        features = features[pooling]
+    X = np.asarray(features)
+    if X.ndim == 2:
+        if layers != "all":
+            raise ConfigError("layers: a flat [N, D] feature array cannot be split into hidden states")
+        return X, None if hidden_states is None else list(hidden_states), None
+    available = list(range(X.shape[1])) if hidden_states is None else list(hidden_states)
+    wanted = available if layers == "all" else list(layers)
+    return select_hidden_states(X, available, wanted), wanted, None
+
+
+def train_router(dataset, features, train_rows=None, config: RouterTrainConfig | dict | None = None, *,
+                 encoder: PrefillEncoder | EncoderSpec | dict | None = None,
+                 hidden_states: Sequence[int] | None = None, cost_model=None, progress: bool = False,
+                 encoder_spec: dict | None = None, notes: dict | None = None) -> Router:
+    """Fit transform, SharedTrunkNet ensemble, cost model and default policy on `train_rows` of `dataset`.
+
+    dataset: a RoutingDataset (its Y, targets and, when it carries prices, its cost model).
+    features: a FeatureSet (`.get(pooling, layers)`, `.hidden_states`), a dict pooling -> [N, L, H], or an
+        array [N, L, H] whose layer axis holds `hidden_states` (0..L-1 when None). Rows align with dataset.
+    encoder: the encoder that produced the features (or its spec, or its identity dict); its identity goes in
+        the checkpoint so a different encoder is refused at routing time. Without it the feature set's
+        identity is used. A PrefillEncoder is attached to the router, ready to route.
+    encoder_spec: how to load that encoder, as an EncoderSpec dict, when the caller knows better than
+        `encoder` does (a feature store records the spec `extract` used); by default from `encoder` or the
+        identity.
+    notes: extra entries for the checkpoint's `training` record (e.g. the feature store the rows came from).
+
+    The checkpoint's `training.config` is `config` with `layers` set to the hidden states the router reads
+    ("all" and "auto" resolved; the auto choice itself is in `metrics.layer_choice`).
+    """
+    if config is None or isinstance(config, dict):
+        config = RouterTrainConfig.parse(config or {})
+    rows = np.arange(dataset.n) if train_rows is None else np.asarray(train_rows)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    layers = "all" if config.layers == "auto" else config.layers
+    X_all, states, feature_identity = _features_array(features, config.pooling, layers, hidden_states)
+    if len(X_all) != dataset.n:
+        raise ConfigError(f"features have {len(X_all)} rows but the dataset has {dataset.n}")
+    if isinstance(features, FeatureSet):
+        unfinished = int((~features.done[rows]).sum())
+        if unfinished:
+            raise ConfigError(f"{unfinished} training row(s) have no features yet in the feature store "
+                              "(their done flag is False); extract them first or leave them out of train_rows")
+    X, Y = X_all[rows], dataset.Y[rows]
+    trunk_cfg = config.trunk.model_copy(update={"progress": progress or config.trunk.progress})
+    layer_choice = None
+    if config.layers == "auto":
+        if states is None:
+            raise ConfigError("layers: 'auto' needs features with a hidden-state axis ([N, L, H]), not a flat array")
+        chosen, layer_choice = choose_states(
+            X, states, Y, pca=config.pca, trunk=trunk_cfg, folds=config.calibration_folds,
+            seeds=config.calibration_seeds, tolerance=config.layer_tolerance, budget=config.layer_budget,
+            seed=config.seed)
+        X, states = X[:, [states.index(s) for s in chosen]], chosen
+
+    transform = FeatureTransform(dims=config.pca).fit(X, seed=config.seed)
+    Z = transform.transform(X)
+    predictor = TrunkEnsemble(trunk_cfg).fit(Z, Y)
+
+    if cost_model is None and getattr(dataset, "prices", None) is not None:
+        from prefill_router.data.prices import CostModel
+
+        cost_model = CostModel.fit(dataset, rows)
+    metrics: dict = {"train_rows": len(rows), "feature_dim": int(Z.shape[1]),
+                     "val_losses": predictor.val_losses}
+    if layer_choice is not None:
+        metrics["layer_choice"] = layer_choice
+    policy = config.policy.strip()
+    if policy.lower() == "auto":
+        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model)
+    else:
+        policy_from_spec(policy)  # fail now on a bad spec
+
+    identity = encoder_identity(encoder) if encoder is not None else feature_identity
+    spec = encoder_spec or (encoder_spec_dict(encoder) if encoder is not None else None)
+    if spec is None:
+        spec = spec_from_identity(identity)
+    training = {"config": {**config.model_dump(mode="json"), "layers": states}, "created_unix": int(time.time()),
+                "notes": list(getattr(dataset, "notes", [])), **(notes or {})}
+    return Router(targets=dataset.targets, transform=transform, predictor=predictor, pooling=config.pooling,
+                  hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
+                  policy=policy, metrics=metrics, training=training,
+                  encoder=encoder if isinstance(encoder, PrefillEncoder) else None)
+
+
+def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,
+                        C: np.ndarray, cost_model) -> tuple[str, dict]:
+    """The "auto" default policy and how it was chosen (see the module docstring)."""
+    known = np.isfinite(C) & (C > 0)
+    if cost_model is None or not known.any():
+        warnings.warn("training without prices: the router cannot trade cost for accuracy, so its default "
+                      "policy is argmax (always the target most likely to be right); pass prices to save money",
+                      UserWarning, stacklevel=3)
+        return "argmax", {"rule": "argmax: no prices to trade against"}
+    if config.calibration_folds < 2:
+        raise ConfigError("policy: 'auto' needs calibration_folds >= 2 (out-of-fold predictions to choose lambda "
+                          "on); set policy to a spec such as 'utility:0.3' instead")
+    # Out-of-fold predictions: in-sample P are overconfident and would pick too large a lambda. The transform is
+    # unsupervised (no labels), so the folds reuse the one fitted on all training rows.
+    small = trunk_cfg.model_copy(update={"seeds": config.calibration_seeds,
+                                         "keep": min(trunk_cfg.keep, config.calibration_seeds), "progress": False})
+    P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small), config.calibration_folds, config.seed)
+    spec, info = choose_default_policy(P_oof, Y, C, max_drop=config.max_accuracy_drop)
+    info["oof_auc"] = _per_target_auc(Y, P_oof)
+    return spec, info
+
+
+def _per_target_auc(Y: np.ndarray, P: np.ndarray) -> list[float | None]:
+    """Per-target AUC over the rows labelled for that target; None where a target has one class only."""
+    return [json_safe(roc_auc(Y[:, k], P[:, k])) for k in range(Y.shape[1])]
