@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+Model = TypeVar("Model", bound="BaseModel")
 
 
 class PrefillRouterError(Exception):
@@ -48,6 +53,16 @@ def invalid_config(title: str, exc: Any) -> ConfigError:
     path of the field."""
     lines = [title] + [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()]
     return ConfigError("\n".join(lines))
+
+
+def parse_config(model: type[Model], data: Any, title: str) -> Model:
+    """`model.model_validate(data)`, with a pydantic ValidationError turned into `invalid_config(title, ...)`."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_config(title, exc) from exc
 
 
 def read_json_object(path: str | os.PathLike[str], *, missing: str, invalid: str = "invalid JSON") -> dict:

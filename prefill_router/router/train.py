@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from prefill_router.errors import ConfigError, invalid_config
+from prefill_router.errors import ConfigError, parse_config
 from prefill_router.features.protocol import PrefillEncoder
 from prefill_router.features.store import FeatureSet
 from prefill_router.router.base import out_of_fold_proba
@@ -56,10 +56,7 @@ class RouterTrainConfig(BaseModel):
 
     @classmethod
     def parse(cls, data: dict) -> RouterTrainConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise invalid_config("invalid router training configuration", exc) from exc
+        return parse_config(cls, data, "invalid router training configuration")
 
 
 def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:

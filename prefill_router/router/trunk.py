@@ -18,11 +18,11 @@ import math
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from prefill_router.errors import CheckpointError, ConfigError, DataError, invalid_config
+from prefill_router.errors import CheckpointError, ConfigError, DataError, parse_config
 from prefill_router.router.baselines import check_labels
 
 
@@ -57,10 +57,7 @@ class TrunkConfig(BaseModel):
 
     @classmethod
     def parse(cls, data: dict) -> TrunkConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise invalid_config("invalid trunk configuration", exc) from exc
+        return parse_config(cls, data, "invalid trunk configuration")
 
 
 class SharedTrunkNet(nn.Module):
