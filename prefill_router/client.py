@@ -357,7 +357,8 @@ class Client:
         from prefill_router.router import Router
 
         if isinstance(router, Router):  # (tests may hand in any object with route())
-            scorer = RouterScorer(router, config.router.max_route_tokens, config.router.prefix_cache_mb)
+            scorer = RouterScorer(router, config.router.max_route_tokens, config.router.prefix_cache_mb,
+                                  config.router.quantize)
             scorer.warm_up()
             router = scorer.router
         self.router = router

@@ -50,7 +50,7 @@ def test_feedback_retrain_and_reload_under_load(tiny_encoder_dir, tmp_path):
     journal, new_ckpt = tmp_path / "feedback", tmp_path / "router-2"
     with running_upstreams(TARGETS) as ups:
         config = parse_gateway_config({
-            "router": {"checkpoint": str(old_ckpt)}, "targets": upstream_targets(ups),
+            "router": {"checkpoint": str(old_ckpt), "quantize": None}, "targets": upstream_targets(ups),
             "batching": {"max_batch_size": 4, "max_wait_ms": 1}, "feedback": {"dir": str(journal)},
             "admin": {"keys": ["e2e-admin"]}})
         app = create_app(config, RouterScorer(old))

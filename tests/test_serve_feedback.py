@@ -57,7 +57,7 @@ def fresh_upstreams(upstreams):
 
 @contextmanager
 def serving(checkpoint, encoder, upstreams, **overrides):
-    config = {"router": {"checkpoint": str(checkpoint)}, "targets": upstream_targets(upstreams),
+    config = {"router": {"checkpoint": str(checkpoint), "quantize": None}, "targets": upstream_targets(upstreams),
               "batching": {"max_batch_size": 4, "max_wait_ms": 1}, **overrides}
     app = create_app(parse_gateway_config(config), RouterScorer(Router.load(checkpoint, encoder=encoder)))
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -292,7 +292,8 @@ def test_sighup_reloads_the_checkpoint_of_a_serving_process(checkpoint, encoder,
     shutil.copytree(checkpoint, served)
     replacement = Router.load(train_tiny_router(encoder, tmp_path / "replacement", n=24), encoder=encoder)
     path = tmp_path / "gateway.yaml"
-    path.write_text(json.dumps({"router": {"checkpoint": str(served)}, "targets": upstream_targets(upstreams)}))
+    path.write_text(json.dumps({"router": {"checkpoint": str(served), "quantize": None},
+                                "targets": upstream_targets(upstreams)}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port", "0",
                              "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

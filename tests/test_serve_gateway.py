@@ -405,7 +405,8 @@ def test_identical_concurrent_prompts_share_one_forward(router, upstreams):
 def test_client_routes_in_process_and_calls_the_upstream(router, upstreams):
     msgs = question(21)
     expected = router.route(msgs)
-    with Client(gateway_config(upstreams), router=router) as client:
+    # quantize null: the encoder as trained, so P equal the router's own (int8 serving: test_serve_routing.py)
+    with Client(gateway_config(upstreams, router={"checkpoint": None, "quantize": None}), router=router) as client:
         reply = client.chat.completions.create(model="router", messages=msgs, max_tokens=5)
         assert reply.choices[0].message.content == f"answer from {expected.target}"
         assert reply.routing.target == reply.routing.chosen == expected.target

@@ -73,7 +73,8 @@ def test_dashboard_routes_streams_and_takes_feedback_in_a_real_browser(tiny_enco
         with running_upstreams(TARGETS) as ups:
             for up in ups.values():
                 up.default = Answer(ANSWER, chunk_delay_s=0.02)
-            config = parse_gateway_config({"router": {"checkpoint": None}, "targets": upstream_targets(ups),
+            config = parse_gateway_config({"router": {"checkpoint": None, "quantize": None},
+                                           "targets": upstream_targets(ups),
                                            "auth": {"keys": ["ui-key"]}, "feedback": {"dir": str(tmp_path / "fb")}})
             with BackgroundServer(create_app(config, RouterScorer(router))) as server, \
                     httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": "Bearer ui-key"}) as api:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ from prefill_router.serve.metrics import GatewayMetrics
 SessionMode = Literal["per_turn", "first_turn", "sticky"]
 # Serving window for a checkpoint that records none (trained on whole prompts): the p97 of MMLU-Pro's
 # templated lengths, so nearly every single-turn prompt of that kind is read exactly as in training.
+logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROUTE_TOKENS = 512
 CHARS_PER_TOKEN = 4  # to estimate the input tokens the router did not read, for the cost estimate only
 
@@ -308,7 +310,8 @@ class RouterScorer:
     prefix_cache_mb: prefix reuse in the encoder (features/prefix_cache.py); 0 turns it off.
     """
 
-    def __init__(self, router, max_route_tokens: int | None = None, prefix_cache_mb: float = 0):
+    def __init__(self, router, max_route_tokens: int | None = None, prefix_cache_mb: float = 0,
+                 quantize: str | None = None):
         from prefill_router.errors import ConfigError
 
         # A shallow copy: the serving window's encoder (see _apply_window) is set on this copy only.
@@ -321,13 +324,48 @@ class RouterScorer:
         self.max_route_tokens = trained or max_route_tokens or DEFAULT_MAX_ROUTE_TOKENS
         self.window_source = "checkpoint" if trained else "serving"
         self.prefix_cache_mb = prefix_cache_mb
+        self.quantize = quantize
 
     def warm_up(self) -> None:
         """Load the encoder now (the router loads it lazily) and run one forward, so the first request is fast."""
         self.router.predict_batch([[{"role": "user", "content": "warm up"}]])
         self._apply_window()
+        self._apply_quantize()
         if hasattr(self.router.encoder, "use_prefix_cache"):  # local encoders only; a remote one has its own
             self.router.encoder.use_prefix_cache(self.prefix_cache_mb)
+
+    def _apply_quantize(self) -> None:
+        """Serve with the encoder's Linear layers in dynamic int8 (`router.quantize`): the same model loaded again
+        quantized, so a router handed in keeps its own encoder. Only a local float32 encoder on the CPU, loaded
+        from files, can be; otherwise the router serves as trained and `runtime_info` says so."""
+        import torch
+
+        from prefill_router.features.encoder import Encoder, load_encoder
+
+        encoder = getattr(self.router, "encoder", None)
+        if self.quantize is None or not isinstance(encoder, Encoder) or encoder.spec.quantize is not None:
+            return
+        if encoder.device.type != "cpu" or encoder.dtype != torch.float32 or encoder._resolved is None:
+            logger.info("router.quantize: int8 is for a float32 encoder on the CPU loaded from files; "
+                           "serving %s as trained", encoder)
+            return
+        quantized = load_encoder(encoder.spec.model_copy(update={"quantize": self.quantize}))
+        quantized.encode(["warm up"], poolings=(self.router.pooling,), layers=self.router.hidden_states)
+        self.router.encoder = quantized
+
+    @property
+    def runtime_info(self) -> dict:
+        """How routing runs: quantization, prefix reuse, encoder layers run, torch threads."""
+        import torch
+
+        encoder = getattr(self.router, "encoder", None)
+        spec = getattr(encoder, "spec", None)
+        cache = getattr(encoder, "prefix_cache", None)
+        states = getattr(self.router, "hidden_states", None)
+        return {"quantize": getattr(spec, "quantize", None), "trained_quantize":
+                (self.router.encoder_identity or {}).get("quantize"),
+                "layers_run": max(states) if states else None, "torch_threads": torch.get_num_threads(),
+                "prefix_cache": cache.stats() if cache is not None else None}
 
     def _apply_window(self) -> None:
         """Give a router trained on whole prompts an encoder that reads the serving window: the same model and

@@ -352,6 +352,7 @@ async def health(gw: GatewayDep) -> JSONResponse:
                          "encoder_loaded": bool(getattr(scorer, "encoder_loaded", True)),
                          "encoder": gw.encoder_info or getattr(scorer, "encoder_info", None),
                          "window": getattr(scorer, "window_info", None),
+                         "runtime": getattr(scorer, "runtime_info", None),
                          "checkpoint": gw.checkpoint, "loaded_unix": gw.loaded_unix,
                          "targets": routed_targets, "upstreams": upstreams})
 
