@@ -207,6 +207,11 @@ def test_early_exit_runs_only_the_layers_it_needs_and_matches_a_full_pass(tmp_pa
     np.testing.assert_allclose(out["mean"], ref_mean[:, [0, 2]], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["last"], ref_last[:, [0, 2]], rtol=1e-4, atol=1e-5)
 
+    before = list(calls)
+    embeddings = enc.encode(PROMPTS, poolings=("mean",), layers=[0])
+    assert calls == before  # the embeddings alone: no decoder layer ran
+    np.testing.assert_allclose(embeddings["mean"], ref_mean[:, [0]], rtol=1e-4, atol=1e-5)
+
     full = enc.encode(PROMPTS, poolings=("mean",), layers=[1, 4])
     assert calls[3] > 0
     np.testing.assert_allclose(full["mean"], ref_mean[:, [1, 4]], rtol=1e-4, atol=1e-5)

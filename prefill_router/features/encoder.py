@@ -713,6 +713,8 @@ class Encoder:
     def _record_input(self, module, args, kwargs):
         if getattr(self._capture, "states", None) is not None:
             self._capture.states.append(args[0] if args else kwargs["hidden_states"])
+            if self._capture.stop_after == 0:  # the embeddings alone: no decoder layer runs
+                raise _EarlyExit
 
     def _record_output(self, index: int, module, args, output):
         capture = self._capture
