@@ -15,7 +15,7 @@ training rows and scored on test rows. See `FOLD_METRICS` for what is reported.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from prefill_router.errors import ConfigError, DataError
 from prefill_router.evaluate import metrics
 from prefill_router.evaluate.report import Report, ReportRow
-from prefill_router.evaluate.sweep import DEFAULT_LAMBDAS, cheapest_point_reaching, cost_quality_curve
+from prefill_router.evaluate.sweep import DEFAULT_LAMBDAS, Curve, cheapest_point_reaching, cost_quality_curve
 from prefill_router.router.base import Predictor
 from prefill_router.router.policy import ArgmaxPolicy, UtilityPolicy, choose_default_policy, policy_from_spec
 
@@ -57,6 +57,9 @@ FOLD_METRICS = {
     "gap_captured_at_lambda_train": "test gap captured by the default policy",
     "missing_labels": "test rows whose argmax-chosen target has no label (left out of accuracy)",
 }
+
+# The fixed rows every report has, in report order, before the contenders.
+BASELINES = ("random", "best single", "oracle")
 
 
 @dataclass
@@ -152,6 +155,204 @@ def _calibration_split(train: np.ndarray, holdout: float, seed: int) -> tuple[np
     return np.sort(shuffled[n_cal:]), np.sort(shuffled[:n_cal])
 
 
+@dataclass
+class _Fold:
+    """One fold's test rows and the reference values every report row of that fold is measured against."""
+
+    index: int
+    train: np.ndarray
+    test: np.ndarray
+    Y: np.ndarray  # test rows' labels
+    C: np.ndarray  # test rows' costs
+    groups: np.ndarray | None  # test rows' groups
+    best_choice: np.ndarray  # the best single target (chosen on training rows) for every test row
+    best_acc: float
+    best_cost: float
+    oracle_acc: float
+    oracle_cost: float
+    oracle_choice: np.ndarray
+    top_cost: float  # mean cost of the most expensive target
+    cost_range: tuple[float, float]  # AIQ's cost axis
+
+    @classmethod
+    def of(cls, index: int, train: np.ndarray, test: np.ndarray, Y: np.ndarray, C: np.ndarray,
+           groups: np.ndarray | None) -> _Fold:
+        Yte, Cte = Y[test], C[test]
+        best_choice = np.full(test.size, metrics.best_single(Y[train], C[train])[0])
+        oracle_acc, oracle_cost, oracle_choice = metrics.oracle(Yte, Cte)
+        _, top_cost = metrics.most_expensive(Cte)
+        # AIQ's common cost axis: from always taking each row's cheapest target to the dearest single target
+        row_cheapest = np.where(np.isnan(Cte), np.inf, Cte).min(axis=1)
+        return cls(index, train, test, Yte, Cte, groups[test] if groups is not None else None, best_choice,
+                   metrics.routed_accuracy(Yte, best_choice), metrics.routed_cost(Cte, best_choice),
+                   oracle_acc, oracle_cost, oracle_choice, top_cost,
+                   (float(row_cheapest[np.isfinite(row_cheapest)].mean()), top_cost))
+
+    def outcome(self, acc: float, cost: float) -> dict[str, float]:
+        """A report row's fold metrics for this accuracy and mean cost; the prediction metrics stay NaN."""
+        row = _blank()
+        row.update(accuracy=acc, cost_per_1k=cost * 1000,
+                   gap_captured=metrics.gap_captured(acc, self.best_acc, self.oracle_acc),
+                   savings_vs_most_expensive=metrics.cost_savings(cost, self.top_cost),
+                   savings_vs_best_single=metrics.cost_savings(cost, self.best_cost))
+        return row
+
+    def choice_outcome(self, choice: np.ndarray) -> dict[str, float]:
+        return self.outcome(metrics.routed_accuracy(self.Y, choice), metrics.routed_cost(self.C, choice))
+
+
+@dataclass
+class _Result:
+    """One report row as the folds accumulate: per fold its metrics, routing distribution and per-group outcome
+    and, for a router, its cost-quality curve and held-out predictions."""
+
+    name: str
+    kind: str  # "router" or "baseline"
+    folds: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)
+    distributions: list[list[float]] = field(default_factory=list)
+    predictions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    by_group: list[dict] = field(default_factory=list)
+
+    def record(self, fold: _Fold, row: dict[str, float], choice: np.ndarray | None) -> None:
+        """Add one fold's row; choice None = uniform random routing."""
+        k = fold.Y.shape[1]
+        if choice is not None:
+            row["missing_labels"] = metrics.missing_choice_labels(fold.Y, choice)
+        self.folds.append(row)
+        self.distributions.append([1.0 / k] * k if choice is None
+                                  else metrics.routing_distribution(choice, k).tolist())
+        if fold.groups is not None:
+            self.by_group.append(_group_outcomes(fold.Y, fold.C, choice, fold.groups))
+
+    def report_row(self) -> ReportRow:
+        return ReportRow(self.name, self.kind, self.folds, self.curves, self.distributions, self.predictions,
+                         self.by_group)
+
+
+def _record_baselines(fold: _Fold, random: _Result, best: _Result, oracle: _Result) -> None:
+    random.record(fold, fold.outcome(*metrics.random_router(fold.Y, fold.C)), None)
+    best.record(fold, fold.outcome(fold.best_acc, fold.best_cost), fold.best_choice)
+    oracle.record(fold, fold.outcome(fold.oracle_acc, fold.oracle_cost), fold.oracle_choice)
+
+
+def _test_and_calibration(contender: Contender, fold: _Fold, Y: np.ndarray, calibration_folds: int,
+                          calibration_holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P of the test rows, P of the calibration rows, the calibration rows) for one contender and fold.
+
+    The fits run in a fixed order (the test fit first when cross-fitting, last with a hold-out): predictors
+    that draw on shared random state depend on it, and reports are compared across versions."""
+    train, test, f = fold.train, fold.test, fold.index
+    if calibration_folds >= 2:  # cross-fitted: every training row predicted by a model that did not see it
+        _, (Pte,) = _predict(contender, train, [test], Y, f)
+        Pcal = np.full((train.size, Y.shape[1]), np.nan)
+        parts = np.array_split(np.random.default_rng(seed + f).permutation(train.size), calibration_folds)
+        for part in parts:
+            _, (Pcal[part],) = _predict(contender, np.delete(train, part), [train[part]], Y, f)
+        return Pte, Pcal, train
+    split = _calibration_split(train, calibration_holdout, seed + f)
+    if split is not None:
+        fit_rows, cal_rows = split
+        _, (Pcal,) = _predict(contender, fit_rows, [cal_rows], Y, f)
+        _, (Pte,) = _predict(contender, train, [test], Y, f)
+        return Pte, Pcal, cal_rows
+    _, (Pte, Pcal) = _predict(contender, train, [test, train], Y, f)
+    return Pte, Pcal, train
+
+
+def _probability_metrics(fold: _Fold, Pte: np.ndarray) -> dict[str, float]:
+    return {"mean_auc": _mean_finite(metrics.per_target_auc(fold.Y, Pte)),
+            "mean_brier": _mean_finite(metrics.brier(fold.Y, Pte)),
+            "mean_ece": _mean_finite(metrics.expected_calibration_error(fold.Y, Pte))}
+
+
+def _best_single_point(fold: _Fold, curve: Curve) -> dict[str, float]:
+    """Where the test-row sweep first reaches the best single target's accuracy; empty if it never does."""
+    point = cheapest_point_reaching(curve, fold.best_acc)
+    if point is None:
+        return {}
+    return {"savings_at_best_single_accuracy": metrics.cost_savings(point.cost, fold.top_cost),
+            "cost_per_1k_at_best_single_accuracy": point.cost * 1000,
+            "lambda_at_best_single_accuracy": point.param}
+
+
+def _default_policy(fold: _Fold, Pte: np.ndarray, Pcal: np.ndarray, Ycal: np.ndarray, Ccal: np.ndarray,
+                    grid: np.ndarray, cost_scale: float | None) -> dict[str, float]:
+    """The test outcome of the default policy a trained router would choose on these calibration rows
+    (router.policy.choose_default_policy)."""
+    spec, facts = choose_default_policy(Pcal, Ycal, Ccal, lambdas=grid, cost_scale=cost_scale)
+    lam = facts.get("lambda", float("nan"))  # NaN: the default is the best single target
+    choice = (UtilityPolicy(lam, cost_scale) if facts["reached"] else policy_from_spec(spec)).choose(Pte, fold.C)
+    acc, cost = metrics.routed_accuracy(fold.Y, choice), metrics.routed_cost(fold.C, choice)
+    return {"lambda_train": lam, "accuracy_at_lambda_train": acc, "cost_per_1k_at_lambda_train": cost * 1000,
+            "savings_at_lambda_train": metrics.cost_savings(cost, fold.top_cost),
+            "savings_vs_best_single_at_lambda_train": metrics.cost_savings(cost, fold.best_cost),
+            "gap_captured_at_lambda_train": metrics.gap_captured(acc, fold.best_acc, fold.oracle_acc)}
+
+
+def _record_router(result: _Result, fold: _Fold, Pte: np.ndarray, Pcal: np.ndarray, Ycal: np.ndarray,
+                   Ccal: np.ndarray, grid: np.ndarray, cost_scale: float | None) -> None:
+    """Score one contender's held-out predictions on one fold and add them to its result."""
+    choice = ArgmaxPolicy().choose(Pte, fold.C)
+    row = fold.choice_outcome(choice)
+    row.update(_probability_metrics(fold, Pte))
+    curve = cost_quality_curve(Pte, fold.Y, fold.C, "utility", grid, cost_scale)
+    row["aiq"] = curve.aiq(fold.cost_range)
+    row.update(_best_single_point(fold, curve))
+    row.update(_default_policy(fold, Pte, Pcal, Ycal, Ccal, grid, cost_scale))
+    result.predictions.append((fold.test, Pte))
+    result.record(fold, row, choice)
+    result.curves.append(curve.to_dict())
+
+
+def _check_inputs(Y, C, folds: Sequence[tuple], contenders: Sequence[Contender], targets: Sequence[str] | None,
+                  groups: Sequence[str] | None, calibration_holdout: float):
+    """Y and C as float arrays, target names, checked folds and groups as an object array (or None)."""
+    if not 0 <= calibration_holdout < 1:
+        raise ConfigError(f"calibration_holdout must be in [0, 1), got {calibration_holdout!r}")
+    Y = np.asarray(Y, dtype=np.float64)
+    C = np.asarray(C, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape != C.shape:
+        raise DataError(f"Y and C must share one [N, K] shape; got {Y.shape} and {C.shape}")
+    n, k = Y.shape
+    targets = list(targets) if targets is not None else [f"target_{j}" for j in range(k)]
+    if len(targets) != k:
+        raise DataError(f"targets names {len(targets)} entries, Y has {k} columns")
+    names = [c.name for c in contenders]
+    clash = sorted({n_ for n_ in names if names.count(n_) > 1} | (set(names) & set(BASELINES)))
+    if clash:
+        raise ConfigError(f"contender names must be unique and differ from the fixed rows {sorted(BASELINES)}: "
+                          f"{clash}")
+    for c in contenders:
+        if _row_count(c.X) != n:
+            raise DataError(f"contender {c.name!r}: X has {_row_count(c.X)} rows, Y has {n}")
+    checked_folds = _check_folds(folds, n)
+    group_array = None
+    if groups is not None:
+        group_array = np.asarray([str(g) for g in groups], dtype=object)
+        if group_array.shape != (n,):
+            raise DataError(f"groups has {group_array.size} entries, Y has {n} rows")
+    return Y, C, targets, checked_folds, group_array
+
+
+def _notes(calibration_folds: int, calibration_holdout: float, cost_scale: float | None,
+           notes: Sequence[str]) -> list[str]:
+    if calibration_folds >= 2:
+        calibration = f"{calibration_folds}-fold cross-fitted predictions of each fold's training rows."
+    elif calibration_holdout > 0:
+        calibration = f"a {calibration_holdout:.0%} hold-out of each fold's training rows."
+    else:
+        calibration = "in-sample predictions of each fold's training rows."
+    return [
+        "All numbers are on held-out (test) rows, mean ± std (ddof=1) across folds.",
+        "Best single target chosen on training rows; most expensive target = highest mean cost on test rows.",
+        "default policy (lambda_train): chosen on " + calibration,
+        "Router accuracy and cost use the argmax policy; curves sweep the utility policy P - lambda * C / "
+        + ("(row's priciest cost)." if cost_scale is None else f"{cost_scale:g} USD."),
+        *notes,
+    ]
+
+
 def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Contender], *,
                         targets: Sequence[str] | None = None, lambdas=None, cost_scale: float | None = None,
                         calibration_folds: int = 3, calibration_holdout: float = 0.2, seed: int = 0,
@@ -168,138 +369,28 @@ def evaluate_contenders(Y, C, folds: Sequence[tuple], contenders: Sequence[Conte
     `groups` (one category per row, e.g. RoutingDataset.groups) adds per-group accuracy and cost per fold.
     Each router row keeps its held-out predictions in memory as `ReportRow.predictions` [(test_idx, P)].
     """
-    if not 0 <= calibration_holdout < 1:
-        raise ConfigError(f"calibration_holdout must be in [0, 1), got {calibration_holdout!r}")
-    Y = np.asarray(Y, dtype=np.float64)
-    C = np.asarray(C, dtype=np.float64)
-    if Y.ndim != 2 or Y.shape != C.shape:
-        raise DataError(f"Y and C must share one [N, K] shape; got {Y.shape} and {C.shape}")
-    n, k = Y.shape
-    targets = list(targets) if targets is not None else [f"target_{j}" for j in range(k)]
-    if len(targets) != k:
-        raise DataError(f"targets names {len(targets)} entries, Y has {k} columns")
-    names = [c.name for c in contenders]
-    fixed = {"random", "best single", "oracle"}
-    clash = sorted({n_ for n_ in names if names.count(n_) > 1} | (set(names) & fixed))
-    if clash:
-        raise ConfigError(f"contender names must be unique and differ from the fixed rows {sorted(fixed)}: {clash}")
-    for c in contenders:
-        if _row_count(c.X) != n:
-            raise DataError(f"contender {c.name!r}: X has {_row_count(c.X)} rows, Y has {n}")
-    folds = _check_folds(folds, n)
-    if groups is not None:
-        groups = np.asarray([str(g) for g in groups], dtype=object)
-        if groups.shape != (n,):
-            raise DataError(f"groups has {groups.size} entries, Y has {n} rows")
+    Y, C, targets, checked, group_array = _check_inputs(Y, C, folds, contenders, targets, groups,
+                                                        calibration_holdout)
     grid = DEFAULT_LAMBDAS if lambdas is None else np.asarray(lambdas, dtype=np.float64)
-
-    per_fold: dict[str, list[dict]] = {name: [] for name in ["random", "best single", "oracle", *names]}
-    curves: dict[str, list[dict]] = {name: [] for name in names}
-    distributions: dict[str, list[list[float]]] = {name: [] for name in per_fold}
+    baselines = [_Result(name, "baseline") for name in BASELINES]
+    routers = [_Result(c.name, "router") for c in contenders]
     target_points: list[dict] = []
-    predictions: dict[str, list] = {name: [] for name in names}
-    by_group: dict[str, list[dict]] = {name: [] for name in per_fold}
 
-    steps = tqdm(total=len(folds) * max(len(contenders), 1), desc="evaluate", disable=not progress)
-    for f, (train, test) in enumerate(folds):
-        Yte, Cte = Y[test], C[test]
-        best_k = metrics.best_single(Y[train], C[train])[0]
-        best_choice = np.full(test.size, best_k)
-        best_acc = metrics.routed_accuracy(Yte, best_choice)
-        best_cost = metrics.routed_cost(Cte, best_choice)
-        oracle_acc, oracle_cost, oracle_choice = metrics.oracle(Yte, Cte)
-        _, top_cost = metrics.most_expensive(Cte)
-        # AIQ's common cost axis: from always taking each row's cheapest target to the dearest single target
-        row_cheapest = np.where(np.isnan(Cte), np.inf, Cte).min(axis=1)
-        cost_range = (float(row_cheapest[np.isfinite(row_cheapest)].mean()), top_cost)
-        target_points.append({"accuracy": metrics.target_accuracy(Yte).tolist(),
-                              "cost": metrics.target_cost(Cte).tolist()})
-
-        def outcome(acc: float, cost: float, best_acc=best_acc, best_cost=best_cost, oracle_acc=oracle_acc,
-                    top_cost=top_cost) -> dict[str, float]:  # binds this fold's reference values
-            row = _blank()
-            row.update(accuracy=acc, cost_per_1k=cost * 1000,
-                       gap_captured=metrics.gap_captured(acc, best_acc, oracle_acc),
-                       savings_vs_most_expensive=metrics.cost_savings(cost, top_cost),
-                       savings_vs_best_single=metrics.cost_savings(cost, best_cost))
-            return row
-
-        test_groups = groups[test] if groups is not None else None
-
-        def record(name: str, row: dict, choice: np.ndarray | None,
-                   Yte=Yte, Cte=Cte, test_groups=test_groups) -> None:  # binds this fold's rows
-            if choice is not None:
-                row["missing_labels"] = metrics.missing_choice_labels(Yte, choice)
-            per_fold[name].append(row)
-            distributions[name].append([1.0 / k] * k if choice is None
-                                       else metrics.routing_distribution(choice, k).tolist())
-            if test_groups is not None:
-                by_group[name].append(_group_outcomes(Yte, Cte, choice, test_groups))
-
-        record("random", outcome(*metrics.random_router(Yte, Cte)), None)
-        record("best single", outcome(best_acc, best_cost), best_choice)
-        record("oracle", outcome(oracle_acc, oracle_cost), oracle_choice)
-
-        for contender in contenders:
-            steps.set_postfix_str(f"fold {f + 1}/{len(folds)} {contender.name}")
-            cal_rows = train
-            if calibration_folds >= 2:  # cross-fitted: every training row predicted by a model that did not see it
-                _, (Pte,) = _predict(contender, train, [test], Y, f)
-                Pcal = np.full((train.size, Y.shape[1]), np.nan)
-                parts = np.array_split(np.random.default_rng(seed + f).permutation(train.size), calibration_folds)
-                for part in parts:
-                    _, (Pcal[part],) = _predict(contender, np.delete(train, part), [train[part]], Y, f)
-            elif (split := _calibration_split(train, calibration_holdout, seed + f)) is not None:
-                fit_rows, cal_rows = split
-                _, (Pcal,) = _predict(contender, fit_rows, [cal_rows], Y, f)
-                _, (Pte,) = _predict(contender, train, [test], Y, f)
-            else:
-                _, (Pte, Pcal) = _predict(contender, train, [test, train], Y, f)
-            predictions[contender.name].append((test, Pte))
-
-            choice = ArgmaxPolicy().choose(Pte, Cte)
-            row = outcome(metrics.routed_accuracy(Yte, choice), metrics.routed_cost(Cte, choice))
-            aucs = metrics.per_target_auc(Yte, Pte)
-            row["mean_auc"] = _mean_finite(aucs)
-            row["mean_brier"] = _mean_finite(metrics.brier(Yte, Pte))
-            row["mean_ece"] = _mean_finite(metrics.expected_calibration_error(Yte, Pte))
-            curve = cost_quality_curve(Pte, Yte, Cte, "utility", grid, cost_scale)
-            row["aiq"] = curve.aiq(cost_range)
-
-            point = cheapest_point_reaching(curve, best_acc)
-            if point is not None:
-                row.update(savings_at_best_single_accuracy=metrics.cost_savings(point.cost, top_cost),
-                           cost_per_1k_at_best_single_accuracy=point.cost * 1000,
-                           lambda_at_best_single_accuracy=point.param)
-
-            # The rule a trained router's default policy uses (router.policy.choose_default_policy).
-            spec, facts = choose_default_policy(Pcal, Y[cal_rows], C[cal_rows], lambdas=grid, cost_scale=cost_scale)
-            lam = facts.get("lambda", float("nan"))  # NaN: the default is the best single target
-            at_lam = (UtilityPolicy(lam, cost_scale) if facts["reached"] else policy_from_spec(spec)).choose(Pte, Cte)
-            acc_lam, cost_lam = metrics.routed_accuracy(Yte, at_lam), metrics.routed_cost(Cte, at_lam)
-            row.update(lambda_train=lam, accuracy_at_lambda_train=acc_lam, cost_per_1k_at_lambda_train=cost_lam * 1000,
-                       savings_at_lambda_train=metrics.cost_savings(cost_lam, top_cost),
-                       savings_vs_best_single_at_lambda_train=metrics.cost_savings(cost_lam, best_cost),
-                       gap_captured_at_lambda_train=metrics.gap_captured(acc_lam, best_acc, oracle_acc))
-            record(contender.name, row, choice)
-            curves[contender.name].append(curve.to_dict())
+    steps = tqdm(total=len(checked) * max(len(contenders), 1), desc="evaluate", disable=not progress)
+    for f, (train, test) in enumerate(checked):
+        fold = _Fold.of(f, train, test, Y, C, group_array)
+        target_points.append({"accuracy": metrics.target_accuracy(fold.Y).tolist(),
+                              "cost": metrics.target_cost(fold.C).tolist()})
+        _record_baselines(fold, *baselines)
+        for contender, result in zip(contenders, routers):
+            steps.set_postfix_str(f"fold {f + 1}/{len(checked)} {contender.name}")
+            Pte, Pcal, cal_rows = _test_and_calibration(contender, fold, Y, calibration_folds,
+                                                        calibration_holdout, seed)
+            _record_router(result, fold, Pte, Pcal, Y[cal_rows], C[cal_rows], grid, cost_scale)
             steps.update(1)
     steps.close()
 
-    rows = [ReportRow(name, "baseline", per_fold[name], [], distributions[name], by_group=by_group[name])
-            for name in ("random", "best single", "oracle")]
-    rows += [ReportRow(name, "router", per_fold[name], curves[name], distributions[name], predictions[name],
-                       by_group[name]) for name in names]
-    all_notes = [
-        "All numbers are on held-out (test) rows, mean ± std (ddof=1) across folds.",
-        "Best single target chosen on training rows; most expensive target = highest mean cost on test rows.",
-        ("default policy (lambda_train): chosen on " + (
-            f"{calibration_folds}-fold cross-fitted predictions of each fold's training rows."
-            if calibration_folds >= 2 else f"a {calibration_holdout:.0%} hold-out of each fold's training rows."
-            if calibration_holdout > 0 else "in-sample predictions of each fold's training rows.")),
-        "Router accuracy and cost use the argmax policy; curves sweep the utility policy P - lambda * C / "
-        + ("(row's priciest cost)." if cost_scale is None else f"{cost_scale:g} USD."),
-        *notes,
-    ]
-    return Report(targets=targets, n_rows=n, n_folds=len(folds), rows=rows, notes=all_notes,
+    return Report(targets=targets, n_rows=Y.shape[0], n_folds=len(checked),
+                  rows=[r.report_row() for r in baselines + routers],
+                  notes=_notes(calibration_folds, calibration_holdout, cost_scale, notes),
                   target_points=target_points, metric_help=dict(FOLD_METRICS))
