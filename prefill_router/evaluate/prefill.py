@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -54,35 +55,65 @@ def prefill_contenders(X: np.ndarray, Y: np.ndarray, C: np.ndarray, cols: list[i
     X: [N, D] features of every row (hidden states already concatenated); `label` names the feature choice
     in the report rows, e.g. "mean-all".
     """
-    trunk_cfg = settings.trunk
-
-    def transform(rows):
-        return cache.get(_key("tf", label, rows), lambda: FeatureTransform(settings.pca).fit(X[rows]))
-
-    def Z(rows, fit_rows):
-        return transform(fit_rows).transform(X[rows])
-
-    class _Fitted:
-        def fit(self, idx, Ytr):
-            self.rows = np.asarray(idx)
-            self.model = self._fit()
-            return self
-
-        def predict_proba(self, idx):
-            return self.model.predict_proba(Z(np.asarray(idx), self.rows))[:, cols]
-
-    class Trunk(_Fitted):
-        def _fit(self):
-            return cache.get(_key("trunk", label, self.rows),
-                             lambda: TrunkEnsemble(trunk_cfg).fit(Z(self.rows, self.rows), Y[self.rows]))
-
-    class Logistic(_Fitted):
-        def _fit(self):
-            return cache.get(_key("logreg", label, self.rows),
-                             lambda: LogisticPredictor().fit(Z(self.rows, self.rows), Y[self.rows]))
-
+    pool = _Pool(X, Y, cols, label, settings, cache)
     rows = np.arange(len(Y))
-    out = [Contender(f"prefill-trunk [{label}]", Trunk, rows)]
+    out = [Contender(f"prefill-trunk [{label}]", partial(_PoolTrunk, pool), rows)]
     if settings.logistic:
-        out.append(Contender(f"prefill-logreg [{label}]", Logistic, rows))
+        out.append(Contender(f"prefill-logreg [{label}]", partial(_PoolLogistic, pool), rows))
     return out
+
+
+@dataclass
+class _Pool:
+    """What the prefill contenders of one pool share: every row's features and all targets' labels, the
+    pool's columns, the feature choice's label (part of every cache key) and the fit cache."""
+
+    X: np.ndarray
+    Y: np.ndarray
+    cols: list[int]
+    label: str
+    settings: PrefillSettings
+    cache: FitCache
+
+    def features(self, rows: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+        """Scaler + PCA features of `rows`, the transform fitted on `fit_rows` (once per fold, cached)."""
+        transform = self.cache.get(_key("tf", self.label, fit_rows),
+                                   lambda: FeatureTransform(self.settings.pca).fit(self.X[fit_rows]))
+        return transform.transform(self.X[rows])
+
+
+class _PoolModel:
+    """A Predictor whose X is row indices: fits a model on all targets' labels of its training rows (cached
+    under `kind`, so every pool reuses it) and predicts the pool's columns."""
+
+    kind = ""
+
+    def __init__(self, pool: _Pool):
+        self.pool = pool
+
+    def _new(self):
+        raise NotImplementedError
+
+    def fit(self, idx, Ytr):  # Ytr is the pool's columns; the model learns every target's
+        self.rows = np.asarray(idx)
+        pool = self.pool
+        self.model = pool.cache.get(_key(self.kind, pool.label, self.rows),
+                                    lambda: self._new().fit(pool.features(self.rows, self.rows), pool.Y[self.rows]))
+        return self
+
+    def predict_proba(self, idx):
+        return self.model.predict_proba(self.pool.features(np.asarray(idx), self.rows))[:, self.pool.cols]
+
+
+class _PoolTrunk(_PoolModel):
+    kind = "trunk"
+
+    def _new(self):
+        return TrunkEnsemble(self.pool.settings.trunk)
+
+
+class _PoolLogistic(_PoolModel):
+    kind = "logreg"
+
+    def _new(self):
+        return LogisticPredictor()
