@@ -32,17 +32,26 @@ from prefill_router.cli.common import add_parser, split_names
 from prefill_router.errors import ConfigError
 from prefill_router.utils import atomic_write_json, markdown_table
 
+# ---- Study facts: the MMLU-Pro study this command reproduces. They hold for the shipped outcomes (12,002
+# questions x 28 models) and the default encoder, SmolLM2-135M-Instruct (30 decoder layers, so hidden states
+# 0..30); another dataset or encoder needs its own `train`/`evaluate` runs, not new numbers here.
+ENCODER_NAME = "SmolLM2-135M-Instruct"
+# Target pools: the two Gemini models (a strong/cheap pair), five of mixed size and price, all 28.
 POOLS = {
     "two": ["gemini-1.5-pro-002", "gemini-1.5-flash-002"],
     "five": ["gemini-1.5-pro-002", "gemini-1.5-flash-002", "Meta-Llama-3_1-70B-Instruct",
              "Meta-Llama-3_1-8B-Instruct", "Qwen1.5-110B"],
     "all": None,
 }
-SEMANTIC = ("knn", "logreg", "mlp", "tfidf")
+# --full: every sixth hidden state, mean and last-token pooling (the reference features' layout).
+FULL_STATES = list(range(0, 31, 6))
 # Quick mode's hidden states: probe AUC peaks near state 18 of SmolLM2-135M, and stopping there runs 18 of 30
 # layers (early exit), which is what makes a fresh clone's run fit in 20 minutes on 2 CPU cores.
 QUICK_STATES = [0, 6, 12, 18]
 EXAMPLE = "What is the derivative of x**3 * sin(x)?\nA. 3x**2 sin(x) + x**3 cos(x)\nB. 3x**2 cos(x)\nC. x**3 cos(x)"
+# ---- end of study facts
+
+SEMANTIC = ("knn", "logreg", "mlp", "tfidf")  # names in evaluate.contenders.CONTENDERS
 
 LEGEND = """Columns (every number on held-out prompts, mean over folds):
 - **mean AUC**: per-target ROC AUC of the predicted P(correct), averaged over the pool's targets.
@@ -133,7 +142,7 @@ def _full_store(args, ds, reference: Path | None, compute: bool):
     if compute:
         # An existing store (the imported reference) keeps its own layout, which may differ per pooling
         # (mean at six hidden states, last at two): None asks extract_to_store for exactly that.
-        poolings, layers = (None, None) if is_store(store) else (["mean", "last"], list(range(0, 31, 6)))
+        poolings, layers = (None, None) if is_store(store) else (["mean", "last"], FULL_STATES)
         extract_to_store(ds.prompts, load_encoder(), store, poolings=poolings, layers=layers, progress=True)
     return FeatureSet.open(store)
 
@@ -195,27 +204,17 @@ def _probes(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[st
 
 
 def _semantic_contenders(args, ds, names: list[str]):
-    from prefill_router.evaluate.harness import Contender
+    """The semantic baselines from the contender registry, with its defaults (k=20 cosine, C=1) and the
+    MiniLM embeddings cached in the user cache."""
+    from prefill_router.evaluate.contenders import ContenderSettings, build_contenders
     from prefill_router.features import cache_dir
-    from prefill_router.features.semantic import embed_texts, prompt_text
-    from prefill_router.router.baselines import (
-        KNNPredictor,
-        LogisticPredictor,
-        MLPPredictor,
-        TfidfLogisticPredictor,
-    )
 
-    threads = args.threads or 1
-    E = embed_texts(ds.prompts, cache_dir=Path(cache_dir()) / "embeddings", progress=True) \
-        if set(names) & {"knn", "logreg", "mlp"} else None
-    texts = np.array([prompt_text(p) for p in ds.prompts], dtype=object)
-    factories = {
-        "knn": ("knn-minilm", lambda: KNNPredictor(k=20, metric="cosine", threads=threads), E),
-        "logreg": ("logreg-minilm", lambda: LogisticPredictor(threads=threads), E),
-        "mlp": ("mlp-minilm", lambda: MLPPredictor(seed=args.seed, threads=threads), E),
-        "tfidf": ("tfidf-logreg", lambda: TfidfLogisticPredictor(threads=threads), texts),
-    }
-    return [Contender(*factories[name]) for name in names]
+    t = _step("semantic baselines' inputs (all-MiniLM-L6-v2 embeddings, cached; prompt texts for TF-IDF)")
+    settings = ContenderSettings(cache_dir=str(Path(cache_dir()) / "embeddings"), seed=args.seed,
+                                 threads=args.threads or 1)
+    contenders = build_contenders(names, ds, settings)
+    print(f"({time.time() - t:.0f} s)", file=sys.stderr)
+    return contenders
 
 
 def _evaluate_pools(args, ds, chosen: Chosen, folds, semantic, pools: list[str], notes: list[str], out: Path):
@@ -263,9 +262,32 @@ def _example(router) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from prefill_router.data import kfold, load_mmlu_pro
-    from prefill_router.router import RouterTrainConfig, train_router
+    from prefill_router.data import kfold
 
+    pools, semantic_names = _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    full_ds = _load_data(args)
+    chosen, ds = _choose_rows(args, full_ds)
+    folds = kfold(ds, k=args.folds, seed=args.seed, stratify=True)
+    probes = _probe_step(args, ds, chosen, folds[0][0], out)
+    semantic = _semantic_contenders(args, ds, semantic_names)
+    notes = [f"MMLU-Pro rows: {chosen.what}."] + list(ds.notes)
+    tables, summary = _evaluate_pools(args, ds, chosen, folds, semantic, pools, notes, out)
+    router, ckpt = _checkpoint(args, ds, chosen, out)
+    example = _example(router)
+    print(example)
+    _write_summary(args, out, chosen, tables, summary, probes, router, ckpt, example, started)
+    print(f"\nwrote {out / 'summary.md'} in {time.time() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _check_args(args) -> tuple[list[str], list[str]]:
+    """The pools and semantic baselines asked for, checked before any work starts."""
     pools = split_names(args.pools)
     unknown = [p for p in pools if p not in POOLS]
     if unknown:
@@ -276,34 +298,38 @@ def run(args: argparse.Namespace) -> int:
                           f"known: {SEMANTIC}")
     if args.rows < 10 * args.folds:
         raise ConfigError(f"--rows: {args.rows} is too few for {args.folds} folds (at least {10 * args.folds})")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return pools, semantic_names
+
+
+def _load_data(args):
+    from prefill_router.data import load_mmlu_pro
 
     t = _step("data (shipped MMLU-Pro outcomes)")
     full_ds = load_mmlu_pro(args.data_root)
     print(f"MMLU-Pro: {full_ds.n} prompts x {full_ds.k} targets ({time.time() - t:.0f} s)", file=sys.stderr)
+    return full_ds
 
-    t = _step("features (SmolLM2-135M-Instruct prefill, offline)")
+
+def _choose_rows(args, full_ds):
+    """The evaluated prompts with their features, and the dataset of just those rows."""
+    t = _step(f"features ({ENCODER_NAME} prefill, offline)")
     chosen = _features(args, full_ds)
-    ds = full_ds.subset(chosen.rows)
     print(f"rows: {chosen.what}; mean pooling at hidden states {chosen.states} ({time.time() - t:.0f} s)",
           file=sys.stderr)
-    notes = [f"MMLU-Pro rows: {chosen.what}."] + list(ds.notes)
-    folds = kfold(ds, k=args.folds, seed=args.seed, stratify=True)
+    return chosen, full_ds.subset(chosen.rows)
 
+
+def _probe_step(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[str, dict]:
     t = _step("layer probes (training rows of fold 1)")
-    probe_table, agreement = _probes(args, ds, chosen, folds[0][0], out)
+    probe_table, agreement = _probes(args, ds, chosen, train0, out)
     print(probe_table, file=sys.stderr)
     print(f"J vs probe-AUC rank agreement (Spearman): {agreement} ({time.time() - t:.0f} s)", file=sys.stderr)
+    return probe_table, agreement
 
-    t = _step("semantic baselines' inputs (all-MiniLM-L6-v2 embeddings, cached; prompt texts for TF-IDF)")
-    semantic = _semantic_contenders(args, ds, semantic_names)
-    print(f"({time.time() - t:.0f} s)", file=sys.stderr)
 
-    tables, summary = _evaluate_pools(args, ds, chosen, folds, semantic, pools, notes, out)
+def _checkpoint(args, ds, chosen: Chosen, out: Path):
+    """The router trained on every chosen prompt, saved under out/router; (router, its folder)."""
+    from prefill_router.router import RouterTrainConfig, train_router
 
     t = _step("router checkpoint (every chosen prompt, all targets)")
     # layers "auto": the checkpoint reads the fewest encoder layers that keep its out-of-fold AUC (early exit).
@@ -315,12 +341,16 @@ def run(args: argparse.Namespace) -> int:
     ckpt = router.save(out / "router")
     print(f"checkpoint: {ckpt}, default policy {router.describe_policy()} ({time.time() - t:.0f} s)",
           file=sys.stderr)
-    example = _example(router)
-    print(example)
+    return router, ckpt
 
+
+def _write_summary(args, out: Path, chosen: Chosen, tables: list[str], summary: dict, probes: tuple[str, dict],
+                   router, ckpt: Path, example: str, started: float) -> None:
+    """summary.md (what a reader opens first) and summary.json (the same numbers for programs)."""
+    probe_table, agreement = probes
     md = ["# prefill-router on MMLU-Pro", "",
           f"Rows: {chosen.what}. {args.folds}-fold, prompt-level, stratified by category; every number is on "
-          f"held-out prompts, mean over folds. Encoder: SmolLM2-135M-Instruct, mean pooling at hidden states "
+          f"held-out prompts, mean over folds. Encoder: {ENCODER_NAME}, mean pooling at hidden states "
           f"{chosen.states}.", "", *tables, LEGEND, "", _default_policy_section(router, ckpt), "",
           _layers_section(router, out), "",
           "## Layer probes", "", probe_table,
@@ -331,8 +361,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(out / "summary.json", {"rows": chosen.what, "pools": summary,
                                              "default_policy": router.default_policy, "probe_agreement": agreement,
                                              "layer_choice": router.metrics.get("layer_choice")})
-    print(f"\nwrote {out / 'summary.md'} in {time.time() - started:.0f} s", file=sys.stderr)
-    return 0
 
 
 def _layers_section(router, out: Path) -> str:
