@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,37 +119,56 @@ def upstreams():
         up.stop()
 
 
-def test_collect_labels_failures_retries_and_resume(tmp_path, upstreams, capsys):
+FAILED = {("q05", "cheap"), ("q09", "cheap")}
+
+
+@dataclass
+class FirstRun:
+    """A collect run over 12 questions with scripted failures, as the tests below find it."""
+
+    args: list[str]
+    out: Path
+    questions: list[dict]
+    upstreams: dict[str, FakeUpstream]
+    stderr: str
+
+
+@pytest.fixture
+def first_run(tmp_path, upstreams, capsys) -> FirstRun:
+    """mid's first two requests are rate limited (retried; labels unaffected); cheap runs one request at a
+    time, in prompt order, and fails q05 on every try and refuses q09 outright."""
     questions, prompts, targets = write_inputs(tmp_path, upstreams, 12, concurrency={"mid": 2, "cheap": 1})
     out = tmp_path / "run" / "labels.jsonl"
-    # mid: the first two requests are rate limited (retried; labels unaffected).
     upstreams["mid"].script(Fail(429, retry_after=0), Fail(429, retry_after=0))
-    # cheap runs one request at a time, in prompt order: q05 fails on every try, q09 is refused outright.
     cheap = Answer(cheap_reply)
     upstreams["cheap"].script(*[cheap] * 5, Fail(500), Fail(500), Fail(500), *[cheap] * 3,
                               Fail(400, message="unsupported parameter"))
     args = ["collect", "--prompts", str(prompts), "--targets", str(targets), "--judge", "choice", "--out", str(out),
             "--letters", "ABCD", "--max-attempts", "3", "--backoff", "0.001", "--max-tokens", "64", "--no-progress"]
-
     assert main(args) == 0
-    printed = capsys.readouterr()
-    assert "2 pair(s) failed" in printed.err and "--retry-failed" in printed.err
+    return FirstRun(args, out, questions, upstreams, capsys.readouterr().err)
 
+
+def test_collect_retries_and_reports_the_failed_pairs(first_run):
+    assert "2 pair(s) failed" in first_run.stderr and "--retry-failed" in first_run.stderr
     # Server side: one call per pair, plus the retries of two 429s and two extra tries of q05.
-    assert upstreams["strong"].calls() == 12
-    assert upstreams["mid"].calls() == 14
-    assert upstreams["cheap"].calls() == 14 and calls_per_question(upstreams["cheap"])["q05"] == 3
-    assert all(r.body["max_tokens"] == 64 and r.body["temperature"] == 0 for r in upstreams["mid"].requests)
+    ups = first_run.upstreams
+    assert ups["strong"].calls() == 12
+    assert ups["mid"].calls() == 14
+    assert ups["cheap"].calls() == 14 and calls_per_question(ups["cheap"])["q05"] == 3
+    assert all(r.body["max_tokens"] == 64 and r.body["temperature"] == 0 for r in ups["mid"].requests)
 
+
+def test_collect_dataset_has_exact_labels_and_nan_where_a_call_failed(first_run):
     # The dataset is what `train` reads: exact labels, NaN (missing, not 0) where the call failed.
-    ds = read_routing_data(out)
+    ds = read_routing_data(first_run.out)
+    questions = first_run.questions
     assert ds.targets == ["strong", "mid", "cheap"]
     assert ds.prompt_ids == [q["prompt_id"] for q in questions]
     assert ds.prompts == [q["prompt"] for q in questions]
-    failed = {("q05", "cheap"), ("q09", "cheap")}
     for i, q in enumerate(questions):
         for k, target in enumerate(ds.targets):
-            if (q["prompt_id"], target) in failed:
+            if (q["prompt_id"], target) in FAILED:
                 assert math.isnan(ds.Y[i, k]) and math.isnan(ds.C[i, k])
             else:
                 assert ds.Y[i, k] == expected_score(target, q["prompt_id"]), (q["prompt_id"], target)
@@ -157,38 +177,48 @@ def test_collect_labels_failures_retries_and_resume(tmp_path, upstreams, capsys)
     assert np.nansum(ds.Y[:, 1]) == 6  # mid: the even questions
     assert np.nansum(ds.Y[:, 2]) == 3  # cheap: q00, q04, q08 (answer A); q05/q09 failed, not wrong
 
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in first_run.out.read_text().splitlines()]
     assert len(rows) == 34
     assert {"answer", "latency_s", "error", "input_tokens", "output_tokens", "cost"} <= set(rows[0])
     assert rows[0]["answer"] == "Let me think step by step. The answer is (A)." and rows[0]["latency_s"] > 0
 
-    # Failures are kept with their reason, outside the dataset.
-    failures = [json.loads(line) for line in (tmp_path / "run" / "labels.failures.jsonl").read_text().splitlines()]
-    reasons = {(f["prompt_id"], f["target"]): f["error"] for f in failures}
-    assert set(reasons) == failed
+
+def test_collect_keeps_failures_with_their_reason_outside_the_dataset(first_run):
+    failures = first_run.out.parent / "labels.failures.jsonl"
+    reasons = {(f["prompt_id"], f["target"]): f["error"]
+               for f in (json.loads(line) for line in failures.read_text().splitlines())}
+    assert set(reasons) == FAILED
     assert "HTTP 500" in reasons[("q05", "cheap")] and "3 attempts" in reasons[("q05", "cheap")]
     assert reasons[("q09", "cheap")].startswith("HTTP 400") and "unsupported parameter" in reasons[("q09", "cheap")]
 
-    # A plain rerun repeats nothing: finished pairs and kept failures alike.
-    before = {name: up.calls() for name, up in upstreams.items()}
-    dataset_before = out.read_text()
-    assert main(args) == 0
-    assert {name: up.calls() for name, up in upstreams.items()} == before
-    assert out.read_text() == dataset_before
 
-    # --dry-run with --retry-failed counts exactly the two failed pairs.
-    assert main(args + ["--retry-failed", "--dry-run"]) == 0
+def test_plain_rerun_repeats_nothing(first_run):
+    # finished pairs and kept failures alike
+    before = {name: up.calls() for name, up in first_run.upstreams.items()}
+    dataset_before = first_run.out.read_text()
+    assert main(first_run.args) == 0
+    assert {name: up.calls() for name, up in first_run.upstreams.items()} == before
+    assert first_run.out.read_text() == dataset_before
+
+
+def test_dry_run_with_retry_failed_counts_exactly_the_failed_pairs(first_run, capsys):
+    before = {name: up.calls() for name, up in first_run.upstreams.items()}
+    assert main(first_run.args + ["--retry-failed", "--dry-run"]) == 0
     table = capsys.readouterr().out
     assert re.search(r"^cheap\s+2\s", table, re.MULTILINE) and re.search(r"^strong\s+0\s", table, re.MULTILINE)
     assert "mean prompt length" in table
+    assert {name: up.calls() for name, up in first_run.upstreams.items()} == before
 
-    # --retry-failed re-sends only the failures; the server now answers them.
-    assert main(args + ["--retry-failed"]) == 0
-    assert upstreams["cheap"].calls() == before["cheap"] + 2
-    assert upstreams["strong"].calls() == before["strong"] and upstreams["mid"].calls() == before["mid"]
-    ds = read_routing_data(out)
+
+def test_retry_failed_resends_only_the_failures(first_run):
+    ups = first_run.upstreams
+    before = {name: up.calls() for name, up in ups.items()}
+    assert main(first_run.args + ["--retry-failed"]) == 0  # the cheap server's script is spent: it now answers
+    assert ups["cheap"].calls() == before["cheap"] + 2
+    assert ups["strong"].calls() == before["strong"] and ups["mid"].calls() == before["mid"]
+    ds = read_routing_data(first_run.out)
     assert not np.isnan(ds.Y).any() and ds.Y[5, 2] == 0.0 and ds.Y[9, 2] == 0.0  # q05, q09: ref B, answer A
-    assert not (tmp_path / "run" / "labels.failures.jsonl").exists()
+    assert not (first_run.out.parent / "labels.failures.jsonl").exists()
 
 
 def test_changing_the_judge_rescores_stored_answers_without_calling_again(tmp_path, upstreams):
