@@ -187,10 +187,13 @@ def _sample_store(args, ds, rows: np.ndarray, full):
 
 
 def _probes(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[str, dict]:
+    """Fisher J and probe AUC per hidden state on `train0` (at most --probe-rows of them), written under
+    out/probes; (the Markdown table, the J vs AUC rank agreement)."""
     from threadpoolctl import threadpool_limits
 
     from prefill_router.probes import rank_agreement, run_probes, write_probe_outputs
 
+    t = _step("layer probes (training rows of fold 1)")
     if train0.size > args.probe_rows:
         train0 = np.sort(np.random.default_rng(args.seed).choice(train0, args.probe_rows, replace=False))
     inputs = {"mean": chosen.X}
@@ -200,7 +203,10 @@ def _probes(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[st
     with threadpool_limits(args.threads or 1):  # small fits: an oversubscribed BLAS pool is several times slower
         reports = run_probes(inputs, ds.Y, ds.targets, train0, hidden_states=states, seed=args.seed)
     table = write_probe_outputs(reports, out / "probes")["md"].read_text()
-    return table, rank_agreement(reports)
+    agreement = rank_agreement(reports)
+    print(table, file=sys.stderr)
+    print(f"J vs probe-AUC rank agreement (Spearman): {agreement} ({time.time() - t:.0f} s)", file=sys.stderr)
+    return table, agreement
 
 
 def _semantic_contenders(args, ds, names: list[str]):
@@ -274,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     full_ds = _load_data(args)
     chosen, ds = _choose_rows(args, full_ds)
     folds = kfold(ds, k=args.folds, seed=args.seed, stratify=True)
-    probes = _probe_step(args, ds, chosen, folds[0][0], out)
+    probes = _probes(args, ds, chosen, folds[0][0], out)
     semantic = _semantic_contenders(args, ds, semantic_names)
     notes = [f"MMLU-Pro rows: {chosen.what}."] + list(ds.notes)
     tables, summary = _evaluate_pools(args, ds, chosen, folds, semantic, pools, notes, out)
@@ -317,14 +323,6 @@ def _choose_rows(args, full_ds):
     print(f"rows: {chosen.what}; mean pooling at hidden states {chosen.states} ({time.time() - t:.0f} s)",
           file=sys.stderr)
     return chosen, full_ds.subset(chosen.rows)
-
-
-def _probe_step(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[str, dict]:
-    t = _step("layer probes (training rows of fold 1)")
-    probe_table, agreement = _probes(args, ds, chosen, train0, out)
-    print(probe_table, file=sys.stderr)
-    print(f"J vs probe-AUC rank agreement (Spearman): {agreement} ({time.time() - t:.0f} s)", file=sys.stderr)
-    return probe_table, agreement
 
 
 def _checkpoint(args, ds, chosen: Chosen, out: Path):
