@@ -4,6 +4,7 @@ and for the comparison with the real SDK, the real gateway in front of it."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -143,7 +144,9 @@ def test_leaving_a_stream_early_exits_quietly(how, tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("done\n")
-    assert done.stderr == ""
+    # asyncio's debug mode (on under -X dev) also reports callbacks slower than 0.1 s: load, not a leak
+    slow = re.compile(r"^Executing <.*> took \d+\.\d+ seconds$")
+    assert [line for line in done.stderr.splitlines() if not slow.match(line)] == []
 
 
 def test_same_answers_as_the_openai_sdk_through_the_gateway(router, upstream):

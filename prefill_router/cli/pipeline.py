@@ -60,8 +60,8 @@ LEGEND = """Columns (every number on held-out prompts, mean over folds):
 - **$/1k (argmax)**: USD per 1,000 queries of the argmax choice.
 - **default: acc / $/1k / saves vs best**: the default policy a trained router deploys: utility
   P - λ·cost/cost_max with the cheapest λ that keeps the best single target's accuracy on training rows
-  (λ chosen on a hold-out of each fold's training rows, never on test rows); its accuracy, cost, and cost saved
-  against always calling the best single target.
+  (λ chosen on 3-fold out-of-fold predictions of each fold's training rows, never on test rows); its
+  accuracy, cost, and cost saved against always calling the best single target.
 - **savings @ best-single acc**: cost saved against the most expensive target at the cheapest point of the
   test-row λ sweep that reaches best-single accuracy (read on test rows: optimistic).
 - **AIQ**: area under the cost-accuracy convex hull of the λ sweep, normalised by the cost range.
