@@ -89,3 +89,14 @@ def test_save_writes_all_three_files(tmp_path):
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.json", "report.md", "cost_quality.png"}
     png = paths["plot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_pool_summary_shows_savings_at_best_single_accuracy_only_when_every_fold_reaches_it():
+    from prefill_router.evaluate.report import pool_summary
+
+    always = ReportRow("always", "router", folds=[{"savings_at_best_single_accuracy": 0.2},
+                                                   {"savings_at_best_single_accuracy": 0.4}])
+    once = ReportRow("once", "router", folds=[{"savings_at_best_single_accuracy": 0.8}, {"accuracy": 0.5}])
+    rows = {r["name"]: r for r in pool_summary(Report(["a", "b"], 10, 2, [always, once]))}
+    assert rows["always"]["savings_at_best_single_accuracy"] == pytest.approx(0.3)
+    assert math.isnan(rows["once"]["savings_at_best_single_accuracy"])  # one fold never got there

@@ -150,6 +150,7 @@ def test_feedback_is_recorded_with_the_features_the_router_read(checkpoint, enco
                                                        "target": "gpt-9"})
         bad_score = client.post("/v1/feedback", json={"id": r3.headers["x-router-request-id"], "score": 1.5})
         no_id = client.post("/v1/feedback", json={"score": 1})
+        not_json = client.post("/v1/feedback", content=b'{"id": ', headers={"content-type": "application/json"})
         stats = client.get("/v1/stats").json()
         decisions = client.get("/v1/decisions").json()["data"]
 
@@ -161,7 +162,8 @@ def test_feedback_is_recorded_with_the_features_the_router_read(checkpoint, enco
                                           (unknown, 404, "unknown_request_id", "rr-nope"),
                                           (bad_target, 400, "unknown_target", "gpt-9"),
                                           (bad_score, 400, "invalid_body", "score"),
-                                          (no_id, 400, "invalid_body", "id")]:
+                                          (no_id, 400, "invalid_body", "id"),
+                                          (not_json, 400, "invalid_body", "not valid JSON")]:
         assert response.status_code == status, response.text
         error = response.json()["error"]
         assert error["code"] == code and words in error["message"]

@@ -356,6 +356,19 @@ def test_tool_calls_pass_through_untouched(router, upstreams, stream):
 
 
 # --- the router object ---------------------------------------------------------------------------------------
+def test_an_allow_list_binds_the_fallbacks_too(router, upstreams):
+    """router.models limits who may answer: when the only allowed target fails, no other target is tried."""
+    with gateway(RouterScorer(router, max_route_tokens=WINDOW), upstreams) as client:
+        upstreams["mid"].script(Fail(503), Fail(503), Fail(503), Fail(503))
+        failed = chat(client, question(6), router={"models": ["mid"]})
+        upstreams["mid"].script(Fail(503), Fail(503))
+        rescued = chat(client, question(7), router={"models": ["mid", "big"]})
+    assert failed.status_code == 502 and failed.json()["error"]["code"] == "all_upstreams_failed"
+    assert not upstreams["small"].requests  # fallback_order lists small first, but it is not allowed
+    if rescued.headers.get("x-router-chosen") == "mid":
+        assert rescued.status_code == 200 and rescued.headers["x-router-target"] == "big"
+
+
 def test_router_object_allow_list_trade_off_and_decision(router, upstreams):
     msgs = question(5)
     with gateway(RouterScorer(router, max_route_tokens=WINDOW), upstreams) as client:

@@ -63,7 +63,8 @@ LEGEND = """Columns (every number on held-out prompts, mean over folds):
   (λ chosen on 3-fold out-of-fold predictions of each fold's training rows, never on test rows); its
   accuracy, cost, and cost saved against always calling the best single target.
 - **savings @ best-single acc**: cost saved against the most expensive target at the cheapest point of the
-  test-row λ sweep that reaches best-single accuracy (read on test rows: optimistic).
+  test-row λ sweep that reaches best-single accuracy (read on test rows: optimistic); — where the sweep of
+  some fold never reaches it.
 - **AIQ**: area under the cost-accuracy convex hull of the λ sweep, normalised by the cost range.
 - Rows: *best single* is the target most accurate on training rows; *oracle* the cheapest correct target per
   prompt; *random* a uniform pick. `prefill-*` rows read the encoder's hidden states; `*-minilm` rows read
@@ -349,7 +350,8 @@ def _write_summary(args, out: Path, chosen: Chosen, tables: list[str], summary: 
     md = ["# prefill-router on MMLU-Pro", "",
           f"Rows: {chosen.what}. {args.folds}-fold, prompt-level, stratified by category; every number is on "
           f"held-out prompts, mean over folds. Encoder: {ENCODER_NAME}, mean pooling at hidden states "
-          f"{chosen.states}.", "", *tables, LEGEND, "", _default_policy_section(router, ckpt), "",
+          f"{chosen.states} (the checkpoint reads the fewest of them that keep its AUC: see \"AUC against encoder "
+          f"layers run\").", "", *tables, LEGEND, "", _default_policy_section(router, ckpt), "",
           _layers_section(router, out), "",
           "## Layer probes", "", probe_table,
           f"J vs probe AUC rank agreement (Spearman): {json.dumps(agreement)}", "",
@@ -389,6 +391,7 @@ def _plot_layers(choice: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(runs, aucs, marker="o")
     ax.axvline(choice["layers_run"], color="grey", linestyle="--", label=f"chosen: {choice['layers_run']} layers")
+    ax.set_xticks(runs)
     ax.set_xlabel("encoder layers run per prompt")
     ax.set_ylabel("out-of-fold mean AUC")
     ax.set_title("Router AUC against routing compute")

@@ -307,6 +307,9 @@ def pool_summary(report: Report) -> list[dict]:
     out = []
     for r in report.rows:
         entry = {"name": r.name, **{key: r.stat(key)[0] for key, _, _ in POOL_COLUMNS}}
+        reached = sum(np.isfinite(f.get("savings_at_best_single_accuracy", np.nan)) for f in r.folds)
+        if reached < len(r.folds):  # a mean over the few folds that got there would flatter a weak router
+            entry["savings_at_best_single_accuracy"] = float("nan")
         entry["max_curve_accuracy"] = (float(np.mean([np.nanmax(Curve.from_dict(c).accuracy) for c in r.curves]))
                                        if r.curves else float("nan"))
         out.append(entry)

@@ -42,6 +42,10 @@ def validation_message(exc: RequestValidationError) -> str:
     """One line per problem, naming the body field: "score: Input should be less than or equal to 1"."""
     problems = []
     for e in exc.errors():
+        if e.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            error = (e.get("ctx") or {}).get("error") or e.get("msg", "JSON decode error")
+            problems.append(f"request body is not valid JSON: {error} at character {e['loc'][-1]}")
+            continue
         where = [str(p) for p in e.get("loc", ()) if p != "body"]
         problems.append(f"{'.'.join(where) or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(problems) or "invalid request body"

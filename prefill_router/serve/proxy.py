@@ -253,6 +253,8 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     chosen = choice.pinned or decision.target
     # A pinned target is what the caller asked for by name: retried, never silently replaced.
     chain = [chosen] if choice.pinned else gw.config.fallback_chain(chosen)
+    if options.models:  # an allow-list binds the fallbacks too: no target outside it answers
+        chain = [t for t in chain if t == chosen or t in options.models]
     headers = routing_headers(decision, chosen)
     try:
         reply: UpstreamReply | None = await unless_client_leaves(request.receive, gw.pool.chat(chain, body,
