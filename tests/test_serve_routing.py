@@ -237,7 +237,7 @@ def test_deadline_sends_the_request_to_the_default_target(router, upstreams):
             r = chat(client, question(1), router={"return_decision": True})
             assert r.status_code == 200
             assert r.headers["x-router-deadline"] == "exceeded" and r.headers["x-router-target"] == "small"
-            assert "x-router-probabilities" not in r.headers
+            assert "x-router-probabilities" not in r.headers and "x-router-truncated" not in r.headers
             assert r.json()["router_decision"]["deadline_exceeded"] is True
             assert metric(client, "prefill_router_routing_deadline_exceeded_total", target="small") == 1
             scorer.gate.set()
