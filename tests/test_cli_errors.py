@@ -24,12 +24,14 @@ router: {checkpoint: no-such-router}
 targets: [{name: a, base_url: "http://127.0.0.1:9/v1"}]
 """
 GATEWAY_NO_CLIENT_KEYS = GATEWAY_NO_CHECKPOINT + "auth: {keys_env: PR_TEST_UNSET_GATEWAY_KEYS}\n"
+GATEWAY_NO_ADMIN_KEYS = GATEWAY_NO_CHECKPOINT + "admin: {keys_env: PR_TEST_UNSET_ADMIN_KEYS}\n"
 FILES = {
     "bad.csv": "prompt,target,score\nq,a,2\n",
     "broken.yaml": "router: [\n",
     "gw_no_key.yaml": GATEWAY_NO_KEY,
     "gw_no_checkpoint.yaml": GATEWAY_NO_CHECKPOINT,
     "gw_no_client_keys.yaml": GATEWAY_NO_CLIENT_KEYS,
+    "gw_no_admin_keys.yaml": GATEWAY_NO_ADMIN_KEYS,
     "prompts.jsonl": '{"prompt_id": "1", "prompt": "2+2?", "answer": "B"}\n',
     "prompts51.jsonl": '{"prompt_id": "1", "prompt": "17+34?", "answer": "51"}\n',
     "gw_two_problems.yaml": "router: {checkpoint: x, bogus: 1}\ntargets: []\n",
@@ -60,6 +62,7 @@ CASES = [
     ("serve --config gw_two_problems.yaml", "router.bogus: Extra inputs are not permitted; targets: List should"),
     ("serve --config gw_no_key.yaml --check", "targets.0.api_key_env: environment variable PR_TEST_UNSET_KEY"),
     ("serve --config gw_no_client_keys.yaml", "auth.keys_env: environment variable PR_TEST_UNSET_GATEWAY_KEYS"),
+    ("serve --config gw_no_admin_keys.yaml", "admin.keys_env: environment variable PR_TEST_UNSET_ADMIN_KEYS"),
     ("serve --config gw_no_checkpoint.yaml --check", "no-such-router/router.json: file not found"),
     ("fake-upstream --port 99999", "--port: 99999 is not a port number"),
     ("fake-upstream --delay abc", "argument --delay: invalid float value: 'abc'"),

@@ -41,6 +41,7 @@ def run(args) -> int:
     if unset and args.check:
         raise ConfigError(f"{args.config}: " + "; ".join(unset))
     config.auth.all_keys()  # an unset auth.keys_env stops the gateway too: it would accept no client
+    config.admin.all_keys("admin")  # likewise for admin.keys_env: reported once, as the error it is
     for problem in unset:  # a target without its key: its requests go to the fallbacks
         print(f"warning: {problem}", file=sys.stderr)
     router = load_router(config)  # reads the checkpoint; its encoder loads at warm-up below
