@@ -39,7 +39,7 @@ def choose_states(X: np.ndarray, states: list[int], Y: np.ndarray, *, pca: int |
     candidates = [c for c in depth_candidates(states) if budget is None or max(c) <= budget]
     if not candidates:
         raise ConfigError(f"layer_budget: {budget} is below every hidden state held ({sorted(states)})")
-    small = trunk.model_copy(update={"seeds": seeds, "keep": min(trunk.keep, seeds), "progress": False})
+    small = trunk.for_calibration(seeds)
     scored = []
     for cand in candidates:
         Xc = X[:, [states.index(s) for s in cand]]

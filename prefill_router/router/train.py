@@ -175,8 +175,7 @@ def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np
                           "on); set policy to a spec such as 'utility:0.3' instead")
     # Out-of-fold predictions: in-sample P are overconfident and would pick too large a lambda. The transform is
     # unsupervised (no labels), so the folds reuse the one fitted on all training rows.
-    small = trunk_cfg.model_copy(update={"seeds": config.calibration_seeds,
-                                         "keep": min(trunk_cfg.keep, config.calibration_seeds), "progress": False})
+    small = trunk_cfg.for_calibration(config.calibration_seeds)
     P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small), config.calibration_folds, config.seed)
     spec, info = choose_default_policy(P_oof, Y, C, max_drop=config.max_accuracy_drop)
     info["oof_auc"] = _per_target_auc(Y, P_oof)

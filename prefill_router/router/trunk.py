@@ -59,6 +59,10 @@ class TrunkConfig(BaseModel):
     def parse(cls, data: dict) -> TrunkConfig:
         return parse_config(cls, data, "invalid trunk configuration")
 
+    def for_calibration(self, seeds: int) -> TrunkConfig:
+        """The cheaper ensemble that out-of-fold calibration fits many times: `seeds` members, quietly."""
+        return self.model_copy(update={"seeds": seeds, "keep": min(self.keep, seeds), "progress": False})
+
 
 class SharedTrunkNet(nn.Module):
     def __init__(self, in_dim: int, n_targets: int, hidden=(256, 128), dropout=(0.3, 0.2)):
