@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from prefill_router.errors import ConfigError
-from prefill_router.utils import markdown_table, roc_auc
+from prefill_router.utils import binarise, markdown_table, roc_auc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def probe_auc(X: np.ndarray, Y: np.ndarray, *, folds: int = 3, probe_pca: int | 
             Zr, Zp = pca.transform(Zr), pca.transform(Zp)
         for k in range(Y.shape[1]):
             ok = np.isfinite(Y[rest, k])
-            labels = Y[rest, k][ok] >= 0.5
+            labels = binarise(Y[rest, k][ok])
             if labels.all() or not labels.any():
                 continue
             model = LogisticRegression(C=C, max_iter=1000).fit(Zr[ok], labels)
@@ -181,7 +181,7 @@ def probe_layer(X: np.ndarray, Y: np.ndarray, targets: Sequence[str], *, pooling
     basis = _pca_basis(X, n_components)
     for k, name in enumerate(targets):
         ok = np.isfinite(Y[:, k])
-        y = Y[ok, k] >= 0.5
+        y = binarise(Y[ok, k])
         # The PCA basis comes from every training row; rows without this target's label only shape the basis.
         report.fisher_j[name] = fisher_j(X[ok], y, shrinkage=shrinkage, basis=basis)
         report.fisher_diag[name] = fisher_diag(X[ok], y)

@@ -126,10 +126,21 @@ def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]], *
 # ----------------------------------------------------------------------------------------------------------------
 # metrics shared by training (router) and evaluation
 
+# The binarisation rule: a score s in [0, 1] counts as a correct answer (a positive) when s >= 0.5. Only what
+# needs two classes uses it (ROC AUC, the probes' class statistics, "correct" counts); accuracy, Brier, ECE
+# and the training losses take the score as it is. On 0/1 labels both readings agree.
+POSITIVE_THRESHOLD = 0.5
+
+
+def binarise(scores: Any) -> np.ndarray:
+    """The binarisation rule as a bool array: score >= POSITIVE_THRESHOLD. NaN (not run) reads as False, so
+    drop missing labels before calling this."""
+    return np.asarray(scores, dtype=np.float64) >= POSITIVE_THRESHOLD
+
 
 def roc_auc(labels: Any, scores: Any) -> float:
-    """ROC AUC of `scores` for binary `labels` (labels >= 0.5 are positive): Mann-Whitney U / (n_pos * n_neg),
-    tied scores count 1/2.
+    """ROC AUC of `scores` for binary `labels` (positive by `binarise`: label >= 0.5): Mann-Whitney U /
+    (n_pos * n_neg), tied scores count 1/2.
 
     NaN in either input drops that row. Returns NaN when only one class is present.
     """
@@ -138,7 +149,7 @@ def roc_auc(labels: Any, scores: Any) -> float:
     y = np.asarray(labels, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
     keep = ~(np.isnan(y) | np.isnan(s))
-    positive, s = y[keep] >= 0.5, s[keep]
+    positive, s = binarise(y[keep]), s[keep]
     n_pos = int(positive.sum())
     n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:

@@ -172,3 +172,69 @@ def test_aiq_rewards_a_better_frontier():
     base = m.aiq([1, 2, 3], [0.5, 0.6, 0.7], cost_range=(1, 3))
     better = m.aiq([1, 2, 3], [0.5, 0.68, 0.7], cost_range=(1, 3))
     assert better > base
+
+
+# ---- graded labels and the binarisation rule
+def test_binarisation_rule_is_score_at_least_one_half():
+    assert m.POSITIVE_THRESHOLD == 0.5
+    assert m.binarise([0.0, 0.49, 0.5, 0.7, 1.0, NAN]).tolist() == [False, False, True, True, True, False]
+    # AUC of graded labels is the AUC of the binarised ones, whatever the grades are
+    soft = np.array([0.5, 0.45, 0.9, 0.0, 0.6])
+    scores = np.array([0.2, 0.3, 0.8, 0.1, 0.05])
+    assert m.roc_auc(soft, scores) == m.roc_auc(m.binarise(soft).astype(float), scores)
+    # the 0.5 label is a positive, the 0.45 one a negative: positives 0.2, 0.8, 0.05 vs negatives 0.3, 0.1
+    # -> pairs won: 0.2 beats 0.1 (1), 0.8 beats both (2), 0.05 none -> 3 of 6
+    assert m.roc_auc(soft, scores) == pytest.approx(0.5)
+
+
+def test_graded_labels_are_expected_correctness_in_accuracy_brier_and_ece():
+    Yg = np.array([[0.7, 0.2], [0.4, NAN], [1.0, 0.9]])
+    Cg = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]])
+    assert m.routed_accuracy(Yg, [0, 0, 1]) == pytest.approx((0.7 + 0.4 + 0.9) / 3)
+    assert m.target_accuracy(Yg).tolist() == pytest.approx([(0.7 + 0.4 + 1.0) / 3, (0.2 + 0.9) / 2])
+    acc, cost, choice = m.oracle(Yg, Cg)  # per row the highest grade; row 1 only has target 0
+    assert choice.tolist() == [0, 0, 0] and acc == pytest.approx((0.7 + 0.4 + 1.0) / 3)
+    P = np.full_like(Yg, 0.7)
+    # Brier and ECE use the grade as is: a prediction equal to the grade costs nothing
+    assert m.brier(Yg, P)[0] == pytest.approx((0.0 + 0.3 ** 2 + 0.3 ** 2) / 3)
+    assert m.expected_calibration_error(Yg[:1], P[:1])[0] == pytest.approx(0.0)
+
+
+# ---- P-AUCCC
+def test_p_auccc_by_hand():
+    # range (0, 4): x = 0.5, 0.75, 1.0; the dip at x = 0.75 is lifted by the running max to 0.6.
+    # [0, 0.5]: nothing reachable (0); [0.5, 0.75]: 0.6 * 0.25 = 0.15; [0.75, 1]: (0.6 + 0.9) / 2 * 0.25
+    costs, accs = [2.0, 3.0, 4.0], [0.6, 0.5, 0.9]
+    assert m.p_auccc(costs, accs, cost_range=(0.0, 4.0)) == pytest.approx(0.15 + 0.1875)
+    # a point dearer than the range sits at x = 1: the last segment now climbs to 1.0
+    assert m.p_auccc(costs + [6.0], accs + [1.0], cost_range=(0.0, 4.0)) == pytest.approx(0.15 + 0.2)
+    # the curve stays flat past its dearest point: (0, 0.5) and (2, 0.9) on (0, 4) -> 0.35 + 0.45
+    assert m.p_auccc([0.0, 2.0], [0.5, 0.9], cost_range=(0.0, 4.0)) == pytest.approx(0.8)
+    # default range: the points' own costs, [2, 4] -> x = 0, 0.5, 1 -> 0.3 + 0.375
+    assert m.p_auccc(costs, accs) == pytest.approx(0.6 * 0.5 + (0.6 + 0.9) / 2 * 0.5)
+    # NaN points are ignored
+    assert m.p_auccc(costs + [NAN], accs + [1.0]) == pytest.approx(m.p_auccc(costs, accs))
+    # a zero-width axis: the best accuracy affordable at that cost
+    assert m.p_auccc(costs, accs, cost_range=(3.0, 3.0)) == pytest.approx(0.6)
+    assert m.p_auccc(costs, accs, cost_range=(1.0, 1.0)) == 0.0
+
+
+def test_p_auccc_differs_from_aiq_by_using_the_running_max_not_the_hull():
+    # (1, 0.5), (2, 0.5), (3, 1.0) on (1, 3): the hull's chord reads 0.75 at cost 2, the running max 0.5
+    costs, accs = [1.0, 2.0, 3.0], [0.5, 0.5, 1.0]
+    assert m.aiq(costs, accs, cost_range=(1.0, 3.0)) == pytest.approx(0.75)
+    assert m.p_auccc(costs, accs, cost_range=(1.0, 3.0)) == pytest.approx(0.25 + 0.375)
+    # on a concave curve the two agree
+    assert m.p_auccc([1.0, 2.0, 3.0], [0.5, 1.0, 1.0], (1.0, 3.0)) == pytest.approx(
+        m.aiq([1.0, 2.0, 3.0], [0.5, 1.0, 1.0], (1.0, 3.0)))
+
+
+def test_p_auccc_refuses_bad_input():
+    with pytest.raises(ValueError, match="costs has 2 points but accs has 1"):
+        m.p_auccc([1.0, 2.0], [0.5])
+    with pytest.raises(ValueError, match="no \\(cost, accuracy\\) point"):
+        m.p_auccc([NAN], [0.5])
+    with pytest.raises(ValueError, match="cost_range"):
+        m.p_auccc([1.0], [0.5], cost_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match="cost_range"):
+        m.p_auccc([1.0], [0.5], cost_range=(NAN, 1.0))

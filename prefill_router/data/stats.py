@@ -1,7 +1,7 @@
 """Descriptive statistics of a routing dataset: how good and how costly each target is, and the oracle.
 
-Scores are read as correctness: a target is "correct" on a prompt when its score is >= 0.5 (for 0/1 labels,
-when it is 1). Accuracy is the mean score over the prompts the target was run on.
+Scores are read as correctness: a target is "correct" on a prompt when its score is >= 0.5 (the rule of
+`utils.binarise`; for 0/1 labels, when it is 1). Accuracy is the mean score over the prompts the target was run on.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from prefill_router.data.dataset import RoutingDataset
-from prefill_router.utils import json_safe
+from prefill_router.utils import binarise, json_safe
 
 
 def dataset_stats(ds: RoutingDataset) -> dict:
@@ -47,7 +47,7 @@ def dataset_stats(ds: RoutingDataset) -> dict:
     best_single = max(accuracies, key=accuracies.get) if accuracies else None
     most_expensive = max(costs, key=costs.get) if costs else None
 
-    correct = Y >= 0.5
+    correct = binarise(Y)  # NaN reads as False; `both` below keeps scored pairs only
     agreement = np.full((ds.k, ds.k), np.nan)
     for a in range(ds.k):
         for b in range(ds.k):

@@ -8,6 +8,30 @@ Shapes used throughout:
 
 Missing labels are never counted as wrong. Where a routed prompt's chosen label is missing, the prompt is
 left out of the accuracy and counted by `missing_choice_labels`, so a report can say how many were dropped.
+
+Graded labels. A label may lie strictly between 0 and 1 (a judge's graded score, a share of unit tests
+passed). It is read as the expected correctness of that answer:
+- accuracy (routed, per target, best single, oracle, random, RouteLLM curves) averages the labels as they
+  are, so accuracy is expected correctness;
+- Brier and ECE compare P with the label as it is: the routers train on the labels as they are (BCE with soft
+  targets), so P estimates the expected score and is scored against it;
+- whatever needs two classes uses ONE binarisation rule, `binarise`: a label >= 0.5 (POSITIVE_THRESHOLD) is a
+  positive (correct), anything below is a negative. ROC AUC (`per_target_auc`, the probes, refit's AUC) and
+  the dataset statistics' "correct" counts use it.
+On 0/1 labels all of these agree with the plain reading.
+
+P-AUCCC (`p_auccc`), the area under the cost-coverage curve (NVIDIA's Model Router Toolkit reports it), is
+defined on a router's operating points (cost_j, accuracy_j), j = 1..J, the utility-lambda sweep of one fold,
+and a cost axis [c_lo, c_hi] (the harness uses the AIQ axis: the mean of each row's cheapest target to the
+mean cost of the most expensive single target):
+1. x_j = (cost_j - c_lo) / (c_hi - c_lo), clipped to [0, 1] (a point dearer than c_hi sits at x = 1);
+2. points sorted by x; y_j = max of accuracy over points with x <= x_j (the running max: with a bigger budget
+   a router can always use a cheaper operating point, so coverage never falls as cost grows);
+3. the curve joins (x_j, y_j) by straight lines, is 0 left of the cheapest point (nothing is reachable
+   there) and stays at its last value up to x = 1;
+4. P-AUCCC = the area under it on [0, 1], which lies in [0, 1] (it is already divided by the x range).
+Unlike AIQ it uses the running max of the points a router actually reaches, not their convex hull. When
+c_hi == c_lo it is the best accuracy of the points costing at most c_hi (0 when there is none).
 """
 
 from __future__ import annotations
@@ -17,7 +41,12 @@ from typing import Literal
 import numpy as np
 
 from prefill_router.errors import ConfigError, DataError
-from prefill_router.utils import roc_auc  # the one AUC: evaluation, probes and router training share it
+
+# the one AUC and the one binarisation rule: evaluation, probes and router training share them
+# (re-exported, `as` marks it: the rule is documented in this module's docstring)
+from prefill_router.utils import POSITIVE_THRESHOLD as POSITIVE_THRESHOLD
+from prefill_router.utils import binarise as binarise
+from prefill_router.utils import roc_auc
 
 # ----------------------------------------------------------------------------------------------------------------
 # input checks
@@ -59,7 +88,7 @@ def _picked(M: np.ndarray, choice: np.ndarray) -> np.ndarray:
 
 
 def per_target_auc(Y, P) -> np.ndarray:
-    """[K] ROC AUC of P[:, k] against the binarised label Y[:, k] >= 0.5 (soft labels are thresholded).
+    """[K] ROC AUC of P[:, k] against the label binarised by `binarise` (Y[:, k] >= 0.5 is a positive).
 
     Rows where Y[:, k] is NaN are skipped for that target; a target with one class only gets NaN.
     """
@@ -89,7 +118,8 @@ def brier(Y, P) -> np.ndarray:
 def expected_calibration_error(Y, P, bins: int = 10) -> np.ndarray:
     """[K] expected calibration error per target with `bins` equal-width bins on [0, 1].
 
-    ECE_k = sum over bins b of (n_b / n) * |mean(Y in b) - mean(P in b)|, over rows labelled for target k.
+    ECE_k = sum over bins b of (n_b / n) * |mean(Y in b) - mean(P in b)|, over rows labelled for target k
+    (soft labels used as is, so mean(Y in b) is the bin's expected correctness).
     A prediction p falls in bin min(floor(p * bins), bins - 1), so p = 1 lands in the last bin.
     """
     if int(bins) != bins or bins < 1:
@@ -435,3 +465,42 @@ def aiq(costs, accs, cost_range: tuple[float, float] | None = None) -> float:
     values = np.interp(knots, hc, ha)  # flat beyond the last hull point
     area = float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(knots)))
     return area / (hi - lo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P-AUCCC
+
+
+def p_auccc(costs, accs, cost_range: tuple[float, float] | None = None) -> float:
+    """P-AUCCC: the area under the monotone cost-coverage curve of (cost, accuracy) operating points, on a cost
+    axis normalised to [0, 1]. See the module docstring for the exact definition.
+
+    By default the axis spans the points' own costs; pass `cost_range` (c_lo, c_hi) to compare routers on one
+    axis (the harness passes AIQ's). NaN points are ignored.
+    """
+    costs = np.asarray(costs, dtype=np.float64).ravel()
+    accs = np.asarray(accs, dtype=np.float64).ravel()
+    if costs.size != accs.size:
+        raise DataError(f"costs has {costs.size} points but accs has {accs.size}")
+    keep = ~(np.isnan(costs) | np.isnan(accs))
+    costs, accs = costs[keep], accs[keep]
+    if not costs.size:
+        raise DataError("no (cost, accuracy) point without NaN")
+    if cost_range is None:
+        lo, hi = float(costs.min()), float(costs.max())
+    else:
+        lo, hi = map(float, cost_range)
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi >= lo):
+            raise ConfigError(f"cost_range must be finite (low, high) with high >= low, got {cost_range}")
+    if hi == lo:
+        affordable = accs[costs <= hi]
+        return float(affordable.max()) if affordable.size else 0.0
+    x = np.clip((costs - lo) / (hi - lo), 0.0, 1.0)
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], np.maximum.accumulate(accs[order])
+    # points that share an x keep the best accuracy among them (the running max already holds it at the last)
+    last = np.append(x[1:] != x[:-1], True)
+    x, y = x[last], y[last]
+    # flat from the dearest point to x = 1; nothing (0) left of the cheapest one, so that part adds no area
+    knots, values = np.append(x, 1.0), np.append(y, y[-1])
+    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(knots)))

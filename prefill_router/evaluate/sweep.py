@@ -51,6 +51,10 @@ class Curve:
         """RouterBench AIQ of the curve's points (see `metrics.aiq`)."""
         return metrics.aiq(self.cost, self.accuracy, cost_range)
 
+    def p_auccc(self, cost_range: tuple[float, float] | None = None) -> float:
+        """P-AUCCC, the area under the curve's monotone cost-coverage curve (see `metrics.p_auccc`)."""
+        return metrics.p_auccc(self.cost, self.accuracy, cost_range)
+
     def to_dict(self) -> dict:
         hc, ha = self.hull()
         return {"policy": self.policy, "params": self.params.tolist(), "accuracy": self.accuracy.tolist(),

@@ -26,6 +26,7 @@ from torch import nn
 from prefill_router.errors import ConfigError
 from prefill_router.router.runtime import Router
 from prefill_router.router.trunk import SharedTrunkNet, masked_bce, split_labels
+from prefill_router.utils import binarise
 
 RefitMode = Literal["heads", "trunk"]
 
@@ -139,7 +140,7 @@ def _scores(y: np.ndarray, p: np.ndarray) -> dict:
     y = np.asarray(y, dtype=np.float64)
     log_loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else math.nan
     brier = float(np.mean((p - y) ** 2)) if len(y) else math.nan
-    labels = y >= 0.5
+    labels = binarise(y)
     auc = None
     if 0 < labels.sum() < len(labels):
         from sklearn.metrics import roc_auc_score
