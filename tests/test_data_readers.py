@@ -84,6 +84,88 @@ def test_targets_argument_selects_and_orders(tmp_path):
         read_routing_data(path, targets=["nope"])
 
 
+# Long rows where a target was not run keep their row but leave the score empty: p3 x big, and every score of
+# target "extra" (which must still get its column). Graded scores (0.5, 0.25) stay as they are.
+LONG_EMPTY_ROWS = [dict(r) for r in LONG_ROWS] + [
+    {"prompt_id": "p3", "prompt": "Name a prime.", "target": "big", "score": None, "category": "math"},
+    {"prompt_id": "p1", "prompt": "What is 2+2?", "target": "extra", "score": None, "category": "math"},
+    {"prompt_id": "p2", "prompt": "Capital of France?", "target": "extra", "score": None, "category": "geo"},
+]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_an_empty_long_score_is_missing_never_wrong(tmp_path, fmt):
+    # CSV writes None as an empty cell, JSONL as null, Parquet as a null
+    ds = read_routing_data(write(LONG_EMPTY_ROWS, tmp_path / f"empty.{fmt}", fmt))
+    assert ds.targets == ["small", "big", "extra"]
+    np.testing.assert_array_equal(ds.Y[:, :2], EXPECTED_Y)
+    assert np.isnan(ds.Y[2, 1]) and np.isnan(ds.Y[:, 2]).all()  # NaN, not 0
+
+
+def test_blank_csv_cells_null_json_and_absent_keys_are_empty_scores(tmp_path):
+    csv_path = tmp_path / "blank.csv"
+    csv_path.write_text("prompt_id,prompt,target,score\np1,x,a,0.75\np1,x,b,   \np2,y,a,\np2,y,b,1\n")
+    np.testing.assert_array_equal(read_routing_data(csv_path).Y, [[0.75, np.nan], [np.nan, 1]])
+    jsonl = tmp_path / "absent.jsonl"
+    jsonl.write_text('{"prompt": "x", "target": "a", "score": 0.75}\n{"prompt": "x", "target": "b"}\n'
+                     '{"prompt": "y", "target": "a", "score": null}\n{"prompt": "y", "target": "b", "score": 1}\n')
+    np.testing.assert_array_equal(read_routing_data(jsonl).Y, [[0.75, np.nan], [np.nan, 1]])
+
+
+@pytest.mark.parametrize("layout", ["long", "wide"])
+def test_parquet_nullable_columns_read_nulls_as_missing(tmp_path, layout):
+    # pandas' nullable dtypes (Float64, boolean) store a null as pd.NA, which is neither None nor a float NaN
+    if layout == "long":
+        frame = pd.DataFrame({"prompt": ["x", "x", "y"], "target": ["a", "b", "a"],
+                              "score": pd.array([0.25, None, 1.0], dtype="Float64")})
+        expected = [[0.25, np.nan], [1.0, np.nan]]
+    else:
+        frame = pd.DataFrame({"prompt": ["x", "y"], "a": pd.array([0.25, None], dtype="Float64"),
+                              "b": pd.array([True, None], dtype="boolean")})
+        expected = [[0.25, 1.0], [np.nan, np.nan]]
+    frame.to_parquet(tmp_path / "nullable.parquet", index=False)
+    np.testing.assert_array_equal(read_routing_data(tmp_path / "nullable.parquet").Y, expected)
+
+
+def test_a_bad_cost_beside_an_empty_score_is_still_refused(tmp_path):
+    path = tmp_path / "cost.csv"
+    path.write_text("prompt,target,score,cost\nx,a,1,0.1\nx,b,,cheap\n")
+    with pytest.raises(DataError) as info:
+        read_routing_data(path)
+    _assert_names(info.value, path, 3, "cost")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_per_row_costs_are_used_as_is(tmp_path, fmt):
+    # the same target costs differently on every prompt: nothing may average or re-estimate it
+    long_rows = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "target": t, "score": 1,
+                  "cost": 0.001 * (i + 1) * (10 if t == "big" else 1)} for i in range(4) for t in ("small", "big")]
+    expected = [[0.001 * (i + 1), 0.01 * (i + 1)] for i in range(4)]
+    ds = read_routing_data(write(long_rows, tmp_path / f"long.{fmt}", fmt))
+    np.testing.assert_array_equal(ds.C, expected)
+    wide_rows = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "small": 1, "big": 1,
+                  "cost_small": expected[i][0], "cost_big": expected[i][1]} for i in range(4)]
+    np.testing.assert_array_equal(read_routing_data(write(wide_rows, tmp_path / f"wide.{fmt}", fmt)).C, expected)
+    # with a price table too, every cost the file gives still wins over the estimate
+    priced = read_routing_data(tmp_path / f"long.{fmt}", prices=PriceTable({"small": (1.0, 1.0), "big": (9.0, 9.0)}))
+    np.testing.assert_array_equal(priced.C, expected)
+
+
+@pytest.mark.parametrize("layout", ["long", "wide"])
+def test_a_task_column_is_the_category(tmp_path, layout):
+    rows = LONG_ROWS if layout == "long" else WIDE_ROWS
+    renamed = [{("task" if k == "category" else k): v for k, v in r.items()} for r in rows]
+    ds = read_routing_data(write(renamed, tmp_path / "task.csv", "csv"))
+    assert ds.groups == ["math", "geo", "math"]
+    assert ds.targets == ["small", "big"]  # in wide layout "task" is not a target column
+    # with both, `category` wins; an explicit category_col reads the one named
+    both = [dict(r, task=f"t{i}") for i, r in enumerate(rows)]
+    path = write(both, tmp_path / "both.csv", "csv")
+    assert read_routing_data(path).groups == ["math", "geo", "math"]
+    if layout == "wide":  # long rows of one prompt would disagree on their t{i} task
+        assert read_routing_data(path, category_col="task").groups == ["t0", "t1", "t2"]
+
+
 def _assert_names(exc: DataError, path, line: int | None, field: str | None):
     message = str(exc)
     assert str(path) in message

@@ -7,9 +7,13 @@ Wide layout, one row per prompt:
     [, cost_<target>, output_tokens_<target>]
 
 prompt_id is optional; without it a prompt's id is a hash of its text, and rows with the same text are one
-prompt. In JSONL a prompt may be chat messages, a list of {"role", "content"}. Scores lie in [0, 1];
-True/False read as 1/0. A (prompt, target) pair with no row (long) or an empty cell (wide) is NaN in Y:
-not run, never 0.
+prompt. In JSONL a prompt may be chat messages, a list of {"role", "content"}. Scores lie in [0, 1] (graded
+scores such as a judge's 0.7 are kept as they are); True/False read as 1/0. A (prompt, target) pair with no
+row, an empty score (long) or an empty cell (wide) is NaN in Y: not run, never 0. Empty means an empty or
+blank CSV cell, JSON null (or a missing key), or a Parquet null.
+
+The category column (`category`, or `task` when the file has no `category` column) groups prompts: folds are
+stratified by it and reports break accuracy down by it.
 
 Costs: a given `cost` is used as it is. Otherwise, with a price table, cost = tokens x price, where the input
 tokens come from the file or are counted (see `tokens.count_tokens`) and unknown output tokens take each
@@ -37,6 +41,8 @@ from prefill_router.data.tokens import count_tokens, counting_tokenizer
 from prefill_router.errors import DataError
 
 LAYOUTS = ("auto", "long", "wide")
+# Column names read as the prompt's category when `category_col` is not given, first found wins.
+CATEGORY_COLUMNS = ("category", "task")
 COST_PREFIX = "cost_"
 OUTPUT_TOKENS_PREFIX = "output_tokens_"
 
@@ -44,13 +50,14 @@ OUTPUT_TOKENS_PREFIX = "output_tokens_"
 def read_routing_data(path: str | Path, *, layout: str = "auto",
                       prices: PriceTable | str | Path | None = None,
                       prompt_col: str = "prompt", id_col: str = "prompt_id", target_col: str = "target",
-                      score_col: str = "score", category_col: str = "category", cost_col: str = "cost",
+                      score_col: str = "score", category_col: str | None = None, cost_col: str = "cost",
                       input_tokens_col: str = "input_tokens", output_tokens_col: str = "output_tokens",
                       targets: Sequence[str] | None = None) -> RoutingDataset:
     """Read and validate one routing data file (.csv, .jsonl, .parquet; .gz accepted for CSV and JSONL).
 
     layout: "long", "wide", or "auto" (long when the file has `target_col` and `score_col` columns).
     prices: a PriceTable or a path to one; every target must then be priced.
+    category_col: the prompts' category column (default: the first of CATEGORY_COLUMNS the file has).
     targets: keep only these targets, in this order (default: all, in order of first appearance).
     """
     path = Path(path)
@@ -62,6 +69,8 @@ def read_routing_data(path: str | Path, *, layout: str = "auto",
     columns = list(frame.columns)
     if layout == "auto":
         layout = "long" if target_col in columns and score_col in columns else "wide"
+    if category_col is None:
+        category_col = next((c for c in CATEGORY_COLUMNS if c in columns), CATEGORY_COLUMNS[0])
     names = _Columns(prompt_col, id_col, target_col, score_col, category_col, cost_col, input_tokens_col,
                      output_tokens_col)
     builder = _Builder(str(path), names, prices, id_col in columns, category_col in columns)
@@ -139,11 +148,15 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
 # ---------------------------------------------------------------- cells
 
 def _missing(value) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
+    """An empty cell: None, NaN of any float type, pandas' NA (nullable Parquet columns), or blank text."""
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple, dict, np.ndarray)):  # chat messages are a value, not a missing one
+        return False
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _number(value, what: str) -> float:
@@ -260,11 +273,12 @@ class _Builder:
             raise self.error(f"unknown target '{target}' in the price table ({self.prices.source}); "
                              f"priced: {self.prices.targets}", line, self.names.target)
         value = self.number(score, line, score_field, high=1.0, what="score")
-        if math.isnan(value):
-            return  # an empty wide cell: target not run on this prompt
         cost = self.number(cost, line, cost_field, what="cost")
         output_tokens = self.number(output_tokens, line, output_field, what="output token count")
+        # the target keeps its column even when every one of its scores is empty
         k = self.target_index.setdefault(target, len(self.target_index))
+        if math.isnan(value):
+            return  # an empty score: the target was not run on this prompt, so Y stays NaN (missing, not 0)
         old = self.cells.get((i, k))
         if old is None:
             self.cells[(i, k)] = (value, cost, output_tokens, line)
@@ -332,8 +346,6 @@ def _read_long(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder) -> Non
         if _missing(target):
             raise builder.error("empty target name", line, n.target)
         i = builder.add_prompt(row, line)
-        if _missing(row.get(n.score)):
-            raise builder.error("empty score (leave the row out when the target was not run)", line, n.score)
         builder.add_cell(i, str(target).strip(), row.get(n.score), row.get(n.cost), row.get(n.output_tokens),
                          line, score_field=n.score, cost_field=n.cost, output_field=n.output_tokens)
 
@@ -341,7 +353,7 @@ def _read_long(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder) -> Non
 def _read_wide(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder, keep: Sequence[str] | None) -> None:
     n = builder.names
     columns = [str(c) for c in frame.columns]
-    reserved = {n.prompt, n.id, n.category, n.input_tokens}
+    reserved = {n.prompt, n.id, n.category, n.input_tokens, *CATEGORY_COLUMNS}
     if keep is not None:
         missing = [t for t in keep if t not in columns]
         if missing:
