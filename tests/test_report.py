@@ -100,3 +100,41 @@ def test_pool_summary_shows_savings_at_best_single_accuracy_only_when_every_fold
     rows = {r["name"]: r for r in pool_summary(Report(["a", "b"], 10, 2, [always, once]))}
     assert rows["always"]["savings_at_best_single_accuracy"] == pytest.approx(0.3)
     assert math.isnan(rows["once"]["savings_at_best_single_accuracy"])  # one fold never got there
+
+
+def test_p_auccc_is_a_column_beside_aiq_in_the_main_and_pool_tables():
+    from prefill_router.evaluate.report import pool_markdown, pool_summary
+
+    router = ReportRow("router", "router", folds=[{"accuracy": 0.5, "aiq": 0.6, "p_auccc": 0.4},
+                                                  {"accuracy": 0.7, "aiq": 0.8, "p_auccc": 0.6}])
+    oracle = ReportRow("oracle", "baseline", folds=[{"accuracy": 0.9}, {"accuracy": 0.9}])
+    report = Report(["a", "b"], 10, 2, [oracle, router])
+    md = report.to_markdown()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| | accuracy |"))
+    titles = [c.strip() for c in header.strip("|").split("|")]
+    assert titles.index("P-AUCCC") == titles.index("AIQ") + 1
+    cells = [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| router |")).strip("|").split("|")]
+    assert cells[titles.index("AIQ")] == "0.700 ± 0.141"
+    assert cells[titles.index("P-AUCCC")] == "0.500 ± 0.141"
+    assert "P-AUCCC: area under their running-max cost-coverage curve" in md  # the legend says what it is
+    # baselines have no sweep, so no P-AUCCC: a dash, not 0
+    oracle_cells = [c.strip() for c in next(ln for ln in md.splitlines()
+                                             if ln.startswith("| oracle |")).strip("|").split("|")]
+    assert oracle_cells[titles.index("P-AUCCC")] == "—"
+    rows = pool_summary(report)
+    assert rows[1]["p_auccc"] == pytest.approx(0.5)
+    pool = pool_markdown("pool", rows)
+    assert "| AIQ | P-AUCCC |" in pool and "| 0.700 | 0.500 |" in pool
+    # no row with an area: no legend
+    assert "P-AUCCC:" not in Report(["a"], 5, 1, [ReportRow("r", "router", folds=[{"accuracy": 0.5}])]).to_markdown()
+
+
+def test_per_group_table_lists_every_category():
+    def group(acc, n):
+        return {"accuracy": acc, "cost_per_1k": 1.0, "n": n}
+
+    by_group = [{"maths": group(0.8, 3), "law": group(0.2, 2)}, {"maths": group(0.6, 2), "law": group(0.4, 3)}]
+    row = ReportRow("router", "router", folds=[{"accuracy": 0.5}] * 2, by_group=by_group)
+    md = Report(["a"], 10, 2, [row]).to_markdown()
+    assert "## Accuracy per group" in md
+    assert "| law | 5 | 30.00% |" in md and "| maths | 5 | 70.00% |" in md

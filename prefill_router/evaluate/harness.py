@@ -298,6 +298,7 @@ def _record_router(result: _Result, fold: _Fold, Pte: np.ndarray, Pcal: np.ndarr
     row.update(_probability_metrics(fold, Pte))
     curve = cost_quality_curve(Pte, fold.Y, fold.C, "utility", grid, cost_scale)
     row["aiq"] = curve.aiq(fold.cost_range)
+    row["p_auccc"] = curve.p_auccc(fold.cost_range)  # on AIQ's cost axis, so the two compare
     row.update(_best_single_point(fold, curve))
     row.update(_default_policy(fold, Pte, Pcal, Ycal, Ccal, grid, cost_scale))
     result.predictions.append((fold.test, Pte))

@@ -30,7 +30,12 @@ _MAIN_COLUMNS = [
     ("cost savings vs most expensive", "savings_vs_most_expensive", "pct"),
     ("mean AUC", "mean_auc", "num"),
     ("AIQ", "aiq", "num"),
+    ("P-AUCCC", "p_auccc", "num"),
 ]
+# Under the main table, when a row reports AIQ or P-AUCCC: what the two areas are.
+_AREA_LEGEND = ("AIQ: area under the convex hull of the utility-lambda sweep's (cost, accuracy) points; P-AUCCC: "
+                "area under their running-max cost-coverage curve (evaluate.metrics.p_auccc). Both span the cost "
+                "axis from each prompt's cheapest target to the most expensive single target, scaled to [0, 1].")
 _OPERATING_COLUMNS = [
     ("savings at best-single accuracy", "savings_at_best_single_accuracy", "pct"),
     ("USD / 1k there", "cost_per_1k_at_best_single_accuracy", "usd"),
@@ -191,6 +196,8 @@ class Report:
                  f"{self.n_folds} fold{'s' if self.n_folds != 1 else ''}")
         lines = [title, ""]
         lines += self._table(_MAIN_COLUMNS, self.rows)
+        if any(math.isfinite(r.stat(key)[0]) for r in self.rows for key in ("aiq", "p_auccc")):
+            lines += ["", _AREA_LEGEND]
         routers = [r for r in self.rows if r.kind == "router"]
         if routers:
             lines += ["", "## Utility-policy operating points", ""]
@@ -298,7 +305,8 @@ POOL_COLUMNS = [("mean_auc", "mean AUC", "num"), ("accuracy", "argmax acc", "pct
                 ("cost_per_1k_at_lambda_train", "default: $/1k", "usd"),
                 ("savings_vs_best_single_at_lambda_train", "default: saves vs best", "pct"),
                 ("savings_at_best_single_accuracy", "savings @ best-single acc", "pct"),
-                ("max_curve_accuracy", "max acc on curve", "pct"), ("aiq", "AIQ", "num")]
+                ("max_curve_accuracy", "max acc on curve", "pct"), ("aiq", "AIQ", "num"),
+                ("p_auccc", "P-AUCCC", "num")]
 
 
 def pool_summary(report: Report) -> list[dict]:

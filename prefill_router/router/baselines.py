@@ -1,7 +1,9 @@
 """Baseline predictors behind the same `fit(X, Y) / predict_proba(X) -> [N, K]` contract as the router.
 
-Y is [N, K] with values in [0, 1] (soft labels allowed) and NaN where target k was not run on prompt i.
-A NaN label is ignored when fitting, never counted as a wrong answer.
+Y is [N, K] with values in [0, 1] and NaN where target k was not run on prompt i. A NaN label is ignored when
+fitting, never counted as a wrong answer. Graded labels in (0, 1) are used as they are, never binarised, as
+the router trunk uses them: kNN averages them, the logistic and MLP predictors take them as cross-entropy
+targets, so every predictor estimates the expected score.
 
 - RandomPredictor, ConstantPredictor, PriorPredictor: no use of X at all (floors).
 - OraclePredictor: X is row indices into the full label matrix; returns the true labels (the ceiling).

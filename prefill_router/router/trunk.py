@@ -3,7 +3,9 @@
     Linear(d, 256) - ReLU - Dropout(0.3) - Linear(256, 128) - ReLU - Dropout(0.2) - Linear(128, K)
 
 Loss: binary cross-entropy per (prompt, target), averaged over the entries that HAVE a label. A missing label
-(NaN) contributes nothing: it is not "wrong". Soft labels in [0, 1] work as BCE targets.
+(NaN) contributes nothing: it is not "wrong". Graded labels in (0, 1) are BCE targets as they are, not
+binarised: the net then predicts the expected score, which is what routed accuracy averages (the >= 0.5 rule
+of `utils.binarise` is for metrics that need two classes, such as AUC).
 
 Training: Adam (lr 1e-3, weight decay 1e-4), batch 512, at most 150 epochs, early stopping with patience 15
 on an internal validation split (one split shared by every seed so their validation losses compare), the
