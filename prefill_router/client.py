@@ -28,18 +28,22 @@ import json
 import sys
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from prefill_router.data.prompt import Message
 from prefill_router.errors import ConfigError, PrefillRouterError
 from prefill_router.serve.config import GatewayConfig, load_gateway_config, parse_gateway_config
-from prefill_router.serve.engine import RouterScorer, routed_window, routing_messages
+from prefill_router.serve.engine import RouterScorer, SessionMode, routed_window, routing_messages
 from prefill_router.serve.models import resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, UpstreamPool, UpstreamReply
+
+if TYPE_CHECKING:
+    from prefill_router.router.decision import RouteDecision
 
 __all__ = ["AllUpstreamsFailed", "ChatCompletion", "ChatCompletionChunk", "Client", "Routing", "Stream",
            "UpstreamHTTPError", "UpstreamReplyError"]
@@ -177,7 +181,10 @@ class ChatCompletionChunk(_Completion):
     choices: list[ChunkChoice] = Field(default_factory=list)  # empty on a usage-only chunk
 
 
-def _parse(cls: type[_Completion], data: Any, target: str, routing: Routing) -> _Completion:
+CompletionT = TypeVar("CompletionT", bound=_Completion)
+
+
+def _parse(cls: type[CompletionT], data: Any, target: str, routing: Routing) -> CompletionT:
     if not isinstance(data, dict):
         raise UpstreamReplyError(target, f"expected a JSON object, got {type(data).__name__}", data)
     try:
@@ -209,7 +216,7 @@ class Stream:
     def __next__(self) -> ChatCompletionChunk:
         while not self._closed:
             try:
-                line = self._client._loop.run(self._lines.__anext__())
+                line = self._client._loop.run(self._next_line())
             except StopAsyncIteration:
                 break
             except BaseException:
@@ -246,16 +253,22 @@ class Stream:
         self._client._streams.discard(self)
         self._client._loop.finish(self._aclose())
 
+    async def _next_line(self) -> str:
+        return await anext(self._lines)
+
     async def _aclose(self) -> None:
         try:
-            await self._lines.aclose()
+            # httpx types aiter_lines() as an AsyncIterator; it is an async generator, closed here so the read
+            # it is suspended in ends now rather than at garbage collection.
+            if isinstance(self._lines, AsyncGenerator):
+                await self._lines.aclose()
         finally:
             await self._reply.response.aclose()
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -269,7 +282,18 @@ class _Completions:
     def __init__(self, client: Client):
         self._client = client
 
-    def create(self, *, model: str, messages: list[dict], stream: bool = False, **params: Any):
+    @overload
+    def create(self, *, model: str, messages: list[dict], stream: Literal[False] = ...,
+               **params: Any) -> ChatCompletion: ...
+
+    @overload
+    def create(self, *, model: str, messages: list[dict], stream: Literal[True], **params: Any) -> Stream: ...
+
+    @overload
+    def create(self, *, model: str, messages: list[dict], stream: bool, **params: Any) -> ChatCompletion | Stream: ...
+
+    def create(self, *, model: str, messages: list[dict], stream: bool = False,
+               **params: Any) -> ChatCompletion | Stream:
         """Route `messages` and send them to the chosen target. Extra keyword arguments (temperature,
         max_tokens, stream_options, ...) go to the upstream unchanged. Returns a ChatCompletion, or a Stream
         of ChatCompletionChunks with stream=True."""
@@ -334,6 +358,13 @@ def _close_open_clients() -> None:
         client.close()
 
 
+class RoutesPrompts(Protocol):
+    """What Client needs of a router: `Router.route` (a trained Router, or any object that routes alike)."""
+
+    def route(self, prompt: list[Message], *, policy: str | None = None,
+              lam: float | None = None) -> RouteDecision: ...
+
+
 class Client:
     """Route in this process with a trained Router, then call the chosen OpenAI-compatible upstream.
 
@@ -342,7 +373,7 @@ class Client:
     router: an already loaded `prefill_router.router.Router` (skips loading the checkpoint).
     """
 
-    def __init__(self, config: str | Path | dict | GatewayConfig, *, router=None):
+    def __init__(self, config: str | Path | dict | GatewayConfig, *, router: RoutesPrompts | None = None):
         if isinstance(config, (str, Path)):
             config = load_gateway_config(config)
         elif isinstance(config, dict):
@@ -361,7 +392,7 @@ class Client:
                                   config.router.quantize)
             scorer.warm_up()
             router = scorer.router
-        self.router = router
+        self.router: RoutesPrompts = router
         self._targets = [t.name for t in config.targets]
         self._loop = _LoopThread()
         self._pool = UpstreamPool(config.targets, retries=config.retries, request_timeout_s=config.request_timeout_s,
@@ -373,7 +404,7 @@ class Client:
         with _OPEN_CLIENTS_LOCK:
             _OPEN_CLIENTS.add(self)
 
-    def route(self, messages: list[dict], *, model: str = "router"):
+    def route(self, messages: list[dict], *, model: str = "router") -> RouteDecision:
         """The routing decision only (a RouteDecision), as `POST /v1/route` gives it."""
         choice = resolve_model(model, self._targets, self.config.presets,
                                default_policy=self.config.router.policy, default_lam=self.config.router.lam)
@@ -381,23 +412,25 @@ class Client:
             raise ConfigError(f"model '{model}' is a target, not a router alias")
         return self.router.route(self._routing_text(messages), policy=choice.policy, lam=choice.lam)
 
-    def _routing_text(self, messages: list[dict]) -> list[dict]:
+    def _routing_text(self, messages: list[dict]) -> list[Message]:
         """What the router reads, by the gateway's rules: the conversation's first turn (sessions.mode
         first_turn, the default; an in-process client keeps no sticky pins, so sticky reads it too), or the
         whole conversation (per_turn), then the routing window (first system + last user message)."""
-        mode = "per_turn" if self.config.sessions.mode == "per_turn" else "first_turn"
+        mode: SessionMode = "per_turn" if self.config.sessions.mode == "per_turn" else "first_turn"
         return routed_window(routing_messages(messages), mode)
 
-    def _create(self, *, model: str, messages: list[dict], stream: bool, **params: Any):
+    def _create(self, *, model: str, messages: list[dict], stream: bool, **params: Any) -> ChatCompletion | Stream:
         if self._closed:
             raise PrefillRouterError("this Client is closed")
         choice = resolve_model(model, self._targets, self.config.presets,
                                default_policy=self.config.router.policy, default_lam=self.config.router.lam)
         routed = self._routing_text(messages)
-        decision = None
-        if choice.pinned is None:
+        decision: RouteDecision | None = None
+        if choice.pinned is not None:
+            chosen = choice.pinned
+        else:
             decision = self.router.route(routed, policy=choice.policy, lam=choice.lam)
-        chosen = choice.pinned or decision.target
+            chosen = decision.target
         chain = [chosen] if choice.pinned else self.config.fallback_chain(chosen)
         body = {**params, "model": model, "messages": messages}
         if stream:
@@ -437,7 +470,7 @@ class Client:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -23,10 +23,15 @@ if TYPE_CHECKING:
 class PrefillEncoder(Protocol):
     """An encoder the router can route with."""
 
-    spec: EncoderSpec | None  # how to load it again (a checkpoint records it); None when a spec cannot say
     max_tokens: int           # longer templated prompts are cut to this many tokens (keep head and tail)
     num_hidden_states: int    # embedding output + one per decoder layer
     hidden_size: int
+
+    # Read-only (a property), so an encoder whose spec is always an EncoderSpec implements it too.
+    @property
+    def spec(self) -> EncoderSpec | None:
+        """How to load it again (a checkpoint records it); None when a spec cannot say."""
+        ...
 
     def identity(self) -> dict:
         """What makes its features what they are (model files, template, window); checkpoints compare it."""

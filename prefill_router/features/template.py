@@ -16,12 +16,15 @@ files, which the encoder identity hashes; the window) belong to the feature-set 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 # prompt_hash(es) are re-exported: the feature store's manifests record them per row.
 from prefill_router.data.prompt import Message, check_prompt, prompt_hash, prompt_hashes  # noqa: F401
 from prefill_router.errors import DataError, EncoderError
 from prefill_router.features.window import window_messages
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TemplateName = Literal["chat", "raw"]
 TEMPLATES = ("chat", "raw")
@@ -36,7 +39,8 @@ def as_messages(prompt: Any, row: int) -> list[Message]:
     return [{"role": "user", "content": normal}] if isinstance(normal, str) else normal
 
 
-def render(prompt: Any, tokenizer, template: str, row: int = 0, window: bool = False) -> tuple[str, bool]:
+def render(prompt: Any, tokenizer: PreTrainedTokenizerBase, template: str, row: int = 0,
+           window: bool = False) -> tuple[str, bool]:
     """(text, add_special_tokens) for one prompt under the named template; with `window`, of its routing
     window's messages only (a plain string is its own window)."""
     if window and isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
@@ -47,7 +51,9 @@ def render(prompt: Any, tokenizer, template: str, row: int = 0, window: bool = F
         if not getattr(tokenizer, "chat_template", None):
             raise EncoderError("the encoder's tokenizer has no chat template; use template='raw' "
                                "(--template raw)")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]  # plain dicts, as typed there
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)  # tokenize=False renders text
         return text, False
     if template == "raw":
         if isinstance(prompt, str):

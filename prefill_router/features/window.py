@@ -22,19 +22,21 @@ window is taken, so every turn of a conversation reads the same window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 WINDOW_RULE = "first-system+last-user/keep-head-and-tail"
 SYSTEM_ROLES = frozenset({"system", "developer"})  # OpenAI's newer name for the system turn
 TOOL_ROLES = frozenset({"tool", "function"})
+M = TypeVar("M", bound=Mapping[str, Any])  # a message: data.prompt.Message, or an OpenAI message dict
 
 
-def _has_text(message: dict) -> bool:
+def _has_text(message: Mapping[str, Any]) -> bool:
     content = message.get("content")
     return isinstance(content, str) and bool(content.strip())
 
 
-def window_messages(messages: Sequence[dict]) -> list[dict]:
+def window_messages(messages: Sequence[M]) -> list[M]:
     """The messages the router reads (rule steps 1-2), in their original order. Idempotent."""
     messages = list(messages)
     system = next((i for i, m in enumerate(messages) if m.get("role") in SYSTEM_ROLES and _has_text(m)), None)
@@ -46,7 +48,7 @@ def window_messages(messages: Sequence[dict]) -> list[dict]:
     return [messages[i] for i in sorted({i for i in (system, turn) if i is not None})]
 
 
-def first_turn(messages: Sequence[dict]) -> list[dict]:
+def first_turn(messages: Sequence[M]) -> list[M]:
     """The conversation up to and including its first user message (all of it when there is none)."""
     messages = list(messages)
     for i, m in enumerate(messages):

@@ -24,7 +24,10 @@ from prefill_router.router.transform import FeatureTransform
 from prefill_router.router.trunk import TrunkEnsemble
 
 if TYPE_CHECKING:
+    from prefill_router.data.prices import CostModel
+    from prefill_router.data.prompt import Message, Prompt
     from prefill_router.features.encoder import EncoderSpec
+    from prefill_router.router.base import Policy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,7 +76,7 @@ class Router:
 
     def __init__(self, *, targets: Sequence[str], transform: FeatureTransform, predictor: TrunkEnsemble,
                  pooling: str, hidden_states: Sequence[int] | None, encoder_identity: dict | None,
-                 encoder_spec: dict | None = None, cost_model=None, policy: str = "argmax",
+                 encoder_spec: dict | None = None, cost_model: CostModel | None = None, policy: str = "argmax",
                  metrics: dict | None = None, training: dict | None = None, encoder: PrefillEncoder | None = None):
         self._targets = list(targets)
         self.transform = transform
@@ -130,7 +133,7 @@ class Router:
         same flattened to [N, D]."""
         return self.predictor.predict_proba(self.transform.transform(X))
 
-    def encode(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    def encode(self, prompts: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """One encoder forward for the batch: (features [N, L, H], input tokens [N], truncated [N], ms)."""
         encoder = self._require_encoder()
         prompts = list(prompts)
@@ -150,16 +153,16 @@ class Router:
         input_tokens = np.asarray(input_tokens, dtype=np.float64).reshape(-1)
         if self.cost_model is None:
             return np.zeros((len(input_tokens), len(self._targets)))
-        return self.cost_model.estimate(input_tokens)
+        return np.asarray(self.cost_model.estimate(input_tokens), dtype=np.float64)
 
-    def predict_batch(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict_batch(self, prompts: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(P[N, K], C[N, K], truncated[N]) for a batch of prompts, with ONE encoder forward. The gateway
         caches P and applies a per-request policy with `choose`."""
         X, tokens, truncated, _ = self.encode(prompts)
         return self.predict_proba_features(X), self.estimate_costs(tokens), truncated
 
     # -- policy --------------------------------------------------------------------------------------------
-    def resolve_policy(self, policy=None, lam: float | None = None):
+    def resolve_policy(self, policy: Policy | str | None = None, lam: float | None = None) -> Policy:
         """A Policy object from: None (the checkpoint default), a spec string ("argmax", "tolerance:0.05",
         "utility:0.3", "fixed:0") or a Policy. `lam` asks for the utility policy with that cost weight (with
         policy=None, or a utility, argmax or fixed policy)."""
@@ -176,18 +179,21 @@ class Router:
             return UtilityPolicy(float(lam))
         return policy_from_spec(policy)
 
-    def describe_policy(self, policy=None, lam: float | None = None) -> str:
+    def describe_policy(self, policy: Policy | str | None = None, lam: float | None = None) -> str:
         """The policy spec, with the target a "fixed:<k>" policy names: "fixed:0 (always gpt-4o)"."""
-        spec = self.resolve_policy(policy, lam)
-        text = spec.spec() if callable(getattr(spec, "spec", None)) else str(spec)
-        k = getattr(spec, "k", None)
+        chosen = self.resolve_policy(policy, lam)
+        spec = getattr(chosen, "spec", None)  # the built-in policies have one; a user's Policy need not
+        text = str(spec()) if callable(spec) else str(chosen)
+        k = getattr(chosen, "k", None)
         return f"{text} (always {self._targets[k]})" if k is not None and k < len(self._targets) else text
 
-    def choose(self, P: np.ndarray, C: np.ndarray, *, policy=None, lam: float | None = None) -> np.ndarray:
+    def choose(self, P: np.ndarray, C: np.ndarray, *, policy: Policy | str | None = None,
+               lam: float | None = None) -> np.ndarray:
         return np.asarray(self.resolve_policy(policy, lam).choose(P, C), dtype=np.int64)
 
     # -- routing ---------------------------------------------------------------------------------------------
-    def route_batch(self, prompts: Sequence, *, policy=None, lam: float | None = None) -> list[RouteDecision]:
+    def route_batch(self, prompts: Sequence[Prompt], *, policy: Policy | str | None = None,
+                    lam: float | None = None) -> list[RouteDecision]:
         """One decision per prompt, from ONE encoder forward over the batch. latency_ms is the batch's
         encoder + transform + MLP + policy time (shared by every prompt in it)."""
         prompts = list(prompts)
@@ -205,11 +211,10 @@ class Router:
                               latency_ms=ms, truncated=bool(truncated[i]))
                 for i in range(len(prompts))]
 
-    def route(self, prompt, *, policy=None, lam: float | None = None) -> RouteDecision:
+    def route(self, prompt: Prompt | Message, *, policy: Policy | str | None = None,
+              lam: float | None = None) -> RouteDecision:
         """Route one prompt: text, or chat messages [{"role": ..., "content": ...}, ...]."""
-        if isinstance(prompt, dict):
-            prompt = [prompt]
-        return self.route_batch([prompt], policy=policy, lam=lam)[0]
+        return self.route_batch([[prompt] if isinstance(prompt, dict) else prompt], policy=policy, lam=lam)[0]
 
     # -- persistence (router/persistence.py) -------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -227,7 +232,7 @@ class Router:
         return load_router(path, encoder=encoder, cls=cls)
 
 
-def _spec_from_dict(spec: dict):
+def _spec_from_dict(spec: dict) -> EncoderSpec:
     from prefill_router.features import EncoderSpec
 
     return EncoderSpec.model_validate(spec)

@@ -12,7 +12,9 @@ Every error the gateway itself produces has OpenAI's shape {"error": {"message",
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import FastAPI
@@ -26,6 +28,9 @@ from prefill_router.serve.errors import GatewayError, error_body, install_error_
 from prefill_router.serve.state import Gateway
 from prefill_router.serve.ui import mount_ui
 
+if TYPE_CHECKING:
+    from prefill_router.router import Router
+
 __all__ = ["GatewayError", "build_gateway", "create_app", "error_body", "load_router"]
 
 
@@ -35,7 +40,7 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
     gw = Gateway(config, scorer, encoder_info=encoder_info, transport=transport)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         admin.install_sighup(app)
         yield
         admin.remove_sighup()
@@ -52,7 +57,7 @@ def create_app(config: GatewayConfig, scorer: Scorer, *, encoder_info: dict | No
     return app
 
 
-def load_router(config: GatewayConfig):
+def load_router(config: GatewayConfig) -> Router:
     """The Router named by `router.checkpoint` (with `router.encoder` instead of the checkpoint's, if given)."""
     from prefill_router.router import Router
 
@@ -66,7 +71,7 @@ def load_router(config: GatewayConfig):
     return Router.load(config.router.checkpoint, encoder=encoder)
 
 
-def build_gateway(config: GatewayConfig, router=None) -> FastAPI:
+def build_gateway(config: GatewayConfig, router: Router | None = None) -> FastAPI:
     """Load the router (unless given), load its encoder and warm it up, and build the app."""
     set_cpu_threads(config.router.threads)
     scorer = RouterScorer(router if router is not None else load_router(config), config.router.max_route_tokens,

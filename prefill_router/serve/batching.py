@@ -38,7 +38,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[tuple[In, asyncio.Future, Callable[[], bool] | None]] | None = None
+        self._queue: asyncio.Queue[tuple[In, asyncio.Future[Out], Callable[[], bool] | None]] | None = None
         self._worker: asyncio.Task | None = None
         # One thread: the encoder is not run concurrently with itself, and torch gets the cores it is given.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-router-encoder",
@@ -48,7 +48,8 @@ class MicroBatcher(Generic[In, Out]):
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
-        future = asyncio.get_running_loop().create_future()
+        assert self._queue is not None  # made with the worker
+        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future, wanted))
         return await future
 
@@ -62,7 +63,7 @@ class MicroBatcher(Generic[In, Out]):
             self._worker = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def _gather(self) -> list[tuple[In, asyncio.Future]]:
+    async def _gather(self) -> list[tuple[In, asyncio.Future[Out]]]:
         assert self._queue is not None
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
@@ -100,7 +101,7 @@ class MicroBatcher(Generic[In, Out]):
             items = [item for item, _ in batch]
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, items)
-                outcomes: list[tuple[Out | None, BaseException | None]] = [(r, None) for r in results]
+                outcomes: list[tuple[Out, None] | tuple[None, BaseException]] = [(r, None) for r in results]
             except Exception as exc:  # noqa: BLE001 - delivered to the callers
                 if len(batch) == 1:
                     outcomes = [(None, exc)]
@@ -113,13 +114,13 @@ class MicroBatcher(Generic[In, Out]):
                                              None))
                         except Exception as single_exc:  # noqa: BLE001
                             outcomes.append((None, single_exc))
-            for (_, fut), (result, exc) in zip(batch, outcomes):
+            for (_, fut), outcome in zip(batch, outcomes):
                 if fut.done():
                     continue
-                if exc is not None:
-                    fut.set_exception(exc)
+                if outcome[1] is not None:
+                    fut.set_exception(outcome[1])
                 else:
-                    fut.set_result(result)
+                    fut.set_result(outcome[0])
 
 
 LONG_BUCKET_NICE = 10

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from prefill_router.errors import DataError
 from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.batching import LengthBuckets, LRUCache
 from prefill_router.serve.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from prefill_router.router import Router
 
 SessionMode = Literal["per_turn", "first_turn", "sticky"]
 # Serving window for a checkpoint that records none (trained on whole prompts): the p97 of MMLU-Pro's
@@ -60,7 +63,7 @@ class Scorer(Protocol):
 
     targets: list[str]
 
-    def score_batch(self, prompts: list[list[dict]]) -> list[Scores]: ...
+    def score_batch(self, prompts: list[list[Message]]) -> list[Scores]: ...
 
     def choose(self, scores: Scores, policy: str | None, lam: float | None) -> int: ...
 
@@ -86,7 +89,7 @@ class Routed:
                 "cache": self.cache, "deadline_exceeded": self.deadline_exceeded, "session": self.session}
 
 
-def routed_window(messages: list[dict], mode: SessionMode) -> list[dict]:
+def routed_window(messages: list[Message], mode: SessionMode) -> list[Message]:
     """What the router reads of validated messages: in `first_turn` mode the conversation up to its first user
     turn, otherwise all of it, then the routing window (features/window.py)."""
     return window_messages(first_turn(messages) if mode == "first_turn" else messages)
@@ -111,7 +114,7 @@ def messages_key(messages: list[Message]) -> str:
     return prompt_hash(messages)
 
 
-def _chars(messages: list[dict]) -> int:
+def _chars(messages: list[Message]) -> int:
     return sum(len(m["content"]) for m in messages)
 
 
@@ -138,7 +141,7 @@ class SessionPins:
 
 @dataclass
 class _Inflight:
-    task: asyncio.Task | None = None
+    task: asyncio.Task[Scores] | None = None
     waiters: int = 0
 
 
@@ -155,7 +158,7 @@ class RoutingEngine:
         self._inflight: dict[str, _Inflight] = {}
         on_batch = metrics.batch_size.observe if metrics is not None else None
         # The bucket of a prompt is the length of its window's text (characters: known before tokenizing).
-        self.batcher: LengthBuckets[list[dict], Scores] = LengthBuckets(
+        self.batcher: LengthBuckets[list[Message], Scores] = LengthBuckets(
             scorer.score_batch, length_buckets, _chars, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             on_batch=on_batch)
         self.deadline_s = None if deadline_ms is None else deadline_ms / 1000
@@ -186,7 +189,7 @@ class RoutingEngine:
             waited += 0.05
         await self.close()
 
-    async def scores(self, messages: list[dict]) -> tuple[Scores, str]:
+    async def scores(self, messages: list[Message]) -> tuple[Scores, str]:
         """P and C for a routing window, and where they came from: "hit" (the cache), "shared" (an identical
         window being scored right now) or "miss" (a new forward pass)."""
         key = messages_key(messages)
@@ -203,6 +206,7 @@ class RoutingEngine:
             # Retrieve the exception even when every waiter has gone, so none is reported as lost.
             entry.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._count_cache(source)
+        assert entry.task is not None  # set when the entry was made
         entry.waiters += 1
         try:
             # shield: a caller that gives up does not cancel a forward pass others may share; one that nobody
@@ -211,7 +215,7 @@ class RoutingEngine:
         finally:
             entry.waiters -= 1
 
-    async def _compute(self, key: str, messages: list[dict], entry: _Inflight) -> Scores:
+    async def _compute(self, key: str, messages: list[Message], entry: _Inflight) -> Scores:
         try:
             result = await self.batcher.submit(messages, wanted=lambda: entry.waiters > 0)
         finally:
@@ -219,7 +223,7 @@ class RoutingEngine:
         self.cache.put(key, result)
         return result
 
-    async def decide(self, messages: list[dict], *, policy: str | None = None, lam: float | None = None,
+    async def decide(self, messages: list[Message], *, policy: str | None = None, lam: float | None = None,
                      allowed: Sequence[str] | None = None, session: str | None = None,
                      mode: SessionMode | None = None) -> Routed:
         """Route already-validated routing messages (see the module docstring for the steps).
@@ -233,14 +237,15 @@ class RoutingEngine:
         finally:
             self.active -= 1
 
-    async def _decide(self, messages: list[dict], policy: str | None, lam: float | None,
+    async def _decide(self, messages: list[Message], policy: str | None, lam: float | None,
                       allowed: Sequence[str] | None, session: str | None, mode: SessionMode | None) -> Routed:
         start = time.perf_counter()
         mode = mode or self.session_mode
         allowed = list(self.scorer.targets) if allowed is None else [t for t in self.scorer.targets if t in allowed]
         if mode == "sticky" and session is None:
             mode = "first_turn"  # no session id: the stateless way to keep a conversation on one target
-        pinned = self.sessions.get(session) if mode == "sticky" else None
+        sticky = session if mode == "sticky" else None  # the session whose pin applies
+        pinned = self.sessions.get(sticky) if sticky is not None else None
         if pinned is not None and pinned not in allowed:
             pinned = None  # this request may not go there: route it afresh, and leave the pin alone
         if pinned is not None and not self.escalate_only:
@@ -248,20 +253,18 @@ class RoutingEngine:
             return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, session="pinned")
 
         routed = await self._route(routed_window(messages, mode), messages, policy, lam, allowed, start)
-        if mode != "sticky" or routed.deadline_exceeded:
+        if sticky is None or routed.deadline_exceeded:
             return routed  # a deadline's default target is not pinned: the next turn routes again
-        if pinned is None:
-            self.sessions.set(session, routed.target)
-            routed.session = "new"
-        elif self.strength.index(routed.target) > self.strength.index(pinned):
-            self.sessions.set(session, routed.target)
-            routed.session = "escalated"
+        if pinned is None or self.strength.index(routed.target) > self.strength.index(pinned):
+            self.sessions.set(sticky, routed.target)
+            outcome = routed.session = "new" if pinned is None else "escalated"
         else:
-            routed = replace(routed, target=pinned, session="pinned")
-        self._count_session(routed.session)
+            outcome = "pinned"
+            routed = replace(routed, target=pinned, session=outcome)
+        self._count_session(outcome)
         return routed
 
-    async def _route(self, window: list[dict], messages: list[dict], policy: str | None, lam: float | None,
+    async def _route(self, window: list[Message], messages: list[Message], policy: str | None, lam: float | None,
                      allowed: list[str], start: float) -> Routed:
         try:
             scores, source = await asyncio.wait_for(self.scores(window), self.deadline_s)
@@ -310,7 +313,7 @@ class RouterScorer:
     prefix_cache_mb: prefix reuse in the encoder (features/prefix_cache.py); 0 turns it off.
     """
 
-    def __init__(self, router, max_route_tokens: int | None = None, prefix_cache_mb: float = 0,
+    def __init__(self, router: Router, max_route_tokens: int | None = None, prefix_cache_mb: float = 0,
                  quantize: str | None = None):
         from prefill_router.errors import ConfigError
 
@@ -331,8 +334,9 @@ class RouterScorer:
         self.router.predict_batch([[{"role": "user", "content": "warm up"}]])
         self._apply_window()
         self._apply_quantize()
-        if hasattr(self.router.encoder, "use_prefix_cache"):  # local encoders only; a remote one has its own
-            self.router.encoder.use_prefix_cache(self.prefix_cache_mb)
+        use_prefix_cache = getattr(self.router.encoder, "use_prefix_cache", None)
+        if use_prefix_cache is not None:  # local encoders only; a remote one has its own
+            use_prefix_cache(self.prefix_cache_mb)
 
     def _apply_quantize(self) -> None:
         """Serve with the encoder's Linear layers in dynamic int8 (`router.quantize`): the same model loaded again
@@ -398,7 +402,7 @@ class RouterScorer:
     def policy_spec(self, policy: str | None, lam: float | None) -> str:
         return self.router.describe_policy(policy, lam)
 
-    def score_batch(self, prompts: list[list[dict]]) -> list[Scores]:
+    def score_batch(self, prompts: list[list[Message]]) -> list[Scores]:
         self._apply_window()  # no-op after warm_up; here for a router whose encoder was attached later
         X, tokens, truncated, _ = self.router.encode(prompts)
         P, C = self.router.predict_proba_features(X), self.router.estimate_costs(tokens)

@@ -207,8 +207,8 @@ class FakeUpstream:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
-    def start(self) -> FakeUpstream:
-        upstream = self
+    def start(self) -> Self:
+        upstream: FakeUpstream = self
 
         class Handler(_Handler):
             owner = upstream
@@ -230,7 +230,7 @@ class FakeUpstream:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -238,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like a real API server
     owner: FakeUpstream
 
-    def log_message(self, *args) -> None:  # keep test output quiet
+    def log_message(self, *args: object) -> None:  # keep test output quiet
         pass
 
     def do_GET(self) -> None:

@@ -28,8 +28,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -93,7 +95,7 @@ class FeedbackJournal:
         self._where: dict[str, tuple[str, int]] = {}  # request id or alias -> (segment file name, byte offset)
         self._segment_ids: dict[str, list[str]] = {}  # segment file name -> ids and aliases in it
         self._given: set[str] = set()  # request ids that have feedback
-        self._segment = None
+        self._segment: BinaryIO | None = None
         self._segment_name = ""
         self._segment_opened = 0.0
         self._last_prune = 0.0
@@ -152,8 +154,9 @@ class FeedbackJournal:
                 break
             kind, payload, future = op
             try:
-                result = {"routed": self._write_routed, "feedback": self._write_feedback,
-                          "flush": self._flush}[kind](payload)
+                handlers: dict[str, Callable[[Any], object]] = {
+                    "routed": self._write_routed, "feedback": self._write_feedback, "flush": self._flush}
+                result = handlers[kind](payload)
                 if future is not None:
                     future.set_result(result)
             except Exception as exc:  # handed to whoever waits, or logged
@@ -190,23 +193,25 @@ class FeedbackJournal:
                         continue
         self._prune()
 
-    def _open_segment(self) -> None:
+    def _open_segment(self) -> BinaryIO:
         if self._segment is not None:
             self._segment.close()
         self._segment_name = f"routed-{time.time_ns():020d}.jsonl"
         self._segment = open(self.folder / self._segment_name, "ab")  # noqa: SIM115 - open until the next segment
         self._segment_ids[self._segment_name] = []
         self._segment_opened = time.time()
+        return self._segment
 
     def _write_routed(self, record: dict) -> None:
-        if self._segment is None or self._segment.tell() >= self.segment_bytes or \
+        segment = self._segment
+        if segment is None or segment.tell() >= self.segment_bytes or \
                 time.time() - self._segment_opened > self.retention_s / 4:
-            self._open_segment()
+            segment = self._open_segment()
             self._prune()
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        offset = self._segment.tell()
-        self._segment.write(line)
-        self._segment.flush()
+        offset = segment.tell()
+        segment.write(line)
+        segment.flush()
         for name in [record["id"], *record.get("aliases", [])]:
             self._where[name] = (self._segment_name, offset)
             self._segment_ids[self._segment_name].append(name)
@@ -222,7 +227,8 @@ class FeedbackJournal:
         name, offset = where
         with open(self.folder / name, "rb") as f:
             f.seek(offset)
-            return json.loads(f.readline())
+            record: dict = json.loads(f.readline())
+            return record
 
     def _write_feedback(self, payload: tuple[str, float, str | None]) -> dict:
         request_id, score, target = payload
@@ -245,7 +251,7 @@ class FeedbackJournal:
         self.feedback_recorded += 1
         return {"id": record["id"], "target": target, "score": score, "chosen": record["chosen"]}
 
-    def _flush(self, _payload) -> None:
+    def _flush(self, _payload: object) -> None:
         if self._segment is not None:
             self._segment.flush()
 

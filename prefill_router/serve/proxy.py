@@ -27,9 +27,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from prefill_router.data.prompt import Message
 from prefill_router.errors import EncoderError
 from prefill_router.serve.auth import client_key
-from prefill_router.serve.engine import BadMessages, Routed, RoutingEngine, routing_messages
+from prefill_router.serve.engine import BadMessages, Routed, RoutingEngine, SessionMode, routing_messages
 from prefill_router.serve.errors import GatewayError, error_body, error_response
 from prefill_router.serve.jsonbody import BadBody, parse_json_body
 from prefill_router.serve.models import (
@@ -61,8 +62,8 @@ class UpstreamStream(Response):
     (what was seen of them) once it is over, however it ended.
     """
 
-    def __init__(self, upstream: httpx.Response, headers: dict[str, str], on_disconnect, on_error,
-                 on_end: Callable[[StreamFacts], None]):
+    def __init__(self, upstream: httpx.Response, headers: dict[str, str], on_disconnect: Callable[[], None],
+                 on_error: Callable[[Exception], None], on_end: Callable[[StreamFacts], None]):
         # Not Response.__init__: that would declare a Content-Length for an empty body.
         self.status_code = upstream.status_code
         self.background = None
@@ -166,7 +167,7 @@ def choose_model(gw: Gateway, body: dict, default: str | None = None) -> ModelCh
         raise GatewayError(400, str(exc), code="model_not_found") from None
 
 
-def messages_of(body: dict) -> list[dict]:
+def messages_of(body: dict) -> list[Message]:
     try:
         return routing_messages(body.get("messages"))
     except BadMessages as exc:
@@ -182,12 +183,11 @@ def router_options(engine: RoutingEngine, body: dict, choice: ModelChoice) -> tu
         raise GatewayError(400, str(exc), code="invalid_router_options") from None
 
 
-async def decide(gw: Gateway, engine: RoutingEngine, choice: ModelChoice, messages: list[dict],
-                 options: RouterOptions, request: Request, body: dict) -> Routed | None:
-    if choice.pinned is not None:
-        return None
+async def decide(gw: Gateway, engine: RoutingEngine, choice: ModelChoice, messages: list[Message],
+                 options: RouterOptions, request: Request, body: dict) -> Routed:
     # router.session asks for a sticky session explicitly; the header and `user` pin in sticky mode only.
-    session, mode = options.session, ("sticky" if options.session else None)
+    session = options.session
+    mode: SessionMode | None = "sticky" if options.session else None
     if session is None and gw.config.sessions.mode == "sticky":
         session = request.headers.get("x-session-id") or (body["user"] if isinstance(body.get("user"), str)
                                                           and body["user"] else None)
@@ -250,8 +250,12 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     stream = bool(stream)
     options, choice = router_options(engine, body, choice)
     body = {k: v for k, v in body.items() if k != "router"}  # the gateway's own field, never forwarded
-    decision = await decide(gw, engine, choice, messages, options, request, body)
-    chosen = choice.pinned or decision.target
+    decision: Routed | None = None
+    if choice.pinned is not None:
+        chosen = choice.pinned
+    else:
+        decision = await decide(gw, engine, choice, messages, options, request, body)
+        chosen = decision.target
     # A pinned target is what the caller asked for by name: retried, never silently replaced.
     chain = [chosen] if choice.pinned else gw.config.fallback_chain(chosen)
     if options.models:  # an allow-list binds the fallbacks too: no target outside it answers
@@ -279,10 +283,10 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     for key, value in relayed_headers(reply.response.headers).items():
         if not key.lower().startswith("x-router-"):
             headers.setdefault(key, value)
-    answered = reply.response.status_code < 400
-    entry = gw.note_decision(request_id, choice.requested, decision, chosen, reply.target, messages, stream) \
-        if answered else None
-    if stream and answered:
+    if reply.response.status_code >= 400:  # the upstream's refusal, passed through (nothing to account)
+        return Response(content=reply.response.content, status_code=reply.response.status_code, headers=headers)
+    entry = gw.note_decision(request_id, choice.requested, decision, chosen, reply.target, messages, stream)
+    if stream:
         target = reply.target
 
         def on_disconnect() -> None:
@@ -297,13 +301,12 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         return UpstreamStream(reply.response, headers, on_disconnect, on_error,
                               lambda facts: gw.account(entry, facts.usage))
     content = reply.response.content
-    if answered:
-        reply_id, usage = reply_facts(content)
-        gw.account(entry, usage)
-        if decision is not None:
-            gw.record_features(engine, request_id, reply_id, decision, reply.target)
-        if options.return_decision:  # streams carry the decision in headers only
-            content = with_decision(content, decision, chosen, reply, request_id)
+    reply_id, usage = reply_facts(content)
+    gw.account(entry, usage)
+    if decision is not None:
+        gw.record_features(engine, request_id, reply_id, decision, reply.target)
+    if options.return_decision:  # streams carry the decision in headers only
+        content = with_decision(content, decision, chosen, reply, request_id)
     return Response(content=content, status_code=reply.response.status_code, headers=headers)
 
 

@@ -30,7 +30,8 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 log = logging.getLogger("prefill_router.serve")
 
 
-class RequestDeadline(AutoHTTPProtocol):  # type: ignore[valid-type]
+# uvicorn binds AutoHTTPProtocol at import time (h11's or httptools' class), so it is no static base class.
+class RequestDeadline(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
     """uvicorn's HTTP protocol (h11 or httptools) plus a deadline for receiving each whole request.
 
     The deadline runs while the connection waits for a request or its body: from the connection opening, or
@@ -40,7 +41,7 @@ class RequestDeadline(AutoHTTPProtocol):  # type: ignore[valid-type]
 
     read_timeout_s: float = 30.0
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:
         self._deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._update_deadline()
@@ -162,7 +163,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+    def start(self, timeout_s: float = 30.0) -> Self:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
@@ -179,7 +180,7 @@ class BackgroundServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

@@ -12,6 +12,7 @@ from typing import Annotated
 import httpx
 from fastapi import Depends, Request
 
+from prefill_router.data.prompt import Message
 from prefill_router.errors import ConfigError
 from prefill_router.serve.config import GatewayConfig
 from prefill_router.serve.engine import Routed, RoutingEngine, Scorer
@@ -115,7 +116,7 @@ class Gateway:
 
     # --- what a chat request leaves behind ----------------------------------------------------------------
     def note_decision(self, request_id: str, model: str, decision: Routed | None, chosen: str, answered_by: str,
-                      messages: list[dict], stream: bool) -> dict:
+                      messages: list[Message], stream: bool) -> dict:
         """An entry of the recent decisions (GET /v1/decisions, the dashboard); its usd is filled in later."""
         preview_chars = self.config.ui.prompt_preview_chars
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -154,7 +155,8 @@ class Gateway:
 
 def gateway(request: Request) -> Gateway:
     """FastAPI dependency: the running gateway."""
-    return request.app.state.gateway
+    gw: Gateway = request.app.state.gateway
+    return gw
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]

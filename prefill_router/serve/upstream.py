@@ -26,12 +26,9 @@ the response is handed over and later failures end the stream.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -235,41 +232,3 @@ class UpstreamPool:
         headers = [(k, v) for k, v in response.headers.multi_items()
                    if k.lower() not in ("content-length", "content-encoding", "transfer-encoding")]
         return httpx.Response(response.status_code, headers=headers, content=bytes(data), request=response.request)
-
-
-T = TypeVar("T")
-
-
-class EventLoopThread:
-    """A private event loop in a daemon thread, so synchronous code (the `Client`) can drive the async pool.
-
-    Works even when the caller's own thread already runs an event loop (a notebook, an async app).
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="prefill-router-client", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Awaitable[T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
-        """Yield the items of an async iterator from this loop; closing the iterator closes the source."""
-        try:
-            while True:
-                try:
-                    yield self.run(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
-                self.run(aclose())
-
-    def close(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-        if not self.loop.is_running():
-            self.loop.close()
