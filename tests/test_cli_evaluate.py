@@ -61,6 +61,14 @@ def test_evaluate_many_targets(tmp_path, capsys):
     # Words tell maths from law, so TF-IDF routes far better than any single target (best one: pricey, ~70%).
     assert summary["tfidf-logreg"]["accuracy"]["mean"] > summary["best single"]["accuracy"]["mean"] + 0.1
     assert summary["tfidf-logreg"]["mean_auc"]["mean"] > 0.8
+    # P-AUCCC beside AIQ for every router, none for the fixed baselines (they have no sweep)
+    assert "| AIQ | P-AUCCC |" in printed
+    for name in ("tfidf-logreg", "prior", "label-oracle"):
+        assert 0.0 < summary[name]["p_auccc"]["mean"] <= 1.0
+    assert "p_auccc" not in summary["oracle"]
+    # knowing the answers, the label oracle is fully right at cheap and mid's cost; the prior (the same P for
+    # every prompt) only moves between single targets, so it covers less at every budget
+    assert summary["label-oracle"]["p_auccc"]["mean"] > summary["prior"]["p_auccc"]["mean"]
     assert "two_target" not in report
 
 
