@@ -8,6 +8,7 @@ import pytest
 from prefill_router.errors import ConfigError
 from prefill_router.router.base import Policy
 from prefill_router.router.policy import (
+    DEFAULT_MAX_ACCURACY_DROP,
     ArgmaxPolicy,
     TolerancePolicy,
     UtilityPolicy,
@@ -150,16 +151,44 @@ def test_default_policy_is_utility_at_the_largest_weight_keeping_best_single_acc
                 + rng.normal(0, 0.1, (n, 2)), 0, 1)
     C = np.tile([1.0, 0.1], (n, 1))
     grid = np.linspace(0, 2, 41)
-    spec, info = choose_default_policy(P, Y, C, lambdas=grid)
-    assert spec == f"utility:{info['lambda']:g}" and info["best_single"] == 0 and info["reached"]
-    assert info["cost_per_query"] < 1.0  # some traffic moved to the cheap target
     rows = np.arange(n)
-    accuracy = [Y[rows, UtilityPolicy(float(lam)).choose(P, C)].mean() for lam in grid]
-    kept = [a >= Y[:, 0].mean() for a in accuracy]
-    i = int(np.flatnonzero(grid == info["lambda"])[0])
-    assert all(kept[:i + 1]) and (i == len(grid) - 1 or not kept[i + 1])  # the first stretch, to its end
+    accuracy = np.array([Y[rows, UtilityPolicy(float(lam)).choose(P, C)].mean() for lam in grid])
+    for drop in (0.0, DEFAULT_MAX_ACCURACY_DROP, 0.05):
+        spec, info = choose_default_policy(P, Y, C, lambdas=grid, max_drop=drop)
+        assert spec == f"utility:{info['lambda']:g}" and info["best_single"] == 0 and info["reached"]
+        assert info["cost_per_query"] < 1.0  # some traffic moved to the cheap target
+        level = Y[:, 0].mean() - drop
+        i = int(np.flatnonzero(grid == info["lambda"])[0])
+        assert info["smoothed_accuracy"] >= level - 1e-12
+        # every larger weight is below the level on average from there on: no later stretch was skipped
+        assert all(accuracy[j:].mean() < level for j in range(i + 1, len(grid)))
+    default, _ = choose_default_policy(P, Y, C, lambdas=grid)
+    exact, _ = choose_default_policy(P, Y, C, lambdas=grid, max_drop=0.0)
     looser, _ = choose_default_policy(P, Y, C, lambdas=grid, max_drop=0.05)
-    assert float(looser.split(":")[1]) >= info["lambda"]  # a looser bound saves more
+    lam = [float(spec.split(":")[1]) for spec in (exact, default, looser)]
+    assert lam[0] <= lam[1] <= lam[2] and lam[0] < lam[2]  # a looser bound saves more
+
+
+def test_default_policy_is_not_stopped_by_one_unlucky_row():
+    """Accuracy against the weight: one early dip below the level (the first row moved to the cheap target
+    is wrong there), then five rows the cheap target gets right, then a steady fall. Stopping at the first dip
+    would keep the expensive target; the smoothed curve sees the stretch above the level and takes it."""
+    n = 100
+    Y = np.zeros((n, 2))
+    Y[:90, 0] = 1  # the expensive target is right on 90 %
+    Y[90:95, 1] = 1  # the cheap one is right on five rows the expensive one misses
+    P = np.zeros((n, 2))
+    P[:, 0] = 0.5
+    P[0, 1] = 0.45  # moved first (a row the cheap target gets wrong): the dip
+    P[90:95, 1] = np.linspace(0.44, 0.40, 5)  # moved next: the recovery
+    P[1:61, 1] = np.linspace(0.39, 0.10, 60)  # then the fall
+    C = np.tile([1.0, 0.1], (n, 1))
+    grid = np.linspace(0, 1, 201)
+    spec, info = choose_default_policy(P, Y, C, lambdas=grid, max_drop=0.0)
+    assert info["reached"], spec
+    choice = policy_from_spec(spec).choose(P, C)
+    assert (choice[90:95] == 1).all() and choice[0] == 1
+    assert Y[np.arange(n), choice].mean() >= Y[:, 0].mean()
 
 
 def test_default_policy_is_the_best_single_target_when_routing_loses_accuracy():

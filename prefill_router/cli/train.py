@@ -16,6 +16,7 @@ import numpy as np
 from prefill_router.cli import train_feedback
 from prefill_router.cli.common import add_parser, add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
+from prefill_router.router.policy import DEFAULT_MAX_ACCURACY_DROP
 
 
 def _layers(value: str):
@@ -51,13 +52,13 @@ def register(subparsers) -> None:
     p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss")
     p.add_argument("--policy", default="auto",
                    help="default policy stored in the checkpoint: auto (utility at the cheapest lambda that keeps "
-                        "the best single target's accuracy on out-of-fold training predictions; argmax when there "
-                        "are no prices) | argmax | utility:<lam> | tolerance:<tol>")
+                        "the best single target's accuracy, less --max-accuracy-drop, on out-of-fold training "
+                        "predictions; argmax when there are no prices) | argmax | utility:<lam> | tolerance:<tol>")
     p.add_argument("--calibration-folds", type=int, default=3,
                    help="inner folds for the out-of-fold predictions that --policy auto reads")
-    p.add_argument("--max-accuracy-drop", type=float, default=0.0,
+    p.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
                    help="accuracy --policy auto may give up against the best single target, as a fraction "
-                        "(0.005 = half a point)")
+                        "(default 0.01 = one point; 0 keeps it exactly, which small training sets rarely allow)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="share of prompts held out (prompt-level split) and scored after training")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the models")

@@ -6,10 +6,10 @@
     FixedPolicy(k)          always target k (what a router falls back to when routing would lose accuracy)
 
 `policy_from_spec("utility:0.3")` builds one from a short string (CLI, config, request model names).
-`choose_default_policy` picks the policy a trained router uses by default: utility at the largest weight up to
-which the best single target's accuracy holds on (out-of-fold) training rows, or that single target when
-routing loses accuracy even at weight 0. `calibrate_lambda` picks the weight
-that meets a budget or a traffic share instead.
+`choose_default_policy` picks the policy a trained router uses by default: utility at the largest weight whose
+smoothed accuracy on (out-of-fold) training rows stays within `max_drop` (one point by default) of the best
+single target's, or that single target when routing loses more even at weight 0. `calibrate_lambda` picks
+the weight that meets a budget or a traffic share instead.
 
 Unknown costs (NaN) rank after every known cost; a target whose P is NaN is never chosen unless the whole
 row is NaN, in which case the cheapest target is.
@@ -195,22 +195,32 @@ def policy_from_spec(spec: str) -> Policy:
 DEFAULT_LAMBDAS = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)])
 
 
-def choose_default_policy(P: ArrayLike, Y: ArrayLike, C: ArrayLike, *, max_drop: float = 0.0,
+# How much accuracy the default ("auto") policy may give up against always calling the best single target, as a
+# fraction (0.01: one point). At 0 a router trained on a few thousand prompts mostly falls back to that target:
+# the flat top of the cost-accuracy curve, where savings are nearly free, sits within noise of the level.
+DEFAULT_MAX_ACCURACY_DROP = 0.01
+
+
+def choose_default_policy(P: ArrayLike, Y: ArrayLike, C: ArrayLike, *,
+                          max_drop: float = DEFAULT_MAX_ACCURACY_DROP,
                           lambdas: Sequence[float] | None = None,
                           cost_scale: float | None = None) -> tuple[str, dict]:
     """The default policy of a trained router, as a spec, and facts about it on these rows.
 
     The level to keep is the accuracy of always calling the most accurate single target on these rows, less
-    `max_drop` (a fraction: 0.005 is half a point). Walking the utility weight up from 0, the choice is the
-    largest weight before accuracy first drops below the level (raising the weight never raises cost, so this
-    is the cheapest weight of the first stretch that keeps the level). Stopping at the first drop, rather
-    than taking any cheaper weight that reaches the level again later, keeps noise in the accuracy curve from
-    being picked as savings. When routing is below the level even at weight 0, the default is that single
-    target ("fixed:<k>"): the router then costs what the best model costs, and loses nothing.
+    `max_drop` (a fraction: 0.01 is one point). The utility weight is swept over the grid; raising it never
+    raises cost, and accuracy falls as it grows, but the measured curve is noisy: a single unlucky row can dip
+    it below the level early, and a lucky stretch can lift it back later. So the curve is smoothed by a
+    non-increasing isotonic fit (pool-adjacent-violators: each dip is averaged with its neighbours, not
+    trusted alone), and the choice is the largest weight whose smoothed accuracy keeps the level. When even
+    the smoothed curve starts below the level, the default is that single target ("fixed:<k>"): the router
+    then costs what the best model costs, and loses nothing.
 
     Use out-of-fold (or held-out) predictions of TRAINING rows: in-sample P are overconfident. Y may hold NaN
     (not run); those pairs count in neither accuracy.
     """
+    from sklearn.isotonic import IsotonicRegression
+
     P, C = _inputs(P, C)
     Y = np.asarray(Y, dtype=np.float64)
     if Y.shape != P.shape or not P.shape[0]:
@@ -225,23 +235,25 @@ def choose_default_policy(P: ArrayLike, Y: ArrayLike, C: ArrayLike, *, max_drop:
     best = int(np.argmax(target_acc))
     level = float(target_acc[best]) - max_drop - 1e-12
     rows = np.arange(len(P))
-    facts = {"rule": f"utility at the largest lambda keeping best-single accuracy - {max_drop:g} on training rows; "
-                     f"else the best single target",
-             "best_single": best, "best_single_accuracy": float(target_acc[best]),
+    facts = {"rule": f"utility at the largest lambda whose smoothed accuracy keeps best-single accuracy - "
+                     f"{max_drop:g} on out-of-fold training rows; else the best single target",
+             "max_drop": max_drop, "best_single": best, "best_single_accuracy": float(target_acc[best]),
              "best_single_cost_per_query": _mean_known(C[:, best])}
-    kept = None
-    for lam in grid:
-        choice = UtilityPolicy(float(lam), cost_scale).choose(P, C)
-        accuracy = _mean_known(Y[rows, choice])
-        if not accuracy >= level:
-            break
-        kept = (float(lam), accuracy, _mean_known(C[rows, choice]))
-    if kept is None:
+    choices = [UtilityPolicy(float(lam), cost_scale).choose(P, C) for lam in grid]
+    accuracy = np.array([_mean_known(Y[rows, choice]) for choice in choices])
+    known = np.flatnonzero(np.isfinite(accuracy))
+    smoothed = np.full(len(grid), -np.inf)
+    if known.size:
+        smoothed[known] = IsotonicRegression(increasing=False).fit_transform(known, accuracy[known])
+    kept = np.flatnonzero(smoothed >= level)
+    if not kept.size:
         return f"fixed:{best}", {**facts, "accuracy": facts["best_single_accuracy"],
                                  "cost_per_query": facts["best_single_cost_per_query"], "reached": False}
-    lam, accuracy, cost = kept
-    return f"utility:{lam:g}", {**facts, "lambda": lam, "accuracy": accuracy, "cost_per_query": cost,
-                                "reached": True}
+    i = int(kept[-1])
+    lam = float(grid[i])
+    return f"utility:{lam:g}", {**facts, "lambda": lam, "accuracy": float(accuracy[i]),
+                                "smoothed_accuracy": float(smoothed[i]),
+                                "cost_per_query": _mean_known(C[rows, choices[i]]), "reached": True}
 
 
 def _mean_known(values: np.ndarray) -> float:

@@ -3,8 +3,9 @@ the SharedTrunkNet ensemble, the cost model and the default policy on training r
 runtime `Router` (router/runtime.py) ready to save.
 
 The default policy ("auto" at training time) is the one the evaluation reports (`policy.choose_default_policy`):
-utility at the largest lambda up to which the best single target's accuracy holds on out-of-fold predictions
-of the training rows, or always that target ("fixed:<k>") when routing loses accuracy even at lambda 0.
+utility at the largest lambda whose smoothed accuracy on out-of-fold predictions of the training rows stays
+within `max_accuracy_drop` (one point by default) of the best single target's, or always that target
+("fixed:<k>") when routing loses more even at lambda 0.
 Without prices there is nothing to trade, and the default is argmax.
 """
 
@@ -23,7 +24,7 @@ from prefill_router.features.protocol import PrefillEncoder
 from prefill_router.features.store import FeatureSet
 from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.layers import choose_states
-from prefill_router.router.policy import choose_default_policy, policy_from_spec
+from prefill_router.router.policy import DEFAULT_MAX_ACCURACY_DROP, choose_default_policy, policy_from_spec
 from prefill_router.router.runtime import Router, encoder_identity, encoder_spec_dict, spec_from_identity
 from prefill_router.router.transform import FeatureTransform, select_hidden_states
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
@@ -51,7 +52,8 @@ class RouterTrainConfig(BaseModel):
     policy: str = "auto"
     calibration_folds: int = Field(default=3, ge=0)   # inner folds for the out-of-fold P that "auto" reads
     calibration_seeds: int = Field(default=3, ge=1)   # ensemble size inside those folds (cheaper than the full one)
-    max_accuracy_drop: float = Field(default=0.0, ge=0, lt=1)  # "auto" may lose this much accuracy (a fraction)
+    # accuracy "auto" may give up against the best single target (a fraction)
+    max_accuracy_drop: float = Field(default=DEFAULT_MAX_ACCURACY_DROP, ge=0, lt=1)
     seed: int = 0
 
     @classmethod
