@@ -59,13 +59,15 @@ LEGEND = """Columns (every number on held-out prompts, mean over folds):
 - **gap captured**: (argmax acc - best single acc) / (oracle acc - best single acc).
 - **$/1k (argmax)**: USD per 1,000 queries of the argmax choice.
 - **default: acc / $/1k / saves vs best**: the default policy a trained router deploys: utility
-  P - λ·cost/cost_max with the cheapest λ that keeps the best single target's accuracy on training rows
-  (λ chosen on 3-fold out-of-fold predictions of each fold's training rows, never on test rows); its
-  accuracy, cost, and cost saved against always calling the best single target.
+  P - λ·cost/cost_max with the cheapest λ whose smoothed accuracy stays within one point of the best single
+  target's (λ chosen on 3-fold out-of-fold predictions of each fold's training rows, never on test rows); its
+  accuracy, cost, and cost saved against always calling the best single target, ± the std over folds.
 - **savings @ best-single acc**: cost saved against the most expensive target at the cheapest point of the
   test-row λ sweep that reaches best-single accuracy (read on test rows: optimistic); — where the sweep of
   some fold never reaches it.
 - **AIQ**: area under the cost-accuracy convex hull of the λ sweep, normalised by the cost range.
+- **P-AUCCC**: area under the running-max cost-accuracy (cost-coverage) curve of the same sweep, on the same
+  normalised cost axis: unlike AIQ it does not bridge dips in the curve.
 - Rows: *best single* is the target most accurate on training rows; *oracle* the cheapest correct target per
   prompt; *random* a uniform pick. `prefill-*` rows read the encoder's hidden states; `*-minilm` rows read
   all-MiniLM-L6-v2 sentence embeddings; `tfidf-logreg` reads TF-IDF word n-grams."""
@@ -411,6 +413,8 @@ def _default_policy_section(router, folder: Path) -> str:
         lines.append(f"On out-of-fold predictions of its training prompts: accuracy {info['accuracy']:.2%} against "
                      f"{info['best_single_accuracy']:.2%} for always calling "
                      f"{router.targets[info['best_single']]}, at {info['cost_per_query'] / base:.0%} of its cost.")
+    lines.append("The accuracy bound is `prefill-router train --max-accuracy-drop` (default 0.01, one point; 0 keeps "
+                 "the best single target's accuracy exactly, which few training sets of this size allow).")
     lines += ["", "```python", "from prefill_router.router import Router", "",
               f'router = Router.load("{folder}")',
               'router.route("What is 17 * 23?").target          # the default policy',

@@ -45,10 +45,12 @@ FOLD_METRICS = {
                                        "the test-row sweep whose accuracy reaches the best single target's",
     "cost_per_1k_at_best_single_accuracy": "USD per 1,000 queries at that point",
     "lambda_at_best_single_accuracy": "that lambda (chosen on test rows: an optimistic reading)",
+    "p_auccc": "P-AUCCC: area under the running-max cost-coverage curve of the utility-lambda sweep on AIQ's "
+               "cost axis, in [0, 1]",
     "lambda_train": "the default policy's lambda, chosen on training rows only by the rule of a trained "
-                    "router (router.policy.choose_default_policy): utility at the largest lambda up to which "
-                    "the most accurate single target's accuracy holds on cross-fitted predictions of the "
-                    "training rows; NaN where the default is that single target (routing lost accuracy)",
+                    "router (router.policy.choose_default_policy): utility at the largest lambda whose smoothed "
+                    "accuracy on cross-fitted predictions of the training rows stays within one point of the "
+                    "most accurate single target's; NaN where the default is that single target",
     "accuracy_at_lambda_train": "test accuracy of the default policy",
     "cost_per_1k_at_lambda_train": "test USD per 1,000 queries of the default policy",
     "savings_at_lambda_train": "test cost savings vs the most expensive target of the default policy",

@@ -307,6 +307,8 @@ POOL_COLUMNS = [("mean_auc", "mean AUC", "num"), ("accuracy", "argmax acc", "pct
                 ("savings_at_best_single_accuracy", "savings @ best-single acc", "pct"),
                 ("max_curve_accuracy", "max acc on curve", "pct"), ("aiq", "AIQ", "num"),
                 ("p_auccc", "P-AUCCC", "num")]
+# Columns shown as mean ± fold std: how much the default policy's outcome moves from one training set to the next.
+POOL_SPREAD = ("accuracy_at_lambda_train", "savings_vs_best_single_at_lambda_train")
 
 
 def pool_summary(report: Report) -> list[dict]:
@@ -314,7 +316,8 @@ def pool_summary(report: Report) -> list[dict]:
     fold-mean utility curve."""
     out = []
     for r in report.rows:
-        entry = {"name": r.name, **{key: r.stat(key)[0] for key, _, _ in POOL_COLUMNS}}
+        entry = {"name": r.name, **{key: r.stat(key)[0] for key, _, _ in POOL_COLUMNS},
+                 **{f"{key}_std": r.stat(key)[1] for key in POOL_SPREAD}}
         reached = sum(np.isfinite(f.get("savings_at_best_single_accuracy", np.nan)) for f in r.folds)
         if reached < len(r.folds):  # a mean over the few folds that got there would flatter a weak router
             entry["savings_at_best_single_accuracy"] = float("nan")
@@ -326,6 +329,6 @@ def pool_summary(report: Report) -> list[dict]:
 
 def pool_markdown(title: str, rows: list[dict]) -> str:
     table = markdown_table(["contender", *(h for _, h, _ in POOL_COLUMNS)],
-                           [[r["name"], *(_fmt(r[key], float("nan"), how) for key, _, how in POOL_COLUMNS)]
-                            for r in rows])
+                           [[r["name"], *(_fmt(r[key], r.get(f"{key}_std", float("nan")), how)
+                                          for key, _, how in POOL_COLUMNS)] for r in rows])
     return "\n".join([f"### {title}", "", *table]) + "\n"
