@@ -45,6 +45,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ from prefill_router.errors import ConfigError, DataError, EncoderError, PrefillR
 from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_list, converted_gguf_folder, resolve
 from prefill_router.features.extract import fill_rows, open_store
 from prefill_router.features.store import FeatureSet, FeatureStore
-from prefill_router.features.template import as_messages, render
+from prefill_router.features.template import as_messages
 from prefill_router.utils import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ DEFAULT_SHARD_SIZE = 1000
 CPU_THREADS_PER_ACTOR = 4
 
 
-def require_ray():
+def require_ray() -> ModuleType:
     """Import Ray, or raise a ConfigError that says how to install it."""
     try:
         import ray
@@ -80,7 +81,7 @@ def require_ray():
 # The encoder's shape without its weights
 
 
-def describe_encoder(spec: EncoderSpec | Encoder | str | Path | dict | None = None, **overrides) -> Encoder:
+def describe_encoder(spec: EncoderSpec | Encoder | str | Path | dict | None = None, **overrides: Any) -> Encoder:
     """An Encoder whose weights live on the meta device (no memory): identity, hidden size, number of hidden
     states, context length and layer checks are those of the real encoder; it cannot encode. Arguments as
     for `load_encoder`."""
@@ -292,7 +293,7 @@ class ShardedRun:
     compute_seconds: float = 0.0                        # summed time actors spent computing shards
 
 
-def _connect(address: str | None, num_cpus: int | None):
+def _connect(address: str | None, num_cpus: int | None) -> tuple[ModuleType, bool]:
     """Ray, initialised: the caller's session if one is open, else `address`/RAY_ADDRESS, else a local
     cluster. Returns (ray, started_here)."""
     ray = require_ray()
@@ -305,7 +306,7 @@ def _connect(address: str | None, num_cpus: int | None):
     return ray, True
 
 
-def _actor_resources(ray, spec: EncoderSpec, actors: int | None, cpus_per_actor: float | None,
+def _actor_resources(ray: ModuleType, spec: EncoderSpec, actors: int | None, cpus_per_actor: float | None,
                      gpus_per_actor: float | None) -> tuple[int, float, float, int | None]:
     """(actors, CPUs per actor, GPUs per actor, torch threads): one actor per GPU when the cluster has GPUs
     and the encoder may use them, else actors sharing the cluster's CPUs."""
@@ -362,7 +363,7 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder 
     # Bad prompts are named here, before any worker starts (workers would fail on them one shard at a time).
     for row, prompt in enumerate(prompts):
         as_messages(prompt, row)
-    render(prompts[0], shape.tokenizer, shape.spec.template)  # e.g. a chat template the tokenizer lacks
+    shape.tokenize(prompts[:1])  # e.g. a chat template the tokenizer lacks
     store = open_store(prompts, shape, path, poolings=poolings, layers=layers, dtype=dtype, overwrite=overwrite)
     try:
         if store.complete and not (path / SHARDS_DIR / "plan.json").is_file():
@@ -378,8 +379,9 @@ def extract_to_store_ray(prompts: Sequence[Any], encoder: EncoderSpec | Encoder 
     return run
 
 
-def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, shard_size, batch_tokens,
-              progress, address, num_cpus, cpus_per_actor, gpus_per_actor) -> ShardedRun:
+def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors: int | None, shard_size: int | None,
+              batch_tokens: int | None, progress: bool, address: str | None, num_cpus: int | None,
+              cpus_per_actor: float | None, gpus_per_actor: float | None) -> ShardedRun:
     plan = _open_plan(store, shard_size)
     layout = _layout(store)
     done = store.done
@@ -453,9 +455,10 @@ def _run_plan(store: FeatureStore, prompts: list, shape: Encoder, *, actors, sha
 def _our_cause(exc: BaseException) -> PrefillRouterError | None:
     """The first PrefillRouterError in the chain of causes Ray builds around a worker's exception."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, PrefillRouterError):
-            return exc
-        seen.add(id(exc))
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, PrefillRouterError):
+            return link
+        seen.add(id(link))
+        link = getattr(link, "cause", None) or link.__cause__ or link.__context__
     return None

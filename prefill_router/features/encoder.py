@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from prefill_router.features.prefix_cache import BLOCK, PrefixCache, PrefixHit, 
 from prefill_router.features.template import TemplateName, render
 from prefill_router.features.window import WINDOW_RULE
 from prefill_router.utils import atomic_write_json, file_sha256
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ class EncoderSpec(BaseModel):
         return value.strip()
 
     @classmethod
-    def parse(cls, value: EncoderSpec | str | Path | dict | None = None, **overrides) -> EncoderSpec:
+    def parse(cls, value: EncoderSpec | str | Path | dict | None = None, **overrides: Any) -> EncoderSpec:
         """An EncoderSpec from a spec, a model name/path or a dict; errors name the bad field."""
         if isinstance(value, EncoderSpec):
             return value.model_copy(update=overrides) if overrides else value
@@ -145,6 +148,7 @@ def _sha256(path: Path) -> str:
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     index_path = cache_dir() / "file_hashes.json"
+    index: dict[str, str]
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
@@ -240,7 +244,7 @@ def _resolve_hub(spec: EncoderSpec) -> Resolved:
 
 
 @contextmanager
-def _quiet_transformers():
+def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' per-load progress bars and reports; our own messages say what happens."""
     from transformers.utils import logging as hf_logging
 
@@ -260,6 +264,8 @@ def converted_gguf_folder(resolved: Resolved) -> Path:
     """A safetensors + tokenizer copy of a GGUF encoder, de-quantized to float32 (made once, then cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if resolved.gguf_file is None:
+        raise EncoderError(f"{resolved.name} is not a GGUF encoder: there is nothing to convert")
     gguf_path = resolved.folder / resolved.gguf_file
     out = cache_dir() / "encoders" / f"{Path(resolved.gguf_file).stem}-{_sha256(gguf_path)[:16]}"
     if (out / "complete.json").is_file():
@@ -304,10 +310,11 @@ def _pick_device(requested: str) -> torch.device:
 def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return getattr(torch, requested)
+    dtype: torch.dtype = getattr(torch, requested)
+    return dtype
 
 
-def load_encoder(spec: EncoderSpec | str | Path | dict | None = None, **overrides) -> Encoder:
+def load_encoder(spec: EncoderSpec | str | Path | dict | None = None, **overrides: Any) -> Encoder:
     """Load an encoder: `load_encoder()` / `load_encoder("smollm2-135m")`, a hub id, a folder, or a spec.
 
     Keyword overrides set EncoderSpec fields, e.g. `load_encoder("gpt2", template="raw", device="cpu")`.
@@ -345,7 +352,7 @@ QUANTIZE_RULES = {"int8": "torch dynamic int8, nn.Linear except the MLP output p
 FLOAT_LINEARS = ("down_proj", "fc2", "w2", "dense_4h_to_h")
 
 
-def _quantize_int8(model, device: torch.device):
+def _quantize_int8(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
     """Dynamic int8 for the Linear layers (int8 weights per output channel, int8 matmuls on the CPU), except
     the MLP output projections (FLOAT_LINEARS). The embeddings and norms stay float32."""
     if device.type != "cpu":
@@ -359,7 +366,8 @@ def _quantize_int8(model, device: torch.device):
               if isinstance(module, torch.nn.Linear) and not name.endswith(FLOAT_LINEARS)}
     with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, chosen, dtype=torch.qint8)
+        quantized: PreTrainedModel = quantize_dynamic(model, chosen, dtype=torch.qint8)  # a quantized copy
+    return quantized
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,11 +392,12 @@ def set_cpu_threads(threads: int | None = None) -> int:
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int = MAX_BATCH_SIZE) -> list[np.ndarray]:
     """Group prompt indices into batches: longest first, each batch filled while
     (batch size x its longest prompt) stays within `batch_tokens`. A prompt longer than the budget runs alone."""
-    lengths = np.asarray(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
+    sizes = np.asarray(lengths)
+    order = np.argsort(-sizes, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
     while start < len(order):
-        longest = int(lengths[order[start]])
+        longest = int(sizes[order[start]])
         size = max(1, min(max_batch_size, batch_tokens // max(longest, 1)))
         batches.append(order[start:start + size])
         start += size
@@ -406,7 +415,8 @@ def truncate(ids: list[int], max_tokens: int) -> list[int]:
 class Encoder:
     """A loaded encoder. Use `encode(prompts)`; see the module docstring for poolings and truncation."""
 
-    def __init__(self, spec: EncoderSpec, tokenizer, model, resolved: Resolved | None):
+    def __init__(self, spec: EncoderSpec, tokenizer: PreTrainedTokenizerBase | None, model: PreTrainedModel,
+                 resolved: Resolved | None):
         self.spec, self.tokenizer, self.model, self._resolved = spec, tokenizer, model, resolved
         config = model.config
         self.num_hidden_states = int(config.num_hidden_layers) + 1
@@ -454,7 +464,7 @@ class Encoder:
 
     def _context_length(self) -> int:
         config = self.model.config
-        limits = [getattr(config, name) for name in ("max_position_embeddings", "n_positions", "seq_length")
+        limits: list[int] = [getattr(config, name) for name in ("max_position_embeddings", "n_positions", "seq_length")
                   if isinstance(getattr(config, name, None), int)]
         tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**7:
@@ -464,7 +474,8 @@ class Encoder:
         return min(limits)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, spec: EncoderSpec | None = None) -> Encoder:
+    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None,
+                   spec: EncoderSpec | None = None) -> Encoder:
         """Wrap a base model already in memory (e.g. random weights for benchmarks). Without a tokenizer,
         pass `token_ids` to `iter_batches`. Such an encoder has no identity (its files are unknown)."""
         return cls(spec or EncoderSpec(model=type(model).__name__), tokenizer, model.eval(), None)
@@ -485,14 +496,17 @@ class Encoder:
     def tokenize(self, prompts: Sequence[Any]) -> list[list[int]]:
         """Token ids of each templated prompt, before truncation."""
         prompts = _as_prompt_list(prompts)
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise EncoderError("this encoder has no tokenizer (Encoder.from_model without one): pass token_ids")
         window = self.spec.max_route_tokens is not None
-        rendered = [render(p, self.tokenizer, self.spec.template, row=i, window=window)
+        rendered = [render(p, tokenizer, self.spec.template, row=i, window=window)
                     for i, p in enumerate(prompts)]
         ids: list[list[int]] = [None] * len(rendered)  # type: ignore[list-item]
         for special in (False, True):
             rows = [i for i, (_, add) in enumerate(rendered) if add is special]
             if rows:
-                encoded = self.tokenizer([rendered[i][0] for i in rows], add_special_tokens=special)["input_ids"]
+                encoded = tokenizer([rendered[i][0] for i in rows], add_special_tokens=special)["input_ids"]
                 for i, row_ids in zip(rows, encoded):
                     ids[i] = list(row_ids)
         for i, row_ids in enumerate(ids):
@@ -561,12 +575,12 @@ class Encoder:
                 if hit is not None:
                     hits[i] = hit
         rest = np.array([i for i in range(len(ids)) if i not in hits], dtype=np.int64)
-        work = [(np.array([i]), hit) for i, hit in hits.items()]
+        work: list[tuple[np.ndarray, PrefixHit | None]] = [(np.array([i]), hit) for i, hit in hits.items()]
         work += [(rest[batch], None) for batch in plan_batches([lengths[i] for i in rest], budget)]
         try:
             for rows, hit in work:
-                if hit is not None:
-                    pooled = self._forward_on_prefix(ids[rows[0]], hit, poolings, layer_ids)
+                if hit is not None and cache is not None:  # (a hit comes from the cache)
+                    pooled = self._forward_on_prefix(cache, ids[rows[0]], hit, poolings, layer_ids)
                 else:
                     pooled = self._forward([ids[i] for i in rows], poolings, layer_ids)
                 yield rows, pooled
@@ -605,15 +619,16 @@ class Encoder:
         # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         deepest = max(layer_ids)
-        kv = self._new_kv_cache()
+        cache = self.prefix_cache
+        kv = _new_kv_cache() if cache is not None else None  # filled by the forward, for the prefixes kept
         with torch.inference_mode():
             hidden = self._hidden_states(input_ids, mask, positions, deepest, kv)
-            if kv is not None:
-                self._store_prefixes(batch, mask, hidden, kv, deepest)
+            if cache is not None and kv is not None:
+                self._store_prefixes(cache, batch, mask, hidden, kv, deepest)
             lengths = mask.sum(-1)
             last = (torch.arange(longest, device=self.device) * mask).argmax(-1)  # last real token per row
             weights = (mask.float() / lengths[:, None].float()).unsqueeze(1)  # [b, 1, T]
-            result = {name: [] for name in poolings}
+            result: dict[str, list[torch.Tensor]] = {name: [] for name in poolings}
             for layer in layer_ids:
                 states = hidden[layer].float()
                 if "mean" in result:
@@ -624,8 +639,7 @@ class Encoder:
                     result["last"].append(states[torch.arange(size, device=self.device), last])
             return {name: torch.stack(parts, 1).cpu().numpy() for name, parts in result.items()}
 
-
-    def _forward_on_prefix(self, ids: list[int], hit: PrefixHit, poolings: Sequence[str],
+    def _forward_on_prefix(self, cache: PrefixCache, ids: list[int], hit: PrefixHit, poolings: Sequence[str],
                            layer_ids: list[int]) -> dict[str, np.ndarray]:
         """One prompt whose first `hit.tokens` tokens are cached: only the rest runs, attending to the cached
         keys and values; mean pooling adds the cached running sums."""
@@ -641,37 +655,39 @@ class Encoder:
             new = torch.stack([hidden[s][0].float() for s in range(deepest + 1)])  # [S, new tokens, H]
             before = entry.block_sums[:deepest + 1, hit.blocks - 1]  # [S, H]: sums over the cached prefix
             blocks = len(ids) // BLOCK - hit.blocks
-            self.prefix_cache.store(ids, deepest, self._kv_of_row(kv, deepest, 0, 0, len(ids)), torch.cat(
+            cache.store(ids, deepest, self._kv_of_row(kv, deepest, 0, 0, len(ids)), torch.cat(
                 [entry.block_sums[:deepest + 1, :hit.blocks], sums_at_blocks(new, blocks, before)], 1))
-            result = {}
+            result: dict[str, torch.Tensor] = {}
             if "mean" in poolings:
                 result["mean"] = ((before[layer_ids] + new[layer_ids].sum(1)) / len(ids))[None]
             if "last" in poolings:
                 result["last"] = new[layer_ids, -1][None]
             return {name: result[name].cpu().numpy() for name in poolings}
 
-    def _new_kv_cache(self):
-        """An empty KV cache to fill during a forward when prefixes are being kept, else None."""
-        if self.prefix_cache is None:
-            return None
-        from transformers import DynamicCache
-
-        return DynamicCache()
-
-    def _kv_of_row(self, kv, deepest: int, row: int, start: int, length: int) -> list:
+    def _kv_of_row(self, kv: DynamicCache, deepest: int, row: int, start: int,
+                   length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of one batch row's keys and values over its whole blocks (so the batch's tensors can go)."""
-        end = start + length // BLOCK * BLOCK
-        return [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
-                for layer in kv.layers[:deepest]]
+        from transformers.cache_utils import CacheLayerMixin
 
-    def _store_prefixes(self, batch: list[list[int]], mask, hidden, kv, deepest: int) -> None:
+        end = start + length // BLOCK * BLOCK
+        out = []
+        for layer in kv.layers[:deepest]:
+            # A dynamic cache's layers hold plain key and value tensors once a forward has filled them.
+            if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+                raise EncoderError(f"prefix reuse: unexpected KV cache layer {type(layer).__name__}")
+            out.append((layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone()))
+        return out
+
+    def _store_prefixes(self, cache: PrefixCache, batch: list[list[int]], mask: torch.Tensor,
+                        hidden: Sequence[torch.Tensor], kv: DynamicCache, deepest: int) -> None:
         for row, row_ids in enumerate(batch):
             start = int(mask[row].long().argmax())  # first real token: 0 under right padding
             states = torch.stack([hidden[s][row, start:start + len(row_ids)].float() for s in range(deepest + 1)])
-            self.prefix_cache.store(row_ids, deepest, self._kv_of_row(kv, deepest, row, start, len(row_ids)),
+            cache.store(row_ids, deepest, self._kv_of_row(kv, deepest, row, start, len(row_ids)),
                                     sums_at_blocks(states, len(row_ids) // BLOCK))
 
-    def _hidden_states(self, input_ids, mask, positions, deepest: int, kv=None) -> Sequence[torch.Tensor]:
+    def _hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, deepest: int,
+                       kv: DynamicCache | None = None) -> Sequence[torch.Tensor]:
         """Hidden states 0..deepest (index l = output of decoder layer l). Early exit: when no state past
         `deepest` is wanted, the forward stops after decoder layer `deepest`, so a router reading states up
         to 18 of SmolLM2's 30 runs 18 layers. The final state (after the model's last norm) needs every layer.
@@ -681,8 +697,10 @@ class Encoder:
         layers = self._decoder_layers()
         cache = {"cache": kv, "use_cache": kv is not None}
         if layers is None or deepest >= len(layers):
-            return self.model(input_ids=input_ids, attention_mask=mask.long(), position_ids=positions,
-                              output_hidden_states=True, **cache).hidden_states
+            every: Sequence[torch.Tensor] = self.model(input_ids=input_ids, attention_mask=mask.long(),
+                                                       position_ids=positions, output_hidden_states=True,
+                                                       **cache).hidden_states
+            return every
         capture = self._capture
         capture.states, capture.stop_after = [], deepest
         try:
@@ -690,12 +708,13 @@ class Encoder:
         except _EarlyExit:
             pass
         finally:
-            states, capture.states = capture.states, None
+            states: list[torch.Tensor] = capture.states
+            capture.states = None
         if len(states) != deepest + 1:
             raise EncoderError(f"early exit captured {len(states)} hidden states, expected {deepest + 1}")
         return states
 
-    def _decoder_layers(self):
+    def _decoder_layers(self) -> torch.nn.ModuleList | None:
         """The decoder's layer list with capture hooks installed once, or None when the model does not expose
         one (then every call runs the whole model)."""
         if not hasattr(self, "_capture"):
@@ -710,19 +729,26 @@ class Encoder:
                     layer.register_forward_hook(functools.partial(self._record_output, index))
         return self._layers
 
-    def _record_input(self, module, args, kwargs):
+    def _record_input(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if getattr(self._capture, "states", None) is not None:
             self._capture.states.append(args[0] if args else kwargs["hidden_states"])
             if self._capture.stop_after == 0:  # the embeddings alone: no decoder layer runs
                 raise _EarlyExit
 
-    def _record_output(self, index: int, module, args, output):
+    def _record_output(self, index: int, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         capture = self._capture
         if getattr(capture, "states", None) is None:
             return
         capture.states.append(output[0] if isinstance(output, tuple) else output)
         if index >= capture.stop_after:
             raise _EarlyExit
+
+
+def _new_kv_cache() -> DynamicCache:
+    """An empty KV cache, filled during a forward whose prefixes are kept."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 class _EarlyExit(Exception):
@@ -732,10 +758,10 @@ class _EarlyExit(Exception):
 def _as_prompt_list(prompts: Any) -> list:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and isinstance(prompts[0], dict):
-        return [prompts]  # one chat conversation
-    return prompts
+    items = list(prompts)
+    if items and isinstance(items[0], dict):
+        return [items]  # one chat conversation
+    return items
 
 
 def _check_poolings(poolings: Sequence[str]) -> list[str]:

@@ -14,19 +14,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from prefill_router.data.prompt import prompt_hashes
 from prefill_router.errors import ConfigError
-from prefill_router.features.encoder import Encoder, _as_prompt_list, _check_poolings
+from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_list, _check_poolings
 from prefill_router.features.store import FeatureSet, FeatureStore, identity_diff, is_store, remove_store
 
 log = logging.getLogger(__name__)
 
 
-def loadable_spec(spec) -> dict:
+def loadable_spec(spec: EncoderSpec) -> dict:
     """The encoder spec as JSON, with a local model path made absolute, so that a router trained from this
     store can load the same encoder later from another working directory."""
     data = spec.model_dump(mode="json")
@@ -56,7 +56,8 @@ def _mismatch(store: FeatureSet, identity: dict, hashes: list[str], wanted: dict
     return None
 
 
-def open_store(prompts: list, encoder: Encoder, path: Path, *, poolings=None, layers=None, dtype: str = "float16",
+def open_store(prompts: list, encoder: Encoder, path: Path, *, poolings: Sequence[str] | None = None,
+               layers: Sequence[int] | str | None = None, dtype: str = "float16",
                overwrite: bool = False) -> FeatureStore:
     """The store at `path` for these prompts and this encoder, opened for writing: an existing store when it
     matches (identity, prompts, held layers), else a new one (replacing a mismatched one only with
@@ -113,7 +114,17 @@ def extract_to_store(prompts: Sequence[Any], encoder: Encoder, path: str | Path,
     return FeatureSet.open(path)
 
 
-def fill_rows(store: FeatureStore, encoder: Encoder, prompts: list, rows: np.ndarray, *,
+class RowSink(Protocol):
+    """Where `fill_rows` writes: a FeatureStore, or one shard's in-memory buffer (features/distributed.py)."""
+
+    hidden_states: dict[str, list[int]]
+    poolings: list[str]
+
+    def write(self, rows: np.ndarray, features: dict[str, np.ndarray],
+              tokens: np.ndarray | None = None) -> None: ...
+
+
+def fill_rows(store: RowSink, encoder: Encoder, prompts: list, rows: np.ndarray, *,
               batch_tokens: int | None = None, progress: bool = True) -> None:
     """Compute `prompts` and write them to store rows `rows`, batch by batch (each batch is durable)."""
     union = sorted({layer for layers in store.hidden_states.values() for layer in layers})

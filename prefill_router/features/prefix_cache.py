@@ -85,7 +85,9 @@ class PrefixCache:
         with self._lock:
             for b in range(usable - 1, -1, -1):
                 key = self._index.get(hashes[b])
-                entry = self._entries.get(key) if key is not None else None
+                if key is None:
+                    continue
+                entry = self._entries.get(key)
                 # Hashes can collide; the ids cannot lie.
                 if entry is not None and entry.depth >= depth and entry.ids[:(b + 1) * BLOCK] == ids[:(b + 1) * BLOCK]:
                     self._entries.move_to_end(key)

