@@ -270,7 +270,7 @@ def test_read_prompts_jsonl_and_csv(tmp_path):
     ('{"prompt_id": "1", "prompt": "ok"}\n{"prompt_id": "2", "prompt": ', 2, None, "malformed JSON"),
     ('{"prompt_id": "1", "prompt": "   "}\n', 1, "prompt", "empty prompt"),
     ('{"prompt_id": "1", "answer": "A"}\n', 1, "prompt", "missing"),
-    ('{"prompt_id": "1", "messages": [{"role": "robot", "content": "hi"}]}\n', 1, "messages", "unknown role"),
+    ('{"prompt_id": "1", "messages": [{"role": "robot", "content": "hi"}]}\n', 1, "messages", "'robot' is not a chat role"),
     ('{"prompt_id": "1", "messages": []}\n', 1, "messages", "non-empty"),
     ('{"prompt_id": "1", "prompt": "a"}\n{"prompt_id": "1", "prompt": "b"}\n', 2, "prompt_id", "first on line 1"),
     ('["not", "an", "object"]\n', 1, None, "JSON object"),

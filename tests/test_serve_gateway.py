@@ -280,11 +280,17 @@ def test_bad_requests_get_openai_style_errors(router, upstreams):
         assert_openai_error(chat(client, "router", []), 400, "invalid_messages")
         assert_openai_error(chat(client, "router", [{"role": "user", "content": ""}]), 400, "invalid_messages")
         assert_openai_error(chat(client, "router", [{"content": "no role"}]), 400, "invalid_messages")
+        wizard = chat(client, "router", [{"role": "wizard", "content": "hi"}])
+        assert_openai_error(wizard, 400, "invalid_messages")
+        assert "'wizard' is not a chat role" in wizard.json()["error"]["message"]
         unknown = chat(client, "gpt-17", question(1))
         assert_openai_error(unknown, 400, "model_not_found")
         assert "gpt-17" in unknown.json()["error"]["message"]
         assert_openai_error(client.post(url, json={"messages": question(1)}), 400, "model_not_found")
         assert_openai_error(chat(client, "router:-3", question(1)), 400, "model_not_found")
+        number = client.post(url, json={"model": 5, "messages": question(1)})
+        assert_openai_error(number, 400, "model_not_found")
+        assert "'model' must be a string" in number.json()["error"]["message"]
         big = chat(client, "router", [{"role": "user", "content": "x" * 5000}])
         assert_openai_error(big, 413, "request_too_large")
         # a body without Content-Length (chunked) is cut off at the limit too
@@ -292,7 +298,7 @@ def test_bad_requests_get_openai_style_errors(router, upstreams):
         assert_openai_error(chunked, 413, "request_too_large")
         assert_openai_error(client.get("/v1/nothing-here"), 404)
         assert sum(up.calls() for up in upstreams.values()) == 0
-        assert metric(client, "prefill_router_errors_total", status="400", code="invalid_messages") == 4
+        assert metric(client, "prefill_router_errors_total", status="400", code="invalid_messages") == 5
         ok = chat(client, "router", question(1))
         assert ok.status_code == 200  # nothing above broke the server
 

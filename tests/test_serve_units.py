@@ -147,6 +147,7 @@ def test_routing_messages_keeps_text_only():
     ([{"role": "user", "content": 5}], "messages[0].content"),
     ([{"role": "user", "content": [5]}], "messages[0].content[0]"),
     ([{"role": "user", "content": "   "}], "no text"), ([{"role": "user", "content": ""}], "no text"),
+    ([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}], "messages[1].role 'wizard'"),
 ])
 def test_routing_messages_errors(messages, words):
     with pytest.raises(BadMessages, match=words.replace("[", r"\[").replace("]", r"\]")):

@@ -17,12 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefill_router.data.prompt import Prompt, check_prompt, message_text, prompt_hash, prompt_text
+from prefill_router.data.prompt import Prompt, check_prompt, message_text, prompt_hash, prompt_text, unknown_role
 from prefill_router.data.readers import iter_jsonl_objects
 from prefill_router.errors import DataError
-
-# The roles OpenAI-compatible chat APIs accept; collect sends the messages as they are, so it checks them.
-ROLES = ("system", "user", "assistant", "tool", "developer")
 
 REFERENCE_FIELDS = ("answer", "reference")
 
@@ -66,13 +63,13 @@ def _check_messages(value: Any, file: str, line: int) -> list[dict]:
         raise DataError("must be a non-empty list of {role, content} objects", file=file, line=line,
                         field="messages")
     try:
-        check_prompt(value)  # the shape every stage reads; the messages themselves are sent as given
+        # the shape every stage reads; the messages themselves are sent as given, so their roles must be chat roles
+        normal = check_prompt(value)
+        problem = None if isinstance(normal, str) else unknown_role(normal)
     except DataError as exc:
         raise DataError(str(exc), file=file, line=line, field="messages") from None
-    for i, m in enumerate(value):
-        if m["role"] not in ROLES:
-            raise DataError(f"messages[{i}] has unknown role {m['role']!r}", file=file, line=line,
-                            field="messages")
+    if problem:
+        raise DataError(problem, file=file, line=line, field="messages")
     # A target answers the user, so a user message must hold text (a system prompt alone is not a request).
     if not any(message_text(m.get("content")).strip() for m in value if m["role"] == "user"):
         raise DataError("no user message with content", file=file, line=line, field="messages")

@@ -33,6 +33,9 @@ class Message(TypedDict):
 
 
 Prompt = str | list[Message]
+# The roles OpenAI-compatible chat APIs accept ("function" is the deprecated name of "tool"). Data files may use
+# others (the encoder reads any role); what is sent to an LLM, by `collect` or the gateway, must use these.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 HashScheme = Literal["features", "dataset_id", "collect_id"]
 
 
@@ -54,6 +57,14 @@ def message_text(content: Any, where: str = "content") -> str:
                 texts.append(part["text"])
         return "\n".join(texts)
     raise DataError(f"{where} must be a string, a list of parts, or null")
+
+
+def unknown_role(messages: list[Message]) -> str | None:
+    """Why these messages cannot go to an OpenAI-compatible API because of a role, or None."""
+    for i, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            return f"messages[{i}].role {m['role']!r} is not a chat role; use one of {', '.join(CHAT_ROLES)}"
+    return None
 
 
 def as_prompt(prompt: Any) -> Prompt:

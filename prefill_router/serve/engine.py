@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from prefill_router.data.prompt import Message, check_prompt, prompt_hash
+from prefill_router.data.prompt import Message, check_prompt, prompt_hash, unknown_role
 from prefill_router.errors import DataError
 from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.batching import LengthBuckets, LRUCache
@@ -106,6 +106,9 @@ def routing_messages(messages: Any) -> list[Message]:
     except DataError as exc:
         raise BadMessages(str(exc)) from None
     assert not isinstance(normal, str)  # a list stays a list
+    problem = unknown_role(normal)  # the messages go upstream as sent: an unknown role would fail there
+    if problem:
+        raise BadMessages(problem)
     return [m for m in normal if m["content"]]
 
 

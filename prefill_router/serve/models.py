@@ -36,8 +36,11 @@ class ModelChoice:
 
 def resolve_model(name: object, targets: Sequence[str], presets: Mapping[str, Preset], *,
                   default_policy: str | None = None, default_lam: float | None = None) -> ModelChoice:
-    if not isinstance(name, str) or not name:
+    if name is None or name == "":
         raise UnknownModel("'model' is required: 'router', 'router:<lambda>', 'router:<preset>' or a target name")
+    if not isinstance(name, str):
+        raise UnknownModel(f"'model' must be a string such as 'router' or a target name, got {name!r} "
+                           f"({type(name).__name__})")
     if name in targets:
         return ModelChoice(name, pinned=name)
     if name == ROUTER_ALIAS:
