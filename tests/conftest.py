@@ -38,6 +38,34 @@ def isolated_cache(_test_cache_folder, monkeypatch) -> Path:
     return _test_cache_folder / "prefill-router"
 
 
+@pytest.fixture(scope="module")
+def upstream_names() -> list[str]:
+    """The fake upstreams `upstreams` starts; a test module overrides this fixture to name others."""
+    from gateway_helpers import TARGETS
+
+    return list(TARGETS)
+
+
+@pytest.fixture(scope="module")
+def upstreams(upstream_names):
+    """{name: FakeUpstream}: real OpenAI-compatible HTTP servers on 127.0.0.1, one per `upstream_names`,
+    started once per test module (a server per test would cost a port and a thread each)."""
+    from gateway_helpers import running_upstreams
+
+    with running_upstreams(upstream_names) as started:
+        yield started
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstreams(request) -> None:
+    """A test that uses `upstreams` sees them fresh: no scripted behaviours or recorded requests left by the
+    test before it, and each answers "answer from <name>" by default."""
+    if "upstreams" in request.fixturenames:
+        from gateway_helpers import reset_upstreams
+
+        reset_upstreams(request.getfixturevalue("upstreams"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The routing data shipped with the package (MMLU-Pro, RouteLLM): always present."""

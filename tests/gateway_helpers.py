@@ -1,6 +1,9 @@
 """What the gateway tests share: a tiny router over three priced targets, and one fake upstream per target.
 
-    from gateway_helpers import TARGETS, PRICES, question, train_tiny_router, running_upstreams, reset_upstreams
+    from gateway_helpers import TARGETS, PRICES, question, train_tiny_router, upstream_targets
+
+A test takes the fake upstreams as the `upstreams` fixture (conftest.py: started once per module, fresh for each
+test; a module names others by overriding `upstream_names`); `running_upstreams` starts them inside one test.
 """
 
 from __future__ import annotations

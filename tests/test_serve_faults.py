@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from gateway_helpers import reset_upstreams, running_upstreams
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.serve.app import create_app
@@ -45,23 +44,19 @@ class FixedScorer:
 
 
 @pytest.fixture(scope="module")
-def ups():
-    with running_upstreams(NAMES) as started:
-        yield started
+def upstream_names() -> list[str]:
+    return NAMES  # the shared `upstreams` fixture (conftest.py) starts these
 
 
 @pytest.fixture(autouse=True)
-def fresh(request, monkeypatch):
+def upstream_key(monkeypatch):
     monkeypatch.setenv("PR_FAULTS_UPSTREAM_KEY", UPSTREAM_KEY)
-    if "ups" in request.fixturenames:
-        reset_upstreams(request.getfixturevalue("ups"))
-    yield
 
 
-def config(ups, timeout_s=2.0, **overrides) -> dict:
+def config(upstreams, timeout_s=2.0, **overrides) -> dict:
     data = {
         "router": {"checkpoint": None},
-        "targets": [{"name": n, "base_url": ups[n].base_url, "model": f"{n}-upstream", "timeout_s": timeout_s,
+        "targets": [{"name": n, "base_url": upstreams[n].base_url, "model": f"{n}-upstream", "timeout_s": timeout_s,
                      "api_key_env": "PR_FAULTS_UPSTREAM_KEY"} for n in NAMES],
         "fallback_order": NAMES,
         "batching": {"max_batch_size": 1, "max_wait_ms": 0},
@@ -71,8 +66,8 @@ def config(ups, timeout_s=2.0, **overrides) -> dict:
 
 
 @contextmanager
-def gateway(ups, timeout_s=2.0, log_level="warning", **overrides):
-    app = create_app(parse_gateway_config(config(ups, timeout_s, **overrides)), FixedScorer())
+def gateway(upstreams, timeout_s=2.0, log_level="warning", **overrides):
+    app = create_app(parse_gateway_config(config(upstreams, timeout_s, **overrides)), FixedScorer())
     with BackgroundServer(app, log_level=log_level) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
         yield client, server
@@ -98,10 +93,10 @@ def assert_error(response, status, code):
 
 
 # --- timeout_s is a deadline for the whole attempt, and request_timeout_s for the whole request ------------------
-def test_an_upstream_dripping_its_body_hits_the_attempt_deadline_and_falls_back(ups):
+def test_an_upstream_dripping_its_body_hits_the_attempt_deadline_and_falls_back(upstreams):
     # Headers at once, then a piece of the body every 0.25 s for 40 s: no single read ever waits 1 s.
-    ups["a"].default = Drip(40, Answer("word " * 500), every_s=0.25)
-    with gateway(ups, timeout_s=1, retries=0) as (client, _):
+    upstreams["a"].default = Drip(40, Answer("word " * 500), every_s=0.25)
+    with gateway(upstreams, timeout_s=1, retries=0) as (client, _):
         start = time.monotonic()
         r = chat(client)
         elapsed = time.monotonic() - start
@@ -110,11 +105,11 @@ def test_an_upstream_dripping_its_body_hits_the_attempt_deadline_and_falls_back(
     assert elapsed < 20  # well before the 40 s drip would have finished
 
 
-def test_request_timeout_bounds_every_attempt_and_fallback_together(ups):
-    for up in ups.values():
+def test_request_timeout_bounds_every_attempt_and_fallback_together(upstreams):
+    for up in upstreams.values():
         up.default = Stall(30)
     # Alone, each of the 4 attempts (2 targets x 1 retry) would wait its 5 s: 20 s.
-    with gateway(ups, timeout_s=5, retries=1, request_timeout_s=1.5) as (client, _):
+    with gateway(upstreams, timeout_s=5, retries=1, request_timeout_s=1.5) as (client, _):
         start = time.monotonic()
         r = chat(client)
         elapsed = time.monotonic() - start
@@ -123,9 +118,9 @@ def test_request_timeout_bounds_every_attempt_and_fallback_together(ups):
     assert elapsed < 10
 
 
-def test_a_stream_that_stalls_after_its_headers_ends_with_an_error_event(ups):
-    ups["a"].default = Answer("one two three four", chunk_delay_s=30)  # headers and first chunk, then silence
-    with gateway(ups, timeout_s=1) as (client, _):
+def test_a_stream_that_stalls_after_its_headers_ends_with_an_error_event(upstreams):
+    upstreams["a"].default = Answer("one two three four", chunk_delay_s=30)  # headers and first chunk, then silence
+    with gateway(upstreams, timeout_s=1) as (client, _):
         start = time.monotonic()
         r = chat(client, stream=True)
         elapsed = time.monotonic() - start
@@ -139,12 +134,12 @@ def test_a_stream_that_stalls_after_its_headers_ends_with_an_error_event(ups):
                                    Fail(403, "Forbidden", echo_key=True),
                                    Raw(302, "moved", headers={"Location": "http://127.0.0.1:9/elsewhere"})],
                          ids=["401", "403", "302"])
-def test_an_upstream_refusing_its_key_or_redirecting_falls_back_and_never_leaks(ups, reply):
-    ups["a"].default = reply
-    with gateway(ups) as (client, _):
+def test_an_upstream_refusing_its_key_or_redirecting_falls_back_and_never_leaks(upstreams, reply):
+    upstreams["a"].default = reply
+    with gateway(upstreams) as (client, _):
         routed = chat(client)
         assert routed.status_code == 200, routed.text
-        assert routed.headers["x-router-target"] == "b" and ups["a"].calls() == 1  # no retry of a refusal
+        assert routed.headers["x-router-target"] == "b" and upstreams["a"].calls() == 1  # no retry of a refusal
         assert "location" not in routed.headers
         pinned = chat(client, model="a")  # no fallback for a pinned target: a 502 of the gateway's own
     message = assert_error(pinned, 502, "all_upstreams_failed")
@@ -157,11 +152,11 @@ def test_an_upstream_refusing_its_key_or_redirecting_falls_back_and_never_leaks(
 
 # --- "stream" must be a boolean -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["false", 1, {}, [], "true"])
-def test_stream_must_be_a_boolean(ups, value):
-    with gateway(ups) as (client, _):
+def test_stream_must_be_a_boolean(upstreams, value):
+    with gateway(upstreams) as (client, _):
         r = chat(client, stream=value)
         assert "'stream'" in assert_error(r, 400, "invalid_stream")
-        assert ups["a"].calls() == 0
+        assert upstreams["a"].calls() == 0
         assert chat(client, stream=False).status_code == 200 and chat(client, stream=None).status_code == 200
 
 
@@ -180,8 +175,8 @@ BAD_BODIES = {
 
 
 @pytest.mark.parametrize("name", list(BAD_BODIES))
-def test_nan_infinity_lone_surrogates_and_deep_nesting_get_a_400(ups, name, caplog):
-    with gateway(ups) as (client, _), caplog.at_level(logging.ERROR):
+def test_nan_infinity_lone_surrogates_and_deep_nesting_get_a_400(upstreams, name, caplog):
+    with gateway(upstreams) as (client, _), caplog.at_level(logging.ERROR):
         r = client.post("/v1/chat/completions", content=BAD_BODIES[name].encode(),
                         headers={"Content-Type": "application/json"})
     message = assert_error(r, 400, "invalid_json")
@@ -192,7 +187,7 @@ def test_nan_infinity_lone_surrogates_and_deep_nesting_get_a_400(ups, name, capl
         assert message.startswith("user:")
     if name.startswith("surrogate-in-message"):
         assert message.startswith("messages[0].content:")
-    assert ups["a"].calls() == 0 and ups["b"].calls() == 0
+    assert upstreams["a"].calls() == 0 and upstreams["b"].calls() == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no tracebacks
 
 
@@ -209,10 +204,10 @@ def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
         return True
 
 
-def test_stalled_and_half_sent_client_connections_are_closed(ups):
+def test_stalled_and_half_sent_client_connections_are_closed(upstreams):
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
     partial_body = head + b"Content-Length: 500\r\n\r\n" + b'{"model": "a", '
-    with gateway(ups, listen={"read_timeout_s": 1}) as (client, server):
+    with gateway(upstreams, listen={"read_timeout_s": 1}) as (client, server):
         sockets = []
         for payload in [b""] * 10 + [head] * 10 + [partial_body] * 10 + [b"GET /health HTTP/1.1\r\nHo"] * 10:
             sock = socket.create_connection((server.host, server.port))
@@ -252,8 +247,8 @@ def test_accept_errors_when_out_of_file_descriptors_do_not_flood_the_log(tmp_pat
         from prefill_router.serve.config import parse_gateway_config
         from prefill_router.serve.fake_upstream import FakeUpstream
         from prefill_router.serve.server import BackgroundServer
-        ups = {{n: FakeUpstream(name=n).start() for n in ("a", "b")}}
-        app = create_app(parse_gateway_config(config(ups, listen={{"read_timeout_s": 60}})), FixedScorer())
+        upstreams = {{n: FakeUpstream(name=n).start() for n in ("a", "b")}}
+        app = create_app(parse_gateway_config(config(upstreams, listen={{"read_timeout_s": 60}})), FixedScorer())
         with BackgroundServer(app) as server:
             spare = len(os.listdir("/proc/self/fd")) + 20
             resource.setrlimit(resource.RLIMIT_NOFILE, (spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -281,14 +276,14 @@ def test_accept_errors_when_out_of_file_descriptors_do_not_flood_the_log(tmp_pat
 
 
 # --- the stream-disconnect metric counts disconnects only ---------------------------------------------------------
-def test_stream_disconnect_metric_counts_only_streams_the_client_left(ups):
-    with gateway(ups) as (client, server):
+def test_stream_disconnect_metric_counts_only_streams_the_client_left(upstreams):
+    with gateway(upstreams) as (client, server):
         for _ in range(3):
             r = chat(client, stream=True)
             assert r.status_code == 200 and "[DONE]" in r.text
         time.sleep(0.3)
         assert metric(client, "prefill_router_stream_disconnects_total", target="a") == 0
-        ups["a"].default = Answer(" ".join(["word"] * 200), chunk_delay_s=0.05)
+        upstreams["a"].default = Answer(" ".join(["word"] * 200), chunk_delay_s=0.05)
         with httpx.Client(base_url=server.url, timeout=30) as other, \
                 other.stream("POST", "/v1/chat/completions",
                              json={"model": "router", "messages": MESSAGES, "stream": True}) as s:
@@ -301,37 +296,37 @@ def test_stream_disconnect_metric_counts_only_streams_the_client_left(ups):
 
 
 # --- a client that gives up cancels the retry and fallback chain --------------------------------------------------
-def test_a_client_that_leaves_cancels_retries_and_fallbacks(ups):
-    ups["a"].default = Stall(5)  # times out at 3 s: without the client, a retry on a (and then b) would follow
-    with gateway(ups, timeout_s=3, retries=1) as (_, server):
+def test_a_client_that_leaves_cancels_retries_and_fallbacks(upstreams):
+    upstreams["a"].default = Stall(5)  # times out at 3 s: without the client, a retry on a (and then b) would follow
+    with gateway(upstreams, timeout_s=3, retries=1) as (_, server):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", json={"model": "router", "messages": MESSAGES},
                        timeout=1)
         time.sleep(4.5)  # past the moment the retry on a would have been sent
-        assert ups["a"].calls() == 1 and ups["b"].calls() == 0
+        assert upstreams["a"].calls() == 1 and upstreams["b"].calls() == 0
 
 
 # --- 429: Retry-After is honoured, up to max_retry_after_s -----------------------------------------------------------
-def test_429_waits_for_retry_after_up_to_the_cap(ups):
-    ups["a"].script(Fail(429, retry_after=1))
-    with gateway(ups, retries=1, max_retry_after_s=5) as (client, _):
+def test_429_waits_for_retry_after_up_to_the_cap(upstreams):
+    upstreams["a"].script(Fail(429, retry_after=1))
+    with gateway(upstreams, retries=1, max_retry_after_s=5) as (client, _):
         r = chat(client)
         assert r.status_code == 200 and r.headers["x-router-target"] == "a"  # retried on a, after waiting
-        first, second = ups["a"].requests[-2:]
+        first, second = upstreams["a"].requests[-2:]
         assert second.at - first.at >= 0.9
-        ups["a"].reset()
-        ups["a"].script(Fail(429, retry_after=120))  # longer than the cap: on to b at once
+        upstreams["a"].reset()
+        upstreams["a"].script(Fail(429, retry_after=120))  # longer than the cap: on to b at once
         start = time.monotonic()
         r = chat(client)
-        assert r.status_code == 200 and r.headers["x-router-target"] == "b" and ups["a"].calls() == 1
+        assert r.status_code == 200 and r.headers["x-router-target"] == "b" and upstreams["a"].calls() == 1
         assert time.monotonic() - start < 30
 
 
 # --- plain upstream bodies are size-capped -------------------------------------------------------------------------
-def test_an_upstream_body_over_the_cap_is_a_failure_of_that_target(ups):
-    ups["a"].default = Raw(200, json.dumps({"choices": [{"message": {"content": "x" * 200_000}}]}),
+def test_an_upstream_body_over_the_cap_is_a_failure_of_that_target(upstreams):
+    upstreams["a"].default = Raw(200, json.dumps({"choices": [{"message": {"content": "x" * 200_000}}]}),
                            "application/json")
-    with gateway(ups, max_upstream_body_bytes=50_000) as (client, _):
+    with gateway(upstreams, max_upstream_body_bytes=50_000) as (client, _):
         r = chat(client)
         assert r.status_code == 200 and r.headers["x-router-target"] == "b"
         assert "answer from b" in r.text
@@ -341,11 +336,11 @@ def test_an_upstream_body_over_the_cap_is_a_failure_of_that_target(ups):
 
 
 # --- Set-Cookie and hop-by-hop headers are not relayed -------------------------------------------------------------
-def test_upstream_set_cookie_and_hop_by_hop_headers_are_dropped(ups):
+def test_upstream_set_cookie_and_hop_by_hop_headers_are_dropped(upstreams):
     headers = {"Set-Cookie": "upstream_session=abc; Path=/", "X-Request-Id": "req-42", "Upgrade": "h2c",
                "Connection": "keep-alive, X-Private-Hop", "X-Private-Hop": "secret"}
-    ups["a"].default = Answer("hello", headers=headers)
-    with gateway(ups) as (client, _):
+    upstreams["a"].default = Answer("hello", headers=headers)
+    with gateway(upstreams) as (client, _):
         plain = chat(client)
         stream = chat(client, stream=True)
     for r in (plain, stream):
@@ -356,7 +351,7 @@ def test_upstream_set_cookie_and_hop_by_hop_headers_are_dropped(ups):
 
 
 # --- keys sent in a query string never reach the access log --------------------------------------------------------
-def test_query_strings_never_reach_the_access_log(ups, capfd):
+def test_query_strings_never_reach_the_access_log(upstreams, capfd):
     class Keep(logging.Handler):
         def __init__(self):
             super().__init__()
@@ -365,7 +360,7 @@ def test_query_strings_never_reach_the_access_log(ups, capfd):
         def emit(self, record):
             self.lines.append(record.getMessage())
 
-    with gateway(ups, log_level="info", auth={"keys": ["gw-key"]}) as (client, server):
+    with gateway(upstreams, log_level="info", auth={"keys": ["gw-key"]}) as (client, server):
         keep = Keep()
         logging.getLogger("uvicorn.access").addHandler(keep)
         try:

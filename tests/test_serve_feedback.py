@@ -15,8 +15,6 @@ from gateway_helpers import (
     TARGETS,
     metric,
     question,
-    reset_upstreams,
-    running_upstreams,
     train_tiny_router,
     upstream_targets,
     usage_cost,
@@ -42,17 +40,6 @@ def encoder(tiny_encoder_dir):
 @pytest.fixture(scope="module")
 def checkpoint(encoder, tmp_path_factory):
     return train_tiny_router(encoder, tmp_path_factory.mktemp("router"))
-
-
-@pytest.fixture(scope="module")
-def upstreams():
-    with running_upstreams(TARGETS) as ups:
-        yield ups
-
-
-@pytest.fixture(autouse=True)
-def fresh_upstreams(upstreams):
-    reset_upstreams(upstreams)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-from gateway_helpers import TARGETS, question, reset_upstreams, running_upstreams, train_tiny_router
+from gateway_helpers import TARGETS, question, train_tiny_router
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.client import Client, UpstreamHTTPError
@@ -38,19 +38,6 @@ def checkpoint(tiny_encoder_dir, tmp_path_factory):
 def router(checkpoint):
     folder, encoder = checkpoint
     return Router.load(folder, encoder=encoder)
-
-
-@pytest.fixture(scope="module")
-def upstreams():
-    with running_upstreams(TARGETS) as ups:
-        yield ups
-
-
-@pytest.fixture(autouse=True)
-def fresh_upstreams(request):
-    if "upstreams" in request.fixturenames:
-        reset_upstreams(request.getfixturevalue("upstreams"))
-    yield
 
 
 def gateway_config(ups, **overrides) -> dict:

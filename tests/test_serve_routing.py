@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-from gateway_helpers import PRICES, TARGETS, question, reset_upstreams, running_upstreams, train_tiny_router
+from gateway_helpers import PRICES, TARGETS, question, train_tiny_router
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.data.dataset import RoutingDataset
@@ -33,17 +33,6 @@ WINDOW = 32  # max_route_tokens in these tests (the tiny encoder's context is 12
 def router(tiny_encoder_dir, tmp_path_factory):
     encoder = load_encoder(str(tiny_encoder_dir))
     return Router.load(train_tiny_router(encoder, tmp_path_factory.mktemp("router")), encoder=encoder)
-
-
-@pytest.fixture(scope="module")
-def upstreams():
-    with running_upstreams(TARGETS) as ups:
-        yield ups
-
-
-@pytest.fixture(autouse=True)
-def fresh_upstreams(upstreams):
-    reset_upstreams(upstreams)
 
 
 def config(ups, **overrides) -> dict:

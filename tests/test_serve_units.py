@@ -13,7 +13,7 @@ from prefill_router.errors import ConfigError
 from prefill_router.serve.batching import LRUCache, MicroBatcher
 from prefill_router.serve.config import Preset, load_gateway_config, parse_gateway_config
 from prefill_router.serve.engine import BadMessages, messages_key, routing_messages
-from prefill_router.serve.fake_upstream import Answer, Drop, Fail, FakeUpstream, Stall
+from prefill_router.serve.fake_upstream import Answer, Drop, Fail, Stall
 from prefill_router.serve.models import UnknownModel, resolve_model
 from prefill_router.serve.upstream import AllUpstreamsFailed, UpstreamPool
 from prefill_router.targets import TargetConfig
@@ -230,10 +230,9 @@ def test_micro_batcher_size_one_never_batches():
 BODY = {"model": "router", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.3}
 
 
-@pytest.fixture()
-def two_upstreams():
-    with FakeUpstream(name="a") as a, FakeUpstream(name="b") as b:
-        yield a, b
+@pytest.fixture(scope="module")
+def upstream_names() -> list[str]:
+    return ["a", "b"]  # the shared `upstreams` fixture (conftest.py) starts these
 
 
 def _pool(a, b, retries=1, timeout=1.0, failed=None):
@@ -255,8 +254,8 @@ def _chat(pool, chain, body=BODY, stream=False):
     return asyncio.run(main())
 
 
-def test_upstream_rewrites_model_and_keeps_other_fields(two_upstreams):
-    a, b = two_upstreams
+def test_upstream_rewrites_model_and_keeps_other_fields(upstreams):
+    a, b = upstreams["a"], upstreams["b"]
     reply = _chat(_pool(a, b), ["ta", "tb"])
     assert reply.target == "ta" and reply.failed == [] and reply.response.status_code == 200
     sent = a.requests[-1].body
@@ -264,8 +263,8 @@ def test_upstream_rewrites_model_and_keeps_other_fields(two_upstreams):
     assert b.calls() == 0
 
 
-def test_upstream_retries_once_then_falls_back(two_upstreams):
-    a, b = two_upstreams
+def test_upstream_retries_once_then_falls_back(upstreams):
+    a, b = upstreams["a"], upstreams["b"]
     a.script(Fail(503), Fail(500))
     failed = []
     reply = _chat(_pool(a, b, failed=failed), ["ta", "tb"])
@@ -274,24 +273,24 @@ def test_upstream_retries_once_then_falls_back(two_upstreams):
     assert [(f.target, f.status) for f in failed] == [("ta", 503), ("ta", 500)]
 
 
-def test_upstream_retry_succeeds_without_fallback(two_upstreams):
-    a, b = two_upstreams
+def test_upstream_retry_succeeds_without_fallback(upstreams):
+    a, b = upstreams["a"], upstreams["b"]
     a.script(Fail(429, retry_after=1))
     reply = _chat(_pool(a, b), ["ta", "tb"])
     assert reply.target == "ta" and reply.fallbacks == [] and len(reply.failed) == 1
     assert a.calls() == 2 and b.calls() == 0
 
 
-def test_upstream_timeout_and_connection_error_fall_back(two_upstreams):
-    a, b = two_upstreams
+def test_upstream_timeout_and_connection_error_fall_back(upstreams):
+    a, b = upstreams["a"], upstreams["b"]
     a.script(Stall(3), Drop())
     reply = _chat(_pool(a, b, timeout=0.3), ["ta", "tb"])
     assert reply.target == "tb"
     assert "timeout" in reply.failed[0].reason and "connection error" in reply.failed[1].reason
 
 
-def test_upstream_4xx_is_passed_through_without_retry(two_upstreams):
-    a, b = two_upstreams
+def test_upstream_4xx_is_passed_through_without_retry(upstreams):
+    a, b = upstreams["a"], upstreams["b"]
     a.script(Fail(400, "context length exceeded"))
     reply = _chat(_pool(a, b), ["ta", "tb"])
     assert reply.target == "ta" and reply.response.status_code == 400
@@ -299,8 +298,8 @@ def test_upstream_4xx_is_passed_through_without_retry(two_upstreams):
     assert a.calls() == 1 and b.calls() == 0
 
 
-def test_upstream_all_fail_lists_every_attempt(two_upstreams):
-    a, b = two_upstreams
+def test_upstream_all_fail_lists_every_attempt(upstreams):
+    a, b = upstreams["a"], upstreams["b"]
     a.script(Fail(500), Fail(502))
     b.script(Fail(503), Drop())
     with pytest.raises(AllUpstreamsFailed) as exc:
@@ -309,8 +308,8 @@ def test_upstream_all_fail_lists_every_attempt(two_upstreams):
                                                                   ("tb", None)]
 
 
-def test_upstream_missing_api_key_env_skips_to_next(two_upstreams, monkeypatch):
-    a, b = two_upstreams
+def test_upstream_missing_api_key_env_skips_to_next(upstreams, monkeypatch):
+    a, b = upstreams["a"], upstreams["b"]
     monkeypatch.delenv("PR_TEST_UNSET_KEY", raising=False)
     monkeypatch.setenv("PR_TEST_KEY_B", "secret-b")
     targets = [TargetConfig(name="ta", base_url=a.base_url, api_key_env="PR_TEST_UNSET_KEY"),
@@ -328,8 +327,8 @@ def test_upstream_missing_api_key_env_skips_to_next(two_upstreams, monkeypatch):
     assert b.requests[-1].headers["Authorization"] == "Bearer secret-b"
 
 
-def test_upstream_stream_falls_back_before_first_byte(two_upstreams):
-    a, b = two_upstreams
+def test_upstream_stream_falls_back_before_first_byte(upstreams):
+    a, b = upstreams["a"], upstreams["b"]
     a.script(Fail(503), Fail(503))
     b.default = Answer("one two three")
     reply = _chat(_pool(a, b), ["ta", "tb"], body={**BODY, "stream": True}, stream=True)
@@ -337,8 +336,8 @@ def test_upstream_stream_falls_back_before_first_byte(two_upstreams):
     assert b"data: [DONE]" in reply.response.content
 
 
-def test_fake_upstream_stall_is_a_real_timeout(two_upstreams):
-    a, _ = two_upstreams
+def test_fake_upstream_stall_is_a_real_timeout(upstreams):
+    a = upstreams["a"]
     a.script(Stall(2))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(a.base_url + "/chat/completions", json=BODY, timeout=0.2)
