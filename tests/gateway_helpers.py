@@ -68,6 +68,14 @@ def upstream_targets(upstreams: dict[str, FakeUpstream]) -> list[dict]:
              "usd_per_m_input": PRICES[n][0], "usd_per_m_output": PRICES[n][1]} for n, up in upstreams.items()]
 
 
+def gateway_config(upstreams: dict[str, FakeUpstream], **overrides) -> dict:
+    """A gateway config over the fake upstreams (`upstream_targets`; falling back mid, small, big; small quick
+    batches); `overrides` replace whole top-level sections."""
+    return {"router": {"checkpoint": None}, "targets": upstream_targets(upstreams),
+            "fallback_order": ["mid", "small", "big"], "batching": {"max_batch_size": 8, "max_wait_ms": 2},
+            **overrides}
+
+
 def usage_cost(target: str, usage: dict) -> float:
     """USD of one reply's usage at PRICES."""
     usd_in, usd_out = PRICES[target]

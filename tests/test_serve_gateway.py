@@ -8,6 +8,7 @@ import json
 import time
 from contextlib import contextmanager
 
+import gateway_helpers
 import httpx
 import numpy as np
 import pytest
@@ -41,15 +42,11 @@ def router(checkpoint):
 
 
 def gateway_config(ups, **overrides) -> dict:
-    config = {
-        "router": {"checkpoint": None},
-        "targets": [{"name": n, "base_url": ups[n].base_url, "model": f"{n}-upstream", "timeout_s": 2,
-                     "api_key_env": "PR_TEST_UPSTREAM_KEY" if n == "big" else None} for n in TARGETS],
-        "fallback_order": ["mid", "small", "big"],
-        "batching": {"max_batch_size": 8, "max_wait_ms": 2},
-    }
-    config.update(overrides)
-    return config
+    """The shared test config with unpriced targets, 2 s attempts and an upstream API key on "big"."""
+    overrides.setdefault("targets", [
+        {"name": n, "base_url": ups[n].base_url, "model": f"{n}-upstream", "timeout_s": 2,
+         "api_key_env": "PR_TEST_UPSTREAM_KEY" if n == "big" else None} for n in TARGETS])
+    return gateway_helpers.gateway_config(ups, **overrides)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-from gateway_helpers import PRICES, TARGETS, question, train_tiny_router
+from gateway_helpers import PRICES, TARGETS, gateway_config, question, train_tiny_router
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefill_router.data.dataset import RoutingDataset
@@ -35,21 +35,9 @@ def router(tiny_encoder_dir, tmp_path_factory):
     return Router.load(train_tiny_router(encoder, tmp_path_factory.mktemp("router")), encoder=encoder)
 
 
-def config(ups, **overrides) -> dict:
-    data = {
-        "router": {"checkpoint": None},
-        "targets": [{"name": n, "base_url": ups[n].base_url, "model": f"{n}-upstream", "timeout_s": 5,
-                     "usd_per_m_input": PRICES[n][0], "usd_per_m_output": PRICES[n][1]} for n in TARGETS],
-        "fallback_order": ["mid", "small", "big"],
-        "batching": {"max_batch_size": 8, "max_wait_ms": 2},
-    }
-    data.update(overrides)
-    return data
-
-
 @contextmanager
 def gateway(scorer, ups, **overrides):
-    app = create_app(parse_gateway_config(config(ups, **overrides)), scorer)
+    app = create_app(parse_gateway_config(gateway_config(ups, **overrides)), scorer)
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
 
@@ -150,7 +138,7 @@ def test_int8_serving_quantizes_a_copy_of_the_encoder_and_stays_close_to_float32
     int8 = RouterScorer(router, max_route_tokens=WINDOW, quantize="int8")
     for scorer in (fp32, int8):
         scorer.warm_up()
-    assert parse_gateway_config(config(upstreams)).router.quantize == "int8"
+    assert parse_gateway_config(gateway_config(upstreams)).router.quantize == "int8"
     kinds = {type(m).__module__ for m in int8.router.encoder.model.modules()}
     assert any("quantized" in k for k in kinds)
     assert not any("quantized" in type(m).__module__ for m in router.encoder.model.modules())
