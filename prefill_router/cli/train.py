@@ -3,6 +3,7 @@
     prefill-router train --dataset mmlu-pro --features runs/feats --out runs/router
     prefill-router train --dataset labels.csv --prices prices.yaml --features runs/feats --layers 12,18 --out ckpt
     prefill-router train --feedback runs/feedback --from runs/router --out runs/router-2   # gateway feedback
+    prefill-router train --add-target gpt-5-mini --labels labels.csv --price 0.25,2 --from runs/router --out ckpt
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefill_router.cli import train_feedback
+from prefill_router.cli import add_target, train_feedback
 from prefill_router.cli.common import add_parser, add_store_dataset_arguments, open_store_and_dataset
 from prefill_router.errors import ConfigError
 from prefill_router.router.policy import DEFAULT_MAX_ACCURACY_DROP
@@ -36,8 +37,9 @@ def _pca(value: str):
 def register(subparsers) -> None:
     p = add_parser(subparsers, "train", help="train a router on prefill features and save a checkpoint",
                    description=__doc__)
-    add_store_dataset_arguments(p, required=False)  # not with --feedback (cli/train_feedback.py)
+    add_store_dataset_arguments(p, required=False)  # not with --feedback or --add-target
     train_feedback.add_arguments(p)
+    add_target.add_arguments(p)
     p.add_argument("--pooling", default="mean", help="pooling to read from the store")
     p.add_argument("--layers", type=_layers, default="all",
                    help="'all', comma-separated hidden-state indices to concatenate, or 'auto': the fewest "
@@ -72,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from prefill_router.evaluate import metrics
     from prefill_router.router import RouterTrainConfig, train_router
 
+    if args.add_target is not None:
+        return add_target.run(args)
+    if args.labels or args.price:
+        raise ConfigError("--labels and --price go with --add-target NAME")
     if args.feedback:
         return train_feedback.run(args)
     if not args.features or not args.dataset:

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feedback", default=None, metavar="JOURNAL",
                    help="the gateway's feedback.dir (or its feedback.jsonl)")
     g.add_argument("--from", dest="from_checkpoint", default=None, metavar="CHECKPOINT",
-                   help="the checkpoint the gateway served when the feedback was given")
+                   help="the checkpoint to start from: the one the gateway served when the feedback was given, "
+                        "or the one --add-target adds a target to")
     g.add_argument("--refit", choices=["heads", "trunk"], default="heads",
                    help="train only the output layer on the frozen trunk, or every layer")
     g.add_argument("--feedback-holdout", type=float, default=0.2,
