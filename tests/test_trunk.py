@@ -9,7 +9,7 @@ import torch
 from prefill_router.errors import ConfigError, DataError
 from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.baselines import check_labels
-from prefill_router.router.transform import FeatureTransform, select_hidden_states
+from prefill_router.router.transform import FeatureTransform, SourceTransform, select_hidden_states
 from prefill_router.router.trunk import SharedTrunkNet, TrunkConfig, TrunkEnsemble, masked_bce, split_labels
 
 FAST = dict(seeds=2, keep=1, max_epochs=15, patience=5, batch_size=64, threads=1)
@@ -172,3 +172,23 @@ def test_out_of_fold_predictions_never_see_their_own_row():
     X = np.arange(30, dtype=float).reshape(30, 1)
     P = out_of_fold_proba(X, np.zeros((30, 1)), Memorise, folds=3)
     assert np.all(P == 0.0)
+
+
+def test_source_transform_reduces_each_source_on_its_own():
+    rng = np.random.default_rng(0)
+    # source a: wide and loud; source b: narrow and quiet, with one strong direction a joint PCA would drown
+    a = rng.normal(0, 100.0, (300, 40))
+    latent = rng.normal(size=300)
+    b = np.outer(latent, rng.normal(size=6)) * 0.01 + rng.normal(0, 1e-4, (300, 6))
+    X = np.concatenate([a, b], axis=1)
+    t = SourceTransform((40, 6), dims=3).fit(X[:200])
+    Z = t.transform(X[200:])
+    assert Z.shape == (100, 6)
+    alone = [FeatureTransform(3).fit(part[:200]).transform(part[200:]) for part in (a, b)]
+    np.testing.assert_allclose(Z, np.concatenate(alone, axis=1), rtol=1e-5, atol=1e-5)
+    # b's strong direction is its first component; it survives on its own block
+    assert abs(np.corrcoef(Z[:, 3], latent[200:])[0, 1]) > 0.99
+    with pytest.raises(ConfigError, match="sum to 46"):
+        t.transform(X[:, :45])
+    with pytest.raises(ConfigError, match="not fitted"):
+        SourceTransform((40, 6)).transform(X)

@@ -18,7 +18,7 @@ import numpy as np
 
 from prefill_router.evaluate.harness import Contender
 from prefill_router.router.baselines import LogisticPredictor
-from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.transform import FeatureTransform, SourceTransform
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 
 
@@ -46,6 +46,9 @@ class PrefillSettings:
     pca: int | None = 200
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     logistic: bool = True
+    # Column widths of several feature sources concatenated in X, each scaled and reduced on its own
+    # (router.transform.SourceTransform); None: one source.
+    sources: tuple[int, ...] | None = None
 
 
 def prefill_contenders(X: np.ndarray, Y: np.ndarray, C: np.ndarray, cols: list[int], label: str,
@@ -77,8 +80,9 @@ class _Pool:
 
     def features(self, rows: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
         """Scaler + PCA features of `rows`, the transform fitted on `fit_rows` (once per fold, cached)."""
-        transform = self.cache.get(_key("tf", self.label, fit_rows),
-                                   lambda: FeatureTransform(self.settings.pca).fit(self.X[fit_rows]))
+        sources, dims = self.settings.sources, self.settings.pca
+        transform = self.cache.get(_key("tf", self.label, fit_rows), lambda: (
+            FeatureTransform(dims) if sources is None else SourceTransform(sources, dims)).fit(self.X[fit_rows]))
         return transform.transform(self.X[rows])
 
 

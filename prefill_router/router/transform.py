@@ -153,3 +153,33 @@ class FeatureTransform:
     def _check_fitted(self) -> None:
         if not self.fitted:
             raise ConfigError("the feature transform is not fitted; call fit() on training rows first")
+
+
+@dataclass
+class SourceTransform:
+    """Several feature sources side by side (two encoders, or prefill states and a sentence embedding): each
+    source's columns get their own FeatureTransform, so one source's scale or width cannot crowd the other's
+    components out of a joint PCA; the reduced blocks are concatenated.
+
+    widths: the number of flattened columns of each source, in order (they sum to the row width)."""
+
+    widths: tuple[int, ...]
+    dims: int | None = 200
+    parts: list[FeatureTransform] = field(default_factory=list)
+
+    def _blocks(self, X: np.ndarray) -> list[np.ndarray]:
+        flat = np.asarray(X).reshape(len(X), -1)
+        if flat.shape[1] != sum(self.widths):
+            raise ConfigError(f"features have {flat.shape[1]} columns, the sources' widths {list(self.widths)} "
+                              f"sum to {sum(self.widths)}")
+        edges = np.cumsum((0, *self.widths))
+        return [flat[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+    def fit(self, X: np.ndarray, *, seed: int = 0) -> SourceTransform:
+        self.parts = [FeatureTransform(self.dims).fit(block, seed=seed) for block in self._blocks(X)]
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        if not self.parts:
+            raise ConfigError("the source transform is not fitted; call fit() on training rows first")
+        return np.concatenate([part.transform(block) for part, block in zip(self.parts, self._blocks(X))], axis=1)

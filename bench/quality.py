@@ -1,0 +1,203 @@
+"""Routing quality in one run, on the same folds: every feature source and baseline, several datasets.
+
+Rows (contenders), each scored 5-fold on held-out prompts:
+- `prefill-trunk [<source>]`: SharedTrunkNet on one encoder's mean-pooled hidden states (scaler + PCA 200);
+- `prefill-trunk [<a>+<b>]`: two encoders at once, each source scaled and reduced on its own
+  (router.transform.SourceTransform), then concatenated;
+- `prefill-trunk [<source>+minilm]`: prefill states plus the MiniLM sentence embedding, the same way;
+- `mlp-minilm`, `knn-minilm`, `tfidf-logreg`: the semantic baselines.
+
+Columns: mean AUC, argmax accuracy, gap captured, the default policy's accuracy and savings against the best
+single target at the lambda chosen on training rows only (mean ± std over folds), P-AUCCC.
+
+Datasets: MMLU-Pro, a category-stratified sample of --mmlu-rows prompts (seed 0) restricted to the prompts every
+given store holds, on three pools (all 28 targets, five, and gemini pro vs flash); RouteLLM GSM8K (GPT-4 vs
+Mixtral), when --gsm8k names a store.
+
+    .venv/bin/python bench/quality.py --mmlu smollm2=runs/features/mmlu-pro-smollm2-135m \\
+        --mmlu gemma3=runs/features/mmlu-pro-gemma3-270m-sample3000-seed0 \\
+        --gsm8k smollm2=runs/features/routellm-gsm8k-smollm2-135m --mmlu-rows 3000 --out runs/bench-quality
+
+Each store is read at mean pooling, every hidden state it holds up to --max-state (hidden states deeper than
+that cost encoder time at serve time for little AUC; see `train --layers auto`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from prefill_router.cli.pipeline import POOLS  # noqa: E402
+from prefill_router.data import kfold, load_dataset, stratified_sample  # noqa: E402
+from prefill_router.data.prompt import prompt_hashes  # noqa: E402
+from prefill_router.evaluate.contenders import ContenderSettings, EvalInputs, build_contenders  # noqa: E402
+from prefill_router.evaluate.harness import Contender, evaluate_contenders  # noqa: E402
+from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders  # noqa: E402
+from prefill_router.evaluate.report import pool_summary  # noqa: E402
+from prefill_router.features import FeatureSet  # noqa: E402
+from prefill_router.router import TrunkConfig  # noqa: E402
+from prefill_router.utils import atomic_write_json, markdown_table  # noqa: E402
+
+COLUMNS = [("mean_auc", "mean AUC", "{:.3f}"), ("accuracy", "argmax acc", "{:.2%}"),
+           ("gap_captured", "gap captured", "{:.1%}"), ("accuracy_at_lambda_train", "default acc", "{:.2%}"),
+           ("savings_vs_best_single_at_lambda_train", "default saves vs best", "{:.1%}"),
+           ("p_auccc", "P-AUCCC", "{:.3f}")]
+SPREAD = {"accuracy_at_lambda_train", "savings_vs_best_single_at_lambda_train"}
+
+
+def parse_sources(values: list[str]) -> dict[str, Path]:
+    out = {}
+    for value in values:
+        name, _, path = value.partition("=")
+        if not path:
+            raise SystemExit(f"error: expected NAME=STORE, got {value!r}")
+        out[name] = Path(path)
+    return out
+
+
+def store_rows(fs: FeatureSet, prompts: list) -> np.ndarray:
+    """Each prompt's row in the store (matched by prompt hash; positional for a whole-dataset store without
+    hashes), -1 where the store lacks it or has not computed it yet."""
+    if fs.prompt_hashes is None:
+        rows = np.arange(len(prompts)) if fs.n == len(prompts) else np.full(len(prompts), -1)
+    else:
+        where = {h: i for i, h in enumerate(fs.prompt_hashes)}
+        rows = np.array([where.get(h, -1) for h in prompt_hashes(prompts)])
+    done = np.asarray(fs.done, dtype=bool)
+    return np.where((rows >= 0) & done[np.maximum(rows, 0)], rows, -1)
+
+
+def open_sources(stores: dict[str, Path], prompts: list) -> dict[str, tuple[FeatureSet, np.ndarray]]:
+    return {name: (FeatureSet.open(path), store_rows(FeatureSet.open(path), prompts)) for name, path in stores.items()}
+
+
+def source_features(sources: dict[str, tuple[FeatureSet, np.ndarray]], rows: np.ndarray,
+                    max_state: int) -> dict[str, np.ndarray]:
+    """{source: [rows, flattened mean-pooled states up to max_state]} for these dataset rows."""
+    out = {}
+    for name, (fs, where) in sources.items():
+        states = [s for s in fs.hidden_states["mean"] if s <= max_state]
+        out[name] = fs.get("mean", states, rows=where[rows]).reshape(len(rows), -1).astype(np.float32)
+        print(f"  {name}: {fs.path} mean states {states} -> {out[name].shape[1]} columns", file=sys.stderr)
+    return out
+
+
+def prefill_rows(ds, features: dict[str, np.ndarray], minilm: np.ndarray, cols: list[int], args,
+                 cache: FitCache) -> list[Contender]:
+    """The prefill contenders of one pool: trained on every target's labels (once per fold, through the shared
+    fit cache) and read at the pool's columns."""
+    trunk = TrunkConfig(seeds=args.seeds, keep=args.keep, seed=0, threads=args.threads)
+    out: list[Contender] = []
+
+    def add(label: str, blocks: list[np.ndarray]) -> None:
+        settings = PrefillSettings(pca=args.pca, trunk=trunk, logistic=False,
+                                   sources=tuple(b.shape[1] for b in blocks) if len(blocks) > 1 else None)
+        out.extend(prefill_contenders(np.concatenate(blocks, axis=1), ds.Y, ds.C, cols, label, settings, cache))
+
+    names = list(features)
+    for name in names:
+        add(name, [features[name]])
+    if len(names) > 1:
+        add("+".join(names), [features[n] for n in names])
+    add(f"{names[0]}+minilm", [features[names[0]], minilm])
+    return out
+
+
+def evaluate(title: str, ds, features, args, pools: dict[str, list[str] | None]) -> dict[str, list[dict]]:
+    folds = kfold(ds, k=args.folds, seed=0, stratify=True)
+    settings = ContenderSettings(cache_dir=args.embedding_cache, seed=0, threads=args.threads)
+    minilm = np.asarray(EvalInputs(ds, settings).embeddings(), dtype=np.float32)  # cached on disk
+    semantic = build_contenders(["mlp", "knn", "tfidf"], ds, settings)
+    cache = FitCache()
+    results = {}
+    for pool, members in pools.items():
+        pds = ds if members is None else ds.select_targets(members)
+        cols = [ds.targets.index(t) for t in pds.targets]
+        contenders = prefill_rows(ds, features, minilm, cols, args, cache) + semantic
+        t = time.time()
+        report = evaluate_contenders(pds.Y, pds.C, folds, contenders, targets=pds.targets, seed=0,
+                                     groups=pds.groups)
+        key = f"{title} / {pool} ({pds.k} targets)"
+        results[key] = pool_summary(report)
+        print(f"{key}: {time.time() - t:.0f} s", file=sys.stderr, flush=True)
+        print(table(key, results[key]), flush=True)
+    return results
+
+
+def table(title: str, rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        if r["name"] in ("random", "oracle"):
+            continue
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = r.get(key, float("nan"))
+            text = "—" if not np.isfinite(value) else fmt.format(value)
+            std = r.get(f"{key}_std", float("nan"))
+            if key in SPREAD and np.isfinite(value) and np.isfinite(std):
+                text += " ± " + fmt.format(std).rstrip("%") + ("%" if "%" in fmt else "")
+            cells.append(text)
+        body.append([r["name"], *cells])
+    return "\n".join([f"### {title}", "", *markdown_table(["contender", *(h for _, h, _ in COLUMNS)], body), ""])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mmlu", action="append", default=[], help="NAME=STORE of MMLU-Pro features (repeatable)")
+    p.add_argument("--gsm8k", action="append", default=[], help="NAME=STORE of RouteLLM GSM8K features")
+    p.add_argument("--mmlu-rows", type=int, default=3000)
+    p.add_argument("--pools", default="all,five,two", help="MMLU-Pro target pools (see pipeline --pools)")
+    p.add_argument("--max-state", type=int, default=18)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--pca", type=int, default=200)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--keep", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--embedding-cache", default="runs/cache/minilm")
+    p.add_argument("--out", default="runs/bench-quality")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    results: dict[str, list[dict]] = {}
+    notes = []
+    if args.mmlu:
+        ds = load_dataset("mmlu-pro")
+        sample = stratified_sample(ds, args.mmlu_rows, seed=0)
+        sources = open_sources(parse_sources(args.mmlu), [ds.prompts[i] for i in sample])
+        held = np.all([where >= 0 for _, where in sources.values()], axis=0)
+        notes.append(f"MMLU-Pro: {held.sum()} of a {sample.size}-prompt stratified sample (seed 0) held by every "
+                     f"store ({', '.join(sources)})")
+        print(notes[-1], file=sys.stderr)
+        results |= evaluate("MMLU-Pro", ds.subset(sample[held]),
+                            source_features(sources, np.flatnonzero(held), args.max_state), args,
+                            {pool: POOLS[pool] for pool in args.pools.split(",")})
+    if args.gsm8k:
+        ds = load_dataset("routellm-gsm8k")
+        sources = open_sources(parse_sources(args.gsm8k), list(ds.prompts))
+        rows = np.flatnonzero(np.all([where >= 0 for _, where in sources.values()], axis=0))
+        notes.append(f"RouteLLM GSM8K: {rows.size} of {ds.n} prompts")
+        results |= evaluate("RouteLLM GSM8K", ds.subset(rows), source_features(sources, rows, args.max_state),
+                            args, {"two": None})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(["# Routing quality", "", *[f"- {n}" for n in notes],
+                      f"- {args.folds}-fold, held-out prompts; mean pooling at hidden states <= {args.max_state}; "
+                      f"PCA {args.pca} per source; SharedTrunkNet {args.seeds} seeds, best {args.keep} kept",
+                      f"- wall time {time.time() - started:.0f} s", "",
+                      *[table(title, rows_) for title, rows_ in results.items()]])
+    (out / "quality.md").write_text(text + "\n")
+    atomic_write_json(out / "quality.json", {"notes": notes, "results": results})
+    print(f"wrote {out / 'quality.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
