@@ -47,23 +47,24 @@ def upstream_names() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def upstreams(upstream_names):
-    """{name: FakeUpstream}: real OpenAI-compatible HTTP servers on 127.0.0.1, one per `upstream_names`,
-    started once per test module (a server per test would cost a port and a thread each)."""
+def _running_upstreams(upstream_names):
+    """The servers behind `upstreams`, started once per test module (one per test would cost a port and a
+    thread each)."""
     from gateway_helpers import running_upstreams
 
     with running_upstreams(upstream_names) as started:
         yield started
 
 
-@pytest.fixture(autouse=True)
-def _fresh_upstreams(request) -> None:
-    """A test that uses `upstreams` sees them fresh: no scripted behaviours or recorded requests left by the
-    test before it, and each answers "answer from <name>" by default."""
-    if "upstreams" in request.fixturenames:
-        from gateway_helpers import reset_upstreams
+@pytest.fixture
+def upstreams(_running_upstreams):
+    """{name: FakeUpstream}: real OpenAI-compatible HTTP servers on 127.0.0.1, one per `upstream_names`, fresh
+    for each test: no scripted behaviours or recorded requests left by the test before, and each answers
+    "answer from <name>" by default. (A module that defines its own `upstreams` fixture replaces all this.)"""
+    from gateway_helpers import reset_upstreams
 
-        reset_upstreams(request.getfixturevalue("upstreams"))
+    reset_upstreams(_running_upstreams)
+    return _running_upstreams
 
 
 @pytest.fixture(scope="session")
