@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     info = new.training["added_targets"][-1]
     auc = "n/a" if info["cv_auc"] is None else f"{info['cv_auc']:.3f}"
     prior = "n/a" if info["prior_auc"] is None else f"{info['prior_auc']:.3f}"
+    free = "left out" if info["alpha_free"] is None else f"alpha {info['alpha_free']:g}"
     print(f"added {name!r} from {info['labels']} labelled prompts ({info['right']} right): cross-validated AUC "
-          f"{auc} (the old heads' mean ranks them at {prior} before fitting), penalty alpha {info['alpha']:g}")
+          f"{auc} (the old heads' plain mean ranks them at {prior}); mix of old heads alpha {info['alpha_mix']:g}, "
+          f"free correction {free}")
     if info["price"] is not None:
         print(f"price: {json.dumps(info['price'])}")
     print(f"targets: {', '.join(new.targets)}; the old {len(router.targets)} heads are unchanged; default policy "

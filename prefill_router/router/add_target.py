@@ -4,16 +4,19 @@
 
 Nothing the router already had changes: every member's trunk and old output rows are copied bit for bit, so
 the old targets' P are the same function as before (equal up to float32 rounding of the wider matmul, below
-1e-6). Each member gains one output row, a logistic regression on that member's trunk features:
+1e-6). Each member gains one output row, a logistic regression on that member's frozen trunk features h:
 
-    logit = h . (s * w_mean + d) + b,   loss = mean BCE + alpha * |d|^2
+    logit = h . (W_old^T (s / K + e) + d) + b
+    loss  = mean BCE + alpha_mix * |e|^2 + alpha_free * |d|^2
 
-w_mean is the mean of the member's old output rows: the trunk was trained so that this direction reads how hard
-a prompt is for the targets it knows, which is most of what a new model's failures share with them. s and b
-are free; the penalty pulls the rest (d) towards that prior, so 50 labels learn a scale and an offset while
-1,000 labels can learn the target's own pattern. alpha is chosen by k-fold cross-validated log loss on the
-labels (the same alpha for every member); the out-of-fold predictions at that alpha are reported as the new
-head's cross-validated AUC. The fit is full-batch L-BFGS in float64: deterministic for the same labels.
+W_old [K, width] are the member's old output rows. The first term is a mix of the old heads' logits, shrunk
+towards their plain mean (e = 0): a new model fails mostly where the known ones do, and one of them may be its
+close relative (a model's smaller sibling), so 50 labels need to learn only a few weights. d is a free correction
+in the trunk's feature space, for what no old head reads (it matters when the router has few targets). s and b
+are free. alpha_mix is chosen by k-fold cross-validated log loss on the labels with d left out; then alpha_free,
+and d is kept only if it lowers that loss (one choice for every member). The out-of-fold predictions at the
+chosen penalties are reported as the new head's cross-validated AUC. The fit is full-batch L-BFGS in float64:
+deterministic for the same labels.
 
 Cost: a router without prices stays without (its policy is argmax on P, so no price is needed). A priced
 router needs the new target's price (`price`, or `price_from_costs` of per-row costs); its median output
@@ -96,39 +99,30 @@ def add_target(router: Router, name: str, X: np.ndarray, y: np.ndarray, *, price
     cost_model = _extended_cost_model(router, name, price, output_tokens)
 
     Z = torch.from_numpy(np.ascontiguousarray(router.transform.transform(X), dtype=np.float32))
+    frozen = [_frozen(net, Z) for net in router.predictor.members]
     target = torch.from_numpy(y)
     parts = _stratified_parts(binarise(y), min(folds, right, len(y) - right), seed)
-    members = router.predictor.members
-    cv_loss = np.zeros((len(members), len(alphas)))
-    oof = np.zeros((len(alphas), len(members), len(y)))  # out-of-fold P per alpha and member
-    fitted = []
-    for m, net in enumerate(members):
-        H, w_prior, b_prior = _frozen(net, Z)
-        for a, alpha in enumerate(alphas):
-            for part in parts:
-                train = np.setdiff1d(np.arange(len(y)), part)
-                w, b = _fit_head(H[train], target[train], w_prior, b_prior, alpha)
-                logits = H[part] @ w + b
-                oof[a, m, part] = torch.sigmoid(logits).numpy()
-                cv_loss[m, a] += float(nn.functional.binary_cross_entropy_with_logits(
-                    logits, target[part], reduction="sum")) / len(y)
-        fitted.append((H, w_prior, b_prior))
-    best = int(np.argmin(cv_loss.mean(axis=0)))  # first of equal losses: the smallest alpha
-    new_members = []
-    for net, (H, w_prior, b_prior) in zip(members, fitted):
-        w, b = _fit_head(H, target, w_prior, b_prior, alphas[best])
-        new_members.append(_with_output(net, w, b))
+    mix = {a: _cross_validate(frozen, target, parts, a, None) for a in alphas}  # d left out
+    alpha_mix = min(mix, key=lambda a: mix[a][0])  # first of equal losses: the smallest alpha
+    free = {a: _cross_validate(frozen, target, parts, alpha_mix, a) for a in alphas}
+    alpha_free: float | None = min(free, key=lambda a: free[a][0])
+    if free[alpha_free][0] >= mix[alpha_mix][0]:
+        alpha_free = None  # the correction does not help out of fold: leave it out
+    loss, P_oof = mix[alpha_mix] if alpha_free is None else free[alpha_free]
+    new_members = [_with_output(net, *_fit_head(*f, target, alpha_mix, alpha_free))
+                   for net, f in zip(router.predictor.members, frozen)]
 
     predictor = copy.copy(router.predictor)
     predictor.members, predictor.n_targets = new_members, len(router.targets) + 1
-    P_oof = oof[best].mean(axis=0)
     record = {"name": name, "labels": len(y), "right": right, "source": source,
-              "alpha": float(alphas[best]),
-              "cv_folds": len(parts),
-              "cv_log_loss": {f"{a:g}": float(v) for a, v in zip(alphas, cv_loss.mean(axis=0))},
+              "alpha_mix": float(alpha_mix), "alpha_free": alpha_free, "cv_folds": len(parts),
+              "cv_log_loss": float(loss),
+              "cv_log_loss_by_alpha": {"mix": {f"{a:g}": mix[a][0] for a in alphas},
+                                       "free": {f"{a:g}": free[a][0] for a in alphas}},
               "cv_auc": _finite_or_none(roc_auc(y, P_oof)),
-              # the mean old head's ranking before any fit: what the labels add is cv_auc - prior_auc
-              "prior_auc": _finite_or_none(roc_auc(y, np.mean([(H @ w + b).numpy() for H, w, b in fitted], 0))),
+              # the plain mean of the old heads, before any fit: what the labels add is cv_auc - prior_auc
+              "prior_auc": _finite_or_none(roc_auc(y, np.mean([(L.mean(dim=1) + b).numpy()
+                                                               for _, L, _, b in frozen], axis=0))),
               "price": None if cost_model is None else {
                   "usd_per_m_input": cost_model.prices[name].usd_per_m_input,
                   "usd_per_m_output": cost_model.prices[name].usd_per_m_output,
@@ -185,32 +179,56 @@ def _stratified_parts(positive: np.ndarray, k: int, seed: int) -> list[np.ndarra
     return [np.sort(order[i::k]) for i in range(k)]
 
 
-def _frozen(net: SharedTrunkNet, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(trunk features [N, width] in float64, mean old output row [width], mean old bias): dropout off."""
+def _frozen(net: SharedTrunkNet, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(trunk features H [N, width], old heads' logits without bias L = H W_old^T [N, K], W_old [K, width], mean
+    old bias), float64, dropout off."""
     net.eval()
     with torch.no_grad():
-        H = net.trunk(Z).double()
-        return H, net.head.weight.double().mean(dim=0), net.head.bias.double().mean()
+        H, W = net.trunk(Z).double(), net.head.weight.double()
+        return H, H @ W.T, W, net.head.bias.double().mean()
 
 
-def _fit_head(H: torch.Tensor, y: torch.Tensor, w_prior: torch.Tensor, b_prior: torch.Tensor,
-              alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w [width], b) minimising mean BCE(H @ (s * w_prior + d) + b, y) + alpha * |d|^2 (convex in s, d, b)."""
+def _cross_validate(frozen: list, y: torch.Tensor, parts: list[np.ndarray], alpha_mix: float,
+                    alpha_free: float | None) -> tuple[float, np.ndarray]:
+    """(held-out log loss averaged over rows and members, out-of-fold P [N] averaged over members)."""
+    loss, P = 0.0, np.zeros((len(frozen), len(y)))
+    for m, (H, L, W, b0) in enumerate(frozen):
+        for part in parts:
+            train = np.setdiff1d(np.arange(len(y)), part)
+            w, b = _fit_head(H[train], L[train], W, b0, y[train], alpha_mix, alpha_free)
+            logits = H[part] @ w + b
+            P[m, part] = torch.sigmoid(logits).numpy()
+            loss += float(nn.functional.binary_cross_entropy_with_logits(logits, y[part], reduction="sum"))
+    return loss / (len(y) * len(frozen)), P.mean(axis=0)
+
+
+def _fit_head(H: torch.Tensor, L: torch.Tensor, W: torch.Tensor, b0: torch.Tensor, y: torch.Tensor,
+              alpha_mix: float, alpha_free: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [width], b) minimising the loss of the module docstring (convex in s, e, d, b); no d when alpha_free
+    is None. L = H W^T is passed in so the cross-validation computes it once."""
+    K = W.shape[0]
     s = torch.ones((), dtype=torch.float64, requires_grad=True)
-    d = torch.zeros_like(w_prior, requires_grad=True)
-    b = b_prior.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([s, d, b], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+    e = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+    d = torch.zeros(W.shape[1], dtype=torch.float64, requires_grad=alpha_free is not None)
+    b = b0.clone().requires_grad_(True)
+    params = [s, e, b] + ([d] if alpha_free is not None else [])
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(H @ (s * w_prior + d) + b, y) + alpha * (d * d).sum()
+        logits = L @ (s / K + e) + b
+        penalty = alpha_mix * (e * e).sum()
+        if alpha_free is not None:
+            logits = logits + H @ d
+            penalty = penalty + alpha_free * (d * d).sum()
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y) + penalty
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return (s * w_prior + d).detach(), b.detach()
+    return (W.T @ (s / K + e) + d).detach(), b.detach()
 
 
 def _with_output(net: SharedTrunkNet, w: torch.Tensor, b: torch.Tensor) -> SharedTrunkNet:
