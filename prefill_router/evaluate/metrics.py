@@ -403,14 +403,8 @@ def routellm_summary(y_weak, y_strong, score, num_results: int = 10) -> dict[str
 # RouterBench AIQ
 
 
-def convex_hull(costs, accs) -> tuple[np.ndarray, np.ndarray]:
-    """Non-decreasing upper convex hull of (cost, accuracy) operating points, sorted by cost.
-
-    These are the operating points worth having: mixing two of them at random realises any point on the
-    segment between them, and no point is both more expensive and less accurate than another on the hull.
-    The hull starts at the cheapest point (the most accurate of the cheapest) and ends at the cheapest of
-    the most accurate points. NaN points are ignored.
-    """
+def _operating_points(costs, accs) -> tuple[np.ndarray, np.ndarray]:
+    """(cost, accuracy) points as two float arrays, the points with a NaN left out; at least one must remain."""
     costs = np.asarray(costs, dtype=np.float64).ravel()
     accs = np.asarray(accs, dtype=np.float64).ravel()
     if costs.size != accs.size:
@@ -419,6 +413,18 @@ def convex_hull(costs, accs) -> tuple[np.ndarray, np.ndarray]:
     costs, accs = costs[keep], accs[keep]
     if not costs.size:
         raise DataError("no (cost, accuracy) point without NaN")
+    return costs, accs
+
+
+def convex_hull(costs, accs) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing upper convex hull of (cost, accuracy) operating points, sorted by cost.
+
+    These are the operating points worth having: mixing two of them at random realises any point on the
+    segment between them, and no point is both more expensive and less accurate than another on the hull.
+    The hull starts at the cheapest point (the most accurate of the cheapest) and ends at the cheapest of
+    the most accurate points. NaN points are ignored.
+    """
+    costs, accs = _operating_points(costs, accs)
     order = np.lexsort((-accs, costs))  # by cost, then most accurate first
     # Pareto front: each kept point is strictly more accurate than every cheaper one
     front: list[tuple[float, float]] = []
@@ -478,14 +484,7 @@ def p_auccc(costs, accs, cost_range: tuple[float, float] | None = None) -> float
     By default the axis spans the points' own costs; pass `cost_range` (c_lo, c_hi) to compare routers on one
     axis (the harness passes AIQ's). NaN points are ignored.
     """
-    costs = np.asarray(costs, dtype=np.float64).ravel()
-    accs = np.asarray(accs, dtype=np.float64).ravel()
-    if costs.size != accs.size:
-        raise DataError(f"costs has {costs.size} points but accs has {accs.size}")
-    keep = ~(np.isnan(costs) | np.isnan(accs))
-    costs, accs = costs[keep], accs[keep]
-    if not costs.size:
-        raise DataError("no (cost, accuracy) point without NaN")
+    costs, accs = _operating_points(costs, accs)
     if cost_range is None:
         lo, hi = float(costs.min()), float(costs.max())
     else:
