@@ -17,6 +17,13 @@ Exact definitions (X: the [N, H] pooled features of one hidden state; y: 1 = the
       d_eff       = (sum_i l_i)^2 / sum_i l_i^2                        participation ratio
       d_eff_ent   = exp(-sum_i q_i log q_i),  q_i = l_i / sum_j l_j     exponential of the spectral entropy
   Isotropic data of rank r gives r for both.
+* Outlier dimensions: a few dimensions of a transformer's residual stream carry activations orders of
+  magnitude above the rest ("massive activations"); on raw features they own the covariance, so raw J and
+  d_eff measure them, not the signal. A dimension is an outlier when its standard deviation over the training
+  rows exceeds `outlier_ratio` (default 10) times the median dimension's. The report names them.
+* Standardized probes: the same J (full form) and d_eff computed after z-scoring every dimension on the
+  training rows (d_eff then reads the correlation spectrum), and "clean" ones on the raw features with the
+  outlier dimensions removed. Each is reported beside the raw one, with its own rank agreement.
 * Probe AUC: k-fold cross-validated ROC AUC of a logistic regression per target. Inside each fold, a
   StandardScaler and a PCA (to `probe_pca` components) are fitted on that fold's training part only; the
   AUC is computed on the pooled out-of-fold scores.
@@ -79,6 +86,24 @@ def fisher_diag(X: np.ndarray, y: np.ndarray) -> float:
     den = X[y].var(axis=0) + X[~y].var(axis=0)
     ok = den > 0
     return float(np.mean(np.where(ok, num / np.where(ok, den, 1.0), 0.0)))
+
+
+def outlier_dimensions(X: np.ndarray, ratio: float = 10.0) -> np.ndarray:
+    """Indices of the dimensions whose standard deviation exceeds `ratio` times the median dimension's,
+    largest first (see the module docstring)."""
+    std = np.asarray(X, dtype=np.float64).std(axis=0)
+    median = float(np.median(std))
+    if median <= 0:
+        return np.flatnonzero(std > 0)
+    out = np.flatnonzero(std > ratio * median)
+    return out[np.argsort(-std[out])]
+
+
+def standardize(X: np.ndarray) -> np.ndarray:
+    """Every dimension z-scored over these rows (constant dimensions left at 0)."""
+    X = np.asarray(X, dtype=np.float64)
+    std = X.std(axis=0)
+    return (X - X.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)
 
 
 def covariance_spectrum(X: np.ndarray) -> np.ndarray:
@@ -147,6 +172,11 @@ class LayerReport:
     fisher_j: dict[str, float] = field(default_factory=dict)
     fisher_diag: dict[str, float] = field(default_factory=dict)
     auc: dict[str, float] = field(default_factory=dict)
+    outliers: list[int] = field(default_factory=list)  # outlier dimensions, largest first
+    d_eff_std: float = float("nan")    # participation ratio of the standardized features (correlation spectrum)
+    d_eff_clean: float = float("nan")  # participation ratio of the raw features without the outlier dimensions
+    fisher_j_std: dict[str, float] = field(default_factory=dict)
+    fisher_j_clean: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def _mean(values: dict[str, float]) -> float:
@@ -159,6 +189,14 @@ class LayerReport:
         return self._mean(self.fisher_j)
 
     @property
+    def mean_j_std(self) -> float:
+        return self._mean(self.fisher_j_std)
+
+    @property
+    def mean_j_clean(self) -> float:
+        return self._mean(self.fisher_j_clean)
+
+    @property
     def mean_j_diag(self) -> float:
         return self._mean(self.fisher_diag)
 
@@ -167,23 +205,31 @@ class LayerReport:
         return self._mean(self.auc)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mean_j": self.mean_j, "mean_j_diag": self.mean_j_diag, "mean_auc": self.mean_auc}
+        return {**asdict(self), "mean_j": self.mean_j, "mean_j_diag": self.mean_j_diag, "mean_auc": self.mean_auc,
+                "mean_j_std": self.mean_j_std, "mean_j_clean": self.mean_j_clean}
 
 
 def probe_layer(X: np.ndarray, Y: np.ndarray, targets: Sequence[str], *, pooling: str, hidden_state: int,
                 n_components: int = 50, shrinkage: float = 0.1, cv_folds: int = 3, probe_pca: int | None = 64,
-                with_auc: bool = True, seed: int = 0) -> LayerReport:
+                with_auc: bool = True, seed: int = 0, outlier_ratio: float = 10.0) -> LayerReport:
     """All probes of one hidden state. X [N, H] training rows only; Y [N, K] (NaN = missing)."""
     X = np.asarray(X, dtype=np.float64)
     Y = np.asarray(Y, dtype=np.float64)
     d_eff, d_ent = effective_dimensionality(X)
     report = LayerReport(pooling, int(hidden_state), d_eff, d_ent)
-    basis = _pca_basis(X, n_components)
+    outliers = outlier_dimensions(X, outlier_ratio)
+    report.outliers = [int(i) for i in outliers]
+    views = {"raw": X, "std": standardize(X), "clean": np.delete(X, outliers, axis=1)}
+    report.d_eff_std = effective_dimensionality(views["std"])[0]
+    report.d_eff_clean = effective_dimensionality(views["clean"])[0]
+    # The PCA bases come from every training row; rows without a target's label only shape the basis.
+    bases = {view: _pca_basis(V, n_components) for view, V in views.items()}
+    js = {"raw": report.fisher_j, "std": report.fisher_j_std, "clean": report.fisher_j_clean}
     for k, name in enumerate(targets):
         ok = np.isfinite(Y[:, k])
         y = binarise(Y[ok, k])
-        # The PCA basis comes from every training row; rows without this target's label only shape the basis.
-        report.fisher_j[name] = fisher_j(X[ok], y, shrinkage=shrinkage, basis=basis)
+        for view, V in views.items():
+            js[view][name] = fisher_j(V[ok], y, shrinkage=shrinkage, basis=bases[view])
         report.fisher_diag[name] = fisher_diag(X[ok], y)
     if with_auc:
         aucs = probe_auc(X, Y, folds=cv_folds, probe_pca=probe_pca, seed=seed)
@@ -229,32 +275,38 @@ def run_probes(features, Y: np.ndarray, targets: Sequence[str], train_rows, *,
 # ---------------------------------------------------------------------------------------------------------
 # layer selection
 # ---------------------------------------------------------------------------------------------------------
-def rank_agreement(reports: Sequence[LayerReport]) -> dict[str, float]:
-    """Per pooling, the Spearman correlation across hidden states of mean J and mean probe AUC."""
+def rank_agreement(reports: Sequence[LayerReport], j: str = "mean_j") -> dict[str, float]:
+    """Per pooling, the Spearman correlation across hidden states of a J (`mean_j`, `mean_j_std`,
+    `mean_j_clean`) and mean probe AUC."""
     from scipy.stats import spearmanr
 
     out = {}
     for pooling in dict.fromkeys(r.pooling for r in reports):
         rs = [r for r in reports if r.pooling == pooling]
-        j = [r.mean_j for r in rs]
+        js = [getattr(r, j) for r in rs]
         a = [r.mean_auc for r in rs]
-        if len(rs) < 3 or not np.all(np.isfinite(j + a)):
+        if len(rs) < 3 or not np.all(np.isfinite(js + a)):
             out[pooling] = float("nan")
         else:
-            out[pooling] = float(spearmanr(j, a).statistic)
+            out[pooling] = float(spearmanr(js, a).statistic)
     return out
 
 
 def select_layers(reports: Sequence[LayerReport], by: str = "j", pooling: str = "mean") -> list[int]:
-    """Hidden states to use: `j` (the one with the highest mean J), `auc` (highest mean probe AUC) or `all`."""
+    """Hidden states to use: the one with the highest mean J (`j`: raw, `j_std`: standardized, `j_clean`:
+    outliers removed), the highest mean probe AUC (`auc`), or `all`."""
     rs = [r for r in reports if r.pooling == pooling]
     if not rs:
         raise ConfigError(f"pooling: no probe reports for {pooling!r}")
     if by == "all":
         return [r.hidden_state for r in rs]
-    if by not in ("j", "auc"):
-        raise ConfigError(f"layer selection 'by' must be 'j', 'auc' or 'all', got {by!r}")
-    key: Callable[[LayerReport], float] = (lambda r: r.mean_j) if by == "j" else (lambda r: r.mean_auc)
+    attributes = {"j": "mean_j", "j_std": "mean_j_std", "j_clean": "mean_j_clean", "auc": "mean_auc"}
+    if by not in attributes:
+        raise ConfigError(f"layer selection 'by' must be one of {sorted(attributes)} or 'all', got {by!r}")
+
+    def key(r: LayerReport) -> float:
+        return float(getattr(r, attributes[by]))
+
     best = max(rs, key=lambda r: key(r) if math.isfinite(key(r)) else -math.inf)
     return [best.hidden_state]
 
@@ -295,21 +347,29 @@ def write_probe_outputs(reports: Sequence[LayerReport], out: str | Path) -> dict
     paths = {"csv": out / "probes.csv", "md": out / "probes.md", "png": out / "probes.png"}
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["pooling", "hidden_state", "target", "fisher_j", "fisher_j_diag", "probe_auc", "d_eff",
-                    "d_eff_entropy"])
+        w.writerow(["pooling", "hidden_state", "target", "fisher_j", "fisher_j_std", "fisher_j_clean",
+                    "fisher_j_diag", "probe_auc", "d_eff", "d_eff_entropy", "d_eff_std", "d_eff_clean", "outliers"])
         for r in reports:
             for t in r.fisher_j:
-                w.writerow([r.pooling, r.hidden_state, t, _num(r.fisher_j[t]), _num(r.fisher_diag.get(t)),
-                            _num(r.auc.get(t)), _num(r.d_eff), _num(r.d_eff_entropy)])
-    agreement = rank_agreement(reports)
-    lines = markdown_table(["pooling", "hidden state", "mean J", "mean J (diagonal)", "mean probe AUC", "d_eff (PR)",
-                            "d_eff (entropy)"],
-                           [[r.pooling, r.hidden_state, f"{r.mean_j:.4f}", f"{r.mean_j_diag:.5f}", f"{r.mean_auc:.4f}",
-                             f"{r.d_eff:.2f}", f"{r.d_eff_entropy:.2f}"] for r in reports])
-    lines += ["", "Spearman correlation of the J ranking with the probe-AUC ranking across hidden states:", ""]
-    lines += [f"- {p}: {v:.3f}" for p, v in agreement.items()]
-    for by in ("j", "auc"):
-        for p in agreement:
+                w.writerow([r.pooling, r.hidden_state, t, _num(r.fisher_j[t]), _num(r.fisher_j_std.get(t)),
+                            _num(r.fisher_j_clean.get(t)), _num(r.fisher_diag.get(t)), _num(r.auc.get(t)),
+                            _num(r.d_eff), _num(r.d_eff_entropy), _num(r.d_eff_std), _num(r.d_eff_clean),
+                            " ".join(map(str, r.outliers))])
+    lines = markdown_table(["pooling", "hidden state", "mean J", "mean J (std)", "mean J (clean)",
+                            "mean J (diagonal)", "mean probe AUC", "d_eff (PR)", "d_eff (std)", "d_eff (clean)",
+                            "d_eff (entropy)", "outlier dims"],
+                           [[r.pooling, r.hidden_state, f"{r.mean_j:.4f}", f"{r.mean_j_std:.4f}",
+                             f"{r.mean_j_clean:.4f}", f"{r.mean_j_diag:.5f}", f"{r.mean_auc:.4f}", f"{r.d_eff:.2f}",
+                             f"{r.d_eff_std:.2f}", f"{r.d_eff_clean:.2f}", f"{r.d_eff_entropy:.2f}",
+                             ", ".join(map(str, r.outliers[:6])) + (" …" if len(r.outliers) > 6 else "")]
+                            for r in reports])
+    lines += ["", "*std*: every dimension z-scored on the training rows; *clean*: raw, without the outlier dimensions "
+              "(std over 10x the median dimension's, named in the last column).", "",
+              "Spearman correlation of each J ranking with the probe-AUC ranking across hidden states:", ""]
+    for j, label in (("mean_j", "raw J"), ("mean_j_std", "standardized J"), ("mean_j_clean", "clean J")):
+        lines += [f"- {p}, {label}: {v:.3f}" for p, v in rank_agreement(reports, j).items()]
+    for by in ("j", "j_std", "j_clean", "auc"):
+        for p in dict.fromkeys(r.pooling for r in reports):
             lines.append(f"- best {p} hidden state by {by}: {select_layers(reports, by, p)[0]}")
     paths["md"].write_text("\n".join(lines) + "\n")
     _plot(reports, paths["png"])

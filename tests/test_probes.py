@@ -7,12 +7,15 @@ import csv
 import numpy as np
 import pytest
 
+from prefill_router.errors import ConfigError
 from prefill_router.probes import (
     LayerReport,
     effective_dimensionality,
     fisher_diag,
     fisher_j,
+    outlier_dimensions,
     probe_auc,
+    probe_layer,
     rank_agreement,
     run_probes,
     select_layers,
@@ -192,3 +195,25 @@ def test_probe_and_train_read_store_rows_by_prompt_hash(tiny_encoder_dir, tmp_pa
     extract_to_store(prompts[:-1], encoder, tmp_path / "short", poolings=("mean",), progress=False)
     assert main(["train", "--dataset", str(data), "--features", str(tmp_path / "short"),
                  "--out", str(tmp_path / "router-short")]) == 2
+
+
+def test_an_outlier_dimension_is_named_and_the_standardized_probes_see_past_it():
+    """One huge, label-free dimension (a 'massive activation') owns the raw covariance: raw d_eff is about 1,
+    and raw J is crushed because the shrinkage target (trace / p) is the outlier's variance. The outlier is
+    named; standardized and clean probes recover the spread and the separation."""
+    rng = np.random.default_rng(0)
+    n, d = 2000, 12
+    y = rng.random(n) < 0.5
+    X = rng.normal(size=(n, d))
+    X[y, 1] += 1.0                            # the signal, in an ordinary dimension
+    X[:, 7] = rng.normal(0, 1000.0, n)         # the outlier: huge and uninformative
+    report = probe_layer(X, y[:, None].astype(float), ["t"], pooling="mean", hidden_state=0,
+                         n_components=None, with_auc=False)
+    assert report.outliers == [7]
+    assert report.d_eff < 1.1 and report.d_eff_std > 5 and report.d_eff_clean > 5
+    assert report.fisher_j["t"] < 0.05 < 0.5 < report.fisher_j_std["t"]
+    assert report.fisher_j_clean["t"] > 0.5
+    assert outlier_dimensions(rng.normal(size=(500, 8))).size == 0  # isotropic data has none
+    assert select_layers([report], "j_std") == [0]
+    with pytest.raises(ConfigError, match="j_std"):
+        select_layers([report], "jj")
