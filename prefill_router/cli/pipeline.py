@@ -208,7 +208,8 @@ def _probes(args, ds, chosen: Chosen, train0: np.ndarray, out: Path) -> tuple[st
     with threadpool_limits(args.threads or 1):  # small fits: an oversubscribed BLAS pool is several times slower
         reports = run_probes(inputs, ds.Y, ds.targets, train0, hidden_states=states, seed=args.seed)
     table = write_probe_outputs(reports, out / "probes")["md"].read_text()
-    agreement = rank_agreement(reports)
+    agreement = {view: rank_agreement(reports, j) for view, j in
+                 (("raw", "mean_j"), ("standardized", "mean_j_std"), ("clean", "mean_j_clean"))}
     print(table, file=sys.stderr)
     print(f"J vs probe-AUC rank agreement (Spearman): {agreement} ({time.time() - t:.0f} s)", file=sys.stderr)
     return table, agreement
@@ -358,7 +359,8 @@ def _write_summary(args, out: Path, chosen: Chosen, tables: list[str], summary: 
           f"layers run\").", "", *tables, LEGEND, "", _default_policy_section(router, ckpt), "",
           _layers_section(router, out), "",
           "## Layer probes", "", probe_table,
-          f"J vs probe AUC rank agreement (Spearman): {json.dumps(agreement)}", "",
+          f"J vs probe AUC rank agreement (Spearman; raw, standardized, outliers removed): "
+          f"{json.dumps(agreement)}", "",
           "Plots: `probes/probes.png`, `pool-*/cost_quality.png`. Full reports: `pool-*/report.md`.", "",
           f"Example: {example}", "", f"Total time: {time.time() - started:.0f} s."]
     (out / "summary.md").write_text("\n".join(md) + "\n")
