@@ -292,9 +292,10 @@ def rank_agreement(reports: Sequence[LayerReport], j: str = "mean_j") -> dict[st
     return out
 
 
-def select_layers(reports: Sequence[LayerReport], by: str = "j", pooling: str = "mean") -> list[int]:
-    """Hidden states to use: the one with the highest mean J (`j`: raw, `j_std`: standardized, `j_clean`:
-    outliers removed), the highest mean probe AUC (`auc`), or `all`."""
+def select_layers(reports: Sequence[LayerReport], by: str = "j_std", pooling: str = "mean") -> list[int]:
+    """Hidden states to use: the one with the highest mean J (`j_std`: standardized, the default, since raw J
+    follows a few outlier dimensions and ranks layers unlike probe AUC; `j`: raw; `j_clean`: outliers removed),
+    the highest mean probe AUC (`auc`), or `all`."""
     rs = [r for r in reports if r.pooling == pooling]
     if not rs:
         raise ConfigError(f"pooling: no probe reports for {pooling!r}")
