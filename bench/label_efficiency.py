@@ -21,7 +21,8 @@ against two routers trained from scratch on the same N prompts (fresh scaler + P
 more labels). Reference lines: the 27-target router's mean old head before any label (N = 0), and a router
 trained on all training rows and all 28 targets.
 
-Each step rewrites <out>/<part>.json, .md and .png, so an interrupted run keeps what it finished.
+Each step rewrites <out>/<part>.json, .md and .png, so an interrupted run keeps what it finished; `curves` run
+again with the same settings and --out skips the sizes already there.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ def curves(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     sub, X, folds, _, states, what = load(args)
     X = X.reshape(len(X), -1)
     semantic = [n for n in args.semantic.split(",") if n]
@@ -124,7 +124,14 @@ def curves(args) -> int:
     trunk = TrunkConfig(seeds=args.seeds, keep=args.keep, seed=args.seed, threads=args.threads)
     result = {"what": what, "seeds": args.seeds, "keep": args.keep, "pca": args.pca,
               "calibration_folds": args.calibration_folds, "load_start": load_avg(), "sizes": []}
+    settings = ("what", "seeds", "keep", "pca", "calibration_folds")
+    previous = json.loads((out / "curves.json").read_text()) if (out / "curves.json").is_file() else None
+    if previous and all(previous.get(key) == result[key] for key in settings):
+        result = previous  # resume: the sizes an interrupted run finished are kept, not recomputed
+    finished = {entry["size"] for entry in result["sizes"]}
     for size in sizes_of(args.sizes):
+        if ("all" if size is None else size) in finished:
+            continue
         t = time.time()
         folds_n = [(subsample(sub, train, size, args.seed + f), test) for f, (train, test) in enumerate(folds)]
         prefill = prefill_contenders(X, sub.Y, sub.C, list(range(sub.k)), "mean-" + "-".join(map(str, states)),
@@ -138,7 +145,8 @@ def curves(args) -> int:
             if row.kind == "router" or row.name == "best single":
                 entry["rows"][row.name] = {m: [f.get(m) for f in row.folds] for m in CURVE_METRICS}
         result["sizes"].append(entry)
-        result["seconds"], result["load_end"] = round(time.time() - started), load_avg()
+        result["seconds"] = sum(entry["seconds"] for entry in result["sizes"])
+        result["load_end"] = load_avg()
         write_curves(out, result)
         print(f"N={entry['size']}: {entry['seconds']} s (load {entry['load']})", flush=True)
     print((out / "curves.md").read_text())
