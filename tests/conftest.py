@@ -93,6 +93,21 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+def tiny_bpe_tokenizer(special: list[str], role_words: str):
+    """A byte-level BPE tokenizer (vocabulary 300) trained here on a few sentences, with these special tokens
+    and the words a prompt template writes (`role_words`) in its corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? A. paris B. rome",
+              f"{role_words} question answer option", "0123456789 + - * / = ( ) . , ? !"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
 def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, max_positions: int = 128,
                       seed: int = 0) -> Path:
     """Save a tiny randomly initialised Llama and a real (locally trained) tokenizer with a chat template.
@@ -100,18 +115,10 @@ def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, max_po
     Loading it goes through the same code path as any Hugging Face folder.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    special = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? A. paris B. rome",
-              "user assistant system question answer option", "0123456789 + - * / = ( ) . , ? !"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = tiny_bpe_tokenizer(["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"], "user assistant system")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<|im_start|>", eos_token="<|im_end|>")
     fast.chat_template = TINY_CHAT_TEMPLATE

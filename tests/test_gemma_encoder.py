@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_bpe_tokenizer
 
 from prefill_router.errors import EncoderError
 from prefill_router.features import SMOLLM2_REFERENCE_IDENTITY, EncoderSpec, extract_to_store, load_encoder
@@ -29,18 +30,11 @@ LAYERS = 3
 def make_tiny_gemma(folder: Path, *, layers: int = LAYERS, hidden: int = 32, max_positions: int = 128) -> Path:
     """A tiny random Gemma3ForCausalLM and a BPE tokenizer that adds <bos> and has no chat template."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? A. paris B. rome",
-              "User: System: Assistant: Tool: question answer option", "0123456789 + - * / = ( ) . , ? !"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = tiny_bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], "User: System: Assistant: Tool:")
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
                                                        special_tokens=[("<bos>", bos)])
