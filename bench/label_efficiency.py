@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/label_efficiency.py curves --out runs/label-efficiency
     OMP_NUM_THREADS=1 .venv/bin/python bench/label_efficiency.py new-target --out runs/label-efficiency
+    .venv/bin/python bench/label_efficiency.py report --out runs/label-efficiency    # tables and PNGs again
 
 Rows: the MMLU-Pro questions whose SmolLM2-135M features are done in --features (mean pooling, hidden states
 0, 6, 12, 18 concatenated). Folds: `data.kfold` over all those rows (5, seed 0, stratified by category); the test
@@ -186,6 +187,7 @@ def plot(path: Path, sizes: list[dict], names: list[str], metrics: list[str], ti
             ax.errorbar(x, scale * np.array(m), yerr=scale * np.nan_to_num(np.array(s)), marker="o", ms=3,
                         capsize=2, label=name)
         ax.set_xscale("log")
+        _ticks(ax, x, [str(e["size"]) if e["size"] != "all" else f"all\n({int(v)})" for e, v in zip(sizes, x)])
         ax.set_xlabel("labelled training prompts")
         ax.set_title(title_m + (" (%)" if pct else ""), fontsize=10)
         ax.grid(alpha=0.3)
@@ -194,6 +196,15 @@ def plot(path: Path, sizes: list[dict], names: list[str], metrics: list[str], ti
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _ticks(ax, values, labels) -> None:
+    """Ticks at the measured sizes only (a log axis would label 3x10^2, 4x10^2, ...)."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(values, labels, fontsize=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,6 +309,7 @@ def plot_new_target(path: Path, result: dict) -> None:
                               ("full_28", "--", "all training prompts x 28 targets")):
         ax.axhline(stat([fo[key] for fo in folds])[0], color="grey", ls=style, lw=1, label=title)
     ax.set_xscale("log")
+    _ticks(ax, sizes, [str(n) for n in sizes])
     ax.set_xlabel(f"labelled prompts for {result['target']}")
     ax.set_ylabel("held-out AUC")
     ax.grid(alpha=0.3)
@@ -310,7 +322,8 @@ def plot_new_target(path: Path, result: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["curves", "new-target"])
+    ap.add_argument("part", choices=["curves", "new-target", "report"],
+                    help="report: rewrite the tables and PNGs from the JSON files in --out")
     ap.add_argument("--data-root", default=None, help="MMLU-Pro data folder (default: the shipped data)")
     ap.add_argument("--features", default="runs/features/mmlu-pro-smollm2-135m")
     ap.add_argument("--states", default="0,6,12,18", help="mean-pooled hidden states concatenated")
@@ -329,6 +342,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/label-efficiency")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part == "report":
+        out = Path(args.out)
+        for name, write in (("curves", write_curves), ("new_target", write_new_target)):
+            if (out / f"{name}.json").is_file():
+                write(out, json.loads((out / f"{name}.json").read_text()))
+                print((out / f"{name}.md").read_text())
+        return 0
     if args.part == "curves":
         args.sizes = args.sizes or SIZES
         return curves(args)
