@@ -104,6 +104,9 @@ def run(args) -> int:
                           "every row)")
     if args.engine != "ray" and (args.actors is not None or args.shard_size is not None):
         raise ConfigError("--actors and --shard-size apply to --engine ray only")
+    # Argument errors before the encoder loads (a minute on a busy CPU) and before the dataset is read.
+    poolings = args.poolings.split(",") if args.poolings else None
+    layers = _parse_layers(args.layers)
     load = load_encoder
     if args.engine == "ray":
         from prefill_router.features.distributed import describe_encoder, require_ray
@@ -116,8 +119,6 @@ def run(args) -> int:
                    max_tokens=args.max_tokens, max_route_tokens=args.max_route_tokens, quantize=args.quantize,
                    dtype=args.compute_dtype, device=args.device)
     print(f"encoder: {encoder} (loaded in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    poolings = args.poolings.split(",") if args.poolings else None
-    layers = _parse_layers(args.layers)
     if args.import_reference and not _import_finished(args.out):
         # A store left by a killed import holds no computed rows yet, so importing again loses nothing.
         fs = import_reference(args.import_reference, args.out, prompts=prompts, dtype=args.dtype,

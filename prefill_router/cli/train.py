@@ -80,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--labels and --price go with --add-target NAME")
     if args.feedback:
         return train_feedback.run(args)
-    if not args.features or not args.dataset:
-        raise ConfigError("--features and --dataset are required (or --feedback with --from to retrain on "
-                          "gateway feedback)")
+    missing = [flag for flag, value in (("--features", args.features), ("--dataset", args.dataset)) if not value]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (or --feedback "
+                          f"with --from to retrain on gateway feedback)")
     features, ds, store_rows, done = open_store_and_dataset(args)
     if not done.any():
         raise ConfigError(f"--features: no finished rows in {args.features}")
