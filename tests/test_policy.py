@@ -205,7 +205,8 @@ def test_default_policy_is_the_best_single_target_when_routing_loses_accuracy():
 @pytest.mark.slow
 def test_a_router_trained_on_shipped_mmlu_pro_saves_money_by_default_and_obeys_lambda():
     """The default ("auto") policy of a router trained on shipped MMLU-Pro rows (pro vs flash): on held-out
-    prompts, within 1 point of the best single model's accuracy at a lower cost; larger lambdas move traffic
+    prompts, within its one-point bound (chosen on training rows) plus one point of held-out noise of the best
+    single model's accuracy, at a lower cost; larger lambdas move traffic
     to the cheaper model. Features: TF-IDF + SVD fitted on the training rows (fast, and informative enough:
     the policy, not the encoder, is under test here)."""
     from sklearn.decomposition import TruncatedSVD
@@ -232,5 +233,5 @@ def test_a_router_trained_on_shipped_mmlu_pro_saves_money_by_default_and_obeys_l
     best = int(np.argmax(np.nanmean(ds.Y[train], axis=0)))
     choice = router.choose(P, C)
     accuracy, cost = Y[rows, choice].mean(), C[rows, choice].mean()
-    assert accuracy >= Y[:, best].mean() - 0.01
+    assert accuracy >= Y[:, best].mean() - DEFAULT_MAX_ACCURACY_DROP - 0.01
     assert cost < C[:, best].mean()
