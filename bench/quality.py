@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from prefill_router.cli.pipeline import POOLS  # noqa: E402
 from prefill_router.data import kfold, load_dataset, stratified_sample  # noqa: E402
-from prefill_router.data.prompt import prompt_hashes  # noqa: E402
 from prefill_router.evaluate.contenders import ContenderSettings, EvalInputs, build_contenders  # noqa: E402
 from prefill_router.evaluate.harness import Contender, evaluate_contenders  # noqa: E402
 from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders  # noqa: E402
@@ -62,19 +61,14 @@ def parse_sources(values: list[str]) -> dict[str, Path]:
 
 
 def store_rows(fs: FeatureSet, prompts: list) -> np.ndarray:
-    """Each prompt's row in the store (matched by prompt hash; positional for a whole-dataset store without
-    hashes), -1 where the store lacks it or has not computed it yet."""
-    if fs.prompt_hashes is None:
-        rows = np.arange(len(prompts)) if fs.n == len(prompts) else np.full(len(prompts), -1)
-    else:
-        where = {h: i for i, h in enumerate(fs.prompt_hashes)}
-        rows = np.array([where.get(h, -1) for h in prompt_hashes(prompts)])
-    done = np.asarray(fs.done, dtype=bool)
-    return np.where((rows >= 0) & done[np.maximum(rows, 0)], rows, -1)
+    """Each prompt's row in the store, -1 where the store lacks it or has not computed it yet."""
+    rows = fs.rows_of(prompts, missing_ok=True)
+    return np.where((rows >= 0) & np.asarray(fs.done, dtype=bool)[np.maximum(rows, 0)], rows, -1)
 
 
 def open_sources(stores: dict[str, Path], prompts: list) -> dict[str, tuple[FeatureSet, np.ndarray]]:
-    return {name: (FeatureSet.open(path), store_rows(FeatureSet.open(path), prompts)) for name, path in stores.items()}
+    sets = {name: FeatureSet.open(path) for name, path in stores.items()}
+    return {name: (fs, store_rows(fs, prompts)) for name, fs in sets.items()}
 
 
 def source_features(sources: dict[str, tuple[FeatureSet, np.ndarray]], rows: np.ndarray,

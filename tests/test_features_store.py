@@ -181,3 +181,17 @@ def test_import_errors_name_the_field(tmp_path):
     (src / "features.json").write_text(json.dumps({"poolings": {}}))
     with pytest.raises(DataError, match="identity"):
         import_features(src, tmp_path / "out")
+
+
+def test_rows_of_maps_prompts_by_hash_and_marks_missing_ones_only_when_asked(tmp_path):
+    from prefill_router.data.prompt import prompt_hashes
+    from prefill_router.features.store import FeatureStore
+
+    stored = ["a", "b", "a", "c"]
+    FeatureStore.create(tmp_path / "s", identity={"model": "x"}, hidden_states={"mean": [0]}, rows=4,
+                        hidden_size=2, prompt_hashes=prompt_hashes(stored)).close()
+    fs = FeatureSet.open(tmp_path / "s")
+    assert fs.rows_of(["c", "a", "a"]).tolist() == [3, 0, 2]  # the k-th copy maps to the k-th stored copy
+    with pytest.raises(ConfigError, match="lacks 1 of the 2 prompts"):
+        fs.rows_of(["b", "zzz"])
+    assert fs.rows_of(["b", "zzz"], missing_ok=True).tolist() == [1, -1]

@@ -103,18 +103,19 @@ class FeatureSet:
     def complete(self) -> bool:
         return bool(self.done.all())
 
-    def rows_of(self, prompts: Sequence) -> np.ndarray:
+    def rows_of(self, prompts: Sequence, *, missing_ok: bool = False) -> np.ndarray:
         """The store row of each prompt, matched by prompt hash, so a dataset subset (--limit, --sample, a
         target subset) reads the right rows of a store extracted for the whole dataset or for that subset.
-        The k-th copy of a repeated prompt maps to the k-th stored copy when there is one."""
+        The k-th copy of a repeated prompt maps to the k-th stored copy when there is one. A prompt the store
+        lacks is a ConfigError, or row -1 with `missing_ok` (comparing stores that hold different prompts)."""
         from prefill_router.data.prompt import prompt_hashes
 
         wanted = prompt_hashes(prompts)
         if self.prompt_hashes is None:  # an imported store without hashes: rows are positional
-            if len(wanted) > self.n:
+            if len(wanted) > self.n and not missing_ok:
                 raise ConfigError(f"the feature store {self.path} holds {self.n} rows but {len(wanted)} prompts "
                                   f"were asked for")
-            return np.arange(len(wanted))
+            return np.where(np.arange(len(wanted)) < self.n, np.arange(len(wanted)), -1)
         where: dict[str, list[int]] = {}
         for row, h in enumerate(self.prompt_hashes):
             where.setdefault(h, []).append(row)
@@ -122,6 +123,9 @@ class FeatureSet:
         rows = np.empty(len(wanted), dtype=np.int64)
         for i, h in enumerate(wanted):
             stored = where.get(h)
+            if stored is None and missing_ok:
+                rows[i] = -1
+                continue
             if stored is None:
                 missing = sum(1 for x in wanted if x not in where)
                 raise ConfigError(f"the feature store {self.path} lacks {missing} of the {len(wanted)} prompts "
