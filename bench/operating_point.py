@@ -67,8 +67,10 @@ def main() -> int:
     ds = load_mmlu_pro(None)
     fs = FeatureSet.open(args.features)
     rows = stratified_sample(ds, args.rows, seed=0)
-    rows = rows[np.asarray(fs.done, dtype=bool)[fs.rows_of([ds.prompts[i] for i in rows])]]
-    X = fs.get("mean", [0, 6, 12, 18], rows=fs.rows_of([ds.prompts[i] for i in rows])).reshape(rows.size, -1)
+    where = fs.rows_of([ds.prompts[i] for i in rows])
+    done = np.asarray(fs.done, dtype=bool)[where]
+    rows, where = rows[done], where[done]
+    X = fs.get("mean", [0, 6, 12, 18], rows=where).reshape(rows.size, -1)
     sub = ds.subset(rows)
     settings = PrefillSettings(pca=200, trunk=TrunkConfig(seeds=10, keep=5, seed=0, threads=args.threads),
                                logistic=False)
