@@ -104,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
 def _features(args: argparse.Namespace, router, prompts: list) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, router's hidden states, H], input tokens [N]) of the labelled prompts: from --features when
     given (the checkpoint's encoder must have made it), else computed with the checkpoint's encoder."""
+    if args.features and len(router.sources) > 1:
+        raise ConfigError(f"{args.from_checkpoint} reads several feature sources "
+                          f"({', '.join(s['pooling'] for s in router.sources)}); leave --features out and its "
+                          "encoder computes them", field="--features")
     if args.features:
         return _store_features(args, router, prompts)
     from tqdm.auto import tqdm

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=["int8"],
                    help="run the encoder's Linear layers in dynamic int8 (CPU; faster, features change slightly "
                         "and the identity records it, so a router trained on them serves int8 too; default: off)")
-    p.add_argument("--poolings", help="comma-separated, from mean,last (default: mean,last, or the store's)")
+    p.add_argument("--poolings", help="comma-separated, from mean,last,surprise (surprise: statistics of the "
+                   "encoder's next-token loss, which runs every layer; default: mean,last, or the store's)")
     p.add_argument("--layers", help="'all' or comma-separated hidden-state indices, 0 = embeddings "
                                     "(default: all, or the store's)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype (default float16)")

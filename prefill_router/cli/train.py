@@ -34,6 +34,48 @@ def _pca(value: str):
     return None if value.strip().lower() in ("none", "0") else int(value)
 
 
+def _extra_sources(specs: list[str], features, ds, done: np.ndarray):
+    """(ExtraSource per --add-source, the done mask narrowed to rows every source holds)."""
+    from prefill_router.features import FeatureSet
+    from prefill_router.features.store import identity_diff
+    from prefill_router.features.surprise import SURPRISE
+    from prefill_router.router import ExtraSource
+    from prefill_router.router.runtime import MINILM
+
+    sources = []
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if name == MINILM:
+            if path:
+                raise ConfigError("--add-source minilm takes no store: the embedding is computed (and cached)")
+            from prefill_router.data.tokens import cache_dir
+            from prefill_router.features.semantic import default_model_dir, embed_texts, model_hash
+
+            vectors = embed_texts(ds.prompts, cache_dir=cache_dir() / "embeddings")
+            sources.append(ExtraSource(MINILM, vectors, model=model_hash(default_model_dir())))
+            continue
+        if name not in ("mean", "last", SURPRISE):
+            raise ConfigError(f"--add-source: {name!r} is not a source (surprise, mean, last, minilm)")
+        store = features
+        if path:
+            if not Path(path).exists():
+                raise ConfigError(f"--add-source {name}: {path} does not exist (create it with `prefill-router "
+                                  f"extract --poolings {name}`)")
+            store = FeatureSet.open(path)
+            differ = identity_diff(store.identity, features.identity)
+            if differ:
+                raise ConfigError(f"--add-source {name}: {path} comes from another encoder than --features "
+                                  f"(they differ in {', '.join(differ)})")
+        if name not in store.hidden_states:
+            raise ConfigError(f"--add-source {name}: the store {store.path} holds no {name!r} pooling (it holds "
+                              f"{store.poolings}); extract it with --poolings {name}")
+        rows = store.rows_of(ds.prompts)
+        done = done & np.asarray(store.done[rows], dtype=bool)
+        sources.append(ExtraSource(name, store.get(name, rows=rows),
+                                   None if name == SURPRISE else list(store.hidden_states[name])))
+    return sources, done
+
+
 def register(subparsers) -> None:
     p = add_parser(subparsers, "train", help="train a router on prefill features and save a checkpoint",
                    description=__doc__)
@@ -49,7 +91,12 @@ def register(subparsers) -> None:
                    help="--layers auto: mean AUC it may give up for running fewer layers")
     p.add_argument("--layer-budget", type=int, default=None,
                    help="--layers auto: the most encoder layers routing may run (default: no limit)")
-    p.add_argument("--pca", type=_pca, default=200, help="PCA components, or 'none'")
+    p.add_argument("--add-source", action="append", default=[], metavar="SOURCE[=STORE]",
+                   help="a feature source read beside --pooling's states, with its own scaler and PCA "
+                        "(repeatable): surprise, mean or last (a pooling of the --features store, or of STORE, "
+                        "which must come from the same encoder), or minilm (the MiniLM sentence embedding); "
+                        "routing computes each one")
+    p.add_argument("--pca", type=_pca, default=200, help="PCA components per source, or 'none'")
     p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained")
     p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss")
     p.add_argument("--policy", default="auto",
@@ -87,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     features, ds, store_rows, done = open_store_and_dataset(args)
     if not done.any():
         raise ConfigError(f"--features: no finished rows in {args.features}")
+    sources, done = _extra_sources(args.add_source, features, ds, done)
 
     rows = np.arange(ds.n)
     test = np.zeros(0, dtype=np.int64)
@@ -112,10 +160,14 @@ def run(args: argparse.Namespace) -> int:
                           encoder=features.identity, progress=True,
                           encoder_spec=features.manifest.get("encoder_spec"),
                           notes={"features_store": str(Path(args.features).resolve()),
-                                 "rows_without_features": skipped})
+                                 "rows_without_features": skipped}, sources=sources)
 
     if test.size:
-        P = router.predict_proba_features(X[test][:, [states.index(s) for s in router.hidden_states]])
+        Xte = X[test][:, [states.index(s) for s in router.hidden_states]]
+        if sources:
+            Xte = np.concatenate([Xte.reshape(len(test), -1)] +
+                                 [s.features[test].reshape(len(test), -1) for s in sources], axis=1)
+        P = router.predict_proba_features(Xte)
         Yte, Cte = ds.Y[test], ds.C[test]
         choice = router.choose(P, Cte)
         best_k, _, _ = metrics.best_single(ds.Y[rows], ds.C[rows])

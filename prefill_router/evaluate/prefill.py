@@ -18,6 +18,7 @@ import numpy as np
 
 from prefill_router.evaluate.harness import Contender
 from prefill_router.router.baselines import LogisticPredictor
+from prefill_router.router.per_target import PerTargetSelector
 from prefill_router.router.transform import FeatureTransform, SourceTransform
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 
@@ -64,6 +65,32 @@ def prefill_contenders(X: np.ndarray, Y: np.ndarray, C: np.ndarray, cols: list[i
     if settings.logistic:
         out.append(Contender(f"prefill-logreg [{label}]", partial(_PoolLogistic, pool), rows))
     return out
+
+
+def per_target_contender(views: dict[str, np.ndarray], Y: np.ndarray, cols: list[int], label: str,
+                         selector: PerTargetSelector, cache: FitCache) -> Contender:
+    """The per-target selection contender (router/per_target.py) for the pool `cols`: `views` hold every row's
+    candidate features ({"mean@6": [N, H], ...}); each fit selects and trains on its training rows only, once
+    per fold for every pool (through `cache`)."""
+    return Contender(f"prefill-per-target [{label}]", partial(_PerTargetModel, views, Y, cols, label, selector, cache),
+                     np.arange(len(Y)))
+
+
+class _PerTargetModel:
+    def __init__(self, views, Y, cols, label, selector: PerTargetSelector, cache: FitCache):
+        self.views, self.Y, self.cols, self.label, self.selector, self.cache = views, Y, cols, label, selector, cache
+
+    def fit(self, idx, Ytr):  # Ytr is the pool's columns; the selector learns every target's
+        rows = np.asarray(idx)
+        fresh = lambda: PerTargetSelector(self.selector.pcas, self.selector.folds, self.selector.C,  # noqa: E731
+                                          self.selector.seed)
+        self.model = self.cache.get(_key("per-target", self.label, rows), lambda: fresh().fit(
+            {name: X[rows] for name, X in self.views.items()}, self.Y[rows]))
+        return self
+
+    def predict_proba(self, idx):
+        rows = np.asarray(idx)
+        return self.model.predict_proba({name: X[rows] for name, X in self.views.items()})[:, self.cols]
 
 
 @dataclass

@@ -54,6 +54,7 @@ from prefill_router.errors import ConfigError, DataError, EncoderError, PrefillR
 from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_list, converted_gguf_folder, resolve
 from prefill_router.features.extract import fill_rows, open_store
 from prefill_router.features.store import FeatureSet, FeatureStore
+from prefill_router.features.surprise import pooling_width
 from prefill_router.features.template import as_messages
 from prefill_router.utils import atomic_write_bytes, atomic_write_json
 
@@ -115,7 +116,7 @@ class ShardBuffer:
         self.hidden_states = hidden_states
         self.poolings = list(hidden_states)
         self.dtype = dtype
-        self.arrays = {p: np.zeros((rows, len(layers), hidden_size), dtype=dtype)
+        self.arrays = {p: np.zeros((rows, len(layers), pooling_width(p, hidden_size)), dtype=dtype)
                        for p, layers in hidden_states.items()}
         self.tokens = np.zeros(rows, dtype=np.int32)
         self.filled = np.zeros(rows, dtype=bool)
@@ -208,7 +209,8 @@ def _valid_shard(path: Path, expected: dict[str, str], store: FeatureSet, rows: 
             if f.metadata() != expected:
                 return False
             for pooling, layers in store.hidden_states.items():
-                if tuple(f.get_slice(pooling).get_shape()) != (rows, len(layers), store.hidden_size):
+                width = pooling_width(pooling, store.hidden_size)
+                if tuple(f.get_slice(pooling).get_shape()) != (rows, len(layers), width):
                     return False
             return tuple(f.get_slice("rows").get_shape()) == (rows,)
     except Exception as exc:  # a damaged file is recomputed, not trusted

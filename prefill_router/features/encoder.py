@@ -14,7 +14,10 @@ wants no state past l runs only the first l decoder layers (the results are the 
 
 Poolings, both exact under left and right padding (padding never enters a result):
 - `mean`: average over every token of the templated prompt, template tokens included;
-- `last`: the last prompt token (with the chat template, the end of the generation prompt).
+- `last`: the last prompt token (with the chat template, the end of the generation prompt);
+- `surprise` (asked for by name): statistics of the encoder's own next-token loss over the prompt
+  (features/surprise.py). It reads the final state, so a call that asks for it runs every layer; its array
+  is [N, 1, len(SURPRISE_STATS)] whatever `layers` says.
 
 Truncation rule (documented and counted): a prompt longer than `max_tokens` keeps its first
 `max_tokens // 2` tokens and its last `max_tokens - max_tokens // 2` tokens; the middle is dropped. Keeping
@@ -36,7 +39,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prefill_router.data.tokens import cache_dir
 from prefill_router.errors import ConfigError, EncoderError
 from prefill_router.features.prefix_cache import BLOCK, PrefixCache, PrefixHit, sums_at_blocks
+from prefill_router.features.surprise import SURPRISE, pooling_width, surprise_stats
 from prefill_router.features.template import BASE_TEMPLATE_RULE, TemplateName, render
 from prefill_router.features.window import WINDOW_RULE
 from prefill_router.utils import atomic_write_json, file_sha256
@@ -57,7 +61,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last")  # the defaults; `surprise` (features/surprise.py) is asked for by name
 DEFAULT_ENCODER = "smollm2-135m"
 # Encoders shipped inside PyPI packages: alias -> (package, GGUF file inside the package folder).
 BUILTIN_ENCODERS = {
@@ -623,7 +627,8 @@ class Encoder:
         tokens_done, started = 0, time.perf_counter()
         # With prefix reuse, a prompt whose prefix is cached runs alone on top of that prefix; the others are
         # batched as usual and leave their own state in the cache.
-        cache = self.prefix_cache
+        # Surprise needs the logits of every prompt position, which a cached prefix does not keep.
+        cache = self.prefix_cache if SURPRISE not in poolings else None
         hits: dict[int, PrefixHit] = {}
         if cache is not None:
             for i, row_ids in enumerate(ids):
@@ -656,7 +661,8 @@ class Encoder:
         prompts = _as_prompt_list(prompts)
         poolings = _check_poolings(poolings)
         layer_ids = self.resolve_layers(layers)
-        out = {p: np.empty((len(prompts), len(layer_ids), self.hidden_size), dtype=np.float32) for p in poolings}
+        out = {p: np.empty((len(prompts), 1 if p == SURPRISE else len(layer_ids), pooling_width(p, self.hidden_size)),
+                           dtype=np.float32) for p in poolings}
         for rows, pooled in self.iter_batches(prompts, poolings=poolings, layers=layer_ids,
                                               batch_tokens=batch_tokens, progress=progress):
             for name in poolings:
@@ -674,8 +680,9 @@ class Encoder:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        deepest = max(layer_ids)
-        cache = self.prefix_cache
+        final = self.num_hidden_states - 1
+        deepest = final if SURPRISE in poolings else max(layer_ids)
+        cache = self.prefix_cache if SURPRISE not in poolings else None
         kv = _new_kv_cache() if cache is not None else None  # filled by the forward, for the prefixes kept
         with torch.inference_mode():
             hidden = self._hidden_states(input_ids, mask, positions, deepest, kv)
@@ -684,7 +691,7 @@ class Encoder:
             lengths = mask.sum(-1)
             last = (torch.arange(longest, device=self.device) * mask).argmax(-1)  # last real token per row
             weights = (mask.float() / lengths[:, None].float()).unsqueeze(1)  # [b, 1, T]
-            result: dict[str, list[torch.Tensor]] = {name: [] for name in poolings}
+            result: dict[str, list[torch.Tensor]] = {name: [] for name in poolings if name != SURPRISE}
             for layer in layer_ids:
                 states = hidden[layer].float()
                 if "mean" in result:
@@ -693,7 +700,10 @@ class Encoder:
                     result["mean"].append(torch.bmm(weights, states_masked).squeeze(1))
                 if "last" in result:
                     result["last"].append(states[torch.arange(size, device=self.device), last])
-            return {name: torch.stack(parts, 1).cpu().numpy() for name, parts in result.items()}
+            pooled = {name: torch.stack(parts, 1).cpu().numpy() for name, parts in result.items()}
+            if SURPRISE in poolings:
+                pooled[SURPRISE] = surprise_stats(self._lm_head(), hidden[final], input_ids, mask)
+            return pooled
 
     def _forward_on_prefix(self, cache: PrefixCache, ids: list[int], hit: PrefixHit, poolings: Sequence[str],
                            layer_ids: list[int]) -> dict[str, np.ndarray]:
@@ -719,6 +729,41 @@ class Encoder:
             if "last" in poolings:
                 result["last"] = new[layer_ids, -1][None]
             return {name: result[name].cpu().numpy() for name in poolings}
+
+    def _lm_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Final hidden state -> next-token logits. The encoder loads the base model, without its LM head: a
+        model with tied embeddings (SmolLM2, Gemma 3) reads them back; another's head weight is read from its
+        safetensors files once."""
+        if getattr(self, "_head", None) is None:
+            config = self.model.config
+            text = getattr(config, "get_text_config", lambda: config)()
+            if getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+                weight: torch.Tensor = self.model.get_input_embeddings().weight  # type: ignore[assignment]
+            else:
+                weight = self._untied_head_weight()
+            cap = getattr(text, "final_logit_softcapping", None)
+
+            def head(h: torch.Tensor) -> torch.Tensor:
+                logits = torch.nn.functional.linear(h, weight.to(h.dtype))
+                return logits if not cap else torch.tanh(logits / cap) * cap
+
+            self._head = head
+        return self._head
+
+    def _untied_head_weight(self) -> torch.Tensor:
+        from safetensors import safe_open
+
+        folder = None if self._resolved is None else self._resolved.folder
+        if self._resolved is not None and self._resolved.gguf_file is not None:
+            folder = converted_gguf_folder(self._resolved)
+        for path in sorted(Path(folder).glob("*.safetensors")) if folder is not None else []:
+            with safe_open(str(path), framework="pt") as f:
+                key = next((k for k in f.keys() if k.endswith("lm_head.weight")), None)
+                if key is not None:
+                    tensor: torch.Tensor = f.get_tensor(key)
+                    return tensor.to(self.device)
+        raise EncoderError(f"the surprise pooling needs the LM head of {self.spec.model!r}, and its files hold "
+                           "no lm_head.weight (nor are its embeddings tied)")
 
     def _kv_of_row(self, kv: DynamicCache, deepest: int, row: int, start: int,
                    length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -824,7 +869,8 @@ def _check_poolings(poolings: Sequence[str]) -> list[str]:
     if isinstance(poolings, str):
         poolings = [p.strip() for p in poolings.split(",") if p.strip()]
     poolings = list(dict.fromkeys(poolings))
-    unknown = [p for p in poolings if p not in POOLINGS]
+    unknown = [p for p in poolings if p not in (*POOLINGS, SURPRISE)]
     if unknown or not poolings:
-        raise EncoderError(f"poolings: unknown {unknown or 'empty selection'}; known: {', '.join(POOLINGS)}")
+        raise EncoderError(f"poolings: unknown {unknown or 'empty selection'}; known: {', '.join(POOLINGS)}, "
+                           f"{SURPRISE}")
     return poolings

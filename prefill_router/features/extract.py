@@ -22,6 +22,7 @@ from prefill_router.data.prompt import prompt_hashes
 from prefill_router.errors import ConfigError
 from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_list, _check_poolings
 from prefill_router.features.store import FeatureSet, FeatureStore, identity_diff, is_store, remove_store
+from prefill_router.features.surprise import SURPRISE
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ def open_store(prompts: list, encoder: Encoder, path: Path, *, poolings: Sequenc
         wanted = existing.hidden_states
     else:
         layer_ids = encoder.resolve_layers(layers)
-        wanted = {p: layer_ids for p in _check_poolings(poolings or ("mean", "last"))}
+        # The surprise pooling is held at the final state, the one its statistics read.
+        wanted = {p: [encoder.num_hidden_states - 1] if p == SURPRISE else layer_ids
+                  for p in _check_poolings(poolings or ("mean", "last"))}
     if existing is not None:
         reason = _mismatch(existing, identity, hashes, wanted)
         if reason is not None:
@@ -127,8 +130,10 @@ class RowSink(Protocol):
 def fill_rows(store: RowSink, encoder: Encoder, prompts: list, rows: np.ndarray, *,
               batch_tokens: int | None = None, progress: bool = True) -> None:
     """Compute `prompts` and write them to store rows `rows`, batch by batch (each batch is durable)."""
-    union = sorted({layer for layers in store.hidden_states.values() for layer in layers})
-    positions = {p: [union.index(layer) for layer in store.hidden_states[p]] for p in store.poolings}
+    union = sorted({layer for p, layers in store.hidden_states.items() if p != SURPRISE for layer in layers})
+    union = union or [0]  # surprise alone: its statistics come with any forward that asks for them
+    positions = {p: [0] if p == SURPRISE else [union.index(layer) for layer in store.hidden_states[p]]
+                 for p in store.poolings}
     token_ids = encoder.tokenize(prompts)
     lengths = np.array([len(x) for x in token_ids], dtype=np.int32)
     for local, pooled in encoder.iter_batches(prompts, poolings=store.poolings, layers=union,

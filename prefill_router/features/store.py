@@ -25,6 +25,7 @@ from typing import Any, Literal, Self
 import numpy as np
 
 from prefill_router.errors import ConfigError, DataError, read_json_object
+from prefill_router.features.surprise import pooling_width
 from prefill_router.utils import atomic_path, atomic_write_json
 
 STORE_FORMAT = "prefill-router-features"
@@ -73,7 +74,7 @@ class FeatureSet:
         fs = cls(path, manifest)
         for pooling in fs.poolings:
             array = fs._array(pooling)
-            expected = (fs.n, len(fs.hidden_states[pooling]), fs.hidden_size)
+            expected = (fs.n, len(fs.hidden_states[pooling]), pooling_width(pooling, fs.hidden_size))
             if array.shape != expected:
                 raise DataError(f"array shape {array.shape} does not match the manifest {expected}",
                                 file=str(path / f"{pooling}.npy"))
@@ -184,7 +185,7 @@ class FeatureStore(FeatureSet):
         path.mkdir(parents=True, exist_ok=True)
         for pooling, layers in hidden_states.items():
             array = np.lib.format.open_memmap(path / f"{pooling}.npy", mode="w+", dtype=dtype,
-                                              shape=(rows, len(layers), hidden_size))
+                                              shape=(rows, len(layers), pooling_width(pooling, hidden_size)))
             array.flush()
             del array
         _save_npy_atomic(path / "tokens.npy", np.zeros(rows, dtype=np.int32))

@@ -2,7 +2,8 @@
 
 A checkpoint folder holds two files:
 
-    router.json          format version, encoder identity and spec, pooling, hidden states, targets, cost model
+    router.json          format version, encoder identity and spec, pooling, hidden states (and, for a router on
+                         several feature sources, each source), targets, cost model
                          (prices and median output tokens), the default policy and how it was chosen,
                          transform and ensemble metadata, metrics measured at training time, and the SHA-256 of
     router.safetensors   the tensors: scaler, PCA, and every kept SharedTrunkNet member's weights.
@@ -21,7 +22,7 @@ import numpy as np
 from prefill_router.errors import CheckpointError
 from prefill_router.features.protocol import PrefillEncoder
 from prefill_router.router.runtime import Router
-from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.transform import transform_from_state
 from prefill_router.router.trunk import TrunkEnsemble
 from prefill_router.utils import atomic_write_json, file_sha256
 
@@ -43,7 +44,8 @@ def save_router(router: Router, path: str | Path) -> Path:
         "format": FORMAT,
         "targets": router.targets,
         "encoder": {"identity": router.encoder_identity, "spec": router.encoder_spec},
-        "features": {"pooling": router.pooling, "hidden_states": router.hidden_states},
+        "features": {"pooling": router.pooling, "hidden_states": router.hidden_states,
+                     **({"sources": router.sources} if len(router.sources) > 1 else {})},
         "transform": router.transform.meta(),
         "trunk": router.predictor.meta(),
         "cost_model": None if router.cost_model is None else router.cost_model.to_dict(),
@@ -91,7 +93,7 @@ def load_router(path: str | Path, encoder: PrefillEncoder | None = None, cls: ty
                               "route on meaningless probabilities")
     try:
         targets = meta["targets"]
-        transform = FeatureTransform.from_state(meta["transform"], arrays)
+        transform = transform_from_state(meta["transform"], arrays)
         predictor = TrunkEnsemble.from_state(meta["trunk"], arrays)
         cost_model = None
         if meta.get("cost_model") is not None:
@@ -102,7 +104,8 @@ def load_router(path: str | Path, encoder: PrefillEncoder | None = None, cls: ty
                      pooling=meta["features"]["pooling"], hidden_states=meta["features"]["hidden_states"],
                      encoder_identity=meta["encoder"]["identity"], encoder_spec=meta["encoder"].get("spec"),
                      cost_model=cost_model, policy=meta["policy"]["default"],
-                     metrics=meta.get("metrics"), training=meta.get("training"))
+                     metrics=meta.get("metrics"), training=meta.get("training"),
+                     sources=meta["features"].get("sources"))
     except CheckpointError as exc:
         raise CheckpointError(f"{folder}: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:

@@ -18,9 +18,10 @@ import numpy as np
 
 from prefill_router.errors import CheckpointError, ConfigError, EncoderError
 from prefill_router.features.protocol import PrefillEncoder, require_encoder
+from prefill_router.features.surprise import SURPRISE
 from prefill_router.router.decision import RouteDecision
 from prefill_router.router.policy import UtilityPolicy, policy_from_spec
-from prefill_router.router.transform import FeatureTransform
+from prefill_router.router.transform import FeatureTransform, SourceTransform
 from prefill_router.router.trunk import TrunkEnsemble
 
 if TYPE_CHECKING:
@@ -64,6 +65,25 @@ def spec_from_identity(identity: dict | None) -> dict | None:
     return spec
 
 
+# A source that is not the encoder's: the MiniLM sentence embedding of the prompt (features/semantic.py).
+MINILM = "minilm"
+
+
+def check_sources(sources: Sequence[dict]) -> list[dict]:
+    """Feature sources as the router records them: {"pooling": "mean"|"last", "hidden_states": [...]},
+    {"pooling": "surprise"} or {"pooling": "minilm", "model": <its files' hash>}; the first is the encoder's."""
+    out = []
+    for source in sources:
+        pooling = source.get("pooling") if isinstance(source, dict) else None
+        if not isinstance(pooling, str):
+            raise ConfigError(f"feature source {source!r} names no pooling")
+        states = source.get("hidden_states")
+        out.append({**source, "hidden_states": None if states is None else [int(h) for h in states]})
+    if not out or out[0]["pooling"] in (SURPRISE, MINILM):
+        raise ConfigError("the first feature source must be the encoder's hidden states (mean or last pooling)")
+    return out
+
+
 def _same_identity(a: dict, b: dict) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
@@ -74,15 +94,22 @@ class Router:
     Use `Router.load(folder)` for a saved router, `train_router(...)` (router/train.py) to build one.
     """
 
-    def __init__(self, *, targets: Sequence[str], transform: FeatureTransform, predictor: TrunkEnsemble,
+    def __init__(self, *, targets: Sequence[str], transform: FeatureTransform | SourceTransform, predictor: TrunkEnsemble,
                  pooling: str, hidden_states: Sequence[int] | None, encoder_identity: dict | None,
                  encoder_spec: dict | None = None, cost_model: CostModel | None = None, policy: str = "argmax",
-                 metrics: dict | None = None, training: dict | None = None, encoder: PrefillEncoder | None = None):
+                 metrics: dict | None = None, training: dict | None = None, encoder: PrefillEncoder | None = None,
+                 sources: Sequence[dict] | None = None):
         self._targets = list(targets)
         self.transform = transform
         self.predictor = predictor
         self.pooling = pooling
         self.hidden_states = None if hidden_states is None else [int(h) for h in hidden_states]
+        # Several sources (the main states, the surprise statistics, the MiniLM embedding...) go through a
+        # SourceTransform, one part each; one source keeps the plain transform.
+        self.sources = check_sources(sources or [{"pooling": pooling, "hidden_states": self.hidden_states}])
+        parts = len(transform.widths) if isinstance(transform, SourceTransform) else 1
+        if parts != len(self.sources):
+            raise ConfigError(f"the transform has {parts} source part(s) for {len(self.sources)} feature source(s)")
         self.encoder_identity = encoder_identity
         self.encoder_spec = encoder_spec
         self.cost_model = cost_model
@@ -133,12 +160,58 @@ class Router:
         same flattened to [N, D]."""
         return self.predictor.predict_proba(self.transform.transform(X))
 
+    def feature_request(self) -> tuple[list[str], list[int] | None]:
+        """(poolings, hidden states) of the one encoder call that computes every source's features."""
+        poolings = list(dict.fromkeys(s["pooling"] for s in self.sources if s["pooling"] != MINILM))
+        if len(self.sources) == 1:
+            return poolings, self.hidden_states
+        states = sorted({h for s in self.sources if s["pooling"] != SURPRISE for h in s["hidden_states"] or []})
+        return poolings, states or None
+
+    @property
+    def layers_run(self) -> int | None:
+        """Encoder layers one routing call runs: the deepest state read, or None for all of them (every state,
+        or the surprise statistics, which read the final one)."""
+        poolings, states = self.feature_request()
+        return None if SURPRISE in poolings or not states else max(states)
+
+    def features_of(self, encoder: PrefillEncoder, prompts: list) -> np.ndarray:
+        """The router's input for `prompts` from one call of `encoder`: [N, L, H] for one source, the sources'
+        features flattened and side by side [N, D] for several."""
+        poolings, states = self.feature_request()
+        out = encoder.encode(prompts, poolings=poolings, layers=states)
+        if len(self.sources) == 1:
+            return np.asarray(out[self.pooling])
+        blocks = []
+        for source in self.sources:
+            pooling = source["pooling"]
+            if pooling == MINILM:
+                blocks.append(self._embed(prompts, source))
+            elif pooling == SURPRISE:
+                blocks.append(np.asarray(out[SURPRISE]).reshape(len(prompts), -1))
+            else:
+                wanted = [states.index(h) for h in source["hidden_states"]] if states else slice(None)
+                blocks.append(np.asarray(out[pooling])[:, wanted].reshape(len(prompts), -1))
+        return np.concatenate(blocks, axis=1).astype(np.float32)
+
+    def _embed(self, prompts: list, source: dict) -> np.ndarray:
+        from prefill_router.features.semantic import default_model_dir, get_embedder, model_hash, prompt_text
+
+        if not getattr(self, "_minilm_checked", False):
+            found = model_hash(default_model_dir())
+            if source.get("model") not in (None, found):
+                raise CheckpointError(f"the router was trained on MiniLM embeddings of model files {source['model']}"
+                                      f", but the installed model's files hash to {found}")
+            self._minilm_checked = True
+        return np.asarray(get_embedder().encode([prompt_text(p) for p in prompts], progress=False), dtype=np.float32)
+
     def encode(self, prompts: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """One encoder forward for the batch: (features [N, L, H], input tokens [N], truncated [N], ms)."""
+        """One encoder forward for the batch: (features [N, L, H], or [N, D] for several sources, input tokens
+        [N], truncated [N], ms)."""
         encoder = self._require_encoder()
         prompts = list(prompts)
         start = time.perf_counter()
-        out = encoder.encode(prompts, poolings=(self.pooling,), layers=self.hidden_states)
+        X = self.features_of(encoder, prompts)
         ms = (time.perf_counter() - start) * 1e3
         # The lengths that same call measured (tokenizing again would double the CPU work per request).
         tokens = np.asarray(encoder.last_token_counts, dtype=np.float64).reshape(-1)
@@ -146,7 +219,7 @@ class Router:
             raise EncoderError(f"{type(encoder).__name__}.last_token_counts holds {len(tokens)} counts after "
                                f"encoding {len(prompts)} prompts (see PrefillEncoder)")
         truncated = tokens > encoder.max_tokens  # the encoder cut these to max_tokens (keep head and tail)
-        return np.asarray(out[self.pooling]), tokens, truncated, ms
+        return X, tokens, truncated, ms
 
     def estimate_costs(self, input_tokens: np.ndarray) -> np.ndarray:
         """C[N, K] in USD from the cost model (zeros when the router has none)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -26,7 +27,7 @@ from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.layers import choose_states
 from prefill_router.router.policy import DEFAULT_MAX_ACCURACY_DROP, choose_default_policy, policy_from_spec
 from prefill_router.router.runtime import Router, encoder_identity, encoder_spec_dict, spec_from_identity
-from prefill_router.router.transform import FeatureTransform, select_hidden_states
+from prefill_router.router.transform import FeatureTransform, SourceTransform, select_hidden_states
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 from prefill_router.utils import json_safe, roc_auc
 
@@ -61,6 +62,24 @@ class RouterTrainConfig(BaseModel):
         return parse_config(cls, data, "invalid router training configuration")
 
 
+@dataclass
+class ExtraSource:
+    """A feature source read beside the main hidden states (a multi-source router): another pooling of the same
+    encoder at `hidden_states` ("mean" or "last"), its `surprise` statistics, or the `minilm` sentence embedding
+    (`model`: the hash of its files). `features` holds every dataset row: [N, states, H], [N, 1, S] or [N, D].
+    Each source is scaled and reduced on its own (router.transform.SourceTransform) and computed at routing time
+    (Router.features_of)."""
+
+    pooling: str
+    features: np.ndarray
+    hidden_states: list[int] | None = None
+    model: str | None = None
+
+    def record(self) -> dict:
+        return {"pooling": self.pooling, "hidden_states": self.hidden_states,
+                **({"model": self.model} if self.model else {})}
+
+
 def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:
     """(array [N, L, H] of the wanted hidden states, their indices, the feature set's encoder identity)."""
     if isinstance(features, FeatureSet):
@@ -90,7 +109,8 @@ def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.n
 def train_router(dataset, features, train_rows=None, config: RouterTrainConfig | dict | None = None, *,
                  encoder: PrefillEncoder | EncoderSpec | dict | None = None,
                  hidden_states: Sequence[int] | None = None, cost_model=None, progress: bool = False,
-                 encoder_spec: dict | None = None, notes: dict | None = None) -> Router:
+                 encoder_spec: dict | None = None, notes: dict | None = None,
+                 sources: Sequence[ExtraSource] = ()) -> Router:
     """Fit transform, SharedTrunkNet ensemble, cost model and default policy on `train_rows` of `dataset`.
 
     dataset: a RoutingDataset (its Y, targets and, when it carries prices, its cost model).
@@ -103,6 +123,7 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         `encoder` does (a feature store records the spec `extract` used); by default from `encoder` or the
         identity.
     notes: extra entries for the checkpoint's `training` record (e.g. the feature store the rows came from).
+    sources: feature sources read beside the main states (ExtraSource); each gets its own scaler and PCA.
 
     The checkpoint's `training.config` is `config` with `layers` set to the hidden states the router reads
     ("all" and "auto" resolved; the auto choice itself is in `metrics.layer_choice`).
@@ -133,7 +154,17 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
             seed=config.seed)
         X, states = X[:, [states.index(s) for s in chosen]], chosen
 
-    transform = FeatureTransform(dims=config.pca).fit(X, seed=config.seed)
+    transform: FeatureTransform | SourceTransform
+    if sources:
+        for source in sources:
+            if len(source.features) != dataset.n:
+                raise ConfigError(f"source {source.pooling!r}: {len(source.features)} rows of features for a "
+                                  f"dataset of {dataset.n}")
+        blocks = [X.reshape(len(X), -1), *(np.asarray(s.features)[rows].reshape(len(rows), -1) for s in sources)]
+        X = np.concatenate(blocks, axis=1).astype(np.float32)
+        transform = SourceTransform(tuple(b.shape[1] for b in blocks), dims=config.pca).fit(X, seed=config.seed)
+    else:
+        transform = FeatureTransform(dims=config.pca).fit(X, seed=config.seed)
     Z = transform.transform(X)
     predictor = TrunkEnsemble(trunk_cfg).fit(Z, Y)
 
@@ -157,10 +188,12 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         spec = spec_from_identity(identity)
     training = {"config": {**config.model_dump(mode="json"), "layers": states}, "created_unix": int(time.time()),
                 "notes": list(getattr(dataset, "notes", [])), **(notes or {})}
+    main = {"pooling": config.pooling, "hidden_states": states}
     return Router(targets=dataset.targets, transform=transform, predictor=predictor, pooling=config.pooling,
                   hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
                   policy=policy, metrics=metrics, training=training,
-                  encoder=encoder if isinstance(encoder, PrefillEncoder) else None)
+                  encoder=encoder if isinstance(encoder, PrefillEncoder) else None,
+                  sources=[main, *(s.record() for s in sources)] if sources else None)
 
 
 def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,

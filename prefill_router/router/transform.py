@@ -183,3 +183,35 @@ class SourceTransform:
         if not self.parts:
             raise ConfigError("the source transform is not fitted; call fit() on training rows first")
         return np.concatenate([part.transform(block) for part, block in zip(self.parts, self._blocks(X))], axis=1)
+
+    def fit_transform(self, X: np.ndarray, *, seed: int = 0) -> np.ndarray:
+        return self.fit(X, seed=seed).transform(X)
+
+    @property
+    def output_dim(self) -> int:
+        return sum(part.output_dim for part in self.parts)
+
+    # -- persistence: each part's arrays under its own prefix ---------------------------------------------------
+    def state_arrays(self, prefix: str = "transform.") -> dict[str, np.ndarray]:
+        if not self.parts:
+            raise ConfigError("the source transform is not fitted; call fit() on training rows first")
+        return {k: v for i, part in enumerate(self.parts) for k, v in part.state_arrays(f"{prefix}{i}.").items()}
+
+    def meta(self) -> dict:
+        return {"widths": list(self.widths), "dims": self.dims, "parts": [part.meta() for part in self.parts]}
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray], prefix: str = "transform.") -> SourceTransform:
+        try:
+            parts = [FeatureTransform.from_state(m, arrays, f"{prefix}{i}.") for i, m in enumerate(meta["parts"])]
+            t = cls(widths=tuple(int(w) for w in meta["widths"]), dims=meta["dims"], parts=parts)
+        except KeyError as exc:
+            raise CheckpointError(f"source transform state lacks {exc.args[0]!r}") from exc
+        if len(t.parts) != len(t.widths):
+            raise CheckpointError(f"source transform has {len(t.parts)} parts for {len(t.widths)} sources")
+        return t
+
+
+def transform_from_state(meta: dict, arrays: dict[str, np.ndarray]) -> FeatureTransform | SourceTransform:
+    """The transform a checkpoint holds: one source's, or several sources' (meta with "parts")."""
+    return (SourceTransform if "parts" in meta else FeatureTransform).from_state(meta, arrays)

@@ -357,7 +357,7 @@ class RouterScorer:
                            "serving %s as trained", encoder)
             return
         quantized = load_encoder(encoder.spec.model_copy(update={"quantize": self.quantize}))
-        quantized.encode(["warm up"], poolings=(self.router.pooling,), layers=self.router.hidden_states)
+        self.router.features_of(quantized, ["warm up"])
         self.router.encoder = quantized
 
     @property
@@ -368,10 +368,9 @@ class RouterScorer:
         encoder = getattr(self.router, "encoder", None)
         spec = getattr(encoder, "spec", None)
         cache = getattr(encoder, "prefix_cache", None)
-        states = getattr(self.router, "hidden_states", None)
         return {"quantize": getattr(spec, "quantize", None), "trained_quantize":
                 (self.router.encoder_identity or {}).get("quantize"),
-                "layers_run": max(states) if states else None, "torch_threads": torch.get_num_threads(),
+                "layers_run": getattr(self.router, "layers_run", None), "torch_threads": torch.get_num_threads(),
                 "prefix_cache": cache.stats() if cache is not None else None}
 
     def _apply_window(self) -> None:
