@@ -5,6 +5,11 @@ Rows (contenders), each scored 5-fold on held-out prompts:
 - `prefill-trunk [<a>+<b>]`: two encoders at once, each source scaled and reduced on its own
   (router.transform.SourceTransform), then concatenated;
 - `prefill-trunk [<source>+minilm]`: prefill states plus the MiniLM sentence embedding, the same way;
+- `prefill-trunk [<source>+surprise]`: prefill states plus the encoder's surprise statistics (the `surprise`
+  pooling, features/surprise.py), when --surprise names a store of them;
+- `prefill-per-target [<source>]`: per-target feature selection (router/per_target.py): for each target the
+  hidden state, pooling and PCA size with the best inner-CV AUC on the fold's training rows, then a logistic
+  regression, against the all-states SharedTrunkNet rows above;
 - `mlp-minilm`, `knn-minilm`, `tfidf-logreg`: the semantic baselines.
 
 Columns: mean AUC, argmax accuracy, gap captured, the default policy's accuracy and savings against the best
@@ -16,7 +21,9 @@ Mixtral), when --gsm8k names a store.
 
     .venv/bin/python bench/quality.py --mmlu smollm2=runs/features/mmlu-pro-smollm2-135m \\
         --mmlu gemma3=runs/features/mmlu-pro-gemma3-270m-sample3000-seed0 \\
-        --gsm8k smollm2=runs/features/routellm-gsm8k-smollm2-135m --mmlu-rows 3000 --out runs/bench-quality
+        --gsm8k smollm2=runs/features/routellm-gsm8k-smollm2-135m --mmlu-rows 3000 --out runs/bench-quality \
+        --mmlu-surprise runs/features/mmlu-pro-smollm2-135m-surprise-sample3000-seed0 \
+        --gsm8k-surprise runs/features/routellm-gsm8k-smollm2-135m-surprise
 
 Each store is read at mean pooling, every hidden state it holds up to --max-state (hidden states deeper than
 that cost encoder time at serve time for little AUC; see `train --layers auto`).
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +45,17 @@ from prefill_router.cli.pipeline import POOLS  # noqa: E402
 from prefill_router.data import kfold, load_dataset, stratified_sample  # noqa: E402
 from prefill_router.evaluate.contenders import ContenderSettings, EvalInputs, build_contenders  # noqa: E402
 from prefill_router.evaluate.harness import Contender, evaluate_contenders  # noqa: E402
-from prefill_router.evaluate.prefill import FitCache, PrefillSettings, prefill_contenders  # noqa: E402
+from prefill_router.evaluate.prefill import (  # noqa: E402
+    FitCache,
+    PrefillSettings,
+    per_target_contender,
+    prefill_contenders,
+)
 from prefill_router.evaluate.report import pool_summary  # noqa: E402
 from prefill_router.features import FeatureSet  # noqa: E402
+from prefill_router.features.surprise import SURPRISE  # noqa: E402
 from prefill_router.router import TrunkConfig  # noqa: E402
+from prefill_router.router.per_target import PerTargetSelector  # noqa: E402
 from prefill_router.utils import atomic_write_json, markdown_table  # noqa: E402
 
 COLUMNS = [("mean_auc", "mean AUC", "{:.3f}"), ("accuracy", "argmax acc", "{:.2%}"),
@@ -71,18 +86,45 @@ def open_sources(stores: dict[str, Path], prompts: list) -> dict[str, tuple[Feat
     return {name: (fs, store_rows(fs, prompts)) for name, fs in sets.items()}
 
 
-def source_features(sources: dict[str, tuple[FeatureSet, np.ndarray]], rows: np.ndarray,
-                    max_state: int) -> dict[str, np.ndarray]:
-    """{source: [rows, flattened mean-pooled states up to max_state]} for these dataset rows."""
+@dataclass
+class Features:
+    """What the prefill rows of one dataset read, for its rows: each source's mean-pooled states up to
+    --max-state, flattened; the first source's per-target views (every held state and pooling up to
+    --max-state); the surprise statistics when a store of them was given."""
+
+    sources: dict[str, np.ndarray]
+    views: dict[str, np.ndarray]
+    surprise: np.ndarray | None
+
+
+def open_surprise(path: str | None, prompts: list) -> tuple[FeatureSet, np.ndarray] | None:
+    if path is None:
+        return None
+    fs = FeatureSet.open(path)
+    if SURPRISE not in fs.hidden_states:
+        raise SystemExit(f"error: {path} holds no surprise pooling (extract it with --poolings surprise)")
+    return fs, store_rows(fs, prompts)
+
+
+def source_features(sources: dict[str, tuple[FeatureSet, np.ndarray]], rows: np.ndarray, max_state: int,
+                    surprise: tuple[FeatureSet, np.ndarray] | None) -> Features:
     out = {}
     for name, (fs, where) in sources.items():
         states = [s for s in fs.hidden_states["mean"] if s <= max_state]
         out[name] = fs.get("mean", states, rows=where[rows]).reshape(len(rows), -1).astype(np.float32)
         print(f"  {name}: {fs.path} mean states {states} -> {out[name].shape[1]} columns", file=sys.stderr)
-    return out
+    fs, where = next(iter(sources.values()))
+    views = {f"{pooling}@{state}": fs.get(pooling, [state], rows=where[rows])[:, 0].astype(np.float32)
+             for pooling, held in fs.hidden_states.items() if pooling in ("mean", "last")
+             for state in held if state <= max_state}
+    print(f"  per-target views of {next(iter(sources))}: {', '.join(views)}", file=sys.stderr)
+    stats = None
+    if surprise is not None:
+        stats = surprise[0].get(SURPRISE, rows=surprise[1][rows]).reshape(len(rows), -1).astype(np.float32)
+    return Features(out, views, stats)
 
 
-def prefill_rows(ds, features: dict[str, np.ndarray], minilm: np.ndarray, cols: list[int], args,
+def prefill_rows(ds, features: Features, minilm: np.ndarray, cols: list[int], args,
                  cache: FitCache) -> list[Contender]:
     """The prefill contenders of one pool: trained on every target's labels (once per fold, through the shared
     fit cache) and read at the pool's columns."""
@@ -94,12 +136,17 @@ def prefill_rows(ds, features: dict[str, np.ndarray], minilm: np.ndarray, cols: 
                                    sources=tuple(b.shape[1] for b in blocks) if len(blocks) > 1 else None)
         out.extend(prefill_contenders(np.concatenate(blocks, axis=1), ds.Y, ds.C, cols, label, settings, cache))
 
-    names = list(features)
+    blocks = features.sources
+    names = list(blocks)
     for name in names:
-        add(name, [features[name]])
+        add(name, [blocks[name]])
     if len(names) > 1:
-        add("+".join(names), [features[n] for n in names])
-    add(f"{names[0]}+minilm", [features[names[0]], minilm])
+        add("+".join(names), [blocks[n] for n in names])
+    add(f"{names[0]}+minilm", [blocks[names[0]], minilm])
+    if features.surprise is not None:
+        add(f"{names[0]}+surprise", [blocks[names[0]], features.surprise])
+    selector = PerTargetSelector(pcas=tuple(args.per_target_pcas), folds=3, seed=0)
+    out.append(per_target_contender(features.views, ds.Y, cols, names[0], selector, cache))
     return out
 
 
@@ -145,6 +192,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mmlu", action="append", default=[], help="NAME=STORE of MMLU-Pro features (repeatable)")
     p.add_argument("--gsm8k", action="append", default=[], help="NAME=STORE of RouteLLM GSM8K features")
+    p.add_argument("--mmlu-surprise", help="store of the first --mmlu encoder's surprise statistics")
+    p.add_argument("--gsm8k-surprise", help="store of the --gsm8k encoder's surprise statistics")
+    p.add_argument("--per-target-pcas", type=int, nargs="+", default=[16, 64, 200],
+                   help="PCA sizes the per-target selection tries on each view")
     p.add_argument("--mmlu-rows", type=int, default=3000)
     p.add_argument("--pools", default="all,five,two", help="MMLU-Pro target pools (see pipeline --pools)")
     p.add_argument("--max-state", type=int, default=18)
@@ -165,21 +216,25 @@ def main() -> int:
     if args.mmlu:
         ds = load_dataset("mmlu-pro")
         sample = stratified_sample(ds, args.mmlu_rows, seed=0)
-        sources = open_sources(parse_sources(args.mmlu), [ds.prompts[i] for i in sample])
-        held = np.all([where >= 0 for _, where in sources.values()], axis=0)
+        prompts = [ds.prompts[i] for i in sample]
+        sources = open_sources(parse_sources(args.mmlu), prompts)
+        surprise = open_surprise(args.mmlu_surprise, prompts)
+        held = np.all([where >= 0 for _, where in [*sources.values(), *([surprise] if surprise else [])]], axis=0)
         notes.append(f"MMLU-Pro: {held.sum()} of a {sample.size}-prompt stratified sample (seed 0) held by every "
-                     f"store ({', '.join(sources)})")
+                     f"store ({', '.join(sources)}{', surprise' if surprise else ''})")
         print(notes[-1], file=sys.stderr)
         results |= evaluate("MMLU-Pro", ds.subset(sample[held]),
-                            source_features(sources, np.flatnonzero(held), args.max_state), args,
+                            source_features(sources, np.flatnonzero(held), args.max_state, surprise), args,
                             {pool: POOLS[pool] for pool in args.pools.split(",")})
     if args.gsm8k:
         ds = load_dataset("routellm-gsm8k")
         sources = open_sources(parse_sources(args.gsm8k), list(ds.prompts))
-        rows = np.flatnonzero(np.all([where >= 0 for _, where in sources.values()], axis=0))
+        surprise = open_surprise(args.gsm8k_surprise, list(ds.prompts))
+        wheres = [where for _, where in [*sources.values(), *([surprise] if surprise else [])]]
+        rows = np.flatnonzero(np.all([where >= 0 for where in wheres], axis=0))
         notes.append(f"RouteLLM GSM8K: {rows.size} of {ds.n} prompts")
-        results |= evaluate("RouteLLM GSM8K", ds.subset(rows), source_features(sources, rows, args.max_state),
-                            args, {"two": None})
+        results |= evaluate("RouteLLM GSM8K", ds.subset(rows),
+                            source_features(sources, rows, args.max_state, surprise), args, {"two": None})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(["# Routing quality", "", *[f"- {n}" for n in notes],
