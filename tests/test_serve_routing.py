@@ -216,7 +216,10 @@ def test_deadline_sends_the_request_to_the_default_target(router, upstreams):
             assert r.headers["x-router-deadline"] == "exceeded" and r.headers["x-router-target"] == "small"
             assert "x-router-probabilities" not in r.headers and "x-router-truncated" not in r.headers
             assert r.json()["router_decision"]["deadline_exceeded"] is True
-            assert metric(client, "prefill_router_routing_deadline_exceeded_total", target="small") == 1
+            assert r.json()["router_decision"]["truncated"] is None  # not read, so not known
+            decided = client.post("/v1/route", json={"messages": question(3)}).json()
+            assert decided["deadline_exceeded"] is True and decided["truncated"] is None
+            assert metric(client, "prefill_router_routing_deadline_exceeded_total", target="small") == 2
             scorer.gate.set()
             assert chat(client, question(2)).headers["x-router-deadline"] == "met"
     finally:

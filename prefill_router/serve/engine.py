@@ -76,7 +76,7 @@ class Routed:
     probabilities: dict[str, float] | None       # None: no scores (a pinned session, a missed deadline)
     estimated_cost: dict[str, float] | None
     latency_ms: float
-    truncated: bool = False
+    truncated: bool | None = False               # None: unknown, the router did not read the prompt
     cache: str | None = None                     # hit | miss | shared (None: no lookup)
     policy: str | None = None
     deadline_exceeded: bool = False
@@ -253,7 +253,7 @@ class RoutingEngine:
             pinned = None  # this request may not go there: route it afresh, and leave the pin alone
         if pinned is not None and not self.escalate_only:
             self._count_session("pinned")
-            return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, session="pinned")
+            return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, truncated=None, session="pinned")
 
         routed = await self._route(routed_window(messages, mode), messages, policy, lam, allowed, start)
         if sticky is None or routed.deadline_exceeded:
@@ -276,7 +276,8 @@ class RoutingEngine:
                 next(t for t in reversed(self.strength) if t in allowed)
             if self.deadline_counter is not None:
                 self.deadline_counter.labels(target=target).inc()
-            return Routed(target, None, None, (time.perf_counter() - start) * 1000, deadline_exceeded=True)
+            return Routed(target, None, None, (time.perf_counter() - start) * 1000, truncated=None,
+                          deadline_exceeded=True)
         unread = _chars(messages) - _chars(window)
         estimate = getattr(self.scorer, "estimate_costs", None)
         if unread > 0 and estimate is not None:

@@ -212,7 +212,7 @@ def routing_headers(decision: Routed | None, chosen: str) -> dict[str, str]:
     headers["x-router-latency-ms"] = f"{decision.latency_ms:.3f}"
     if decision.cache is not None:
         headers["x-router-cache"] = decision.cache
-    if not decision.deadline_exceeded:  # past the deadline nothing was read, so truncation is unknown
+    if decision.truncated is not None:  # None: nothing was read (a missed deadline, a pinned session)
         headers["x-router-truncated"] = "true" if decision.truncated else "false"
     headers["x-router-deadline"] = "exceeded" if decision.deadline_exceeded else "met"
     if decision.session is not None:
