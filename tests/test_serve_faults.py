@@ -88,7 +88,7 @@ def metric(client, name, **labels) -> float:
 def assert_error(response, status, code):
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "code"} and error["code"] == code
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
     return error["message"]
 
 

@@ -75,12 +75,14 @@ def chat(client, model, messages, **extra):
     return client.post("/v1/chat/completions", json={"model": model, "messages": messages, **extra})
 
 
-def assert_openai_error(response, status, code=None):
+def assert_openai_error(response, status, code=None, param=None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "code"} and error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if code is not None:
         assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
 
 
 # --- routing and proxying --------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def test_bad_requests_get_openai_style_errors(router, upstreams):
         assert_openai_error(client.post(url, content=b"{not json", headers={"content-type": "application/json"}),
                             400, "invalid_json")
         assert_openai_error(client.post(url, json=["a", "list"]), 400, "invalid_json")
-        assert_openai_error(client.post(url, json={"model": "router"}), 400, "invalid_messages")
+        assert_openai_error(client.post(url, json={"model": "router"}), 400, "invalid_messages", "messages")
         assert_openai_error(chat(client, "router", []), 400, "invalid_messages")
         assert_openai_error(chat(client, "router", [{"role": "user", "content": ""}]), 400, "invalid_messages")
         assert_openai_error(chat(client, "router", [{"content": "no role"}]), 400, "invalid_messages")
@@ -268,12 +270,13 @@ def test_bad_requests_get_openai_style_errors(router, upstreams):
         assert_openai_error(wizard, 400, "invalid_messages")
         assert "'wizard' is not a chat role" in wizard.json()["error"]["message"]
         unknown = chat(client, "gpt-17", question(1))
-        assert_openai_error(unknown, 400, "model_not_found")
+        assert_openai_error(unknown, 400, "model_not_found", "model")
         assert "gpt-17" in unknown.json()["error"]["message"]
-        assert_openai_error(client.post(url, json={"messages": question(1)}), 400, "model_not_found")
-        assert_openai_error(chat(client, "router:-3", question(1)), 400, "model_not_found")
+        assert_openai_error(client.post(url, json={"messages": question(1)}), 400, "missing_required_parameter",
+                            "model")
+        assert_openai_error(chat(client, "router:-3", question(1)), 400, "invalid_value", "model")
         number = client.post(url, json={"model": 5, "messages": question(1)})
-        assert_openai_error(number, 400, "model_not_found")
+        assert_openai_error(number, 400, "invalid_value", "model")
         assert "'model' must be a string" in number.json()["error"]["message"]
         big = chat(client, "router", [{"role": "user", "content": "x" * 5000}])
         assert_openai_error(big, 413, "request_too_large")
@@ -329,7 +332,7 @@ def test_route_models_health(router, upstreams):
     assert [m["id"] for m in models["data"]] == ["router", "router:best", "router:cheap", *TARGETS]
     assert health["encoder_loaded"] is True and health["targets"] == TARGETS
     assert health["upstreams"]["big"]["api_key"] == "set" and health["status"] == "ok"
-    assert_openai_error(pinned, 400, "model_not_found")
+    assert_openai_error(pinned, 400, "invalid_value", "model")
 
 
 def test_metrics_endpoint_is_prometheus_text(router, upstreams):

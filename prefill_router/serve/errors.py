@@ -1,4 +1,5 @@
-"""The gateway's own errors and how they reach a client: OpenAI's shape {"error": {"message", "type", "code"}}.
+"""The gateway's own errors and how they reach a client: OpenAI's shape
+{"error": {"message", "type", "param", "code"}} (`param`: the request field at fault, when one is).
 
 Raise `GatewayError(status, message, code=...)` anywhere in a request; `install_error_handlers` turns it (and
 FastAPI's own 404/405 and request-model validation errors) into that shape and counts it in the metrics.
@@ -23,19 +24,21 @@ class GatewayError(PrefillRouterError):
     """An error the gateway answers with `status`; the message names the problem."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+        self.param = param
 
 
-def error_body(message: str, type_: str, code: str | None) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code}}
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def error_response(metrics: GatewayMetrics, status: int, message: str, type_: str = "invalid_request_error",
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+                   code: str | None = None, headers: dict[str, str] | None = None,
+                   param: str | None = None) -> JSONResponse:
     metrics.errors.labels(status=str(status), code=code or "").inc()
-    return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -54,7 +57,7 @@ def validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(metrics, exc.status, exc.message, exc.type, exc.code, exc.headers)
+        return error_response(metrics, exc.status, exc.message, exc.type, exc.code, exc.headers, exc.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -64,7 +67,10 @@ def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(metrics, 400, validation_message(exc), "invalid_request_error", "invalid_body")
+        first = next(iter(exc.errors()), {})
+        where = [str(p) for p in first.get("loc", ()) if p != "body"] if first.get("type") != "json_invalid" else []
+        return error_response(metrics, 400, validation_message(exc), "invalid_request_error", "invalid_body",
+                              param=".".join(where) or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

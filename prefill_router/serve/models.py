@@ -23,7 +23,12 @@ from prefill_router.serve.config import ROUTER_ALIAS, Preset
 
 
 class UnknownModel(PrefillRouterError, ValueError):
-    """The request's `model` names no router alias, preset or target."""
+    """The request's `model` is missing, not a string, or names no router alias, preset or target; `code` is the
+    OpenAI-style error code the gateway answers with."""
+
+    def __init__(self, message: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class ModelChoice:
 def resolve_model(name: object, targets: Sequence[str], presets: Mapping[str, Preset], *,
                   default_policy: str | None = None, default_lam: float | None = None) -> ModelChoice:
     if name is None or name == "":
-        raise UnknownModel("'model' is required: 'router', 'router:<lambda>', 'router:<preset>' or a target name")
+        raise UnknownModel("'model' is required: 'router', 'router:<lambda>', 'router:<preset>' or a target name",
+                           code="missing_required_parameter")
     if not isinstance(name, str):
         raise UnknownModel(f"'model' must be a string such as 'router' or a target name, got {name!r} "
                            f"({type(name).__name__})")
@@ -53,13 +59,13 @@ def resolve_model(name: object, targets: Sequence[str], presets: Mapping[str, Pr
             lam = float(suffix)
         except ValueError:
             raise UnknownModel(f"model '{name}': '{suffix}' is neither a number nor a preset "
-                               f"({', '.join(sorted(presets)) or 'none configured'})") from None
+                               f"({', '.join(sorted(presets)) or 'none configured'})", code="model_not_found") from None
         if not math.isfinite(lam) or lam < 0:
             raise UnknownModel(f"model '{name}': lambda must be a finite number >= 0")
         return ModelChoice(name, policy=default_policy, lam=lam)
     raise UnknownModel(f"unknown model '{name}'; use 'router', 'router:<lambda>', "
                        + "".join(f"'router:{p}', " for p in sorted(presets))
-                       + f"or a target: {', '.join(targets)}")
+                       + f"or a target: {', '.join(targets)}", code="model_not_found")
 
 
 def preset_policy(preset: Preset, default_policy: str | None, default_lam: float | None

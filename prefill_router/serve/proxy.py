@@ -164,14 +164,14 @@ def choose_model(gw: Gateway, body: dict, default: str | None = None) -> ModelCh
         return resolve_model(body.get("model", default), [t.name for t in config.targets], config.presets,
                              default_policy=config.router.policy, default_lam=config.router.lam)
     except UnknownModel as exc:
-        raise GatewayError(400, str(exc), code="model_not_found") from None
+        raise GatewayError(400, str(exc), code=exc.code, param="model") from None
 
 
 def messages_of(body: dict) -> list[Message]:
     try:
         return routing_messages(body.get("messages"))
     except BadMessages as exc:
-        raise GatewayError(400, str(exc), code="invalid_messages") from None
+        raise GatewayError(400, str(exc), code="invalid_messages", param="messages") from None
 
 
 def router_options(engine: RoutingEngine, body: dict, choice: ModelChoice) -> tuple[RouterOptions, ModelChoice]:
@@ -180,7 +180,7 @@ def router_options(engine: RoutingEngine, body: dict, choice: ModelChoice) -> tu
         options = parse_router_options(body.get("router"), engine.targets)
         return options, apply_options(choice, options)
     except BadRouterOptions as exc:
-        raise GatewayError(400, str(exc), code="invalid_router_options") from None
+        raise GatewayError(400, str(exc), code="invalid_router_options", param="router") from None
 
 
 async def decide(gw: Gateway, engine: RoutingEngine, choice: ModelChoice, messages: list[Message],
@@ -246,7 +246,7 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise GatewayError(400, f"'stream' must be a boolean (true or false), got {json.dumps(stream)[:40]}",
-                           code="invalid_stream")
+                           code="invalid_stream", param="stream")
     stream = bool(stream)
     options, choice = router_options(engine, body, choice)
     body = {k: v for k, v in body.items() if k != "router"}  # the gateway's own field, never forwarded
@@ -318,7 +318,7 @@ async def route(request: Request, gw: GatewayDep) -> JSONResponse:
     messages = messages_of(body)
     if choice.pinned is not None:
         raise GatewayError(400, f"model '{choice.pinned}' is a target, not a router alias; /v1/route needs "
-                           "'router', 'router:<lambda>' or 'router:<preset>'", code="model_not_found")
+                           "'router', 'router:<lambda>' or 'router:<preset>'", code="invalid_value", param="model")
     options, choice = router_options(engine, body, choice)
     decision = await decide(gw, engine, choice, messages, options, request, body)
     return JSONResponse({**decision.to_dict(), "model": choice.requested,
