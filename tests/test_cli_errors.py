@@ -66,6 +66,7 @@ CASES = [
     ("serve --config gw_no_checkpoint.yaml --check", "no-such-router/router.json: file not found"),
     ("fake-upstream --port 99999", "--port: 99999 is not a port number"),
     ("fake-upstream --delay abc", "argument --delay: invalid float value: 'abc'"),
+    ("fake-upstream --fail-rate 2", "--fail-rate: 2 is not a share between 0 and 1"),
     ("collect --prompts missing.jsonl --targets gw_no_checkpoint.yaml --judge choice --out o.jsonl",
      "missing.jsonl: file not found"),
     ("collect --prompts prompts.jsonl --targets broken.yaml --judge choice --out o.jsonl", "broken.yaml: cannot parse"),

@@ -167,6 +167,64 @@ def test_feedback_is_recorded_with_the_features_the_router_read(checkpoint, enco
     assert np.allclose(rows.X, X, atol=1e-5)  # exactly what the router read: retraining needs no encoder
 
 
+def _stream_id(client, i) -> tuple[str, str]:
+    """(x-router-request-id, the OpenAI id in the stream's events) of a streamed reply, read to its end."""
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"model": "router", "messages": question(i), "stream": True}) as r:
+        ids = [json.loads(line[6:]).get("id") for line in r.iter_lines()
+               if line.startswith("data: ") and line != "data: [DONE]"]
+        return r.headers["x-router-request-id"], next(x for x in ids if x)
+
+
+def _post_feedback(client, body, tries: int = 40) -> httpx.Response:
+    """Feedback right after a stream: its OpenAI id is registered when the gateway sees the stream end, which
+    may come a moment after the client read the last byte."""
+    for _ in range(tries):
+        r = client.post("/v1/feedback", json=body)
+        if r.status_code != 404:
+            return r
+        time.sleep(0.05)
+    return r
+
+
+def test_a_streamed_reply_takes_feedback_by_its_openai_id_across_a_restart(checkpoint, encoder, upstreams,
+                                                                           tmp_path):
+    feedback = {"dir": str(tmp_path / "fb")}
+    with serving(checkpoint, encoder, upstreams, feedback=feedback) as (client, _):
+        first_request, first_openai = _stream_id(client, 1)
+        second_request, second_openai = _stream_id(client, 2)
+        ok = _post_feedback(client, {"id": first_openai, "score": 1})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["id"] == first_request
+        assert _post_feedback(client, {"id": first_request, "score": 0}).status_code == 409  # one request
+    with serving(checkpoint, encoder, upstreams, feedback=feedback) as (client, _):
+        again = client.post("/v1/feedback", json={"id": second_openai, "score": 0.5})
+    assert again.status_code == 200, again.text
+    assert read_feedback(tmp_path / "fb").ids == [first_request, second_request]
+
+
+def test_feedback_on_an_answer_from_an_unscored_fallback_says_to_name_a_target(checkpoint, encoder, tmp_path):
+    from gateway_helpers import running_upstreams
+
+    from prefill_router.serve.fake_upstream import Fail
+
+    with running_upstreams([*TARGETS, "spare"]) as ups:
+        targets = upstream_targets({n: ups[n] for n in TARGETS})
+        targets.append({**targets[0], "name": "spare", "base_url": ups["spare"].base_url, "model": "spare"})
+        for name in TARGETS:
+            ups[name].default = Fail(503)
+        with serving(checkpoint, encoder, {}, targets=targets, fallback_order=["spare", *TARGETS],
+                     feedback={"dir": str(tmp_path / "fb")}) as (client, _):
+            r = chat(client, 1)
+            assert r.status_code == 200 and r.headers["x-router-target"] == "spare"
+            unnamed = client.post("/v1/feedback", json={"id": r.headers["x-router-request-id"], "score": 1})
+            named = client.post("/v1/feedback", json={"id": r.headers["x-router-request-id"], "score": 0,
+                                                      "target": "big"})
+    assert unnamed.status_code == 400 and unnamed.json()["error"]["code"] == "unknown_target"
+    assert "answered by 'spare', a fallback target the router does not score" in unnamed.json()["error"]["message"]
+    assert named.status_code == 200 and named.json()["target"] == "big"
+
+
 def test_feedback_journal_resumes_after_a_restart(checkpoint, encoder, upstreams, tmp_path):
     feedback = {"dir": str(tmp_path / "fb")}
     with serving(checkpoint, encoder, upstreams, feedback=feedback) as (client, _):

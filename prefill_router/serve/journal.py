@@ -7,7 +7,8 @@ Folder layout (`feedback.dir` in the gateway config):
                         chosen and answering target, P and estimated cost per target, the policy, the encoder
                         identity digest, the hidden states read, and the pooled features (base64 float32).
                         Segments are closed past `segment_bytes`, and deleted once older than `retention_s` or
-                        while all of them take more than `max_bytes`.
+                        while all of them take more than `max_bytes`. A streamed reply's OpenAI id is known only
+                        when the stream ends: it is added then, as a line {"alias_of": <id>, "aliases": [...]}.
     feedback.jsonl      one line per feedback: the routed line it refers to plus `score`, `target` (the target
                         whose answer was scored) and the time. Appended and fsynced; never pruned.
 
@@ -117,6 +118,14 @@ class FeedbackJournal:
             self.dropped += 1
             return False
 
+    def add_alias(self, request_id: str, alias: str) -> None:
+        """Let feedback name a routed request by `alias` too: a streamed reply's OpenAI id, known only once the
+        stream has been relayed, after the request's line was queued. Dropped, like a routed line, when busy."""
+        try:
+            self._queue.put_nowait(("alias", (request_id, alias), None))
+        except queue.Full:
+            self.dropped += 1
+
     def feedback(self, request_id: str, score: float, target: str | None) -> concurrent.futures.Future:
         """A future of the feedback line written (a dict), or of the FeedbackRefused that says why not."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -155,7 +164,8 @@ class FeedbackJournal:
             kind, payload, future = op
             try:
                 handlers: dict[str, Callable[[Any], object]] = {
-                    "routed": self._write_routed, "feedback": self._write_feedback, "flush": self._flush}
+                    "routed": self._write_routed, "alias": self._write_alias, "feedback": self._write_feedback,
+                    "flush": self._flush}
                 result = handlers[kind](payload)
                 if future is not None:
                     future.set_result(result)
@@ -175,8 +185,12 @@ class FeedbackJournal:
                 for line in f:
                     try:
                         record = json.loads(line)
-                        names = [record["id"], *record.get("aliases", [])]
-                    except (ValueError, KeyError, TypeError):
+                        if "alias_of" in record:  # an alias line points at its request's line
+                            self._point_alias(record["alias_of"], record["aliases"][0])
+                            names = []
+                        else:
+                            names = [record["id"], *record.get("aliases", [])]
+                    except (ValueError, KeyError, TypeError, IndexError):
                         names = []  # a line cut short by a crash
                     for name in names:
                         self._where[name] = (path.name, offset)
@@ -218,6 +232,23 @@ class FeedbackJournal:
         self.routed_stored += 1
         self._maybe_prune()
 
+    def _point_alias(self, request_id: str, alias: str) -> bool:
+        where = self._where.get(request_id)
+        if where is None:
+            return False
+        self._where[alias] = where
+        self._segment_ids.setdefault(where[0], []).append(alias)  # pruned with its request's segment
+        return True
+
+    def _write_alias(self, payload: tuple[str, str]) -> None:
+        request_id, alias = payload
+        if alias in self._where or not self._point_alias(request_id, alias):
+            return
+        segment = self._segment or self._open_segment()
+        segment.write(json.dumps({"alias_of": request_id, "aliases": [alias]}, separators=(",", ":")).encode()
+                      + b"\n")
+        segment.flush()
+
     def _read_routed(self, request_id: str) -> dict:
         where = self._where.get(request_id)
         if where is None:
@@ -235,7 +266,12 @@ class FeedbackJournal:
         record = self._read_routed(request_id)
         if record["id"] in self._given:
             raise DuplicateFeedback(f"id {request_id!r}: feedback for this request was already recorded")
+        named = target
         target = target or record.get("answered_by") or record["chosen"]
+        if named is None and target not in record["targets"]:
+            raise UnknownTarget(f"id {request_id!r} was answered by {target!r}, a fallback target the router does "
+                                f"not score, so this feedback cannot train it; to score another answer, name its "
+                                f"target with 'target' (one of {', '.join(record['targets'])})")
         if target not in record["targets"]:
             raise UnknownTarget(f"target {target!r}: not one of the targets the router scored for this request "
                                 f"({', '.join(record['targets'])})")

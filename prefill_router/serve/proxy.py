@@ -158,6 +158,13 @@ async def read_json(request: Request, limit: int) -> dict:
         raise GatewayError(400, str(exc), code="invalid_json") from None
 
 
+def finish_stream(gw: Gateway, entry: dict, request_id: str, decision: Routed | None, facts: StreamFacts) -> None:
+    """A relayed stream is over: account its usage, and let feedback name it by its OpenAI id."""
+    gw.account(entry, facts.usage)
+    if decision is not None and facts.id and gw.journal is not None:
+        gw.journal.add_alias(request_id, facts.id)
+
+
 def choose_model(gw: Gateway, body: dict, default: str | None = None) -> ModelChoice:
     config = gw.config
     try:
@@ -299,7 +306,7 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         if decision is not None:
             gw.record_features(engine, request_id, None, decision, reply.target)
         return UpstreamStream(reply.response, headers, on_disconnect, on_error,
-                              lambda facts: gw.account(entry, facts.usage))
+                              lambda facts: finish_stream(gw, entry, request_id, decision, facts))
     content = reply.response.content
     reply_id, usage = reply_facts(content)
     gw.account(entry, usage)
