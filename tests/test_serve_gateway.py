@@ -192,6 +192,12 @@ def test_every_target_failing_gives_502(router, upstreams):
         assert sorted(json.loads(r.headers["x-router-fallbacks"])) == sorted(TARGETS)
         assert sum(up.calls() for up in upstreams.values()) == 6  # each target: first try and one retry
         assert metric(client, "prefill_router_errors_total", status="502", code="all_upstreams_failed") == 1
+        # the first two targets were left for the next; the last had none to fall back to
+        left = sum(metric(client, "prefill_router_fallbacks_total", target=t) for t in TARGETS)
+        assert left == len(TARGETS) - 1
+        pinned = chat(client, TARGETS[0], question(7))  # a pinned target falls back to nobody
+        assert_openai_error(pinned, 502, "all_upstreams_failed")
+        assert sum(metric(client, "prefill_router_fallbacks_total", target=t) for t in TARGETS) == left
         assert client.get("/health").status_code == 200  # the server is still up
 
 

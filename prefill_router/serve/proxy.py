@@ -272,9 +272,10 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         reply: UpstreamReply | None = await unless_client_leaves(request.receive, gw.pool.chat(chain, body,
                                                                                                 stream=stream))
     except AllUpstreamsFailed as exc:
-        for name in dict.fromkeys(a.target for a in exc.attempts):
+        failed = list(dict.fromkeys(a.target for a in exc.attempts))
+        for name in failed[:-1]:  # the last had no next target to fall back to (a pinned one never has)
             metrics.fallbacks.labels(target=name).inc()
-        headers["x-router-fallbacks"] = json.dumps(list(dict.fromkeys(a.target for a in exc.attempts)))
+        headers["x-router-fallbacks"] = json.dumps(failed)
         raise GatewayError(502, str(exc), "upstream_error", "all_upstreams_failed", headers) from None
     if reply is None:  # nobody to answer: the attempt in flight and the rest of the chain were cancelled
         return error_response(metrics, 499, "the client closed the request", "invalid_request_error",
