@@ -372,6 +372,7 @@ def test_sighup_reloads_the_checkpoint_of_a_serving_process(checkpoint, encoder,
         assert decision["target"] == expected.target
         assert [decision["probabilities"][t] for t in TARGETS] == \
             pytest.approx([expected.probabilities[t] for t in TARGETS], abs=1e-5)
+        assert sum("router reloaded" in line for line in lines) == 1  # logged once, naming the signal
         assert any("SIGHUP: router reloaded" in line for line in lines)
     finally:
         proc.terminate()

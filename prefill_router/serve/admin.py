@@ -74,7 +74,9 @@ def load_scorer(config: GatewayConfig, checkpoint: Path, running: RouterScorer,
     return scorer
 
 
-async def reload_router(gw: Gateway, checkpoint: str | Path | None = None, reload_encoder: bool = False) -> dict:
+async def reload_router(gw: Gateway, checkpoint: str | Path | None = None, reload_encoder: bool = False,
+                        via: str = "POST /admin/reload") -> dict:
+    """Swap in the router of `checkpoint` (default: router.checkpoint). Logs the outcome once, naming `via`."""
     if gw.reload_lock is None:
         gw.reload_lock = asyncio.Lock()
     async with gw.reload_lock:  # one reload at a time; requests go on meanwhile
@@ -89,26 +91,26 @@ async def reload_router(gw: Gateway, checkpoint: str | Path | None = None, reloa
             scorer = await anyio.to_thread.run_sync(load_scorer, gw.config, Path(path), running, reload_encoder)
             gw.check_scorer(scorer)
         except EncoderMismatch as exc:
-            _refused(gw, exc)
+            _refused(gw, exc, via)
             raise GatewayError(409, str(exc), code="encoder_mismatch") from None
         except ConfigError as exc:
-            _refused(gw, exc)
+            _refused(gw, exc, via)
             raise GatewayError(409, f"{path}: {exc}", code="checkpoint_incompatible") from None
         except (CheckpointError, EncoderError) as exc:
-            _refused(gw, exc)
+            _refused(gw, exc, via)
             raise GatewayError(400, str(exc), code="checkpoint_invalid") from None
         previous = gw.checkpoint
         gw.swap(scorer, str(path), scorer.encoder_info if reload_encoder else None)
         gw.metrics.reloads.labels(outcome="ok").inc()
-        log.info("router reloaded from %s (was %s)", path, previous)
+        log.warning("%s: router reloaded from %s (was %s)", via, path, previous)
         return {"object": "reload", "reloaded": True, "checkpoint": str(path), "previous": previous,
                 "targets": scorer.targets, "policy": scorer.policy_spec(gw.config.router.policy, gw.config.router.lam),
                 "loaded_unix": gw.loaded_unix}
 
 
-def _refused(gw: Gateway, exc: Exception) -> None:
+def _refused(gw: Gateway, exc: Exception, via: str) -> None:
     gw.metrics.reloads.labels(outcome="refused").inc()
-    log.warning("router reload refused: %s", exc)
+    log.error("%s: reload refused, the old router goes on serving: %s", via, exc)
 
 
 @router.post("/admin/reload")
@@ -125,10 +127,10 @@ def install_sighup(app: FastAPI) -> bool:
 
     async def on_sighup() -> None:
         try:
-            result = await reload_router(gw)
-            log.warning("SIGHUP: router reloaded from %s", result["checkpoint"])
+            await reload_router(gw, via="SIGHUP")  # it logs the outcome
         except GatewayError as exc:
-            log.error("SIGHUP: reload refused, the old router goes on serving: %s", exc.message)
+            if exc.code == "no_checkpoint" or exc.code == "reload_unsupported":  # refused before loading anything
+                log.error("SIGHUP: reload refused, the old router goes on serving: %s", exc.message)
         except Exception:  # a signal handler has nobody to raise to
             gw.metrics.reloads.labels(outcome="failed").inc()
             log.exception("SIGHUP: reload failed, the old router goes on serving")
