@@ -60,6 +60,8 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--features", default="runs/features/mmlu-pro-smollm2-135m")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", help="npz of the fold predictions (default: runs/cache/operating-point-<store>-<rows>"
+                                   ".npz; computed once)")
     args = p.parse_args()
     import torch
 
@@ -76,7 +78,15 @@ def main() -> int:
                                logistic=False)
     contender = prefill_contenders(X, sub.Y, sub.C, list(range(sub.k)), "mean", settings, FitCache())[0]
     folds = [(f, np.asarray(tr), np.asarray(te)) for f, (tr, te) in enumerate(kfold(sub, k=5, seed=0))]
-    preds = [_test_and_calibration(contender, _Fold(f, tr, te), sub.Y, 3, 0.0, 0) for f, tr, te in folds]
+    # The predictions take most of the time and do not depend on the rule: kept on disk for the next run.
+    cache = Path(args.cache or f"runs/cache/operating-point-{Path(args.features).name}-{args.rows}.npz")
+    if cache.is_file():
+        saved = np.load(cache)
+        preds = [(saved[f"te{f}"], saved[f"cal{f}"], saved[f"rows{f}"]) for f in range(len(folds))]
+    else:
+        preds = [_test_and_calibration(contender, _Fold(f, tr, te), sub.Y, 3, 0.0, 0) for f, tr, te in folds]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **{f"{k}{f}": v for f, p in enumerate(preds) for k, v in zip(("te", "cal", "rows"), p)})
     print(f"{rows.size} prompts of a {args.rows}-prompt stratified sample (the rows {args.features} holds)")
     for pool in ("all", "two"):
         cols = list(range(sub.k)) if POOLS[pool] is None else [sub.targets.index(t) for t in POOLS[pool]]
