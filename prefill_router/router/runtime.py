@@ -94,8 +94,9 @@ class Router:
     Use `Router.load(folder)` for a saved router, `train_router(...)` (router/train.py) to build one.
     """
 
-    def __init__(self, *, targets: Sequence[str], transform: FeatureTransform | SourceTransform, predictor: TrunkEnsemble,
-                 pooling: str, hidden_states: Sequence[int] | None, encoder_identity: dict | None,
+    def __init__(self, *, targets: Sequence[str], transform: FeatureTransform | SourceTransform,
+                 predictor: TrunkEnsemble, pooling: str, hidden_states: Sequence[int] | None,
+                 encoder_identity: dict | None,
                  encoder_spec: dict | None = None, cost_model: CostModel | None = None, policy: str = "argmax",
                  metrics: dict | None = None, training: dict | None = None, encoder: PrefillEncoder | None = None,
                  sources: Sequence[dict] | None = None):
