@@ -67,7 +67,7 @@ def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = next(iter(exc.errors()), {})
+        first: dict = next(iter(exc.errors()), {})
         where = [str(p) for p in first.get("loc", ()) if p != "body"] if first.get("type") != "json_invalid" else []
         return error_response(metrics, 400, validation_message(exc), "invalid_request_error", "invalid_body",
                               param=".".join(where) or None)
