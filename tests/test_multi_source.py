@@ -117,3 +117,38 @@ def test_bad_sources_are_refused_with_one_line(built, capsys, tmp_path):
     assert main(["train", "--dataset", str(data), "--features", str(store), "--add-source", "last",
                  "--out", str(tmp_path / "unused")]) != 0
     assert "holds no 'last' pooling" in capsys.readouterr().err
+
+
+def test_a_second_encoder_is_a_source_that_routing_loads_and_serves(built, tmp_path):
+    """Two encoders at once (the steadiest operating point in bench/quality.py): a store of a second encoder
+    is added with `--add-source mean=STORE`; the checkpoint records how to load it, and routing runs both."""
+    from conftest import make_tiny_encoder
+
+    from prefill_router.serve.app import create_app
+    from prefill_router.serve.config import parse_gateway_config
+    from prefill_router.serve.engine import RouterScorer
+    from prefill_router.serve.server import BackgroundServer
+
+    data, store, _ = built
+    second_dir = make_tiny_encoder(tmp_path / "second", hidden=16, layers=3, seed=3)
+    second_store, ckpt = tmp_path / "second-store", tmp_path / "ckpt"
+    assert main(["extract", "--dataset", str(data), "--encoder", str(second_dir), "--poolings", "mean",
+                 "--layers", "2,3", "--dtype", "float32", "--no-progress", "--out", str(second_store)]) == 0
+    assert main(["train", "--dataset", str(data), "--features", str(store), "--add-source",
+                 f"mean={second_store}", "--pca", "6", "--seeds", "2", "--keep", "1", "--policy", "argmax",
+                 "--out", str(ckpt)]) == 0
+    source = json.loads((ckpt / "router.json").read_text())["features"]["sources"][1]
+    assert source["hidden_states"] == [2, 3] and source["encoder"]["spec"]["model"] == str(second_dir)
+    router = Router.load(ckpt)  # both encoders load from the checkpoint's specs at the first call
+    prompts = [_prompt(i) for i in range(4)]
+    X, _, _, _ = router.encode(prompts)
+    fs = FeatureSet.open(second_store)
+    np.testing.assert_allclose(X[:, 64:], fs.get("mean", rows=fs.rows_of(prompts)).reshape(4, -1),
+                               rtol=1e-4, atol=1e-5)
+    with running_upstreams(TARGETS) as ups:
+        config = parse_gateway_config({"router": {"checkpoint": str(ckpt)}, "targets": upstream_targets(ups)})
+        with BackgroundServer(create_app(config, RouterScorer(router))) as server, \
+                httpx.Client(base_url=server.url, timeout=60) as client:
+            decided = client.post("/v1/route", json={"messages": [{"role": "user", "content": _prompt(9)}]})
+    assert decided.status_code == 200, decided.text
+    assert decided.json()["probabilities"] == pytest.approx(router.route(_prompt(9)).probabilities, abs=1e-5)

@@ -62,17 +62,20 @@ def _extra_sources(specs: list[str], features, ds, done: np.ndarray):
                 raise ConfigError(f"--add-source {name}: {path} does not exist (create it with `prefill-router "
                                   f"extract --poolings {name}`)")
             store = FeatureSet.open(path)
-            differ = identity_diff(store.identity, features.identity)
-            if differ:
-                raise ConfigError(f"--add-source {name}: {path} comes from another encoder than --features "
-                                  f"(they differ in {', '.join(differ)})")
+        other = None
+        if identity_diff(store.identity, features.identity):  # a second encoder: routing loads it by its spec
+            spec = store.manifest.get("encoder_spec")
+            if not spec:
+                raise ConfigError(f"--add-source {name}: {path} comes from another encoder than --features and "
+                                  "does not record how to load it (extract it with `prefill-router extract`)")
+            other = {"identity": store.identity, "spec": spec}
         if name not in store.hidden_states:
             raise ConfigError(f"--add-source {name}: the store {store.path} holds no {name!r} pooling (it holds "
                               f"{store.poolings}); extract it with --poolings {name}")
         rows = store.rows_of(ds.prompts)
         done = done & np.asarray(store.done[rows], dtype=bool)
         sources.append(ExtraSource(name, store.get(name, rows=rows),
-                                   None if name == SURPRISE else list(store.hidden_states[name])))
+                                   None if name == SURPRISE else list(store.hidden_states[name]), encoder=other))
     return sources, done
 
 
@@ -94,8 +97,8 @@ def register(subparsers) -> None:
     p.add_argument("--add-source", action="append", default=[], metavar="SOURCE[=STORE]",
                    help="a feature source read beside --pooling's states, with its own scaler and PCA "
                         "(repeatable): surprise, mean or last (a pooling of the --features store, or of STORE, "
-                        "which must come from the same encoder), or minilm (the MiniLM sentence embedding); "
-                        "routing computes each one")
+                        "which may come from a second encoder: routing then runs both), or minilm (the MiniLM "
+                        "sentence embedding); routing computes each one")
     p.add_argument("--pca", type=_pca, default=200, help="PCA components per source, or 'none'")
     p.add_argument("--seeds", type=int, default=10, help="SharedTrunkNet seeds trained")
     p.add_argument("--keep", type=int, default=5, help="seeds kept by validation loss")

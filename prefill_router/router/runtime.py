@@ -71,7 +71,9 @@ MINILM = "minilm"
 
 def check_sources(sources: Sequence[dict]) -> list[dict]:
     """Feature sources as the router records them: {"pooling": "mean"|"last", "hidden_states": [...]},
-    {"pooling": "surprise"} or {"pooling": "minilm", "model": <its files' hash>}; the first is the encoder's."""
+    {"pooling": "surprise"} or {"pooling": "minilm", "model": <its files' hash>}; the first is the encoder's. A
+    source of a second encoder also holds "encoder": {"identity": ..., "spec": ...}, the encoder that computes it
+    (loaded at the first routing call and checked against the identity, as the main one is)."""
     out = []
     for source in sources:
         pooling = source.get("pooling") if isinstance(source, dict) else None
@@ -79,7 +81,11 @@ def check_sources(sources: Sequence[dict]) -> list[dict]:
             raise ConfigError(f"feature source {source!r} names no pooling")
         states = source.get("hidden_states")
         out.append({**source, "hidden_states": None if states is None else [int(h) for h in states]})
-    if not out or out[0]["pooling"] in (SURPRISE, MINILM):
+    for source in out:
+        other = source.get("encoder")
+        if other is not None and not (isinstance(other, dict) and isinstance(other.get("identity"), dict)):
+            raise ConfigError(f"feature source {source['pooling']!r}: its encoder record has no identity")
+    if not out or out[0]["pooling"] in (SURPRISE, MINILM) or out[0].get("encoder") is not None:
         raise ConfigError("the first feature source must be the encoder's hidden states (mean or last pooling)")
     return out
 
@@ -161,12 +167,16 @@ class Router:
         same flattened to [N, D]."""
         return self.predictor.predict_proba(self.transform.transform(X))
 
+    def _main_sources(self) -> list[dict]:
+        return [s for s in self.sources if s["pooling"] != MINILM and s.get("encoder") is None]
+
     def feature_request(self) -> tuple[list[str], list[int] | None]:
-        """(poolings, hidden states) of the one encoder call that computes every source's features."""
-        poolings = list(dict.fromkeys(s["pooling"] for s in self.sources if s["pooling"] != MINILM))
+        """(poolings, hidden states) of the one call of the router's encoder that computes its sources."""
+        main = self._main_sources()
+        poolings = list(dict.fromkeys(s["pooling"] for s in main))
         if len(self.sources) == 1:
             return poolings, self.hidden_states
-        states = sorted({h for s in self.sources if s["pooling"] != SURPRISE for h in s["hidden_states"] or []})
+        states = sorted({h for s in main if s["pooling"] != SURPRISE for h in s["hidden_states"] or []})
         return poolings, states or None
 
     @property
@@ -184,16 +194,38 @@ class Router:
         if len(self.sources) == 1:
             return np.asarray(out[self.pooling])
         blocks = []
-        for source in self.sources:
+        for i, source in enumerate(self.sources):
             pooling = source["pooling"]
             if pooling == MINILM:
                 blocks.append(self._embed(prompts, source))
+            elif source.get("encoder") is not None:  # a second encoder: one call of its own
+                other = self._source_encoder(i, source).encode(prompts, poolings=[pooling],
+                                                                 layers=source["hidden_states"])
+                blocks.append(np.asarray(other[pooling]).reshape(len(prompts), -1))
             elif pooling == SURPRISE:
                 blocks.append(np.asarray(out[SURPRISE]).reshape(len(prompts), -1))
             else:
                 wanted = [states.index(h) for h in source["hidden_states"]] if states else slice(None)
                 blocks.append(np.asarray(out[pooling])[:, wanted].reshape(len(prompts), -1))
         return np.concatenate(blocks, axis=1).astype(np.float32)
+
+    def _source_encoder(self, index: int, source: dict) -> PrefillEncoder:
+        """The second encoder of source `index`, loaded from its spec at the first call (and then kept)."""
+        loaded = self.__dict__.setdefault("_source_encoders", {})
+        if index not in loaded:
+            record = source["encoder"]
+            if not record.get("spec"):
+                raise CheckpointError(f"feature source {index} ({source['pooling']}) names no encoder spec to load")
+            from prefill_router.features import load_encoder
+
+            second = load_encoder(_spec_from_dict(record["spec"]))
+            if not _same_identity(encoder_identity(second), record["identity"]):
+                raise CheckpointError(f"encoder mismatch in feature source {index}: trained on "
+                                      f"{json.dumps(record['identity'], sort_keys=True, default=str)}, loaded "
+                                      f"{json.dumps(encoder_identity(second), sort_keys=True, default=str)}")
+            loaded[index] = second
+        encoder: PrefillEncoder = loaded[index]
+        return encoder
 
     def _embed(self, prompts: list, source: dict) -> np.ndarray:
         from prefill_router.features.semantic import default_model_dir, get_embedder, model_hash, prompt_text

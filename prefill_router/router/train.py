@@ -65,19 +65,20 @@ class RouterTrainConfig(BaseModel):
 @dataclass
 class ExtraSource:
     """A feature source read beside the main hidden states (a multi-source router): another pooling of the same
-    encoder at `hidden_states` ("mean" or "last"), its `surprise` statistics, or the `minilm` sentence embedding
-    (`model`: the hash of its files). `features` holds every dataset row: [N, states, H], [N, 1, S] or [N, D].
-    Each source is scaled and reduced on its own (router.transform.SourceTransform) and computed at routing time
-    (Router.features_of)."""
+    encoder at `hidden_states` ("mean" or "last"), its `surprise` statistics, a pooling of a second encoder
+    (`encoder`: its identity and spec), or the `minilm` sentence embedding (`model`: the hash of its files).
+    `features` holds every dataset row: [N, states, H], [N, 1, S] or [N, D]. Each source is scaled and reduced on
+    its own (router.transform.SourceTransform) and computed at routing time (Router.features_of)."""
 
     pooling: str
     features: np.ndarray
     hidden_states: list[int] | None = None
     model: str | None = None
+    encoder: dict | None = None  # another encoder's {"identity", "spec"}; None: the router's own encoder
 
     def record(self) -> dict:
         return {"pooling": self.pooling, "hidden_states": self.hidden_states,
-                **({"model": self.model} if self.model else {})}
+                **({"model": self.model} if self.model else {}), **({"encoder": self.encoder} if self.encoder else {})}
 
 
 def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:
