@@ -145,10 +145,19 @@ def test_a_second_encoder_is_a_source_that_routing_loads_and_serves(built, tmp_p
     fs = FeatureSet.open(second_store)
     np.testing.assert_allclose(X[:, 64:], fs.get("mean", rows=fs.rows_of(prompts)).reshape(4, -1),
                                rtol=1e-4, atol=1e-5)
+    expected = router.route(_prompt(9)).probabilities
     with running_upstreams(TARGETS) as ups:
-        config = parse_gateway_config({"router": {"checkpoint": str(ckpt)}, "targets": upstream_targets(ups)})
-        with BackgroundServer(create_app(config, RouterScorer(router))) as server, \
+        config = parse_gateway_config({"router": {"checkpoint": str(ckpt), "max_route_tokens": 64},
+                                       "targets": upstream_targets(ups)})
+        scorer = RouterScorer(router, max_route_tokens=64)
+        with BackgroundServer(create_app(config, scorer)) as server, \
                 httpx.Client(base_url=server.url, timeout=60) as client:
             decided = client.post("/v1/route", json={"messages": [{"role": "user", "content": _prompt(9)}]})
+            long = client.post("/v1/route", json={"messages": [{"role": "user", "content": "fox " * 3000}]})
     assert decided.status_code == 200, decided.text
-    assert decided.json()["probabilities"] == pytest.approx(router.route(_prompt(9)).probabilities, abs=1e-5)
+    assert decided.json()["probabilities"] == pytest.approx(expected, abs=1e-5)  # a short prompt: no window cut
+    assert long.status_code == 200 and long.json()["truncated"] is True
+    # both encoders read the gateway's 64-token window, not the prompt's thousands of tokens
+    served = scorer.router
+    assert served.encoder.max_tokens == 64 and served._source_encoder(1, served.sources[1]).max_tokens == 64
+    assert router._source_encoder(1, router.sources[1]).max_tokens == 128  # the router given keeps its own

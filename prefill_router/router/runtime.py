@@ -225,6 +225,17 @@ class Router:
                                       f"{json.dumps(encoder_identity(second), sort_keys=True, default=str)}")
             loaded[index] = second
         encoder: PrefillEncoder = loaded[index]
+        # The second encoder reads the routing window the main one reads (the gateway gives the main one its
+        # window after loading), so a long prompt costs it no more than it costs the main encoder. Kept apart
+        # per window: a serving copy of this router (which shares these encoders) must not change the original.
+        window = getattr(getattr(self.encoder, "spec", None), "max_route_tokens", None)
+        from prefill_router.features.encoder import Encoder
+
+        if window and isinstance(encoder, Encoder) and encoder.spec.max_route_tokens != window:
+            if (index, window) not in loaded:
+                spec = encoder.spec.model_copy(update={"max_route_tokens": window})
+                loaded[(index, window)] = Encoder(spec, encoder.tokenizer, encoder.model, encoder._resolved)
+            encoder = loaded[(index, window)]
         return encoder
 
     def _embed(self, prompts: list, source: dict) -> np.ndarray:
