@@ -16,8 +16,8 @@ Columns: mean AUC, argmax accuracy, gap captured, the default policy's accuracy 
 single target at the lambda chosen on training rows only (mean ± std over folds), P-AUCCC.
 
 Datasets: MMLU-Pro, a category-stratified sample of --mmlu-rows prompts (seed 0) restricted to the prompts every
-given store holds, on three pools (all 28 targets, five, and gemini pro vs flash); RouteLLM GSM8K (GPT-4 vs
-Mixtral), when --gsm8k names a store.
+given store holds, on three pools (all 28 targets, five, and gemini pro vs flash); with --mmlu-full, every
+MMLU-Pro prompt one store holds; RouteLLM GSM8K (GPT-4 vs Mixtral), when --gsm8k names a store.
 
     .venv/bin/python bench/quality.py --mmlu smollm2=runs/features/mmlu-pro-smollm2-135m \\
         --mmlu gemma3=runs/features/mmlu-pro-gemma3-270m-sample3000-seed0 \\
@@ -192,6 +192,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mmlu", action="append", default=[], help="NAME=STORE of MMLU-Pro features (repeatable)")
     p.add_argument("--gsm8k", action="append", default=[], help="NAME=STORE of RouteLLM GSM8K features")
+    p.add_argument("--mmlu-full", help="NAME=STORE: also every MMLU-Pro prompt this store holds (one encoder, "
+                                       "no surprise)")
     p.add_argument("--mmlu-surprise", help="store of the first --mmlu encoder's surprise statistics")
     p.add_argument("--gsm8k-surprise", help="store of the --gsm8k encoder's surprise statistics")
     p.add_argument("--per-target-pcas", type=int, nargs="+", default=[16, 64, 200],
@@ -225,6 +227,15 @@ def main() -> int:
         print(notes[-1], file=sys.stderr)
         results |= evaluate("MMLU-Pro", ds.subset(sample[held]),
                             source_features(sources, np.flatnonzero(held), args.max_state, surprise), args,
+                            {pool: POOLS[pool] for pool in args.pools.split(",")})
+    if args.mmlu_full:
+        ds = load_dataset("mmlu-pro")
+        sources = open_sources(parse_sources([args.mmlu_full]), list(ds.prompts))
+        rows = np.flatnonzero(next(iter(sources.values()))[1] >= 0)
+        notes.append(f"MMLU-Pro, every prompt the store holds: {rows.size} of {ds.n} ({', '.join(sources)})")
+        print(notes[-1], file=sys.stderr)
+        results |= evaluate("MMLU-Pro (all held)", ds.subset(rows), source_features(sources, rows, args.max_state,
+                                                                                   None), args,
                             {pool: POOLS[pool] for pool in args.pools.split(",")})
     if args.gsm8k:
         ds = load_dataset("routellm-gsm8k")
