@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from prefill_router.data import train_test_split
     from prefill_router.evaluate import metrics
     from prefill_router.router import RouterTrainConfig, train_router
+    from prefill_router.router.train import stack_sources
 
     if args.add_target is not None:
         return add_target.run(args)
@@ -168,10 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     if test.size:
         Xte = X[test][:, [states.index(s) for s in router.hidden_states]]
-        if sources:
-            Xte = np.concatenate([Xte.reshape(len(test), -1)] +
-                                 [s.features[test].reshape(len(test), -1) for s in sources], axis=1)
-        P = router.predict_proba_features(Xte)
+        P = router.predict_proba_features(stack_sources(Xte, sources, test) if sources else Xte)
         Yte, Cte = ds.Y[test], ds.C[test]
         choice = router.choose(P, Cte)
         best_k, _, _ = metrics.best_single(ds.Y[rows], ds.C[rows])

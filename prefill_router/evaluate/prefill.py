@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -82,9 +82,7 @@ class _PerTargetModel:
 
     def fit(self, idx, Ytr):  # Ytr is the pool's columns; the selector learns every target's
         rows = np.asarray(idx)
-        fresh = lambda: PerTargetSelector(self.selector.pcas, self.selector.folds, self.selector.C,  # noqa: E731
-                                          self.selector.seed)
-        self.model = self.cache.get(_key("per-target", self.label, rows), lambda: fresh().fit(
+        self.model = self.cache.get(_key("per-target", self.label, rows), lambda: replace(self.selector).fit(
             {name: X[rows] for name, X in self.views.items()}, self.Y[rows]))
         return self
 

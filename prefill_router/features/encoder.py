@@ -512,6 +512,16 @@ class Encoder:
             return
         self.prefix_cache = PrefixCache(int(max_mb * 2**20))
 
+    def with_route_window(self, max_route_tokens: int | None) -> Encoder:
+        """This encoder reading only the routing window of `max_route_tokens` tokens: the same model and
+        tokenizer (nothing is loaded again), with the window in its spec."""
+        spec = self.spec.model_copy(update={"max_route_tokens": max_route_tokens})
+        return Encoder(spec, self.tokenizer, self.model, self._resolved)
+
+    def _prefix_cache_for(self, poolings: Sequence[str]) -> PrefixCache | None:
+        # Surprise needs the logits of every prompt position, which a cached prefix does not keep.
+        return self.prefix_cache if SURPRISE not in poolings else None
+
     @property
     def last_truncated(self) -> int:
         """Prompts truncated by this thread's latest encode/iter_batches call."""
@@ -627,8 +637,7 @@ class Encoder:
         tokens_done, started = 0, time.perf_counter()
         # With prefix reuse, a prompt whose prefix is cached runs alone on top of that prefix; the others are
         # batched as usual and leave their own state in the cache.
-        # Surprise needs the logits of every prompt position, which a cached prefix does not keep.
-        cache = self.prefix_cache if SURPRISE not in poolings else None
+        cache = self._prefix_cache_for(poolings)
         hits: dict[int, PrefixHit] = {}
         if cache is not None:
             for i, row_ids in enumerate(ids):
@@ -682,7 +691,7 @@ class Encoder:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         final = self.num_hidden_states - 1
         deepest = final if SURPRISE in poolings else max(layer_ids)
-        cache = self.prefix_cache if SURPRISE not in poolings else None
+        cache = self._prefix_cache_for(poolings)
         kv = _new_kv_cache() if cache is not None else None  # filled by the forward, for the prefixes kept
         with torch.inference_mode():
             hidden = self._hidden_states(input_ids, mask, positions, deepest, kv)

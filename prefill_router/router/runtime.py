@@ -94,6 +94,16 @@ def _same_identity(a: dict, b: dict) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+def check_identity(encoder: PrefillEncoder, trained: dict, where: str = "") -> None:
+    """Refuse `encoder` when its identity differs from the one the features were trained on, naming both."""
+    given = encoder_identity(encoder)
+    if not _same_identity(given, trained):
+        raise CheckpointError(
+            f"encoder mismatch{where}: the router was trained on features of encoder "
+            f"{json.dumps(trained, sort_keys=True, default=str)} but the encoder given is "
+            f"{json.dumps(given, sort_keys=True, default=str)}")
+
+
 class Router:
     """Encoder prefill -> pooled hidden states -> transform -> SharedTrunkNet ensemble -> policy.
 
@@ -142,12 +152,7 @@ class Router:
         identity differs from the training one."""
         encoder = require_encoder(encoder)
         if self.encoder_identity is not None:
-            given = encoder_identity(encoder)
-            if not _same_identity(given, self.encoder_identity):
-                raise CheckpointError(
-                    "encoder mismatch: the router was trained on features of encoder "
-                    f"{json.dumps(self.encoder_identity, sort_keys=True, default=str)} but the encoder given is "
-                    f"{json.dumps(given, sort_keys=True, default=str)}")
+            check_identity(encoder, self.encoder_identity)
         self.encoder = encoder
 
     def _require_encoder(self) -> PrefillEncoder:
@@ -219,10 +224,7 @@ class Router:
             from prefill_router.features import load_encoder
 
             second = load_encoder(_spec_from_dict(record["spec"]))
-            if not _same_identity(encoder_identity(second), record["identity"]):
-                raise CheckpointError(f"encoder mismatch in feature source {index}: trained on "
-                                      f"{json.dumps(record['identity'], sort_keys=True, default=str)}, loaded "
-                                      f"{json.dumps(encoder_identity(second), sort_keys=True, default=str)}")
+            check_identity(second, record["identity"], f" in feature source {index} ({source['pooling']})")
             loaded[index] = second
         encoder: PrefillEncoder = loaded[index]
         # The second encoder reads the routing window the main one reads (the gateway gives the main one its
@@ -233,8 +235,7 @@ class Router:
 
         if window and isinstance(encoder, Encoder) and encoder.spec.max_route_tokens != window:
             if (index, window) not in loaded:
-                spec = encoder.spec.model_copy(update={"max_route_tokens": window})
-                loaded[(index, window)] = Encoder(spec, encoder.tokenizer, encoder.model, encoder._resolved)
+                loaded[(index, window)] = encoder.with_route_window(window)
             encoder = loaded[(index, window)]
         return encoder
 

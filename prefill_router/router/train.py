@@ -81,6 +81,13 @@ class ExtraSource:
                 **({"model": self.model} if self.model else {}), **({"encoder": self.encoder} if self.encoder else {})}
 
 
+def stack_sources(X: np.ndarray, sources: Sequence[ExtraSource], rows: np.ndarray) -> np.ndarray:
+    """A multi-source router's input for dataset rows `rows`: the main states `X` (of those rows) flattened, then
+    each source's features of those rows, side by side [N, D] (the order SourceTransform splits them in)."""
+    blocks = [X.reshape(len(X), -1), *(np.asarray(s.features)[rows].reshape(len(rows), -1) for s in sources)]
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
 def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.ndarray, list[int] | None, dict | None]:
     """(array [N, L, H] of the wanted hidden states, their indices, the feature set's encoder identity)."""
     if isinstance(features, FeatureSet):
@@ -161,9 +168,9 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
             if len(source.features) != dataset.n:
                 raise ConfigError(f"source {source.pooling!r}: {len(source.features)} rows of features for a "
                                   f"dataset of {dataset.n}")
-        blocks = [X.reshape(len(X), -1), *(np.asarray(s.features)[rows].reshape(len(rows), -1) for s in sources)]
-        X = np.concatenate(blocks, axis=1).astype(np.float32)
-        transform = SourceTransform(tuple(b.shape[1] for b in blocks), dims=config.pca).fit(X, seed=config.seed)
+        widths = tuple(int(np.prod(np.shape(a)[1:])) for a in (X, *(s.features for s in sources)))
+        X = stack_sources(X, sources, rows)
+        transform = SourceTransform(widths, dims=config.pca).fit(X, seed=config.seed)
     else:
         transform = FeatureTransform(dims=config.pca).fit(X, seed=config.seed)
     Z = transform.transform(X)

@@ -383,8 +383,7 @@ class RouterScorer:
         if self.window_source != "serving" or not isinstance(encoder, Encoder) or \
                 encoder.spec.max_route_tokens == self.max_route_tokens:
             return
-        spec = encoder.spec.model_copy(update={"max_route_tokens": self.max_route_tokens})
-        self.router.encoder = Encoder(spec, encoder.tokenizer, encoder.model, encoder._resolved)
+        self.router.encoder = encoder.with_route_window(self.max_route_tokens)
 
     @property
     def encoder_loaded(self) -> bool:
