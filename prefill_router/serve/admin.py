@@ -82,11 +82,12 @@ async def reload_router(gw: Gateway, checkpoint: str | Path | None = None, reloa
     async with gw.reload_lock:  # one reload at a time; requests go on meanwhile
         path = checkpoint if checkpoint is not None else gw.config.router.checkpoint
         if path is None:
-            raise GatewayError(400, "checkpoint: none given and router.checkpoint is not set", code="no_checkpoint")
+            raise _logged(via, GatewayError(400, "checkpoint: none given and router.checkpoint is not set",
+                                            code="no_checkpoint"))
         running = gw.engine.scorer
         if not isinstance(running, RouterScorer):
-            raise GatewayError(409, "this gateway serves a custom scorer, which cannot be reloaded from a checkpoint",
-                               code="reload_unsupported")
+            raise _logged(via, GatewayError(409, "this gateway serves a custom scorer, which cannot be reloaded from "
+                                                 "a checkpoint", code="reload_unsupported"))
         try:
             scorer = await anyio.to_thread.run_sync(load_scorer, gw.config, Path(path), running, reload_encoder)
             gw.check_scorer(scorer)
@@ -110,7 +111,12 @@ async def reload_router(gw: Gateway, checkpoint: str | Path | None = None, reloa
 
 def _refused(gw: Gateway, exc: Exception, via: str) -> None:
     gw.metrics.reloads.labels(outcome="refused").inc()
+    _logged(via, exc)
+
+
+def _logged(via: str, exc: Exception) -> Exception:
     log.error("%s: reload refused, the old router goes on serving: %s", via, exc)
+    return exc
 
 
 @router.post("/admin/reload")
@@ -128,9 +134,8 @@ def install_sighup(app: FastAPI) -> bool:
     async def on_sighup() -> None:
         try:
             await reload_router(gw, via="SIGHUP")  # it logs the outcome
-        except GatewayError as exc:
-            if exc.code == "no_checkpoint" or exc.code == "reload_unsupported":  # refused before loading anything
-                log.error("SIGHUP: reload refused, the old router goes on serving: %s", exc.message)
+        except GatewayError:
+            pass  # refused, and reload_router logged why
         except Exception:  # a signal handler has nobody to raise to
             gw.metrics.reloads.labels(outcome="failed").inc()
             log.exception("SIGHUP: reload failed, the old router goes on serving")
