@@ -150,7 +150,7 @@ def test_feedback_is_recorded_with_the_features_the_router_read(checkpoint, enco
                                           (bad_target, 400, "unknown_target", "gpt-9"),
                                           (bad_score, 400, "invalid_body", "score"),
                                           (no_id, 400, "invalid_body", "id"),
-                                          (not_json, 400, "invalid_body", "not valid JSON")]:
+                                          (not_json, 400, "invalid_json", "not valid JSON")]:
         assert response.status_code == status, response.text
         error = response.json()["error"]
         assert error["code"] == code and words in error["message"]

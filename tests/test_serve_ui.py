@@ -75,9 +75,11 @@ def test_dashboard_routes_streams_and_takes_feedback_in_a_real_browser(tiny_enco
                 up.default = Answer(ANSWER, chunk_delay_s=0.02)
             config = parse_gateway_config({"router": {"checkpoint": None, "quantize": None},
                                            "targets": upstream_targets(ups),
-                                           "auth": {"keys": ["ui-key"]}, "feedback": {"dir": str(tmp_path / "fb")}})
+                                           "auth": {"keys": ["client-key"]}, "admin": {"keys": ["ui-key"]},
+                                           "feedback": {"dir": str(tmp_path / "fb")}})
             with BackgroundServer(create_app(config, RouterScorer(router))) as server, \
                     httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": "Bearer ui-key"}) as api:
+                # the operator's view (an admin key): every key's traffic
                 for i in range(3):  # some traffic for the live figures, one of it pinned to a target
                     model = "small" if i == 2 else "router"
                     api.post("/v1/chat/completions", json={"model": model, "messages": [
@@ -85,6 +87,9 @@ def test_dashboard_routes_streams_and_takes_feedback_in_a_real_browser(tiny_enco
                 # the tables are redrawn every 2 s when their figures change: look an element up again then
                 wait = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])
                 driver.get(f"{server.url}/ui")
+                page = httpx.get(f"{server.url}/ui/")
+                assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+                assert page.headers["x-frame-options"] == "DENY"
                 driver.find_element(By.ID, "key").send_keys("ui-key")
                 driver.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
                 driver.find_element(By.ID, "prompt").send_keys(PROMPT)

@@ -17,17 +17,17 @@ import json
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Body, Depends, FastAPI
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Depends, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from prefill_router.errors import CheckpointError, ConfigError, EncoderError, PrefillRouterError
 from prefill_router.serve.auth import admin_key
 from prefill_router.serve.config import GatewayConfig
 from prefill_router.serve.engine import RouterScorer
 from prefill_router.serve.errors import GatewayError
+from prefill_router.serve.jsonbody import read_model
 from prefill_router.serve.state import Gateway, GatewayDep
 
 log = logging.getLogger("prefill_router.serve")
@@ -39,10 +39,13 @@ class EncoderMismatch(PrefillRouterError):
     """The checkpoint was trained on features of another encoder than the one the gateway runs."""
 
 
-class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+MAX_RELOAD_BYTES = 16_384  # a path and a flag
 
-    checkpoint: str | None = None
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # "yes" is no boolean
+
+    checkpoint: str | None = Field(default=None, min_length=1, max_length=4096)
     reload_encoder: bool = False
 
 
@@ -120,8 +123,8 @@ def _logged(via: str, exc: Exception) -> Exception:
 
 
 @router.post("/admin/reload")
-async def reload(gw: GatewayDep, body: Annotated[ReloadRequest | None, Body()] = None) -> dict:
-    body = body or ReloadRequest()
+async def reload(request: Request, gw: GatewayDep) -> dict:
+    body = await read_model(request, ReloadRequest, MAX_RELOAD_BYTES, empty_ok=True)
     return await reload_router(gw, body.checkpoint, body.reload_encoder)
 
 

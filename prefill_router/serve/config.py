@@ -30,7 +30,15 @@
     max_retry_after_s: 5                 # honour an upstream's Retry-After up to this; longer: next target
     max_upstream_body_bytes: 16000000    # a larger plain reply counts as that target failing
     listen: {host: 127.0.0.1, port: 8000, read_timeout_s: 30, keep_alive_s: 5, max_connections: 1000}
-    auth: {keys: [], keys_env: GATEWAY_KEYS}   # bearer keys; keys_env holds comma-separated keys
+    auth:                                # client bearer keys; none at all: the API is open
+      keys: []                           # plain keys (each sees only its own traffic; no limits)
+      keys_env: GATEWAY_KEYS             # comma-separated plain keys
+      tenants:                           # keys with an alias, allowed targets, trade-off, limits, budgets
+        - {alias: team-a, key_env: TEAM_A_KEY, models: [gpt-4o-mini, llama-70b], preset: cheap, rpm: 600,
+           budget_usd_per_day: 20, budget_usd_per_month: 400}
+      tenants_file: null                 # or a YAML/JSON list of such entries
+    state: {redis_url: null, redis_url_env: null, prefix: "prefill-router:", timeout_ms: 250, retry_s: 1}
+                                         # redis_url: pins, feedback ids, spend, limits shared by replicas
     max_body_bytes: 1000000
     batching: {max_batch_size: 16, max_wait_ms: 5,   # on a CPU-only host prefer max_batch_size: 1, see below
                length_buckets: [2000]}   # window characters: one batch queue and worker thread per bucket
@@ -134,6 +142,97 @@ class Auth(BaseModel):
         return keys
 
 
+class Tenant(BaseModel):
+    """A client key with an alias, allowed targets, a default trade-off, a rate limit and budgets (like LiteLLM's
+    virtual keys). The key itself comes from `key_env` (or `key`, for tests and examples)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    alias: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    key: str | None = Field(default=None, min_length=8)
+    key_env: str | None = None
+    models: list[str] | None = None  # allowed targets (routing and pinned); null: all
+    preset: str | None = None        # the default trade-off of `model: "router"` for this key: a preset name ...
+    lam: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # ... or a lambda
+    rpm: int | None = Field(default=None, ge=1)  # requests per minute; beyond: 429 with Retry-After
+    budget_usd_per_day: float | None = Field(default=None, gt=0, allow_inf_nan=False)    # UTC days
+    budget_usd_per_month: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # UTC months
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Tenant:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError(f"tenant {self.alias!r}: give exactly one of key_env (recommended) or key")
+        if self.preset is not None and self.lam is not None:
+            raise ValueError(f"tenant {self.alias!r}: give preset or lam, not both")
+        return self
+
+    def secret(self, where: str) -> str:
+        if self.key is not None:
+            return self.key
+        value = os.environ.get(self.key_env or "", "").strip()
+        if not value:
+            raise ConfigError(f"{where}.key_env: environment variable {self.key_env} (key of tenant "
+                              f"{self.alias!r}) is not set")
+        return value
+
+
+class ClientAuth(Auth):
+    """Client keys: plain `keys` (each its own scope, no limits) and `tenants`, inline or from `tenants_file`
+    (a YAML or JSON list of the same entries; relative to the config file)."""
+
+    tenants: list[Tenant] = Field(default_factory=list)
+    tenants_file: Path | None = None
+
+    def all_tenants(self) -> list[Tenant]:
+        tenants = list(self.tenants)
+        if self.tenants_file is not None:
+            tenants += read_tenants_file(self.tenants_file)
+        aliases = [t.alias for t in tenants]
+        dupes = sorted({a for a in aliases if aliases.count(a) > 1})
+        if dupes:
+            raise ConfigError(f"auth.tenants: duplicate alias(es) {dupes}")
+        return tenants
+
+
+def read_tenants_file(path: Path) -> list[Tenant]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    except OSError as exc:
+        raise ConfigError(f"auth.tenants_file: cannot read {path}: {exc.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"auth.tenants_file: {path}: cannot parse: {' '.join(str(exc).split())}") from None
+    if isinstance(data, dict) and "tenants" in data:
+        data = data["tenants"]
+    if not isinstance(data, list):
+        raise ConfigError(f"auth.tenants_file: {path}: expected a list of tenants")
+    try:
+        return [Tenant.model_validate(entry) for entry in data]
+    except ValidationError as exc:
+        raise ConfigError(validation_message(f"{path} (auth.tenants_file)", exc)) from None
+
+
+class State(BaseModel):
+    """Where state that replicas share lives (serve/shared.py). No redis_url: in this process only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = None       # e.g. redis://127.0.0.1:6379/0
+    redis_url_env: str | None = None   # or the environment variable holding it (passwords stay out of files)
+    prefix: str = Field(default="prefill-router:", min_length=1)  # key prefix: one per gateway fleet
+    timeout_ms: float = Field(default=250.0, gt=0)  # each Redis call; past it, local state is used
+    retry_s: float = Field(default=1.0, gt=0)       # how often an unreachable Redis is tried again
+
+    def url(self) -> str | None:
+        if self.redis_url_env:
+            value = os.environ.get(self.redis_url_env)
+            if not value:
+                raise ConfigError(f"state.redis_url_env: environment variable {self.redis_url_env} is not set")
+            return value
+        return self.redis_url
+
+
 class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -193,7 +292,8 @@ class GatewayConfig(BaseModel):
     max_retry_after_s: float = Field(default=5.0, ge=0)  # a longer Retry-After: next target instead of waiting
     max_upstream_body_bytes: int = Field(default=16_000_000, ge=1)  # larger plain replies: that target failed
     listen: Listen = Field(default_factory=Listen)
-    auth: Auth = Field(default_factory=Auth)
+    auth: ClientAuth = Field(default_factory=ClientAuth)
+    state: State = Field(default_factory=State)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     batching: Batching = Field(default_factory=Batching)
     cache_size: int = Field(default=4096, ge=0)
@@ -233,7 +333,17 @@ class GatewayConfig(BaseModel):
         unknown = [n for n in (self.sessions.strength or []) if n not in known]
         if unknown:
             raise ValueError(f"sessions.strength: unknown target(s) {unknown}; known: {names}")
+        for i, tenant in enumerate(self.auth.tenants):
+            self.check_tenant(tenant, f"auth.tenants.{i}")
         return self
+
+    def check_tenant(self, tenant: Tenant, where: str) -> None:
+        names = [t.name for t in self.targets]
+        unknown = [n for n in (tenant.models or []) if n not in names]
+        if unknown:
+            raise ValueError(f"{where}.models: unknown target(s) {unknown}; known: {names}")
+        if tenant.preset is not None and tenant.preset not in self.presets:
+            raise ValueError(f"{where}.preset: unknown preset {tenant.preset!r}; known: {sorted(self.presets)}")
 
     def strength_order(self) -> list[str]:
         """Target names from weakest to strongest: sessions.strength, else by price (input + output per
@@ -278,6 +388,13 @@ def parse_gateway_config(data: dict, path: str | Path = "<config>") -> GatewayCo
         config.router.checkpoint = (base / config.router.checkpoint).resolve()
     if config.feedback.dir is not None and not config.feedback.dir.is_absolute():
         config.feedback.dir = (base / config.feedback.dir).resolve()
+    if config.auth.tenants_file is not None and not config.auth.tenants_file.is_absolute():
+        config.auth.tenants_file = (base / config.auth.tenants_file).resolve()
+    for tenant in config.auth.tenants_file and read_tenants_file(config.auth.tenants_file) or []:
+        try:
+            config.check_tenant(tenant, f"auth.tenants_file ({tenant.alias})")
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     return config
 
 

@@ -18,10 +18,11 @@ Per request (`RoutingEngine.decide`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -32,6 +33,7 @@ from prefill_router.errors import DataError
 from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.batching import LengthBuckets, LRUCache
 from prefill_router.serve.metrics import GatewayMetrics
+from prefill_router.serve.shared import SharedState
 
 if TYPE_CHECKING:
     from prefill_router.router import Router
@@ -82,11 +84,13 @@ class Routed:
     deadline_exceeded: bool = False
     session: str | None = None                   # new | pinned | escalated (sticky sessions only)
     features: np.ndarray | None = field(default=None, repr=False)  # what the router read (Scores.features)
+    decided_by: str = "prefill"                  # prefill | fallback | default | pinned
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "probabilities": self.probabilities, "estimated_cost": self.estimated_cost,
-                "policy": self.policy, "latency_ms": self.latency_ms, "truncated": self.truncated,
-                "cache": self.cache, "deadline_exceeded": self.deadline_exceeded, "session": self.session}
+        return {"target": self.target, "decided_by": self.decided_by, "probabilities": self.probabilities,
+                "estimated_cost": self.estimated_cost, "policy": self.policy, "latency_ms": self.latency_ms,
+                "truncated": self.truncated, "cache": self.cache, "deadline_exceeded": self.deadline_exceeded,
+                "session": self.session}
 
 
 def routed_window(messages: list[Message], mode: SessionMode) -> list[Message]:
@@ -142,6 +146,34 @@ class SessionPins:
         return len(self._pins)
 
 
+class SharedPins:
+    """Session pins as the engine reads them: in Redis when the gateway shares state (so a conversation keeps its
+    target whichever replica serves its next turn), always also here, which answers while Redis is away."""
+
+    def __init__(self, local: SessionPins, shared: SharedState | None = None):
+        self.local = local
+        self.shared = shared
+
+    async def get(self, session: str) -> str | None:
+        here = self.local.get(session)
+        s = self.shared
+        if s is None:
+            return here
+        key, ttl = s.key("pin", session), max(1, int(self.local.ttl_s))
+        found = await s.read(lambda client: client.getex(key, ex=ttl), here)  # sliding expiry, as here
+        if found is not None and found != here:
+            self.local.set(session, found)
+        return found
+
+    async def set(self, session: str, target: str) -> None:
+        self.local.set(session, target)
+        if self.shared is not None:
+            await self.shared.write([("set", self.shared.key("pin", session), target, max(1, int(self.local.ttl_s)))])
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+
 @dataclass
 class _Inflight:
     task: asyncio.Task[Scores] | None = None
@@ -154,7 +186,7 @@ class RoutingEngine:
                  length_buckets: Sequence[int] = (2000,), deadline_ms: float | None = None,
                  default_target: str | None = None, session_mode: SessionMode = "per_turn",
                  session_ttl_s: float = 3600.0, max_sessions: int = 100_000, escalate_only: bool = False,
-                 strength: Sequence[str] | None = None):
+                 strength: Sequence[str] | None = None, shared: SharedState | None = None):
         self.scorer = scorer
         self.metrics = metrics
         self.cache: LRUCache[str, Scores] = LRUCache(cache_size)
@@ -172,10 +204,10 @@ class RoutingEngine:
         self.default_target = default_target if default_target in targets else self.strength[-1]
         self.session_mode = session_mode
         self.escalate_only = escalate_only
-        self.sessions = SessionPins(session_ttl_s, max_sessions)
+        self.sessions = SharedPins(SessionPins(session_ttl_s, max_sessions), shared)
         self.deadline_counter = None if metrics is None else metrics.deadline_exceeded
         self.session_counter = None if metrics is None else metrics.session_decisions
-        self.active = 0  # decide() calls in progress: a replaced engine closes once they have finished
+        self.active = 0  # requests holding this engine (`in_use`): a replaced engine closes once none do
 
     @property
     def targets(self) -> list[str]:
@@ -183,6 +215,16 @@ class RoutingEngine:
 
     async def close(self) -> None:
         await self.batcher.close()
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[RoutingEngine]:
+        """Hold this engine for one request, from taking it to its last use: a reload then waits for the request
+        before it closes the engine (taking it and counting it happen with no await between)."""
+        self.active += 1
+        try:
+            yield self
+        finally:
+            self.active -= 1
 
     async def retire(self, grace_s: float = 300.0) -> None:
         """Close once the decisions in progress have finished (this engine was replaced by a reload)."""
@@ -234,11 +276,8 @@ class RoutingEngine:
         allowed: the targets this request may go to (None: all); session: a sticky session id (used in
         `sticky` mode, or whenever `mode` is given as sticky); mode: the session mode (default: the engine's).
         """
-        self.active += 1
-        try:
+        with self.in_use():
             return await self._decide(messages, policy, lam, allowed, session, mode)
-        finally:
-            self.active -= 1
 
     async def _decide(self, messages: list[Message], policy: str | None, lam: float | None,
                       allowed: Sequence[str] | None, session: str | None, mode: SessionMode | None) -> Routed:
@@ -248,18 +287,19 @@ class RoutingEngine:
         if mode == "sticky" and session is None:
             mode = "first_turn"  # no session id: the stateless way to keep a conversation on one target
         sticky = session if mode == "sticky" else None  # the session whose pin applies
-        pinned = self.sessions.get(sticky) if sticky is not None else None
+        pinned = await self.sessions.get(sticky) if sticky is not None else None
         if pinned is not None and pinned not in allowed:
             pinned = None  # this request may not go there: route it afresh, and leave the pin alone
         if pinned is not None and not self.escalate_only:
             self._count_session("pinned")
-            return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, truncated=None, session="pinned")
+            return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, truncated=None, session="pinned",
+                          decided_by="pinned")
 
         routed = await self._route(routed_window(messages, mode), messages, policy, lam, allowed, start)
         if sticky is None or routed.deadline_exceeded:
             return routed  # a deadline's default target is not pinned: the next turn routes again
         if pinned is None or self.strength.index(routed.target) > self.strength.index(pinned):
-            self.sessions.set(sticky, routed.target)
+            await self.sessions.set(sticky, routed.target)
             outcome = routed.session = "new" if pinned is None else "escalated"
         else:
             outcome = "pinned"
@@ -277,7 +317,7 @@ class RoutingEngine:
             if self.deadline_counter is not None:
                 self.deadline_counter.labels(target=target).inc()
             return Routed(target, None, None, (time.perf_counter() - start) * 1000, truncated=None,
-                          deadline_exceeded=True)
+                          deadline_exceeded=True, decided_by="default")
         unread = _chars(messages) - _chars(window)
         estimate = getattr(self.scorer, "estimate_costs", None)
         if unread > 0 and estimate is not None:

@@ -67,6 +67,12 @@ class JournalBusy(FeedbackRefused):
     status, code = 503, "journal_busy"
 
 
+def unknown_id_message(request_id: str) -> str:
+    return (f"id {request_id!r}: no routed request with this id is stored (unknown, expired after "
+            "feedback.retention_s, another key's, or not routed by the router's scores: a pinned target or a missed "
+            "routing deadline)")
+
+
 def identity_digest(identity: object) -> str:
     """A short, stable digest of an encoder identity (what must match between the journal and a checkpoint)."""
     text = json.dumps(identity, sort_keys=True, default=str)
@@ -126,11 +132,20 @@ class FeedbackJournal:
         except queue.Full:
             self.dropped += 1
 
-    def feedback(self, request_id: str, score: float, target: str | None) -> concurrent.futures.Future:
-        """A future of the feedback line written (a dict), or of the FeedbackRefused that says why not."""
+    def lookup(self, request_id: str) -> concurrent.futures.Future:
+        """A future of the routed request's line (a dict), or of UnknownRequestId."""
+        return self._ask("lookup", request_id)
+
+    def feedback(self, request_id: str, score: float, target: str | None,
+                 record: dict | None = None) -> concurrent.futures.Future:
+        """A future of the feedback line written (a dict), or of the FeedbackRefused that says why not. `record`:
+        the routed request's line when it was found elsewhere (another replica's, through shared state)."""
+        return self._ask("feedback", (request_id, float(score), target, record))
+
+    def _ask(self, kind: str, payload: object) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            self._queue.put_nowait(("feedback", (request_id, float(score), target), future))
+            self._queue.put_nowait((kind, payload, future))
         except queue.Full:
             future.set_exception(JournalBusy("the feedback journal is busy (its queue is full); try again"))
         return future
@@ -165,7 +180,7 @@ class FeedbackJournal:
             try:
                 handlers: dict[str, Callable[[Any], object]] = {
                     "routed": self._write_routed, "alias": self._write_alias, "feedback": self._write_feedback,
-                    "flush": self._flush}
+                    "lookup": self._read_routed, "flush": self._flush}
                 result = handlers[kind](payload)
                 if future is not None:
                     future.set_result(result)
@@ -178,33 +193,32 @@ class FeedbackJournal:
             self._segment.close()
 
     def _resume(self) -> None:
-        for path in sorted(self.folder.glob(SEGMENT_GLOB)):
+        """Read the folder back. A line that is not one of ours (cut short by a crash, or foreign) is skipped,
+        and so is anything that is not a regular file; the rest resumes."""
+        for path in sorted(p for p in self.folder.glob(SEGMENT_GLOB) if p.is_file()):
             ids: list[str] = []
-            with open(path, "rb") as f:
-                offset = 0
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        if "alias_of" in record:  # an alias line points at its request's line
-                            self._point_alias(record["alias_of"], record["aliases"][0])
-                            names = []
-                        else:
-                            names = [record["id"], *record.get("aliases", [])]
-                    except (ValueError, KeyError, TypeError, IndexError):
-                        names = []  # a line cut short by a crash
-                    for name in names:
-                        self._where[name] = (path.name, offset)
-                        ids.append(name)
-                    offset += len(line)
+            try:
+                with open(path, "rb") as f:
+                    offset = 0
+                    for line in f:
+                        for name, alias_of in _names_in(line):
+                            if alias_of is not None:  # an alias line points at its request's line
+                                self._point_alias(alias_of, name)
+                                continue
+                            self._where[name] = (path.name, offset)
+                            ids.append(name)
+                        offset += len(line)
+            except OSError as exc:
+                log.error("feedback journal: skipping %s: %s", path, exc)
             self._segment_ids[path.name] = ids
         feedback = self.folder / FEEDBACK_FILE
         if feedback.is_file():
             with open(feedback, "rb") as f:
                 for line in f:
-                    try:
-                        self._given.add(json.loads(line)["id"])
-                    except (ValueError, KeyError, TypeError):
-                        continue
+                    for name, alias_of in _names_in(line):
+                        if alias_of is None:
+                            self._given.add(name)
+                            break
         self._prune()
 
     def _open_segment(self) -> BinaryIO:
@@ -252,18 +266,21 @@ class FeedbackJournal:
     def _read_routed(self, request_id: str) -> dict:
         where = self._where.get(request_id)
         if where is None:
-            raise UnknownRequestId(f"id {request_id!r}: no routed request with this id is stored (unknown, expired "
-                                   "after feedback.retention_s, or not routed by the router's scores: a pinned "
-                                   "target or a missed routing deadline)")
+            raise UnknownRequestId(unknown_id_message(request_id))
         name, offset = where
-        with open(self.folder / name, "rb") as f:
-            f.seek(offset)
-            record: dict = json.loads(f.readline())
-            return record
+        try:
+            with open(self.folder / name, "rb") as f:
+                f.seek(offset)
+                record = json.loads(f.readline())
+        except (OSError, ValueError):  # the segment was pruned or damaged since
+            raise UnknownRequestId(unknown_id_message(request_id)) from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise UnknownRequestId(unknown_id_message(request_id))
+        return record
 
-    def _write_feedback(self, payload: tuple[str, float, str | None]) -> dict:
-        request_id, score, target = payload
-        record = self._read_routed(request_id)
+    def _write_feedback(self, payload: tuple[str, float, str | None, dict | None]) -> dict:
+        request_id, score, target, record = payload
+        record = record or self._read_routed(request_id)
         if record["id"] in self._given:
             raise DuplicateFeedback(f"id {request_id!r}: feedback for this request was already recorded")
         named = target
@@ -311,6 +328,23 @@ class FeedbackJournal:
             for name in self._segment_ids.pop(path.name, []):
                 if self._where.get(name, ("",))[0] == path.name:
                     del self._where[name]
+
+
+def _names_in(line: bytes) -> list[tuple[str, str | None]]:
+    """(name, None) for a routed line's id and aliases, (alias, request id) for an alias line; [] for a line that
+    is neither (torn by a crash, or not ours)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(record, dict):
+        return []
+    aliases = record.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        return []
+    if "alias_of" in record:
+        return [(aliases[0], record["alias_of"])] if isinstance(record["alias_of"], str) and aliases else []
+    return [(name, None) for name in [record.get("id"), *aliases]] if isinstance(record.get("id"), str) else []
 
 
 def _ends_with_newline(path: Path) -> bool:

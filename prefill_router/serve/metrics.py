@@ -56,6 +56,22 @@ class GatewayMetrics:
                                        "stored because the journal's queue was full", registry=r)
         self.reloads = Counter(f"{PREFIX}_reloads", "Router reloads, by outcome (ok, refused, failed)",
                                ["outcome"], registry=r)
+        # Keys (serve/auth.py, serve/limits.py) and shared state (serve/shared.py).
+        self.key_requests = Counter(f"{PREFIX}_key_requests", "Requests an upstream answered, by client key "
+                                    "alias", ["key"], registry=r)
+        self.key_spend = Counter(f"{PREFIX}_key_spend_usd", "USD spent, by client key alias", ["key"], registry=r)
+        self.limited = Counter(f"{PREFIX}_key_limited", "Requests refused with 429, by key alias and reason "
+                               "(rate, budget)", ["key", "reason"], registry=r)
+        self.state_up = Gauge(f"{PREFIX}_state_redis_up", "1 while the shared state (Redis) answers, 0 while this "
+                              "replica runs on local state", registry=r)
+        self.state_outages = Counter(f"{PREFIX}_state_outages", "Times Redis became unreachable", registry=r)
+        self.state_backlog = Gauge(f"{PREFIX}_state_backlog", "Writes waiting for Redis to return", registry=r)
+        self.state_backlog_dropped = Counter(f"{PREFIX}_state_backlog_dropped", "Writes dropped because the "
+                                             "backlog was full during a Redis outage", registry=r)
+        # Which scorer decided each routed request: the prefill router, the fast fallback scorer, the default
+        # target (both failed or missed the deadline), or a sticky-session pin.
+        self.decided_by = Counter(f"{PREFIX}_decisions", "Routing decisions, by what decided them (prefill, "
+                                  "fallback, default, pinned)", ["scorer"], registry=r)
         self.router_info = Gauge(f"{PREFIX}_router_loaded_unix", "When the router now serving was loaded",
                                  registry=r)
 

@@ -22,17 +22,16 @@ from typing import Any, TypeVar
 
 import anyio
 import httpx
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from prefill_router.data.prompt import Message
 from prefill_router.errors import EncoderError
-from prefill_router.serve.auth import client_key
+from prefill_router.serve.auth import Caller, CallerDep
 from prefill_router.serve.engine import BadMessages, Routed, RoutingEngine, SessionMode, routing_messages
 from prefill_router.serve.errors import GatewayError, error_body, error_response
-from prefill_router.serve.jsonbody import BadBody, parse_json_body
+from prefill_router.serve.jsonbody import read_json
 from prefill_router.serve.models import (
     BadRouterOptions,
     ModelChoice,
@@ -41,6 +40,7 @@ from prefill_router.serve.models import (
     apply_options,
     model_ids,
     parse_router_options,
+    preset_policy,
     resolve_model,
 )
 from prefill_router.serve.spend import StreamFacts, reply_facts
@@ -137,41 +137,35 @@ async def unless_client_leaves(receive: Receive, call: Awaitable[T]) -> T | None
 
 
 # --- reading a request ---------------------------------------------------------------------------------------
-async def read_json(request: Request, limit: int) -> dict:
-    declared = request.headers.get("content-length")
-    too_big = GatewayError(413, f"request body is larger than max_body_bytes={limit}", "invalid_request_error",
-                           "request_too_large")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    raw = bytearray()
-    try:
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise too_big
-    except ClientDisconnect:  # it left, or was cut off for sending too slowly (listen.read_timeout_s)
-        raise GatewayError(400, "the client disconnected before sending the whole body",
-                           code="client_disconnected") from None
-    try:
-        return parse_json_body(bytes(raw))
-    except BadBody as exc:
-        raise GatewayError(400, str(exc), code="invalid_json") from None
-
-
 def finish_stream(gw: Gateway, entry: dict, request_id: str, decision: Routed | None, facts: StreamFacts) -> None:
     """A relayed stream is over: account its usage, and let feedback name it by its OpenAI id."""
-    gw.account(entry, facts.usage)
+    shared = gw.account(entry, facts.usage)
     if decision is not None and facts.id and gw.journal is not None:
         gw.journal.add_alias(request_id, facts.id)
+        shared += gw.alias_commands(request_id, facts.id)
+    gw.finish_soon(shared)
 
 
-def choose_model(gw: Gateway, body: dict, default: str | None = None) -> ModelChoice:
+def choose_model(gw: Gateway, body: dict, who: Caller, default: str | None = None) -> ModelChoice:
+    """The request's model, read with the key's own trade-off for plain "router" and checked against the
+    key's allowed targets."""
     config = gw.config
+    tenant = who.tenant
+    policy, lam = config.router.policy, config.router.lam
+    if tenant is not None and tenant.preset is not None:
+        _, policy, lam = preset_policy(config.presets[tenant.preset], policy, lam)
+    elif tenant is not None and tenant.lam is not None:
+        lam = tenant.lam
     try:
-        return resolve_model(body.get("model", default), [t.name for t in config.targets], config.presets,
-                             default_policy=config.router.policy, default_lam=config.router.lam)
+        choice = resolve_model(body.get("model", default), [t.name for t in config.targets], config.presets,
+                               default_policy=policy, default_lam=lam)
     except UnknownModel as exc:
         raise GatewayError(400, str(exc), code=exc.code, param="model") from None
+    if tenant is not None and tenant.models is not None and choice.pinned is not None and \
+            choice.pinned not in tenant.models:
+        raise GatewayError(403, f"key '{tenant.alias}' may not use model '{choice.pinned}'; it may use "
+                           f"{', '.join(tenant.models)} or 'router'", code="model_not_allowed", param="model")
+    return choice
 
 
 def messages_of(body: dict) -> list[Message]:
@@ -181,13 +175,23 @@ def messages_of(body: dict) -> list[Message]:
         raise GatewayError(400, str(exc), code="invalid_messages", param="messages") from None
 
 
-def router_options(engine: RoutingEngine, body: dict, choice: ModelChoice) -> tuple[RouterOptions, ModelChoice]:
-    """The request's `router` object (serve/models.py) and the model choice it adjusts."""
+def router_options(engine: RoutingEngine, body: dict, choice: ModelChoice,
+                   who: Caller) -> tuple[RouterOptions, ModelChoice]:
+    """The request's `router` object (serve/models.py) and the model choice it adjusts; a key's allowed targets
+    bind its allow-list."""
     try:
         options = parse_router_options(body.get("router"), engine.targets)
-        return options, apply_options(choice, options)
+        choice = apply_options(choice, options)
     except BadRouterOptions as exc:
         raise GatewayError(400, str(exc), code="invalid_router_options", param="router") from None
+    allowed = who.tenant.models if who.tenant is not None else None
+    if allowed is not None and choice.pinned is None:
+        models = [t for t in (options.models or engine.targets) if t in allowed]
+        if not models:
+            raise GatewayError(403, f"key '{who.alias}' may use none of the targets asked for; it may use "
+                               f"{', '.join(allowed)}", code="model_not_allowed", param="router.models")
+        options = options.model_copy(update={"models": models})
+    return options, choice
 
 
 async def decide(gw: Gateway, engine: RoutingEngine, choice: ModelChoice, messages: list[Message],
@@ -243,19 +247,26 @@ def with_decision(content: bytes, decision: Routed | None, chosen: str, reply: U
 
 
 # --- endpoints ---------------------------------------------------------------------------------------------
-@router.post("/v1/chat/completions", dependencies=[Depends(client_key)])
-async def chat_completions(request: Request, gw: GatewayDep) -> Response:
-    metrics = gw.metrics
-    engine = gw.engine  # taken once: a reload mid-request does not mix two routers in one decision
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, gw: GatewayDep, who: CallerDep) -> Response:
+    await gw.limits.admit(who)
     body = await read_json(request, gw.config.max_body_bytes)
-    choice = choose_model(gw, body)
+    # Taken once, after the body, and held to the end: a reload mid-request neither mixes two routers in one
+    # decision nor closes the engine under it.
+    with gw.engine.in_use() as engine:
+        return await _chat(request, gw, who, engine, body)
+
+
+async def _chat(request: Request, gw: GatewayDep, who: Caller, engine: RoutingEngine, body: dict) -> Response:
+    metrics = gw.metrics
+    choice = choose_model(gw, body, who)
     messages = messages_of(body)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise GatewayError(400, f"'stream' must be a boolean (true or false), got {json.dumps(stream)[:40]}",
                            code="invalid_stream", param="stream")
     stream = bool(stream)
-    options, choice = router_options(engine, body, choice)
+    options, choice = router_options(engine, body, choice, who)
     body = {k: v for k, v in body.items() if k != "router"}  # the gateway's own field, never forwarded
     decision: Routed | None = None
     if choice.pinned is not None:
@@ -293,7 +304,8 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
             headers.setdefault(key, value)
     if reply.response.status_code >= 400:  # the upstream's refusal, passed through (nothing to account)
         return Response(content=reply.response.content, status_code=reply.response.status_code, headers=headers)
-    entry = gw.note_decision(request_id, choice.requested, decision, chosen, reply.target, messages, stream)
+    entry = gw.note_decision(request_id, choice.requested, decision, chosen, reply.target, messages, stream,
+                             who.alias)
     if stream:
         target = reply.target
 
@@ -305,37 +317,41 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
             log.warning("stream from %s failed mid-way: %r", target, exc)
 
         if decision is not None:
-            gw.record_features(engine, request_id, None, decision, reply.target)
+            await gw.publish(gw.record_features(engine, request_id, None, decision, reply.target, who.alias))
         return UpstreamStream(reply.response, headers, on_disconnect, on_error,
                               lambda facts: finish_stream(gw, entry, request_id, decision, facts))
     content = reply.response.content
     reply_id, usage = reply_facts(content)
-    gw.account(entry, usage)
+    shared = gw.account(entry, usage)
     if decision is not None:
-        gw.record_features(engine, request_id, reply_id, decision, reply.target)
+        shared += gw.record_features(engine, request_id, reply_id, decision, reply.target, who.alias)
+    await gw.publish(shared)  # one round trip to Redis, before the reply: another replica then knows it
     if options.return_decision:  # streams carry the decision in headers only
         content = with_decision(content, decision, chosen, reply, request_id)
     return Response(content=content, status_code=reply.response.status_code, headers=headers)
 
 
-@router.post("/v1/route", dependencies=[Depends(client_key)])
-async def route(request: Request, gw: GatewayDep) -> JSONResponse:
-    engine = gw.engine
+@router.post("/v1/route")
+async def route(request: Request, gw: GatewayDep, who: CallerDep) -> JSONResponse:
+    await gw.limits.admit(who)
     body = await read_json(request, gw.config.max_body_bytes)
-    choice = choose_model(gw, body, default="router")
-    messages = messages_of(body)
-    if choice.pinned is not None:
-        raise GatewayError(400, f"model '{choice.pinned}' is a target, not a router alias; /v1/route needs "
-                           "'router', 'router:<lambda>' or 'router:<preset>'", code="invalid_value", param="model")
-    options, choice = router_options(engine, body, choice)
-    decision = await decide(gw, engine, choice, messages, options, request, body)
+    with gw.engine.in_use() as engine:
+        choice = choose_model(gw, body, who, default="router")
+        messages = messages_of(body)
+        if choice.pinned is not None:
+            raise GatewayError(400, f"model '{choice.pinned}' is a target, not a router alias; /v1/route needs "
+                               "'router', 'router:<lambda>' or 'router:<preset>'", code="invalid_value",
+                               param="model")
+        options, choice = router_options(engine, body, choice, who)
+        decision = await decide(gw, engine, choice, messages, options, request, body)
     return JSONResponse({**decision.to_dict(), "model": choice.requested,
                          "fallback_chain": gw.config.fallback_chain(decision.target)})
 
 
-@router.get("/v1/models", dependencies=[Depends(client_key)])
-async def models(gw: GatewayDep) -> JSONResponse:
-    target_names = [t.name for t in gw.config.targets]
+@router.get("/v1/models")
+async def models(gw: GatewayDep, who: CallerDep) -> JSONResponse:
+    allowed = who.tenant.models if who.tenant is not None else None
+    target_names = [t.name for t in gw.config.targets if allowed is None or t.name in allowed]
     routed_targets = gw.routed_targets
     data: list[dict[str, Any]] = []
     for model_id in model_ids(target_names, gw.config.presets):

@@ -13,85 +13,96 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 from prefill_router.serve.metrics import GatewayMetrics
 from prefill_router.targets import TargetConfig
 
 
-@dataclass
-class TargetSpend:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    usd: float = 0.0
-    usage_missing: int = 0
-
-
-@dataclass
 class SpendLedger:
-    """Running totals (for GET /v1/stats) kept in step with the Prometheus counters (for /metrics)."""
+    """Running totals (for GET /v1/stats) kept in step with the Prometheus counters (for /metrics).
 
-    targets: Sequence[TargetConfig]
-    metrics: GatewayMetrics
-    started: float = field(default_factory=time.time)
+    The totals are flat counters ("t:<target>:usd", "routed:requests", "k:<alias>:usd", ...): the same fields
+    this process keeps and replicas share in Redis (serve/shared.py), so one `snapshot` reads either."""
 
-    def __post_init__(self) -> None:
-        self._prices = {t.name: (t.usd_per_m_input, t.usd_per_m_output) for t in self.targets}
-        self._by_target = {t.name: TargetSpend() for t in self.targets}
-        self._routed = {"requests": 0, "usd": 0.0, "always_best_usd": 0.0}
+    def __init__(self, targets: Sequence[TargetConfig], metrics: GatewayMetrics):
+        self.metrics = metrics
+        self.started = time.time()
+        self._prices = {t.name: (t.usd_per_m_input, t.usd_per_m_output) for t in targets}
+        self.local: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def cost(self, target: str, prompt_tokens: int, completion_tokens: int) -> float:
         usd_in, usd_out = self._prices[target]
         return (prompt_tokens * usd_in + completion_tokens * usd_out) / 1e6
 
-    def record(self, target: str, usage: dict | None, *, routed: bool, best: str) -> float | None:
-        """Count one answered request; returns its USD (None without usage)."""
+    def record(self, target: str, usage: dict | None, *, routed: bool, best: str,
+               alias: str | None = None) -> tuple[float | None, dict[str, float]]:
+        """Count one answered request: (its USD or None without usage, the counter increments made)."""
         m = self.metrics
         tokens = _tokens(usage)
-        with self._lock:
-            spend = self._by_target[target]
-            spend.requests += 1
-            m.answered.labels(target=target, routed=str(routed).lower()).inc()
-            if tokens is None:
-                spend.usage_missing += 1
-                m.usage_missing.labels(target=target).inc()
-                return None
+        routed_label = str(routed).lower()
+        m.answered.labels(target=target, routed=routed_label).inc()
+        deltas: dict[str, float] = {f"t:{target}:requests": 1}
+        usd = None
+        if alias is not None:
+            deltas[f"k:{alias}:requests"] = 1
+            m.key_requests.labels(key=alias).inc()
+        if tokens is None:
+            deltas[f"t:{target}:usage_missing"] = 1
+            m.usage_missing.labels(target=target).inc()
+        else:
             prompt, completion = tokens
             usd = self.cost(target, prompt, completion)
-            spend.prompt_tokens += prompt
-            spend.completion_tokens += completion
-            spend.usd += usd
+            deltas.update({f"t:{target}:prompt_tokens": prompt, f"t:{target}:completion_tokens": completion,
+                           f"t:{target}:usd": usd})
             m.tokens.labels(target=target, kind="prompt").inc(prompt)
             m.tokens.labels(target=target, kind="completion").inc(completion)
-            m.spend.labels(target=target, routed=str(routed).lower()).inc(usd)
+            m.spend.labels(target=target, routed=routed_label).inc(usd)
+            if alias is not None:
+                deltas[f"k:{alias}:usd"] = usd
+                m.key_spend.labels(key=alias).inc(usd)
             if routed:
                 best_usd = self.cost(best, prompt, completion)
-                self._routed["requests"] += 1
-                self._routed["usd"] += usd
-                self._routed["always_best_usd"] += best_usd
+                deltas.update({"routed:requests": 1, "routed:usd": usd, "routed:always_best_usd": best_usd})
                 m.always_best.inc(best_usd)
-            return usd
-
-    def snapshot(self, best: str) -> dict:
         with self._lock:
-            answered = sum(s.requests for s in self._by_target.values())
-            targets = {name: {"requests": s.requests, "share": s.requests / answered if answered else 0.0,
-                              "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                              "usd": s.usd, "usage_missing": s.usage_missing}
-                       for name, s in self._by_target.items()}
-            routed = dict(self._routed)
+            self.local.update(deltas)
+        return usd, deltas
+
+    def snapshot(self, best: str, fields: Mapping[str, float | str] | None = None,
+                 alias: str | None = None) -> dict:
+        """The figures of `fields` (default: this process's counters). With `alias`, only that key's spend."""
+        with self._lock:
+            counts = {k: float(v) for k, v in (self.local if fields is None else fields).items()}
+        keys = sorted({k.split(":")[1] for k in counts if k.startswith("k:")})
+        by_key = {a: {"requests": int(counts.get(f"k:{a}:requests", 0)), "usd": counts.get(f"k:{a}:usd", 0.0)}
+                  for a in keys}
+        if alias is not None:
+            return {"key": alias, **by_key.get(alias, {"requests": 0, "usd": 0.0})}
+        answered = sum(int(counts.get(f"t:{t}:requests", 0)) for t in self._prices)
+        targets = {}
+        for t in self._prices:
+            requests = int(counts.get(f"t:{t}:requests", 0))
+            targets[t] = {"requests": requests, "share": requests / answered if answered else 0.0,
+                          "prompt_tokens": int(counts.get(f"t:{t}:prompt_tokens", 0)),
+                          "completion_tokens": int(counts.get(f"t:{t}:completion_tokens", 0)),
+                          "usd": counts.get(f"t:{t}:usd", 0.0),
+                          "usage_missing": int(counts.get(f"t:{t}:usage_missing", 0))}
+        routed = {"requests": int(counts.get("routed:requests", 0)), "usd": counts.get("routed:usd", 0.0),
+                  "always_best_usd": counts.get("routed:always_best_usd", 0.0)}
         saved = routed["always_best_usd"] - routed["usd"]
         return {
-            "since_unix": self.started, "best_target": best, "requests": answered, "targets": targets,
+            "since_unix": counts.get("since", self.started), "best_target": best, "requests": answered,
+            "targets": targets,
             "total": {"prompt_tokens": sum(t["prompt_tokens"] for t in targets.values()),
                       "completion_tokens": sum(t["completion_tokens"] for t in targets.values()),
                       "usd": sum(t["usd"] for t in targets.values()),
                       "usage_missing": sum(t["usage_missing"] for t in targets.values())},
             "routed": {**routed, "savings_usd": saved,
                        "savings_share": saved / routed["always_best_usd"] if routed["always_best_usd"] else 0.0},
+            "keys": by_key,
         }
 
 

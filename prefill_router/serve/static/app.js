@@ -134,6 +134,10 @@ for (const [button, score] of [["good", 1], ["bad", 0]]) {
 
 // --- live figures and recent decisions -----------------------------------------------------------------
 function showStats(s) {
+  if (!s.targets) {  // a client key: its own figures only
+    $("savings").textContent = "Key " + s.key + ": " + s.requests + " requests answered, spent " + usd(s.usd) + ".";
+    return;
+  }
   $("since").textContent = "since " + new Date(s.since_unix * 1000).toLocaleTimeString();
   const share = $("share");
   share.replaceChildren();
@@ -207,7 +211,7 @@ async function refresh() {
     const [stats, decisions] = await Promise.all([api("/v1/stats"), api("/v1/decisions?limit=20")]);
     showStats(stats);
     showDecisions(decisions.data);
-    $("status").textContent = "live: " + stats.requests + " requests answered";
+    $("status").textContent = "live: " + stats.requests + " requests answered" + (stats.targets ? "" : " (this key)");
   } catch (err) {
     $("status").textContent = err.message;
   }
