@@ -88,3 +88,91 @@ def metric(text: str, name: str, **labels) -> float:
 
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real `redis-server` (Debian's package) on a free port of 127.0.0.1, its files in `folder`; `stop` and
+    `start` again on the same port (an outage)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import shutil
+        import subprocess
+        import time
+
+        import redis
+
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (apt-get install redis-server; .ci/run does it)"
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                                      str(self.folder), "--save", "", "--appendonly", "no", "--daemonize", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
+@contextmanager
+def gateway_process(config: dict, folder: Path, env: dict | None = None) -> Iterator[tuple[str, list[str], object]]:
+    """`python -m prefill_router serve` in its own process with `config` (written to `folder`): (url, its output
+    lines so far, the Popen). Stopped on exit."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    import threading
+
+    path = folder / "gateway.yaml"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port", "0",
+                             "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+    lines: list[str] = []
+    bound = threading.Event()
+
+    def drain() -> None:  # keep reading, so the server never blocks on a full pipe
+        for line in proc.stdout:
+            lines.append(line)
+            if "Uvicorn running on" in line:
+                bound.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert bound.wait(180), "".join(lines)
+        url = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", "".join(lines)).group(1)
+        yield url, lines, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

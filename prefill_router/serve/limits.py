@@ -91,5 +91,5 @@ class Limits:
                 del self._local[stale]  # old minutes: keeps the local table small
         if self.shared is None:
             return []
-        return [c for key, ttl in keys for c in (("incrbyfloat", self.shared.key(key), usd),
-                                                  ("expire", self.shared.key(key), ttl))]
+        return [c for key, ttl in keys for c in (("INCRBYFLOAT", self.shared.key(key), usd),
+                                                  ("EXPIRE", self.shared.key(key), ttl))]

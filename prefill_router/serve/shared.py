@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -32,8 +33,18 @@ from prefill_router.serve.metrics import GatewayMetrics
 log = logging.getLogger("prefill_router.serve")
 
 T = TypeVar("T")
-Command = tuple[Any, ...]  # ("hincrbyfloat", key, field, amount): a redis-py method name and its arguments
+Command = tuple[Any, ...]  # ("HINCRBYFLOAT", key, field, amount): a Redis command and its arguments
 BACKLOG_MAX = 100_000  # writes kept while Redis is away; the oldest go first beyond this (counted)
+APPLIED_TTL_S = 3600  # how long a write's id is remembered, so a write retried after a timeout counts once
+# One write (one request's commands) applied at most once: a write whose reply timed out may still have run in
+# Redis (a hung server runs it when it wakes), and it is retried from the backlog with the same id.
+APPLY_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  for _, command in ipairs(cjson.decode(ARGV[1])) do redis.call(unpack(command)) end
+  return 1
+end
+return 0
+"""
 
 
 class SharedState:
@@ -49,7 +60,7 @@ class SharedState:
         self.client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                         decode_responses=True, health_check_interval=0)
         self.up = True
-        self.backlog: deque[Command] = deque(maxlen=BACKLOG_MAX)
+        self.backlog: deque[tuple[str, str]] = deque(maxlen=BACKLOG_MAX)  # (write id, its commands as JSON)
         self._probe: asyncio.Task | None = None
         metrics.state_up.set(1)
 
@@ -68,19 +79,20 @@ class SharedState:
             return fallback
 
     async def write(self, commands: Sequence[Command]) -> bool:
-        """Run `commands` in one pipeline (one round trip). While Redis is away they join the backlog, which is
-        replayed when it returns. True when they reached Redis now."""
+        """Run `commands` (one request's) in one round trip, at most once. While Redis is away they join the
+        backlog, which is replayed when it returns. True when they reached Redis now."""
         if not commands:
             return True
+        write = (uuid.uuid4().hex, json.dumps([[str(a) for a in c] for c in commands], separators=(",", ":")))
         if not self.up:
-            self._keep(commands)
+            self._keep([write])
             return False
         try:
-            await self._run(commands)
+            await self._run([write])
             return True
         except Exception as exc:  # noqa: BLE001
             self._went_away(exc)
-            self._keep(commands)
+            self._keep([write])
             return False
 
     def write_soon(self, commands: Sequence[Command]) -> None:
@@ -88,18 +100,17 @@ class SharedState:
         task = asyncio.get_running_loop().create_task(self.write(commands))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _run(self, commands: Sequence[Command]) -> list:
+    async def _run(self, writes: Sequence[tuple[str, str]]) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
-            for name, *args in commands:
-                getattr(pipe, name)(*args)
-            result: list = await pipe.execute()
-            return result
+            for write_id, commands in writes:
+                pipe.eval(APPLY_ONCE, 1, self.key("applied", write_id), commands, APPLIED_TTL_S)
+            await pipe.execute()
 
-    def _keep(self, commands: Sequence[Command]) -> None:
-        dropped = max(0, len(self.backlog) + len(commands) - BACKLOG_MAX)
+    def _keep(self, writes: Sequence[tuple[str, str]]) -> None:
+        dropped = max(0, len(self.backlog) + len(writes) - BACKLOG_MAX)
         if dropped:
             self.metrics.state_backlog_dropped.inc(dropped)
-        self.backlog.extend(commands)
+        self.backlog.extend(writes)
         self.metrics.state_backlog.set(len(self.backlog))
 
     def _went_away(self, exc: Exception) -> None:
@@ -118,7 +129,7 @@ class SharedState:
             await asyncio.sleep(self.retry_s)
             try:
                 await self.client.ping()
-                while self.backlog:  # replay in order, in pipelines of up to 1000 commands
+                while self.backlog:  # replay in order, in pipelines of up to 1000 writes
                     chunk = [self.backlog.popleft() for _ in range(min(1000, len(self.backlog)))]
                     try:
                         await self._run(chunk)

@@ -163,8 +163,8 @@ class Gateway:
         s = self.shared
         if s is None:
             return commands
-        commands += [("hincrbyfloat", s.key("spend"), name, amount) for name, amount in deltas.items()]
-        commands.append(("hsetnx", s.key("spend"), "since", self.spend.started))
+        commands += [("HINCRBYFLOAT", s.key("spend"), name, amount) for name, amount in deltas.items()]
+        commands.append(("HSETNX", s.key("spend"), "since", self.spend.started))
         return commands + self._decision_commands(entry, new=True)
 
     def _decision_commands(self, entry: dict, new: bool = False) -> list[Command]:
@@ -172,11 +172,11 @@ class Gateway:
         if s is None or not self.config.ui.recent_decisions:
             return []
         keep = self.config.ui.recent_decisions - 1
-        commands: list[Command] = [("set", s.key("decision", entry["id"]), dumps(entry),
+        commands: list[Command] = [("SET", s.key("decision", entry["id"]), dumps(entry), "EX",
                                     int(self.config.feedback.retention_s))]
         if new:
             for listing in (s.key("decisions"), s.key("decisions", str(entry["key"]))):
-                commands += [("lpush", listing, entry["id"]), ("ltrim", listing, 0, keep)]
+                commands += [("LPUSH", listing, entry["id"]), ("LTRIM", listing, 0, keep)]
         return commands
 
     async def publish(self, commands: list[Command]) -> None:
@@ -210,14 +210,14 @@ class Gateway:
         if s is None:
             return []
         ttl = int(self.config.feedback.retention_s)
-        return [("set", s.key("routed", request_id), dumps(record), ttl)] + [
-            ("set", s.key("alias", a), request_id, ttl) for a in record["aliases"]]
+        return [("SET", s.key("routed", request_id), dumps(record), "EX", ttl)] + [
+            ("SET", s.key("alias", a), request_id, "EX", ttl) for a in record["aliases"]]
 
     def alias_commands(self, request_id: str, alias: str) -> list[Command]:
         s = self.shared
         if s is None:
             return []
-        return [("set", s.key("alias", alias), request_id, int(self.config.feedback.retention_s))]
+        return [("SET", s.key("alias", alias), request_id, "EX", int(self.config.feedback.retention_s))]
 
     # --- what a client may read ------------------------------------------------------------------------
     async def recent_decisions(self, who: Caller, limit: int) -> list[dict]:
@@ -273,7 +273,7 @@ class Gateway:
             recorded: dict = await asyncio.wrap_future(journal.feedback(request_id, score, target, record=record))
         except FeedbackRefused:
             if s is not None and claim is not None:
-                await s.write([("delete", claim)])
+                await s.write([("DEL", claim)])
             raise
         given = {"score": recorded["score"], "target": recorded["target"]}
         for entry in self.decisions:
