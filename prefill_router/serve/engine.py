@@ -168,7 +168,8 @@ class SharedPins:
     async def set(self, session: str, target: str) -> None:
         self.local.set(session, target)
         if self.shared is not None:
-            await self.shared.write([("SET", self.shared.key("pin", session), target, "EX", max(1, int(self.local.ttl_s)))])
+            ttl = max(1, int(self.local.ttl_s))
+            await self.shared.write([("SET", self.shared.key("pin", session), target, "EX", ttl)])
 
     def __len__(self) -> int:
         return len(self.local)

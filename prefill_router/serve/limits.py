@@ -31,7 +31,8 @@ class Limits:
     def __init__(self, metrics: GatewayMetrics, shared: SharedState | None = None):
         self.metrics = metrics
         self.shared = shared
-        self._local: defaultdict[str, float] = defaultdict(float)  # "rate:<alias>:<minute>", "budget:<alias>:<period>" -> count/USD
+        # "rate:<alias>:<minute>" -> requests, "budget:<alias>:<day or month>" -> USD
+        self._local: defaultdict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
 
     async def admit(self, who: Caller) -> None:
