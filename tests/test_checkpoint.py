@@ -247,3 +247,34 @@ def test_checkpoint_module_still_exports_the_split_parts():
 
     assert checkpoint.Router is runtime.Router and checkpoint.train_router is train.train_router
     assert checkpoint.CONFIG_FILE == persistence.CONFIG_FILE == "router.json"
+
+
+@pytest.mark.parametrize("value", [1e30, 0.0])
+def test_a_checkpoint_with_saturated_or_constant_outputs_is_refused(array_router, tmp_path, value):
+    """Finite weights that pass the NaN check but make P meaningless (all 1e30: saturated; all 0: constant)."""
+    from safetensors.numpy import load_file, save_file
+
+    from prefill_router.utils import file_sha256
+
+    _, folder, _ = array_router
+    bad = tmp_path / "absurd"
+    bad.mkdir()
+    arrays = {name: np.full_like(a, value) if name.startswith("trunk") and np.issubdtype(a.dtype, np.floating)
+              else a for name, a in load_file(str(folder / TENSORS_FILE)).items()}
+    save_file(arrays, str(bad / TENSORS_FILE))
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    meta["tensors_sha256"] = file_sha256(bad / TENSORS_FILE)
+    (bad / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="saturated|same probabilities"):
+        Router.load(bad)
+    Router.load(folder)  # the trained one passes the same check
+
+
+def test_a_deeply_nested_router_json_is_a_named_error(array_router, tmp_path):
+    _, folder, _ = array_router
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / TENSORS_FILE).write_bytes((folder / TENSORS_FILE).read_bytes())
+    (deep / CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        Router.load(deep)

@@ -70,6 +70,8 @@ def load_router(path: str | Path, encoder: PrefillEncoder | None = None, cls: ty
         meta = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{config_path}: not a router checkpoint (JSON nested too deeply)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{config_path}: format is {found!r}, expected {FORMAT!r}")
@@ -108,8 +110,29 @@ def load_router(path: str | Path, encoder: PrefillEncoder | None = None, cls: ty
                      sources=meta["features"].get("sources"))
     except CheckpointError as exc:
         raise CheckpointError(f"{folder}: {exc}") from exc
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{config_path}: invalid router checkpoint ({type(exc).__name__}: {exc})") from exc
+    problem = degenerate_outputs(router.predictor, router.transform.output_dim)
+    if problem:
+        raise CheckpointError(f"{tensors_path}: {problem}; the router would route on meaningless probabilities")
     if encoder is not None:
         router.attach_encoder(encoder)
     return router
+
+
+def degenerate_outputs(predictor: TrunkEnsemble, width: int, probes: int = 64) -> str | None:
+    """Why the ensemble's P cannot be trusted, or None: on a fixed batch of random inputs (standard normal, the
+    scale of the transform's output) every P saturated at 0 or 1, or every target's P the same for all inputs.
+    Finite but absurd weights (1e30, all zero) pass the NaN check and fail here."""
+    Z = np.random.default_rng(0).standard_normal((probes, width)).astype(np.float32)
+    try:
+        P = np.asarray(predictor.predict_proba(Z), dtype=np.float64)  # [probes, K]
+    except (ValueError, RuntimeError) as exc:
+        return f"the ensemble cannot run on {width}-wide inputs ({exc})"
+    if not np.isfinite(P).all():
+        return "its probabilities are not finite on a fixed probe batch"
+    if ((P < 1e-6) | (P > 1 - 1e-6)).all():
+        return "every probability it gives on a fixed probe batch is saturated at 0 or 1"
+    if (np.ptp(P, axis=0) < 1e-9).all():
+        return "it gives every input the same probabilities on a fixed probe batch"
+    return None

@@ -45,7 +45,7 @@ MAX_RELOAD_BYTES = 16_384  # a path and a flag
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # "yes" is no boolean
 
-    checkpoint: str | None = Field(default=None, min_length=1, max_length=4096)
+    checkpoint: str | None = Field(default=None, min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
     reload_encoder: bool = False
 
 
