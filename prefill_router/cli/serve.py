@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                    help="uvicorn's log level")
     p.add_argument("--check", action="store_true",
                    help="validate the config and that every API key variable it names is set (before loading "
-                        "anything), then load the router and its encoder, and exit without serving")
+                        "anything), then load the router and its encoder, measure the prompts per second it "
+                        "routes (10 s), and exit without serving")
     p.set_defaults(func=run)
 
 
@@ -55,7 +56,17 @@ def run(args) -> int:
     routed = app.state.gateway.routed_targets
     print(f"router: {config.router.checkpoint} ({len(routed)} targets: {', '.join(routed)})")
     if args.check:
+        from prefill_router.serve.capacity import describe_capacity, measure_capacity
+
         print("API keys set; config and router OK")
+        scorer = app.state.gateway.engine.scorer
+        if getattr(scorer, "has_fallback", False):
+            print("fallback scorer: in the checkpoint (decides what the prefill router cannot in time)")
+        else:
+            print("fallback scorer: none (an older checkpoint; train again for one): a request the prefill router "
+                  "cannot decide in time goes to the default target")
+        print("measuring capacity for 10 s ...", flush=True)
+        print(describe_capacity(measure_capacity(scorer, seconds=10.0), config.router.deadline_ms))
         return 0
     print(f"serving on http://{host}:{port}/v1  (models: router, "
           + ", ".join(f"router:{p}" for p in config.presets) + ", or a target name)")

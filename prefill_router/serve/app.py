@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from prefill_router.errors import ConfigError
 from prefill_router.features.encoder import set_cpu_threads
 from prefill_router.serve import admin, feedback, proxy, stats
+from prefill_router.serve.capacity import measure_capacity
 from prefill_router.serve.config import GatewayConfig
 from prefill_router.serve.engine import RouterScorer, Scorer
 from prefill_router.serve.errors import GatewayError, error_body, install_error_handlers
@@ -77,4 +78,8 @@ def build_gateway(config: GatewayConfig, router: Router | None = None) -> FastAP
     scorer = RouterScorer(router if router is not None else load_router(config), config.router.max_route_tokens,
                           config.router.prefix_cache_mb, config.router.quantize)
     scorer.warm_up()
+    if config.batching.max_batch_size is None:  # measure whether batches pay on this machine (a second or two)
+        capacity = measure_capacity(scorer, seconds=1.0)
+        scorer.preferred_batch_size, scorer.seconds_per_char = capacity["batch_size"], capacity["seconds_per_char"]
+        scorer.capacity = capacity
     return create_app(config, scorer)

@@ -12,6 +12,12 @@ prompts' worker is scheduled first rather than sharing the cores evenly with a f
 
 An item submitted with `wanted` is dropped before its forward pass when `wanted()` has turned false (every
 caller gave up: a routing deadline passed or the client left), so a flood of abandoned prompts costs nothing.
+
+Each lane learns its drain rate (`DrainRate`: seconds per unit of work, from the batches it ran) and knows the
+work queued ahead, so the engine can tell at arrival whether a prompt would be scored before its deadline
+(admission control) instead of waiting the deadline out. A batch grows only while it can still finish before the
+earliest deadline of the prompts in it: a late joiner waits for the next batch rather than make a whole batch
+miss its deadline together.
 """
 
 from __future__ import annotations
@@ -20,37 +26,96 @@ import asyncio
 import bisect
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 
 
+@dataclass
+class _Queued(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    wanted: Callable[[], bool] | None
+    cost: float                 # work units (a prompt's capped characters) for the drain-rate estimate
+    deadline: float | None      # loop time by which its caller needs the result (None: no deadline)
+
+
+class DrainRate:
+    """Seconds per unit of work, learned from the batches run (an exponentially weighted mean), and what is queued
+    or running: from these, how long a new item would wait. None until one batch has run (or a measurement was
+    given), so an idle gateway admits everything at first."""
+
+    def __init__(self, seconds_per_unit: float | None = None, smoothing: float = 0.2):
+        self.seconds_per_unit = seconds_per_unit
+        self.smoothing = smoothing
+        self.queued = 0.0
+        self.running = 0.0
+        self._running_since = 0.0
+
+    def started(self, cost: float, now: float) -> None:
+        self.running, self._running_since = cost, now
+
+    def finished(self, cost: float, seconds: float) -> None:
+        self.running = 0.0
+        if cost > 0:
+            rate = seconds / cost
+            spu = self.seconds_per_unit
+            self.seconds_per_unit = rate if spu is None else (1 - self.smoothing) * spu + self.smoothing * rate
+
+    def time_for(self, cost: float) -> float:
+        return 0.0 if self.seconds_per_unit is None else cost * self.seconds_per_unit
+
+    def wait(self, cost: float, now: float) -> float:
+        """Seconds until an item of `cost` queued now would have its result."""
+        left_running = max(0.0, self.time_for(self.running) - (now - self._running_since))
+        return left_running + self.time_for(self.queued + cost)
+
+
 class MicroBatcher(Generic[In, Out]):
+    """See the module docstring. `cost(item)` sizes an item's work for the drain rate (default 1 per item)."""
+
     def __init__(self, fn: Callable[[list[In]], list[Out]], *, max_batch_size: int = 16,
-                 max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None, nice: int = 0):
+                 max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None, nice: int = 0,
+                 cost: Callable[[In], float] | None = None, drain: DrainRate | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[tuple[In, asyncio.Future[Out], Callable[[], bool] | None]] | None = None
+        self.cost = cost or (lambda _item: 1.0)
+        self.drain = drain or DrainRate()
+        self._pending: deque[_Queued[In, Out]] = deque()
+        self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # One thread: the encoder is not run concurrently with itself, and torch gets the cores it is given.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-router-encoder",
                                             initializer=_lower_priority, initargs=(nice,))
 
-    async def submit(self, item: In, wanted: Callable[[], bool] | None = None) -> Out:
+    def estimated_wait(self, item: In) -> float:
+        """Seconds until `item`, submitted now, would have its result (0 until the drain rate is known)."""
+        return self.drain.wait(self.cost(item), time.monotonic())
+
+    async def submit(self, item: In, wanted: Callable[[], bool] | None = None,
+                     deadline_s: float | None = None) -> Out:
+        """The result of `fn` on a batch holding `item`. deadline_s: how long the caller will wait; a batch is
+        kept small enough to finish before the earliest deadline of its items."""
         if self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
+            self._arrived = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
-        assert self._queue is not None  # made with the worker
+        assert self._arrived is not None  # made with the worker
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future, wanted))
+        cost = self.cost(item)
+        self._pending.append(_Queued(item, future, wanted, cost,
+                                     None if deadline_s is None else time.monotonic() + deadline_s))
+        self.drain.queued += cost
+        self._arrived.set()
         return await future
 
     async def close(self) -> None:
@@ -63,31 +128,47 @@ class MicroBatcher(Generic[In, Out]):
             self._worker = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def _gather(self) -> list[tuple[In, asyncio.Future[Out]]]:
-        assert self._queue is not None
-        batch = [await self._queue.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+    def _take(self) -> _Queued[In, Out]:
+        queued = self._pending.popleft()
+        self.drain.queued = max(0.0, self.drain.queued - queued.cost)
+        return queued
+
+    def _fits(self, batch: list[_Queued[In, Out]], extra: _Queued[In, Out]) -> bool:
+        """Whether `extra` may join `batch`: the batch must still finish before the earliest deadline in it."""
+        deadlines = [q.deadline for q in (*batch, extra) if q.deadline is not None]
+        if not deadlines or self.drain.seconds_per_unit is None:
+            return True
+        cost = sum(q.cost for q in batch) + extra.cost
+        return time.monotonic() + self.drain.time_for(cost) <= min(deadlines)
+
+    async def _gather(self) -> list[_Queued[In, Out]]:
+        assert self._arrived is not None
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        batch = [self._take()]
+        deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
+            if not self._pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
                 continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
+            if not self._fits(batch, self._pending[0]):
+                break  # it waits for the next batch rather than make this one miss a deadline
+            batch.append(self._take())
         # A caller that gave up (client disconnected, deadline passed) does not cost a slot in the forward pass.
         kept = []
-        for item, fut, wanted in batch:
-            if wanted is not None and not fut.done() and not wanted():
-                fut.cancel()
-            if not fut.done():
-                kept.append((item, fut))
+        for queued in batch:
+            if queued.wanted is not None and not queued.future.done() and not queued.wanted():
+                queued.future.cancel()
+            if not queued.future.done():
+                kept.append(queued)
         return kept
 
     async def _run(self) -> None:
@@ -98,11 +179,16 @@ class MicroBatcher(Generic[In, Out]):
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch))
-            items = [item for item, _ in batch]
+            items = [q.item for q in batch]
+            cost = sum(q.cost for q in batch)
+            started = time.monotonic()
+            self.drain.started(cost, started)
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, items)
                 outcomes: list[tuple[Out, None] | tuple[None, BaseException]] = [(r, None) for r in results]
+                self.drain.finished(cost, time.monotonic() - started)
             except Exception as exc:  # noqa: BLE001 - delivered to the callers
+                self.drain.finished(0.0, 0.0)
                 if len(batch) == 1:
                     outcomes = [(None, exc)]
                 else:
@@ -114,13 +200,13 @@ class MicroBatcher(Generic[In, Out]):
                                              None))
                         except Exception as single_exc:  # noqa: BLE001
                             outcomes.append((None, single_exc))
-            for (_, fut), outcome in zip(batch, outcomes):
-                if fut.done():
+            for queued, outcome in zip(batch, outcomes):
+                if queued.future.done():
                     continue
                 if outcome[1] is not None:
-                    fut.set_exception(outcome[1])
+                    queued.future.set_exception(outcome[1])
                 else:
-                    fut.set_result(outcome[0])
+                    queued.future.set_result(outcome[0])
 
 
 LONG_BUCKET_NICE = 10
@@ -141,17 +227,23 @@ class LengthBuckets(Generic[In, Out]):
     `size(item)`: bounds [2000] make two buckets, size <= 2000 and size > 2000."""
 
     def __init__(self, fn: Callable[[list[In]], list[Out]], bounds: Sequence[int], size: Callable[[In], int], *,
-                 max_batch_size: int = 16, max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
+                 max_batch_size: int = 16, max_wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None,
+                 cost: Callable[[In], float] | None = None, seconds_per_unit: float | None = None):
         self.bounds = sorted(bounds)
         self.size = size
         self.lanes = [MicroBatcher(fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, on_batch=on_batch,
-                                   nice=LONG_BUCKET_NICE if i else 0) for i in range(len(self.bounds) + 1)]
+                                   nice=LONG_BUCKET_NICE if i else 0, cost=cost,
+                                   drain=DrainRate(seconds_per_unit)) for i in range(len(self.bounds) + 1)]
 
     def bucket(self, item: In) -> int:
         return bisect.bisect_left(self.bounds, self.size(item))
 
-    async def submit(self, item: In, wanted: Callable[[], bool] | None = None) -> Out:
-        return await self.lanes[self.bucket(item)].submit(item, wanted)
+    def estimated_wait(self, item: In) -> float:
+        return self.lanes[self.bucket(item)].estimated_wait(item)
+
+    async def submit(self, item: In, wanted: Callable[[], bool] | None = None,
+                     deadline_s: float | None = None) -> Out:
+        return await self.lanes[self.bucket(item)].submit(item, wanted, deadline_s)
 
     async def close(self) -> None:
         for lane in self.lanes:

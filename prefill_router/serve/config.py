@@ -40,8 +40,8 @@
     state: {redis_url: null, redis_url_env: null, prefix: "prefill-router:", timeout_ms: 250, retry_s: 1}
                                          # redis_url: pins, feedback ids, spend, limits shared by replicas
     max_body_bytes: 1000000
-    batching: {max_batch_size: 16, max_wait_ms: 5,   # on a CPU-only host prefer max_batch_size: 1, see below
-               length_buckets: [2000]}   # window characters: one batch queue and worker thread per bucket
+    batching: {max_batch_size: null,     # null: measured at start (only where a batch routes faster); or a number
+               max_wait_ms: 5, length_buckets: [2000]}   # window characters: one queue and worker per bucket
     cache_size: 4096                     # routing decisions kept in the LRU cache; 0 turns it off
     feedback: {dir: null, retention_s: 604800, max_bytes: 1000000000, segment_bytes: 64000000,
                queue_size: 10000}        # dir null: POST /v1/feedback is off; see docs/serving.md
@@ -50,7 +50,8 @@
 
 Micro-batching pays where one encoder forward is latency-bound (a GPU). On a CPU the prefill is compute-bound
 and padding prompts of different lengths to one batch costs more than batching saves: bench/serve.py measured
-0.8x the requests/s of max_batch_size 1 on a 2-core machine.
+0.8x the requests/s of max_batch_size 1 on a 2-core machine. So by default the gateway measures it at start
+(serve/capacity.py) and batches only where that routes more prompts per second.
 """
 
 from __future__ import annotations
@@ -236,7 +237,9 @@ class State(BaseModel):
 class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(default=16, ge=1)
+    # null: measured at start (serve/capacity.py): a batch only where it routes more prompts per second than one
+    # prompt at a time (on a CPU usually 1); a number: batches of up to that many.
+    max_batch_size: int | None = Field(default=None, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     # Upper bounds of the window's length in characters: a prompt is batched, on its own worker thread, only
     # with prompts of its bucket, so a long prompt never holds a short one.

@@ -44,6 +44,7 @@ SessionMode = Literal["per_turn", "first_turn", "sticky"]
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROUTE_TOKENS = 512
 CHARS_PER_TOKEN = 4  # to estimate the input tokens the router did not read, for the cost estimate only
+PROMPT_OVERHEAD_CHARS = 64  # a prompt's fixed share of a forward pass (template, call), in characters of work
 
 
 class BadMessages(DataError):
@@ -58,10 +59,17 @@ class Scores:
     tokens: float = 0.0  # templated input tokens the router read (before truncation)
     # [hidden states, hidden] pooled features the router read: kept so feedback can retrain without re-encoding
     features: np.ndarray | None = field(default=None, repr=False)
+    scorer: str = "prefill"  # which scorer made P: "prefill" (the encoder) or "fallback" (the fast scorer)
 
 
 class Scorer(Protocol):
-    """What the gateway needs from a router: its targets, P/C for a batch, and a policy applied to P/C."""
+    """What the gateway needs from a router: its targets, P/C for a batch, and a policy applied to P/C (the
+    policy of the scorer that made them: `Scores.scorer`).
+
+    Optional, looked up with getattr: `score_fallback(prompts) -> list[Scores]`, a fast scorer (well under a
+    millisecond, no encoder forward) for when the prefill cannot answer in time, with `has_fallback`;
+    `estimate_costs`, `policy_spec`, `check_policy`, `max_route_tokens`, `seconds_per_char` and
+    `preferred_batch_size` (a capacity measurement)."""
 
     targets: list[str]
 
@@ -182,7 +190,7 @@ class _Inflight:
 
 
 class RoutingEngine:
-    def __init__(self, scorer: Scorer, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
+    def __init__(self, scorer: Scorer, *, max_batch_size: int | None = 16, max_wait_ms: float = 5.0,
                  cache_size: int = 4096, metrics: GatewayMetrics | None = None,
                  length_buckets: Sequence[int] = (2000,), deadline_ms: float | None = None,
                  default_target: str | None = None, session_mode: SessionMode = "per_turn",
@@ -193,10 +201,18 @@ class RoutingEngine:
         self.cache: LRUCache[str, Scores] = LRUCache(cache_size)
         self._inflight: dict[str, _Inflight] = {}
         on_batch = metrics.batch_size.observe if metrics is not None else None
+        # The encoder reads at most the routing window: a longer prompt costs what the window costs.
+        window_chars = CHARS_PER_TOKEN * int(getattr(scorer, "max_route_tokens", DEFAULT_MAX_ROUTE_TOKENS))
+
+        def work(messages: list[Message]) -> float:
+            return PROMPT_OVERHEAD_CHARS + min(_chars(messages), window_chars)
+
+        # max_batch_size None: what the scorer measured to route more tokens per second than one at a time.
+        batch = max_batch_size if max_batch_size is not None else int(getattr(scorer, "preferred_batch_size", 1))
         # The bucket of a prompt is the length of its window's text (characters: known before tokenizing).
         self.batcher: LengthBuckets[list[Message], Scores] = LengthBuckets(
-            scorer.score_batch, length_buckets, _chars, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-            on_batch=on_batch)
+            scorer.score_batch, length_buckets, _chars, max_batch_size=batch, max_wait_ms=max_wait_ms,
+            on_batch=on_batch, cost=work, seconds_per_unit=getattr(scorer, "seconds_per_char", None))
         self.deadline_s = None if deadline_ms is None else deadline_ms / 1000
         targets = list(scorer.targets)
         # weakest -> strongest; the default and the escalate-only rule read it
@@ -293,6 +309,7 @@ class RoutingEngine:
             pinned = None  # this request may not go there: route it afresh, and leave the pin alone
         if pinned is not None and not self.escalate_only:
             self._count_session("pinned")
+            self._count_decision("pinned")
             return Routed(pinned, None, None, (time.perf_counter() - start) * 1000, truncated=None, session="pinned",
                           decided_by="pinned")
 
@@ -310,15 +327,37 @@ class RoutingEngine:
 
     async def _route(self, window: list[Message], messages: list[Message], policy: str | None, lam: float | None,
                      allowed: list[str], start: float) -> Routed:
-        try:
-            scores, source = await asyncio.wait_for(self.scores(window), self.deadline_s)
-        except TimeoutError:
+        fast = getattr(self.scorer, "score_fallback", None) if getattr(self.scorer, "has_fallback", False) else None
+        scores: Scores | None = None
+        source: str | None = None
+        exceeded = False
+        key = messages_key(window)
+        if fast is not None and self.deadline_s is not None and key not in self.cache and \
+                key not in self._inflight and self.batcher.estimated_wait(window) > self.deadline_s:
+            # Admission control: the queue ahead cannot be scored in time, so decide now rather than wait the
+            # deadline out (the prompt is not queued: nobody would wait for it).
+            if self.metrics is not None:
+                self.metrics.admission_fallbacks.inc()
+        else:
+            try:
+                scores, source = await asyncio.wait_for(self.scores(window), self.deadline_s)
+            except TimeoutError:
+                exceeded = True
+        if scores is None and fast is not None:
+            try:
+                scores = fast([window])[0]
+            except Exception:  # noqa: BLE001 - the default target is the last resort; the cause is logged
+                logger.exception("fallback scorer failed; routing to the default target")
+        if scores is None:
             target = self.default_target if self.default_target in allowed else \
                 next(t for t in reversed(self.strength) if t in allowed)
-            if self.deadline_counter is not None:
+            if exceeded and self.deadline_counter is not None:
                 self.deadline_counter.labels(target=target).inc()
+            self._count_decision("default")
             return Routed(target, None, None, (time.perf_counter() - start) * 1000, truncated=None,
-                          deadline_exceeded=True, decided_by="default")
+                          deadline_exceeded=exceeded, decided_by="default")
+        if exceeded and self.deadline_counter is not None:
+            self.deadline_counter.labels(target="fallback").inc()
         unread = _chars(messages) - _chars(window)
         estimate = getattr(self.scorer, "estimate_costs", None)
         if unread > 0 and estimate is not None:
@@ -335,10 +374,17 @@ class RoutingEngine:
         latency_ms = (time.perf_counter() - start) * 1000
         if self.metrics is not None:
             self.metrics.routing_latency.observe(latency_ms / 1000)
+        self._count_decision(scores.scorer)
         describe = getattr(self.scorer, "policy_spec", None)
+        spec = policy if describe is None else (describe(policy, lam) if scores.scorer == "prefill" else
+                                                describe(policy, lam, scorer=scores.scorer))
         return Routed(target, {t: float(p) for t, p in zip(targets, scores.P)},
                       {t: float(c) for t, c in zip(targets, scores.C)}, latency_ms, scores.truncated, source,
-                      describe(policy, lam) if describe is not None else policy, features=scores.features)
+                      spec, deadline_exceeded=exceeded, features=scores.features, decided_by=scores.scorer)
+
+    def _count_decision(self, scorer: str) -> None:
+        if self.metrics is not None:
+            self.metrics.decided_by.labels(scorer=scorer).inc()
 
     def _count_cache(self, result: str) -> None:
         if self.metrics is not None:
@@ -373,6 +419,10 @@ class RouterScorer:
         self.window_source = "checkpoint" if trained else "serving"
         self.prefix_cache_mb = prefix_cache_mb
         self.quantize = quantize
+        # Set from a capacity measurement (serve/capacity.py) when the gateway measures one at start.
+        self.preferred_batch_size = 1
+        self.seconds_per_char: float | None = None
+        self.capacity: dict | None = None
 
     def warm_up(self) -> None:
         """Load the encoder now (the router loads it lazily) and run one forward, so the first request is fast."""
@@ -410,7 +460,8 @@ class RouterScorer:
         encoder = getattr(self.router, "encoder", None)
         spec = getattr(encoder, "spec", None)
         cache = getattr(encoder, "prefix_cache", None)
-        return {"quantize": getattr(spec, "quantize", None), "trained_quantize":
+        return {"capacity": self.capacity, "fallback_scorer": self.has_fallback,
+                "quantize": getattr(spec, "quantize", None), "trained_quantize":
                 (self.router.encoder_identity or {}).get("quantize"),
                 "layers_run": getattr(self.router, "layers_run", None), "torch_threads": torch.get_num_threads(),
                 "prefix_cache": cache.stats() if cache is not None else None}
@@ -442,8 +493,9 @@ class RouterScorer:
         """Raise ConfigError now for a policy/lambda the router cannot apply, rather than at a request."""
         self.router.resolve_policy(policy, lam)
 
-    def policy_spec(self, policy: str | None, lam: float | None) -> str:
-        return self.router.describe_policy(policy, lam)
+    def policy_spec(self, policy: str | None, lam: float | None, scorer: str = "prefill") -> str:
+        extra = {"scorer": "fallback"} if scorer == "fallback" else {}
+        return str(self.router.describe_policy(policy, lam, **extra))
 
     def score_batch(self, prompts: list[list[Message]]) -> list[Scores]:
         self._apply_window()  # no-op after warm_up; here for a router whose encoder was attached later
@@ -455,5 +507,20 @@ class RouterScorer:
     def estimate_costs(self, tokens: float) -> np.ndarray:
         return np.asarray(self.router.estimate_costs(np.array([tokens], dtype=np.float64))[0], dtype=np.float64)
 
+    @property
+    def has_fallback(self) -> bool:
+        """Whether the checkpoint holds a fast fallback scorer (older ones do not)."""
+        return getattr(self.router, "fallback", None) is not None
+
+    def score_fallback(self, prompts: list[list[Message]]) -> list[Scores]:
+        """P and C from the checkpoint's fast scorer: no encoder forward, so it answers in well under a
+        millisecond, on the event loop, however busy the encoder is."""
+        P, tokens = self.router.predict_fallback(prompts)
+        C = self.router.estimate_costs(tokens)
+        return [Scores(np.asarray(P[i], np.float64), np.asarray(C[i], np.float64),
+                       bool(tokens[i] > self.max_route_tokens), float(tokens[i]), None, scorer="fallback")
+                for i in range(len(prompts))]
+
     def choose(self, scores: Scores, policy: str | None, lam: float | None) -> int:
-        return int(self.router.choose(scores.P[None, :], scores.C[None, :], policy=policy, lam=lam)[0])
+        extra = {"scorer": "fallback"} if scores.scorer == "fallback" else {}
+        return int(self.router.choose(scores.P[None, :], scores.C[None, :], policy=policy, lam=lam, **extra)[0])

@@ -33,8 +33,9 @@ class GatewayMetrics:
         self.stream_disconnects = Counter(f"{PREFIX}_stream_disconnects", "Streams the client closed before the "
                                           "end (the upstream call is cancelled)", ["target"], registry=r)
         self.deadline_exceeded = Counter(f"{PREFIX}_routing_deadline_exceeded", "Routed requests whose routing "
-                                         "deadline passed before the router answered; they went to the default "
-                                         "target", ["target"], registry=r)
+                                         "deadline passed before the prefill router answered, by where they went "
+                                         "(the fast fallback scorer: 'fallback', else the default target)",
+                                         ["target"], registry=r)
         self.session_decisions = Counter(f"{PREFIX}_session_decisions", "Sticky-session routing decisions, by "
                                          "outcome (new pin, pinned, escalated)", ["outcome"], registry=r)
         # Spend (serve/spend.py): from each reply's `usage` and the config's prices.
@@ -72,6 +73,9 @@ class GatewayMetrics:
         # target (both failed or missed the deadline), or a sticky-session pin.
         self.decided_by = Counter(f"{PREFIX}_decisions", "Routing decisions, by what decided them (prefill, "
                                   "fallback, default, pinned)", ["scorer"], registry=r)
+        self.admission_fallbacks = Counter(f"{PREFIX}_admission_fallbacks", "Requests decided by the fallback "
+                                           "scorer at arrival, because the encoder queue could not score them "
+                                           "before the routing deadline", registry=r)
         self.router_info = Gauge(f"{PREFIX}_router_loaded_unix", "When the router now serving was loaded",
                                  registry=r)
 

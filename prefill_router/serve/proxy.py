@@ -226,6 +226,7 @@ def routing_headers(decision: Routed | None, chosen: str) -> dict[str, str]:
     if decision.truncated is not None:  # None: nothing was read (a missed deadline, a pinned session)
         headers["x-router-truncated"] = "true" if decision.truncated else "false"
     headers["x-router-deadline"] = "exceeded" if decision.deadline_exceeded else "met"
+    headers["x-router-decided-by"] = decision.decided_by
     if decision.session is not None:
         headers["x-router-session"] = decision.session
     return headers
