@@ -464,6 +464,25 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int 
     return batches
 
 
+def tokenize_prompts(prompts: Sequence[Any], tokenizer: PreTrainedTokenizerBase, template: str,
+                     window: bool = False) -> list[list[int]]:
+    """Token ids of each prompt rendered with `template` (of its routing window only, with `window`), before
+    truncation: what the encoder reads, and what the token-embedding mean (features/embedding_mean.py) averages."""
+    prompts = _as_prompt_list(prompts)
+    rendered = [render(p, tokenizer, template, row=i, window=window) for i, p in enumerate(prompts)]
+    ids: list[list[int]] = [None] * len(rendered)  # type: ignore[list-item]
+    for special in (False, True):
+        rows = [i for i, (_, add) in enumerate(rendered) if add is special]
+        if rows:
+            encoded = tokenizer([rendered[i][0] for i in rows], add_special_tokens=special)["input_ids"]
+            for i, row_ids in zip(rows, encoded):
+                ids[i] = list(row_ids)
+    for i, row_ids in enumerate(ids):
+        if not row_ids:
+            raise EncoderError(f"prompt at row {i} is empty after tokenization")
+    return ids
+
+
 def truncate(ids: list[int], max_tokens: int) -> list[int]:
     """The documented rule: keep the first max_tokens // 2 and the last max_tokens - max_tokens // 2 tokens."""
     if len(ids) <= max_tokens:
@@ -565,24 +584,10 @@ class Encoder:
 
     def tokenize(self, prompts: Sequence[Any]) -> list[list[int]]:
         """Token ids of each templated prompt, before truncation."""
-        prompts = _as_prompt_list(prompts)
-        tokenizer = self.tokenizer
-        if tokenizer is None:
+        if self.tokenizer is None:
             raise EncoderError("this encoder has no tokenizer (Encoder.from_model without one): pass token_ids")
         window = self.spec.max_route_tokens is not None
-        rendered = [render(p, tokenizer, self.spec.template, row=i, window=window)
-                    for i, p in enumerate(prompts)]
-        ids: list[list[int]] = [None] * len(rendered)  # type: ignore[list-item]
-        for special in (False, True):
-            rows = [i for i, (_, add) in enumerate(rendered) if add is special]
-            if rows:
-                encoded = tokenizer([rendered[i][0] for i in rows], add_special_tokens=special)["input_ids"]
-                for i, row_ids in zip(rows, encoded):
-                    ids[i] = list(row_ids)
-        for i, row_ids in enumerate(ids):
-            if not row_ids:
-                raise EncoderError(f"prompt at row {i} is empty after tokenization")
-        return ids
+        return tokenize_prompts(prompts, self.tokenizer, self.spec.template, window=window)
 
     def count_tokens(self, prompts: Sequence[Any]) -> np.ndarray:
         """Templated prompt length in tokens, before truncation."""
