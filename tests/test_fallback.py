@@ -102,6 +102,16 @@ def test_choose_applies_the_fallback_default_or_an_explicit_policy(trained):
         router.choose(P, C, scorer="fast")
 
 
+def test_the_pipeline_summary_reports_the_fallback_beside_the_main_router(trained):
+    from prefill_router.cli.pipeline import _fallback_section
+
+    router, _, _ = trained
+    section = _fallback_section(router)
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    assert router.describe_policy(scorer="fallback") in rows["fallback scorer"]
+    assert router.describe_policy() in rows["prefill router"]
+
+
 def test_predict_fallback_runs_no_model_forward(trained, encoder):
     router, _, prompts = trained
     calls = []
@@ -172,3 +182,39 @@ def test_no_fallback_without_state_0_or_when_turned_off(encoder):
     assert router.fallback is not None and router.fallback.policy == "argmax"
     assert train_router(ds, X, None, {**config, "fallback": False}, hidden_states=[1, 2],
                         fallback_features=means).fallback is None
+
+
+def test_train_command_fits_and_reports_the_fallback_from_the_encoders_embeddings(tiny_encoder_dir, tmp_path,
+                                                                                  capsys):
+    """The store holds states 1 and 2 only: `train` computes the token-embedding mean from the store's encoder
+    (tokenizer and embedding table), fits the fallback, and prints it beside the main router, held-out included."""
+    import csv
+
+    from prefill_router.cli import main
+
+    n = 80
+    prompts = _prompts(n, seed=5)
+    data, prices = tmp_path / "labels.csv", tmp_path / "prices.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt_id", "prompt", *TARGETS])
+        for i, p in enumerate(prompts):
+            w.writerow([f"q{i}", p, int(i % 5 != 0), int(len(p) < 60), i % 2])
+    prices.write_text("target,usd_per_m_input,usd_per_m_output\n" +
+                      "".join(f"{t},{a},{b}\n" for t, (a, b) in PRICES.items()))
+    store, out = tmp_path / "store", tmp_path / "ckpt"
+    assert main(["extract", "--dataset", str(data), "--encoder", str(tiny_encoder_dir), "--poolings", "mean",
+                 "--layers", "1,2", "--dtype", "float32", "--no-progress", "--out", str(store)]) == 0
+    assert main(["train", "--dataset", str(data), "--prices", str(prices), "--features", str(store), "--pca", "6",
+                 "--seeds", "2", "--keep", "1", "--calibration-folds", "2", "--holdout", "0.25",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fallback scorer (token-embedding mean, no encoder layer run): default policy" in printed
+    router = Router.load(out, encoder=load_encoder(str(tiny_encoder_dir)))
+    held = router.metrics["holdout"]["fallback"]
+    assert 0 <= held["accuracy_default_policy"] <= 1 and held["cost_per_1k_default_policy"] > 0
+    assert router.predict_fallback(prompts[:2])[0].shape == (2, 3)
+    assert main(["train", "--dataset", str(data), "--prices", str(prices), "--features", str(store), "--pca", "6",
+                 "--seeds", "2", "--keep", "1", "--calibration-folds", "2", "--no-fallback",
+                 "--out", str(tmp_path / "plain")]) == 0
+    assert Router.load(tmp_path / "plain").fallback is None
