@@ -25,7 +25,7 @@ WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris
 CHAT = [{"role": "system", "content": "answer the question"},
         {"role": "user", "content": "what is the capital of france? A. paris B. rome"},
         {"role": "assistant", "content": "A"},
-        {"role": "user", "content": "the quick brown fox " * 30}]
+        {"role": "user", "content": "the quick brown fox " * 15}]
 
 
 def _prompts(n: int, seed: int = 0) -> list:
@@ -51,6 +51,31 @@ def test_embedding_mean_is_the_encoders_hidden_state_0_mean(tiny_encoder_dir, en
     np.testing.assert_allclose(X, windowed.encode([CHAT], poolings=["mean"], layers=[0])["mean"][:, 0],
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(X, EmbeddingMean.of(encoder)([CHAT])[0], atol=1e-4)
+
+
+def test_a_long_prompt_is_read_from_its_head_and_tail_only(encoder):
+    """Past LONG_CHARS_PER_TOKEN characters per token only two pieces are tokenized; the tokens kept are still
+    exactly the encoder's (so are the features), and the length before truncation is estimated closely."""
+    from prefill_router.features.embedding_mean import LONG_CHARS_PER_TOKEN
+
+    rng = np.random.default_rng(7)
+    long = [" ".join(rng.choice(WORDS, size=900)) + "?  A. paris\n\nB. rome", [CHAT[0], {"role": "user", "content":
+            "0123456789 + " * 150 + "what is the capital of france?"}]]
+    featurizer = EmbeddingMean.of(encoder)
+    assert featurizer._pieces_exact
+    calls = []
+    original = featurizer._backend.encode
+    featurizer._backend = type("Counting", (), {"encode": lambda _, text, **kw: calls.append(len(text))
+                                                or original(text, **kw)})()
+    X, tokens = featurizer(long)
+    rendered = [len(encoder.tokenizer.apply_chat_template(
+        [{"role": "user", "content": p}] if isinstance(p, str) else p, tokenize=False, add_generation_prompt=True))
+        for p in long]
+    assert min(rendered) > LONG_CHARS_PER_TOKEN * encoder.max_tokens and max(calls) < min(rendered) / 2
+    np.testing.assert_allclose(X, encoder.encode(long, poolings=["mean"], layers=[0])["mean"][:, 0],
+                               rtol=1e-5, atol=1e-6)
+    exact = encoder.count_tokens(long)
+    assert np.all(np.abs(tokens - exact) <= 0.1 * exact)
 
 
 @pytest.fixture(scope="module")
