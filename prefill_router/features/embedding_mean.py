@@ -55,7 +55,7 @@ class EmbeddingMean:
         # The Rust tokenizer itself, without the Python wrapper's per-call work, where it has one; the bounded
         # reading of long prompts only where its pieces are exact (a byte-level BPE without a normalizer).
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        self._backend = backend
+        self._backend: Any = backend
         self._pieces_exact = backend is not None and backend.normalizer is None and \
             type(backend.pre_tokenizer).__name__ == "ByteLevel"
 
@@ -115,6 +115,7 @@ class EmbeddingMean:
         return truncate(ids, self.max_tokens), len(ids)
 
     def _encode(self, text: str, special: bool) -> list[int]:
+        assert self._backend is not None
         # encode_batch_fast skips the character offsets, which nothing here reads: about a fifth faster.
         fast = getattr(self._backend, "encode_batch_fast", None)
         if fast is not None:
