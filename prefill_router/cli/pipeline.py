@@ -343,7 +343,8 @@ def _checkpoint(args, ds, chosen: Chosen, out: Path):
     router = train_router(ds, chosen.X, np.arange(ds.n), config, hidden_states=chosen.states,
                           encoder=chosen.identity, progress=True)
     ckpt = router.save(out / "router")
-    print(f"checkpoint: {ckpt}, default policy {router.describe_policy()} ({time.time() - t:.0f} s)",
+    fallback = "" if router.fallback is None else f", fallback scorer's {router.describe_policy(scorer='fallback')}"
+    print(f"checkpoint: {ckpt}, default policy {router.describe_policy()}{fallback} ({time.time() - t:.0f} s)",
           file=sys.stderr)
     return router, ckpt
 
@@ -366,6 +367,9 @@ def _write_summary(args, out: Path, chosen: Chosen, tables: list[str], summary: 
     (out / "summary.md").write_text("\n".join(md) + "\n")
     atomic_write_json(out / "summary.json", {"rows": chosen.what, "pools": summary,
                                              "default_policy": router.default_policy, "probe_agreement": agreement,
+                                             "fallback": None if router.fallback is None else {
+                                                 "default_policy": router.fallback.policy,
+                                                 "metrics": router.fallback.metrics},
                                              "layer_choice": router.metrics.get("layer_choice")})
 
 
@@ -407,6 +411,32 @@ def _plot_layers(choice: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _fallback_section(router) -> str:
+    """The fast fallback scorer next to the main router, on out-of-fold predictions of the same training rows."""
+    fallback = router.fallback.metrics
+    main, mine = router.metrics.get("default_policy", {}), fallback.get("default_policy", {})
+    rows = []
+    for name, info, auc in (("prefill router", main, _mean(main.get("oof_auc"))),
+                            ("fallback scorer", mine, fallback.get("oof_mean_auc"))):
+        if "accuracy" not in info:
+            continue
+        base = info.get("best_single_cost_per_query") or float("nan")
+        rows.append([name, "—" if auc is None else f"{auc:.4f}", f"{info['accuracy']:.2%}",
+                     f"{info['best_single_accuracy']:.2%}", f"{1 - info['cost_per_query'] / base:.0%}",
+                     router.describe_policy(scorer="prefill" if info is main else "fallback")])
+    return "\n".join([
+        "When traffic outruns the encoder, the gateway routes with the checkpoint's fast fallback scorer: a logistic "
+        "regression per target on the token-embedding mean (hidden state 0: no encoder layer runs), with its own "
+        "default policy chosen the same way. Out-of-fold predictions of the training prompts:", "",
+        *markdown_table(["scorer", "mean AUC", "default: acc", "best single acc", "saves vs best", "default policy"],
+                        rows)])
+
+
+def _mean(values) -> float | None:
+    finite = [v for v in values or [] if v is not None]
+    return float(np.mean(finite)) if finite else None
+
+
 def _default_policy_section(router, folder: Path) -> str:
     info = router.metrics.get("default_policy", {})
     lines = ["## The router checkpoint", "",
@@ -419,6 +449,7 @@ def _default_policy_section(router, folder: Path) -> str:
                      f"{router.targets[info['best_single']]}, at {info['cost_per_query'] / base:.0%} of its cost.")
     lines.append("The accuracy bound is `prefill-router train --max-accuracy-drop` (default 0.01, one point; 0 keeps "
                  "the best single target's accuracy exactly, which few training sets of this size allow).")
+    lines += ["", _fallback_section(router)] if router.fallback is not None else []
     lines += ["", "```python", "from prefill_router.router import Router", "",
               f'router = Router.load("{folder}")',
               'router.route("What is 17 * 23?").target          # the default policy',

@@ -1,5 +1,9 @@
 """`prefill-router train`: fit a router (scaler + PCA + SharedTrunkNet ensemble + policy) and save a checkpoint.
 
+The checkpoint also holds the fast fallback scorer (router/fallback.py), fitted on the token-embedding mean of
+the same rows (the store's mean pooling at hidden state 0, or computed from the encoder's tokenizer and embedding
+table when the store lacks it); --no-fallback leaves it out.
+
     prefill-router train --dataset mmlu-pro --features runs/feats --out runs/router
     prefill-router train --dataset labels.csv --prices prices.yaml --features runs/feats --layers 12,18 --out ckpt
     prefill-router train --dataset mmlu-pro --features runs/feats --add-source mean=runs/gemma-feats --out ckpt
@@ -112,6 +116,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
                    help="accuracy --policy auto may give up against the best single target, as a fraction "
                         "(default 0.01 = one point; 0 keeps it exactly, which small training sets rarely allow)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="leave out the fast fallback scorer (token-embedding mean) that routes when the prefill "
+                        "cannot answer in time")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="share of prompts held out (prompt-level split) and scored after training")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the models")
@@ -152,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         "pooling": args.pooling, "layers": args.layers, "pca": args.pca, "policy": args.policy,
         "layer_tolerance": args.layer_tolerance, "layer_budget": args.layer_budget,
         "calibration_folds": args.calibration_folds, "max_accuracy_drop": args.max_accuracy_drop,
-        "seed": args.seed,
+        "seed": args.seed, "fallback": not args.no_fallback,
         "trunk": {"seeds": args.seeds, "keep": args.keep, "seed": args.seed, "threads": args.threads}})
     held = features.hidden_states.get(args.pooling)
     if held is None:
@@ -160,12 +167,13 @@ def run(args: argparse.Namespace) -> int:
     X = features.get(args.pooling, args.layers if isinstance(args.layers, list) else None, rows=store_rows)
     states = args.layers if isinstance(args.layers, list) else held
     auto = "auto" if args.layers == "auto" else "all"
+    X0 = None if args.no_fallback else _embedding_means(features, ds, store_rows)
     # A store made by `extract` records how to load its encoder (a local folder as an absolute path).
     router = train_router(ds, X, rows, config.model_copy(update={"layers": auto}), hidden_states=states,
                           encoder=features.identity, progress=True,
                           encoder_spec=features.manifest.get("encoder_spec"),
                           notes={"features_store": str(Path(args.features).resolve()),
-                                 "rows_without_features": skipped}, sources=sources)
+                                 "rows_without_features": skipped}, sources=sources, fallback_features=X0)
 
     if test.size:
         Xte = X[test][:, [states.index(s) for s in router.hidden_states]]
@@ -182,6 +190,13 @@ def run(args: argparse.Namespace) -> int:
             "best_single_accuracy": metrics.routed_accuracy(Yte, np.full(test.size, best_k)),
             "best_single_cost_per_1k": 1000 * metrics.routed_cost(Cte, np.full(test.size, best_k)),
         }
+        if router.fallback is not None and X0 is not None:
+            P0 = router.fallback.predict_proba(X0[test])
+            choice0 = router.choose(P0, Cte, scorer="fallback")
+            router.metrics["holdout"]["fallback"] = {
+                "mean_auc": float(np.nanmean(metrics.per_target_auc(Yte, P0))),
+                "accuracy_default_policy": metrics.routed_accuracy(Yte, choice0),
+                "cost_per_1k_default_policy": 1000 * metrics.routed_cost(Cte, choice0)}
     folder = router.save(args.out)
     print(f"trained on {rows.size} prompts x {ds.k} targets"
           + (f" ({skipped} prompts without features skipped)" if skipped else ""))
@@ -192,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
           + (f" (out-of-fold training accuracy {chosen['accuracy']:.2%} vs best single "
              f"{chosen['best_single_accuracy']:.2%}, cost {_ratio(chosen)} of always calling it)"
              if "accuracy" in chosen else ""))
+    if router.fallback is not None:
+        print(fallback_line(router))
     layers = router.metrics.get("layer_choice")
     if layers is not None:
         print(f"hidden states {layers['chosen']} (routing runs {layers['layers_run']} encoder layers): "
@@ -200,6 +217,45 @@ def run(args: argparse.Namespace) -> int:
                                                              for c in layers["candidates"]))
     print(f"router checkpoint written to {folder}")
     return 0
+
+
+def _embedding_means(features, ds, store_rows: np.ndarray) -> np.ndarray | None:
+    """The token-embedding mean [N, H] of every dataset row, for the fallback scorer: the store's mean pooling at
+    hidden state 0 when it holds it, else computed from the store's encoder (its tokenizer and embedding table
+    only: no layer runs). None, with a note, when neither is possible."""
+    if 0 in features.hidden_states.get("mean", []):
+        return np.asarray(features.get("mean", [0], rows=store_rows))[:, 0]
+    from prefill_router.errors import PrefillRouterError
+    from prefill_router.features import EncoderSpec, load_encoder
+    from prefill_router.features.embedding_mean import EmbeddingMean
+    from prefill_router.router.runtime import check_identity, spec_from_identity
+
+    spec = features.manifest.get("encoder_spec") or spec_from_identity(features.identity)
+    try:
+        if spec is None:
+            raise ConfigError("the store records no encoder to load")
+        encoder = load_encoder(EncoderSpec.model_validate(spec))
+        check_identity(encoder, features.identity, " (fallback scorer)")
+        return EmbeddingMean.of(encoder)(ds.prompts)[0]
+    except PrefillRouterError as exc:
+        print(f"no fallback scorer: the store holds no mean pooling at hidden state 0, and its encoder's embeddings "
+              f"could not be read ({exc})")
+        return None
+
+
+def fallback_line(router) -> str:
+    """One line on the fallback scorer: its default policy and how it did on out-of-fold training predictions,
+    next to the main router's out-of-fold AUC."""
+    info = router.fallback.metrics.get("default_policy", {})
+    main_auc = router.metrics.get("default_policy", {}).get("oof_auc")
+    auc = router.fallback.metrics.get("oof_mean_auc")
+    return (f"fallback scorer (token-embedding mean, no encoder layer run): default policy "
+            f"{router.describe_policy(scorer='fallback')}"
+            + (f" (out-of-fold training accuracy {info['accuracy']:.2%} vs best single "
+               f"{info['best_single_accuracy']:.2%}, cost {_ratio(info)} of always calling it)"
+               if "accuracy" in info else "")
+            + (f"; out-of-fold mean AUC {auc:.4f}" if auc is not None else "")
+            + (f" (main router: {np.nanmean(np.array(main_auc, dtype=float)):.4f})" if main_auc and auc else ""))
 
 
 def _ratio(info: dict) -> str:

@@ -136,7 +136,8 @@ def add_target(router: Router, name: str, X: np.ndarray, y: np.ndarray, *, price
                   pooling=router.pooling, hidden_states=router.hidden_states,
                   encoder_identity=router.encoder_identity, encoder_spec=router.encoder_spec,
                   cost_model=cost_model, policy=router.default_policy, metrics=copy.deepcopy(router.metrics),
-                  training=training, encoder=router.encoder, sources=router.sources)
+                  training=training, encoder=router.encoder, sources=router.sources,
+                  fallback=None if router.fallback is None else router.fallback.with_target(float(y.mean())))
 
 
 def _finite_or_none(value: float) -> float | None:

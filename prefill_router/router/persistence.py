@@ -5,8 +5,10 @@ A checkpoint folder holds two files:
     router.json          format version, encoder identity and spec, pooling, hidden states (and, for a router on
                          several feature sources, each source), targets, cost model
                          (prices and median output tokens), the default policy and how it was chosen,
-                         transform and ensemble metadata, metrics measured at training time, and the SHA-256 of
-    router.safetensors   the tensors: scaler, PCA, and every kept SharedTrunkNet member's weights.
+                         transform and ensemble metadata, metrics measured at training time, the fallback
+                         scorer's features, default policy and metrics (when it has one), and the SHA-256 of
+    router.safetensors   the tensors: scaler, PCA, every kept SharedTrunkNet member's weights, and the fallback
+                         scorer's weights (`fallback.*`).
 
 Loading parses JSON and safetensors only; nothing is unpickled, so a checkpoint cannot run code. A checkpoint
 without the tensors' SHA-256, or whose tensors hold NaN or infinity, is refused.
@@ -21,6 +23,7 @@ import numpy as np
 
 from prefill_router.errors import CheckpointError
 from prefill_router.features.protocol import PrefillEncoder
+from prefill_router.router.fallback import FallbackScorer
 from prefill_router.router.runtime import Router
 from prefill_router.router.transform import transform_from_state
 from prefill_router.router.trunk import TrunkEnsemble
@@ -37,7 +40,8 @@ def save_router(router: Router, path: str | Path) -> Path:
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {**router.transform.state_arrays(), **router.predictor.state_arrays()}
+    arrays = {**router.transform.state_arrays(), **router.predictor.state_arrays(),
+              **(router.fallback.state_arrays() if router.fallback is not None else {})}
     tensors_path = folder / TENSORS_FILE
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tensors_path))
     meta = {
@@ -51,6 +55,7 @@ def save_router(router: Router, path: str | Path) -> Path:
         "cost_model": None if router.cost_model is None else router.cost_model.to_dict(),
         "policy": {"default": router.default_policy},
         "metrics": router.metrics,
+        **({"fallback": router.fallback.meta()} if router.fallback is not None else {}),
         "training": router.training,
         "tensors_sha256": file_sha256(tensors_path),
     }
@@ -102,12 +107,14 @@ def load_router(path: str | Path, encoder: PrefillEncoder | None = None, cls: ty
             from prefill_router.data.prices import CostModel
 
             cost_model = CostModel.from_dict(meta["cost_model"])
+        # Checkpoints written before the fallback scorer existed have none.
+        fallback = FallbackScorer.from_state(meta["fallback"], arrays) if meta.get("fallback") else None
         router = cls(targets=targets, transform=transform, predictor=predictor,
                      pooling=meta["features"]["pooling"], hidden_states=meta["features"]["hidden_states"],
                      encoder_identity=meta["encoder"]["identity"], encoder_spec=meta["encoder"].get("spec"),
                      cost_model=cost_model, policy=meta["policy"]["default"],
                      metrics=meta.get("metrics"), training=meta.get("training"),
-                     sources=meta["features"].get("sources"))
+                     sources=meta["features"].get("sources"), fallback=fallback)
     except CheckpointError as exc:
         raise CheckpointError(f"{folder}: {exc}") from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -66,7 +66,7 @@ def refit_router(router: Router, X: np.ndarray, Y: np.ndarray, *, mode: RefitMod
     return Router(targets=router.targets, transform=router.transform, predictor=predictor, pooling=router.pooling,
                   hidden_states=router.hidden_states, encoder_identity=router.encoder_identity,
                   encoder_spec=router.encoder_spec, cost_model=router.cost_model, policy=router.default_policy,
-                  metrics=dict(router.metrics), training=training, sources=router.sources)
+                  metrics=dict(router.metrics), training=training, sources=router.sources, fallback=router.fallback)
 
 
 def _train_further(net: SharedTrunkNet, t: dict, mode: RefitMode, lr: float, max_epochs: int, patience: int,

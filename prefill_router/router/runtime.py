@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from prefill_router.errors import CheckpointError, ConfigError, EncoderError
 from prefill_router.features.protocol import PrefillEncoder, require_encoder
 from prefill_router.features.surprise import SURPRISE
 from prefill_router.router.decision import RouteDecision
+from prefill_router.router.fallback import FallbackScorer
 from prefill_router.router.policy import UtilityPolicy, policy_from_spec
 from prefill_router.router.transform import FeatureTransform, SourceTransform
 from prefill_router.router.trunk import TrunkEnsemble
@@ -27,8 +28,13 @@ from prefill_router.router.trunk import TrunkEnsemble
 if TYPE_CHECKING:
     from prefill_router.data.prices import CostModel
     from prefill_router.data.prompt import Message, Prompt
+    from prefill_router.features.embedding_mean import EmbeddingMean
     from prefill_router.features.encoder import EncoderSpec
     from prefill_router.router.base import Policy
+
+# Which of a router's scorers a policy belongs to: the prefill router, or its fast fallback scorer.
+Scorer = Literal["prefill", "fallback"]
+SCORERS = ("prefill", "fallback")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,7 +121,7 @@ class Router:
                  encoder_identity: dict | None,
                  encoder_spec: dict | None = None, cost_model: CostModel | None = None, policy: str = "argmax",
                  metrics: dict | None = None, training: dict | None = None, encoder: PrefillEncoder | None = None,
-                 sources: Sequence[dict] | None = None):
+                 sources: Sequence[dict] | None = None, fallback: FallbackScorer | None = None):
         self._targets = list(targets)
         self.transform = transform
         self.predictor = predictor
@@ -138,6 +144,10 @@ class Router:
             raise ConfigError(f"predictor has {predictor.n_targets} outputs for {len(self._targets)} targets")
         if cost_model is not None and list(cost_model.targets) != self._targets:
             raise ConfigError(f"cost model targets {cost_model.targets} differ from router targets {self._targets}")
+        # The fast fallback scorer (router/fallback.py), or None for a checkpoint trained without one.
+        self.fallback = fallback
+        if fallback is not None and fallback.n_targets != len(self._targets):
+            raise ConfigError(f"the fallback scorer has {fallback.n_targets} outputs for {len(self._targets)} targets")
         self.resolve_policy()  # fail now on a bad default, not at the first request
         if encoder is not None:
             self.attach_encoder(encoder)
@@ -279,13 +289,59 @@ class Router:
         X, tokens, truncated, _ = self.encode(prompts)
         return self.predict_proba_features(X), self.estimate_costs(tokens), truncated
 
+    # -- the fast fallback scorer (router/fallback.py) -------------------------------------------------------
+    def predict_fallback(self, prompts: Sequence[Prompt]) -> tuple[np.ndarray, np.ndarray]:
+        """(P [N, K], input tokens [N]) from the fallback scorer: the token-embedding mean of the same routing
+        window the encoder reads, a table lookup and one matrix product. It runs no transformer layer and no
+        torch, and may be called from one thread while another runs the encoder. The encoder is loaded first
+        if it is not yet (its tokenizer and embedding table are what the fallback reads)."""
+        if self.fallback is None:
+            raise CheckpointError("this router has no fallback scorer (its checkpoint was trained without one; "
+                                  "train it again to add one)")
+        X, tokens = self._embedding_mean()(list(prompts))
+        return self.fallback.predict_proba(X), tokens.astype(np.float64)
+
+    def _embedding_mean(self) -> EmbeddingMean:
+        """The token-embedding mean of the encoder as routing reads it now (its window: the gateway gives the
+        encoder its serving window), made once per window. The embedding table is read once and shared."""
+        from prefill_router.features.embedding_mean import EmbeddingMean, input_embeddings
+
+        encoder = self._require_encoder()
+        spec = getattr(encoder, "spec", None)
+        key = (getattr(spec, "max_route_tokens", None), encoder.max_tokens)
+        made = self.__dict__.setdefault("_embedding_means", {})
+        if key not in made:
+            from prefill_router.features.encoder import Encoder
+
+            if not isinstance(encoder, Encoder):
+                raise EncoderError(f"the fallback scorer needs a local encoder's tokenizer and embedding table; "
+                                   f"{type(encoder).__name__} has neither")
+            if "table" not in made:
+                made["table"] = input_embeddings(encoder)
+            made[key] = EmbeddingMean.of(encoder, made["table"])
+        featurizer: EmbeddingMean = made[key]
+        return featurizer
+
     # -- policy --------------------------------------------------------------------------------------------
-    def resolve_policy(self, policy: Policy | str | None = None, lam: float | None = None) -> Policy:
-        """A Policy object from: None (the checkpoint default), a spec string ("argmax", "tolerance:0.05",
-        "utility:0.3", "fixed:0") or a Policy. `lam` asks for the utility policy with that cost weight (with
-        policy=None, or a utility, argmax or fixed policy)."""
+    def _default_policy_of(self, scorer: Scorer) -> str:
+        if scorer == "prefill":
+            return self.default_policy
+        if scorer == "fallback":
+            if self.fallback is None:
+                raise ConfigError("scorer 'fallback': this router has no fallback scorer")
+            return self.fallback.policy
+        raise ConfigError(f"scorer: {scorer!r} is not one of {', '.join(SCORERS)}")
+
+    def resolve_policy(self, policy: Policy | str | None = None, lam: float | None = None,
+                       scorer: Scorer = "prefill") -> Policy:
+        """A Policy object from: None (the default policy of `scorer`: the checkpoint's, or its fallback scorer's
+        with scorer="fallback"), a spec string ("argmax", "tolerance:0.05", "utility:0.3", "fixed:0") or a
+        Policy. `lam` asks for the utility policy with that cost weight (with policy=None, or a utility, argmax
+        or fixed policy)."""
         if policy is None:
-            policy = self.default_policy
+            policy = self._default_policy_of(scorer)
+        elif scorer not in SCORERS:
+            raise ConfigError(f"scorer: {scorer!r} is not one of {', '.join(SCORERS)}")
         if not isinstance(policy, str):
             if not callable(getattr(policy, "choose", None)):
                 raise ConfigError(f"policy must be a spec string or have choose(P, C), got {policy!r}")
@@ -297,17 +353,20 @@ class Router:
             return UtilityPolicy(float(lam))
         return policy_from_spec(policy)
 
-    def describe_policy(self, policy: Policy | str | None = None, lam: float | None = None) -> str:
+    def describe_policy(self, policy: Policy | str | None = None, lam: float | None = None,
+                        scorer: Scorer = "prefill") -> str:
         """The policy spec, with the target a "fixed:<k>" policy names: "fixed:0 (always gpt-4o)"."""
-        chosen = self.resolve_policy(policy, lam)
+        chosen = self.resolve_policy(policy, lam, scorer)
         spec = getattr(chosen, "spec", None)  # the built-in policies have one; a user's Policy need not
         text = str(spec()) if callable(spec) else str(chosen)
         k = getattr(chosen, "k", None)
         return f"{text} (always {self._targets[k]})" if k is not None and k < len(self._targets) else text
 
     def choose(self, P: np.ndarray, C: np.ndarray, *, policy: Policy | str | None = None,
-               lam: float | None = None) -> np.ndarray:
-        return np.asarray(self.resolve_policy(policy, lam).choose(P, C), dtype=np.int64)
+               lam: float | None = None, scorer: Scorer = "prefill") -> np.ndarray:
+        """Target indices [N] for P [N, K] and costs C [N, K]; with policy and lam None, the default policy of
+        `scorer` (pass scorer="fallback" for P from `predict_fallback`)."""
+        return np.asarray(self.resolve_policy(policy, lam, scorer).choose(P, C), dtype=np.int64)
 
     # -- routing ---------------------------------------------------------------------------------------------
     def route_batch(self, prompts: Sequence[Prompt], *, policy: Policy | str | None = None,

@@ -7,6 +7,10 @@ utility at the largest lambda whose smoothed accuracy on out-of-fold predictions
 within `max_accuracy_drop` (one point by default) of the best single target's, or always that target
 ("fixed:<k>") when routing loses more even at lambda 0.
 Without prices there is nothing to trade, and the default is argmax.
+
+The same call fits the fast fallback scorer (router/fallback.py) on the same rows, with its own default policy
+chosen the same way, when the token-embedding mean of the rows is at hand: given as `fallback_features`, or read
+from the features when they hold mean pooling at hidden state 0 (which is the same thing).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from prefill_router.errors import ConfigError, parse_config
 from prefill_router.features.protocol import PrefillEncoder
 from prefill_router.features.store import FeatureSet
 from prefill_router.router.base import out_of_fold_proba
+from prefill_router.router.fallback import fit_fallback
 from prefill_router.router.layers import choose_states
 from prefill_router.router.policy import DEFAULT_MAX_ACCURACY_DROP, choose_default_policy, policy_from_spec
 from prefill_router.router.runtime import Router, encoder_identity, encoder_spec_dict, spec_from_identity
@@ -55,6 +60,8 @@ class RouterTrainConfig(BaseModel):
     calibration_seeds: int = Field(default=3, ge=1)   # ensemble size in --layers auto's folds (cheaper)
     # accuracy "auto" may give up against the best single target (a fraction)
     max_accuracy_drop: float = Field(default=DEFAULT_MAX_ACCURACY_DROP, ge=0, lt=1)
+    # Fit the fast fallback scorer too (router/fallback.py), when the token-embedding mean of the rows is at hand.
+    fallback: bool = True
     seed: int = 0
 
     @classmethod
@@ -114,11 +121,28 @@ def _features_array(features, pooling: str, layers, hidden_states) -> tuple[np.n
     return select_hidden_states(X, available, wanted), wanted, None
 
 
+def state0_mean(features, hidden_states: Sequence[int] | None = None) -> np.ndarray | None:
+    """The token-embedding mean [N, H] of every row (mean pooling at hidden state 0) when `features` (as
+    `train_router` takes them) hold it, else None."""
+    if isinstance(features, FeatureSet):
+        held = features.hidden_states.get("mean", [])
+        return np.asarray(features.get("mean", [0]))[:, 0] if 0 in held else None
+    if isinstance(features, dict):
+        features = features.get("mean")
+        if features is None:
+            return None
+    X = np.asarray(features)
+    if X.ndim != 3:
+        return None
+    held = list(range(X.shape[1])) if hidden_states is None else list(hidden_states)
+    return X[:, held.index(0)] if 0 in held else None
+
+
 def train_router(dataset, features, train_rows=None, config: RouterTrainConfig | dict | None = None, *,
                  encoder: PrefillEncoder | EncoderSpec | dict | None = None,
                  hidden_states: Sequence[int] | None = None, cost_model=None, progress: bool = False,
                  encoder_spec: dict | None = None, notes: dict | None = None,
-                 sources: Sequence[ExtraSource] = ()) -> Router:
+                 sources: Sequence[ExtraSource] = (), fallback_features: np.ndarray | None = None) -> Router:
     """Fit transform, SharedTrunkNet ensemble, cost model and default policy on `train_rows` of `dataset`.
 
     dataset: a RoutingDataset (its Y, targets and, when it carries prices, its cost model).
@@ -132,6 +156,8 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         identity.
     notes: extra entries for the checkpoint's `training` record (e.g. the feature store the rows came from).
     sources: feature sources read beside the main states (ExtraSource); each gets its own scaler and PCA.
+    fallback_features: the token-embedding mean [N, H] of every dataset row, for the fallback scorer; by default
+        the features' mean pooling at hidden state 0 when they hold it (with config.fallback False: none).
 
     The checkpoint's `training.config` is `config` with `layers` set to the hidden states the router reads
     ("all" and "auto" resolved; the auto choice itself is in `metrics.layer_choice`).
@@ -151,6 +177,10 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
             raise ConfigError(f"{unfinished} training row(s) have no features yet in the feature store "
                               "(their done flag is False); extract them first or leave them out of train_rows")
     X, Y = X_all[rows], dataset.Y[rows]
+    if fallback_features is None and config.fallback and config.pooling == "mean":
+        fallback_features = state0_mean(features, hidden_states)
+    if fallback_features is not None and len(fallback_features) != dataset.n:
+        raise ConfigError(f"fallback_features have {len(fallback_features)} rows but the dataset has {dataset.n}")
     trunk_cfg = config.trunk.model_copy(update={"progress": progress or config.trunk.progress})
     layer_choice = None
     if config.layers == "auto":
@@ -189,6 +219,13 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model)
     else:
         policy_from_spec(policy)  # fail now on a bad spec
+    fallback = None
+    if config.fallback and fallback_features is not None:
+        C = dataset.C[rows]
+        fallback = fit_fallback(np.asarray(fallback_features)[rows], Y, C, policy=config.policy,
+                                priced=cost_model is not None and bool((np.isfinite(C) & (C > 0)).any()),
+                                folds=config.calibration_folds, max_accuracy_drop=config.max_accuracy_drop,
+                                seed=config.seed)
 
     identity = encoder_identity(encoder) if encoder is not None else feature_identity
     spec = encoder_spec or (encoder_spec_dict(encoder) if encoder is not None else None)
@@ -201,7 +238,7 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
                   hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
                   policy=policy, metrics=metrics, training=training,
                   encoder=encoder if isinstance(encoder, PrefillEncoder) else None,
-                  sources=[main, *(s.record() for s in sources)] if sources else None)
+                  sources=[main, *(s.record() for s in sources)] if sources else None, fallback=fallback)
 
 
 def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,
