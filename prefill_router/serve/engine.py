@@ -494,8 +494,7 @@ class RouterScorer:
         self.router.resolve_policy(policy, lam)
 
     def policy_spec(self, policy: str | None, lam: float | None, scorer: str = "prefill") -> str:
-        extra = {"scorer": "fallback"} if scorer == "fallback" else {}
-        return str(self.router.describe_policy(policy, lam, **extra))
+        return str(self.router.describe_policy(policy, lam, scorer=_kind(scorer)))
 
     def score_batch(self, prompts: list[list[Message]]) -> list[Scores]:
         self._apply_window()  # no-op after warm_up; here for a router whose encoder was attached later
@@ -522,5 +521,9 @@ class RouterScorer:
                 for i in range(len(prompts))]
 
     def choose(self, scores: Scores, policy: str | None, lam: float | None) -> int:
-        extra = {"scorer": "fallback"} if scores.scorer == "fallback" else {}
-        return int(self.router.choose(scores.P[None, :], scores.C[None, :], policy=policy, lam=lam, **extra)[0])
+        return int(self.router.choose(scores.P[None, :], scores.C[None, :], policy=policy, lam=lam,
+                                      scorer=_kind(scores.scorer))[0])
+
+
+def _kind(scorer: str) -> Literal["prefill", "fallback"]:
+    return "fallback" if scorer == "fallback" else "prefill"
