@@ -37,14 +37,16 @@ class SpendLedger:
         usd_in, usd_out = self._prices[target]
         return (prompt_tokens * usd_in + completion_tokens * usd_out) / 1e6
 
-    def record(self, target: str, usage: dict | None, *, routed: bool, best: str,
-               alias: str | None = None) -> tuple[float | None, dict[str, float]]:
+    def record(self, target: str, usage: dict | None, *, routed: bool, best: str, alias: str | None = None,
+               decided_by: str | None = None) -> tuple[float | None, dict[str, float]]:
         """Count one answered request: (its USD or None without usage, the counter increments made)."""
         m = self.metrics
         tokens = _tokens(usage)
         routed_label = str(routed).lower()
         m.answered.labels(target=target, routed=routed_label).inc()
         deltas: dict[str, float] = {f"t:{target}:requests": 1}
+        if decided_by is not None:  # which scorer decided it (prefill, fallback, default, pinned)
+            deltas[f"decided:{decided_by}"] = 1
         usd = None
         if alias is not None:
             deltas[f"k:{alias}:requests"] = 1
@@ -103,6 +105,7 @@ class SpendLedger:
             "routed": {**routed, "savings_usd": saved,
                        "savings_share": saved / routed["always_best_usd"] if routed["always_best_usd"] else 0.0},
             "keys": by_key,
+            "decided_by": {k.split(":", 1)[1]: int(v) for k, v in sorted(counts.items()) if k.startswith("decided:")},
         }
 
 

@@ -157,7 +157,7 @@ class Gateway:
     def account(self, entry: dict, usage: dict | None) -> list[Command]:
         """Count the reply's spend (and the key's budget); the Redis commands that share it and the decision."""
         usd, deltas = self.spend.record(entry["answered_by"], usage, routed=entry["routed"], best=self.best_target,
-                                        alias=entry["key"])
+                                        alias=entry["key"], decided_by=entry["decided_by"])
         entry["usd"] = usd
         commands = self.limits.charge(entry["key"], usd or 0.0)
         s = self.shared
