@@ -1,5 +1,16 @@
 """Gateway load test on loopback: micro-batching on vs off, at several concurrencies, in one run.
 
+    .venv/bin/python bench/serve.py --load                # routing under traffic: savings that hold (issue 22)
+
+The `--load` case: `--load-prompts` (2,000) different MMLU-Pro prompts, held out from the router's training
+rows, at concurrency 1, 8, 32 and 64, through the gateway with its defaults to a fake upstream priced at the
+shipped prices. Per level: req/s (and per core), routing p50/p99 (x-router-latency-ms), the share decided by the
+prefill router / the fast fallback scorer / the default target (x-router-decided-by), and the accuracy and
+dollars of the targets chosen, counted from the targets' known outcomes and costs on those prompts, against
+always calling the best single target (by training accuracy). The same run repeats each level with the gateway
+as it was before (a checkpoint without a fallback scorer, batches of up to 16: a missed deadline goes to the
+default target) as the baseline rows.
+
     .venv/bin/python bench/serve.py                       # SmolLM2-135M encoder, MMLU-Pro prompts
     .venv/bin/python bench/serve.py --requests 16 64 128  # requests per concurrency level (1, 8, 32)
 
@@ -62,7 +73,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_router(out: Path, encoder_name: str, train_rows: int, total_rows: int, data_root: str):
+def train_router(out: Path, encoder_name: str, train_rows: int, total_rows: int, data_root: str,
+                 policy: str | None = "argmax"):
     """A router on the first `train_rows` MMLU-Pro questions; returns the prompts of the rows after them.
 
     It trains on the shared reference features (SmolLM2 mean pooling, 6 hidden states), so no prompt is
@@ -83,8 +95,10 @@ def train_router(out: Path, encoder_name: str, train_rows: int, total_rows: int,
         q.astype(np.float32) + 128)
     encoder = load_encoder(encoder_name)
     train = data.subset(np.arange(train_rows))
-    router = fit(train, X, config={"pca": 64, "policy": "argmax", "calibration_folds": 0,
-                                   "trunk": {"seeds": 2, "keep": 1, "max_epochs": 30}},
+    # policy None: the default the gateway ships (chosen on the training rows), with its calibration folds
+    config = {"pca": 64, "trunk": {"seeds": 2, "keep": 1, "max_epochs": 30}, **(
+        {"policy": policy, "calibration_folds": 0} if policy else {})}
+    router = fit(train, X, config=config,
                  encoder=encoder, hidden_states=layout["hidden_states"]["mean"], cost_model=CostModel.fit(train))
     router.save(out)
     return [[{"role": "user", "content": p}] for p in data.prompts[train_rows:]]
@@ -207,6 +221,135 @@ def run_mode(mode: str, checkpoint: Path, upstream_url: str, prompts: list, leve
                 f"{row['mean_batch']:.1f}")
             rows.append(row)
     return rows
+
+
+# --- routing under traffic (--load) -----------------------------------------------------------------------
+async def load_decisions(url: str, prompts: list, concurrency: int) -> tuple[float, list[dict]]:
+    """Send prompt i once each, `concurrency` at a time; (wall seconds, per request: index, target, scorer, ms)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(len(prompts)):
+        queue.put_nowait(i)
+    seen: list[dict] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            r = await client.post("/v1/chat/completions", json={"model": "router", "messages": prompts[i],
+                                                                 "max_tokens": 8})
+            seen.append({"i": i, "status": r.status_code, "target": r.headers.get("x-router-target"),
+                         "by": r.headers.get("x-router-decided-by", "?"),
+                         "ms": float(r.headers.get("x-router-latency-ms", "nan"))})
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return time.perf_counter() - start, seen
+
+
+def main_load(args) -> None:
+    from prefill_router.data import load_mmlu_pro
+    from prefill_router.data.builtin import SHIPPED_DATA
+    from prefill_router.router import Router
+
+    n, cores = args.load_prompts, os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench-serve-load-") as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        prompts = train_router(folder / "router", args.encoder, args.train_rows, args.train_rows + n, args.data,
+                               policy=None)[:n]
+        data = load_mmlu_pro(SHIPPED_DATA, targets=TARGETS, limit=args.train_rows + n)
+        router = Router.load(folder / "router")
+        log(f"router trained in {time.perf_counter() - start:.0f}s: default policy {router.default_policy}, "
+            f"fallback {router.fallback.policy if router.fallback else None}")
+        old = Router.load(folder / "router")
+        old.fallback = None  # the gateway as it was: no fallback scorer, so a missed deadline goes to the default
+        old.save(folder / "router-without-fallback")
+        train_acc = np.nanmean(data.Y[:args.train_rows], axis=0)
+        best = int(np.argmax(train_acc))
+        Y, C = data.Y[args.train_rows:args.train_rows + n], data.C[args.train_rows:args.train_rows + n]
+        prices = {t: p for t, p in zip(TARGETS, (price_of(t) for t in TARGETS))}
+        upstream, match = start_process([sys.executable, "-m", "prefill_router", "fake-upstream", "--port", "0",
+                                         "--delay", str(args.upstream_delay_ms / 1000), "--content",
+                                         "The answer is (B)."], r"listening on (http://\S+)")
+        rows = []
+        try:
+            for mode, checkpoint, batching in (("learned fallback (defaults)", "router", {}),
+                                               ("baseline: deadline -> default", "router-without-fallback",
+                                                {"max_batch_size": 16})):
+                config = {"router": {"checkpoint": str(folder / checkpoint), "prefix_cache_mb": 0},
+                          "targets": [{"name": t, "base_url": match.group(1), "timeout_s": 60,
+                                       "usd_per_m_input": prices[t][0], "usd_per_m_output": prices[t][1]}
+                                      for t in TARGETS],
+                          "batching": batching, "cache_size": 0, "max_body_bytes": 10_000_000,
+                          "listen": {"max_connections": 4096}}
+                log(f"gateway: {mode}")
+                with running_gateway(config, folder / f"gateway-{len(rows)}.yaml", args.threads) as url:
+                    asyncio.run(load_decisions(url, prompts[:4], 4))  # warm-up through the whole path
+                    for concurrency in args.load_concurrency:
+                        wall, seen = asyncio.run(load_decisions(url, prompts, concurrency))
+                        rows.append(load_row(mode, concurrency, wall, seen, Y, C, best, cores))
+                        log("  " + json.dumps(rows[-1]))
+        finally:
+            upstream.terminate()
+            upstream.wait(timeout=30)
+    print(f"\nRouting under traffic: {n} held-out MMLU-Pro prompts per level, targets {', '.join(TARGETS)}; "
+          f"best single target (training accuracy): {TARGETS[best]} "
+          f"({100 * np.nanmean(Y[:, best]):.2f} % on these prompts, ${np.nansum(C[:, best]):.4f}); "
+          f"{cpu_model()}, {cores} cores, load average at the end {os.getloadavg()[0]:.1f}; fake upstream delay "
+          f"{args.upstream_delay_ms:g} ms. Accuracy and dollars from the targets' known outcomes and costs.")
+    print("| gateway | concurrency | req/s | req/s per core | routing p50 / p99 (ms) | prefill / fallback / default "
+          "| accuracy | $ saved vs best single | errors |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['concurrency']} | {r['rps']:.1f} | {r['rps_per_core']:.1f} | "
+              f"{r['routing_p50_ms']:.0f} / {r['routing_p99_ms']:.0f} | {r['share_prefill']:.0%} / "
+              f"{r['share_fallback']:.0%} / {r['share_default']:.0%} | {r['accuracy']:.2%} | "
+              f"${r['saved_usd']:.4f} ({r['saved_share']:.1%}) | {r['errors']} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def load_row(mode: str, concurrency: int, wall: float, seen: list[dict], Y: np.ndarray, C: np.ndarray, best: int,
+             cores: int) -> dict:
+    ok = [s for s in seen if s["status"] == 200]
+    picks = np.array([TARGETS.index(s["target"]) for s in ok])
+    rows = np.array([s["i"] for s in ok])
+    spent, always_best = float(np.nansum(C[rows, picks])), float(np.nansum(C[rows, best]))
+    by = [s["by"] for s in ok]
+    ms = [s["ms"] for s in ok]
+    return {"mode": mode, "concurrency": concurrency, "requests": len(seen), "errors": len(seen) - len(ok),
+            "rps": len(ok) / wall, "rps_per_core": len(ok) / wall / cores,
+            "routing_p50_ms": float(np.percentile(ms, 50)), "routing_p99_ms": float(np.percentile(ms, 99)),
+            **{f"share_{k}": by.count(k) / len(by) for k in ("prefill", "fallback", "default")},
+            "accuracy": float(np.nanmean(Y[rows, picks])), "best_accuracy": float(np.nanmean(Y[rows, best])),
+            "usd": spent, "always_best_usd": always_best, "saved_usd": always_best - spent,
+            "saved_share": (always_best - spent) / always_best}
+
+
+def price_of(target: str) -> tuple[float, float]:
+    import csv
+
+    from prefill_router.data.builtin import SHIPPED_DATA
+
+    with open(SHIPPED_DATA / "mmlu-pro" / "models.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["model"] == target:
+                return float(row["usd_per_m_input"]), float(row["usd_per_m_output"])
+    raise SystemExit(f"no shipped price for {target}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU unknown"
 
 
 LONG_TEXT = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 3000  # 171 KB, as in issue 12
@@ -341,6 +484,9 @@ def main() -> None:
                         help="torch CPU threads in the gateway (OMP_NUM_THREADS); default: torch's choice")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--flood", action="store_true", help="run the long-prompt flood case instead")
+    parser.add_argument("--load", action="store_true", help="run the routing-under-traffic case instead")
+    parser.add_argument("--load-prompts", type=int, default=2000, help="held-out prompts per concurrency level")
+    parser.add_argument("--load-concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--flood-shorts", type=int, default=40, help="short requests timed, quiet and flooded")
     parser.add_argument("--flood-workers", type=int, default=2, help="clients sending long prompts")
     parser.add_argument("--flood-baseline", action="store_true",
@@ -349,6 +495,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.flood:
         main_flood(args)
+        return
+    if args.load:
+        main_load(args)
         return
     if len(args.requests) != len(args.concurrency):
         parser.error("--requests needs one number per --concurrency level")
