@@ -389,7 +389,7 @@ class Client:
 
         if isinstance(router, Router):  # (tests may hand in any object with route())
             scorer = RouterScorer(router, config.router.max_route_tokens, config.router.prefix_cache_mb,
-                                  config.router.quantize)
+                                  config.router.dtype)
             scorer.warm_up()
             router = scorer.router
         self.router: RoutesPrompts = router

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+import torch
 from gateway_helpers import PRICES, TARGETS, gateway_config, question, train_tiny_router
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -131,25 +132,27 @@ def test_per_turn_routing_reuses_the_system_prompt_prefix_and_decides_as_without
             assert reused["probabilities"][t] == pytest.approx(plain["probabilities"][t], abs=1e-4)
 
 
-def test_int8_serving_quantizes_a_copy_of_the_encoder_and_stays_close_to_float32(router, upstreams):
-    """router.quantize int8 (the config default): the gateway routes with an int8 copy of the encoder, the
-    router handed in keeps its float32 one, P stay close to float32's, and /health says how routing runs."""
+def test_serving_formats_load_a_copy_of_the_encoder_and_stay_close_to_float32(router, upstreams):
+    """router.dtype int8 or bf16: the gateway routes with a copy of the encoder in that format, the router handed
+    in keeps its float32 one, P stay close to float32's, and /health says how routing runs and why."""
     fp32 = RouterScorer(router, max_route_tokens=WINDOW)
-    int8 = RouterScorer(router, max_route_tokens=WINDOW, quantize="int8")
-    for scorer in (fp32, int8):
+    served = {fmt: RouterScorer(router, max_route_tokens=WINDOW, dtype=fmt) for fmt in ("int8", "bf16")}
+    for scorer in (fp32, *served.values()):
         scorer.warm_up()
-    assert parse_gateway_config(gateway_config(upstreams)).router.quantize == "int8"
-    kinds = {type(m).__module__ for m in int8.router.encoder.model.modules()}
+    kinds = {type(m).__module__ for m in served["int8"].router.encoder.model.modules()}
     assert any("quantized" in k for k in kinds)
+    assert served["bf16"].router.encoder.model.dtype == torch.bfloat16
     assert not any("quantized" in type(m).__module__ for m in router.encoder.model.modules())
+    assert router.encoder.number_format == "fp32"
     prompts = [question(i) for i in range(6)]
-    with gateway(fp32, upstreams) as a, gateway(int8, upstreams) as b:
-        for m in prompts:
-            p32, p8 = (c.post("/v1/route", json={"messages": m}).json()["probabilities"] for c in (a, b))
-            assert p8 != p32 and all(abs(p8[t] - p32[t]) < 0.05 for t in TARGETS)
-        runtime = b.get("/health").json()["runtime"]
-        assert runtime["quantize"] == "int8" and runtime["trained_quantize"] is None
-        assert a.get("/health").json()["runtime"]["quantize"] is None
+    for fmt, scorer in served.items():
+        with gateway(fp32, upstreams) as a, gateway(scorer, upstreams) as b:
+            for m in prompts:
+                p32, p = (c.post("/v1/route", json={"messages": m}).json()["probabilities"] for c in (a, b))
+                assert p != p32 and all(abs(p[t] - p32[t]) < 0.05 for t in TARGETS)
+            runtime = b.get("/health").json()["runtime"]
+            assert runtime["dtype"] == runtime["dtype_requested"] == fmt and runtime["trained_quantize"] is None
+            assert a.get("/health").json()["runtime"]["dtype"] == "fp32"
 
 
 def test_first_turn_is_the_same_on_every_replica(router, upstreams):

@@ -51,8 +51,10 @@ def register(subparsers) -> None:
     p.add_argument("--layers", help="'all' or comma-separated hidden-state indices, 0 = embeddings "
                                     "(default: all, or the store's)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype (default float16)")
-    p.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="auto: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--compute-dtype", choices=("auto", "fp32", "bf16", "fp16", "int8", "float32", "bfloat16",
+                                               "float16"), default=None,
+                   help="number format of the encoder (default: float32 on CPU, bfloat16 on GPU, the reference "
+                        "features are extracted in; auto: the fastest the hardware has, features/formats.py)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--batch-tokens", type=int, help="token budget per batch (default: 4096 on CPU, 32768 on GPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

@@ -135,13 +135,17 @@ class Encoder:
     """A loaded encoder. Use `encode(prompts)`; see the module docstring for poolings and truncation."""
 
     def __init__(self, spec: EncoderSpec, tokenizer: PreTrainedTokenizerBase | None, model: PreTrainedModel,
-                 resolved: Resolved | None):
+                 resolved: Resolved | None, number_format: tuple[str, str] | None = None):
         self.spec, self.tokenizer, self.model, self._resolved = spec, tokenizer, model, resolved
         config = model.config
         self.num_hidden_states = int(config.num_hidden_layers) + 1
         self.hidden_size = int(config.hidden_size)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # The number format it runs in (features/formats.py) and why: load_encoder says; a model handed in is
+        # read by its weights' dtype.
+        self.number_format, self.format_reason = number_format or (
+            {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32"), "the model's weights")
         self.context_length = self._context_length()
         if spec.max_tokens is not None and spec.max_tokens > self.context_length:
             raise ConfigError(f"max_tokens: {spec.max_tokens} exceeds the context length of {spec.model!r} "
@@ -175,7 +179,7 @@ class Encoder:
         """This encoder reading only the routing window of `max_route_tokens` tokens: the same model and
         tokenizer (nothing is loaded again), with the window in its spec."""
         spec = self.spec.model_copy(update={"max_route_tokens": max_route_tokens})
-        return Encoder(spec, self.tokenizer, self.model, self._resolved)
+        return Encoder(spec, self.tokenizer, self.model, self._resolved, (self.number_format, self.format_reason))
 
     def _prefix_cache_for(self, poolings: Sequence[str]) -> PrefixCache | None:
         # Surprise needs the logits of every prompt position, which a cached prefix does not keep.
@@ -218,7 +222,7 @@ class Encoder:
 
     def __repr__(self) -> str:
         return (f"Encoder({self.spec.model!r}, hidden_states={self.num_hidden_states}, hidden={self.hidden_size}, "
-                f"template={self.spec.template!r}, device={self.device}, dtype={self.dtype})")
+                f"template={self.spec.template!r}, device={self.device}, format={self.number_format})")
 
     # -- prompts to token ids -------------------------------------------------------------------------------
 

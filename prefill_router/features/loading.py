@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prefill_router.data.tokens import cache_dir
 from prefill_router.errors import ConfigError, EncoderError
+from prefill_router.features.formats import FORMAT_ALIASES, NumberFormat, resolve_format
 from prefill_router.features.template import BASE_TEMPLATE_RULE, TemplateName
 from prefill_router.features.window import WINDOW_RULE
 from prefill_router.utils import atomic_write_json, file_sha256
@@ -76,14 +77,19 @@ class EncoderSpec(BaseModel):
     max_route_tokens: read only the routing window (features/window.py: the first system message and the last
         user message, cut to this many tokens by the truncation rule); None reads the whole conversation.
     quantize: `int8` runs every Linear layer with torch's dynamic int8 quantization (weights int8, activations
-        quantized per call; CPU only). It changes the features slightly, so it is part of the identity.
-    dtype: compute dtype; `auto` is float32 on CPU and bfloat16 on GPU.
+        quantized per call; CPU only) and records it in the identity: features extracted this way train a
+        router that serves int8. (To serve an fp32-trained router in int8, use dtype instead.)
+    dtype: the number format (features/formats.py): `fp32`, `bf16`, `fp16`, or `int8` (the same dynamic int8
+        Linear layers, left out of the identity); `auto` follows the hardware (bf16 on a GPU; on a CPU bf16 with
+        AMX or avx512_bf16, else int8 with VNNI, else fp32). Unset: the reference format features are
+        extracted in, fp32 on a CPU and bf16 on a GPU. `float32`, `bfloat16` and `float16` are read as fp32,
+        bf16 and fp16.
     device: `auto` (CUDA when available, else CPU), or any torch device string.
     padding_side: where batches are padded; results do not depend on it.
 
     Only model, gguf_file, revision, template, max_tokens, max_route_tokens and quantize shape the features,
-    so only they (plus the file hashes) enter `identity()`. dtype, device and padding change the numbers by float
-    rounding only.
+    so only they (plus the file hashes) enter `identity()`. dtype, device and padding change the numbers by
+    rounding only, so a router trained on fp32 features loads and serves an encoder in bf16 or int8.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -95,7 +101,7 @@ class EncoderSpec(BaseModel):
     max_tokens: int | None = Field(default=None, gt=0)
     max_route_tokens: int | None = Field(default=None, gt=0)
     quantize: Literal["int8"] | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] | None = None
     device: str = "auto"
     padding_side: Literal["right", "left"] = "right"
 
@@ -105,6 +111,18 @@ class EncoderSpec(BaseModel):
         if not value or not value.strip():
             raise ValueError("model must name an encoder (alias, hub id or folder)")
         return value.strip()
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_int8(self) -> EncoderSpec:
+        if self.quantize is not None and self.dtype not in (None, "auto", "fp32", "int8"):
+            raise ValueError(f"quantize: int8 runs float32 weights in int8 Linear layers; dtype {self.dtype} "
+                             "contradicts it")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -344,11 +362,9 @@ def _pick_device(requested: str) -> torch.device:
     return device
 
 
-def _pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    dtype: torch.dtype = getattr(torch, requested)
-    return dtype
+# The dtype a format loads the weights in: int8 quantizes float32 weights after loading.
+TORCH_DTYPES: dict[NumberFormat, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                 "fp16": torch.float16, "int8": torch.float32}
 
 
 def load_encoder(spec: EncoderSpec | str | Path | dict | None = None, **overrides: Any) -> Encoder:
@@ -360,7 +376,11 @@ def load_encoder(spec: EncoderSpec | str | Path | dict | None = None, **override
     resolved = resolve(spec)
     folder = converted_gguf_folder(resolved) if resolved.gguf_file is not None else resolved.folder
     device = _pick_device(spec.device)
-    dtype = _pick_dtype(spec.dtype, device)
+    number_format: NumberFormat = "int8"
+    why = "quantize: int8"
+    if not spec.quantize:
+        number_format, why = resolve_format(spec.dtype, device.type)
+    dtype = TORCH_DTYPES[number_format]
     from transformers import AutoModel, AutoTokenizer
 
     with _quiet_transformers():
@@ -376,11 +396,11 @@ def load_encoder(spec: EncoderSpec | str | Path | dict | None = None, **override
         except Exception as exc:
             raise EncoderError(f"could not load encoder {spec.model!r} from {folder}: {exc}") from exc
     model.to(device).eval()
-    if spec.quantize == "int8":
+    if number_format == "int8":
         model = _quantize_int8(model, device)
     from prefill_router.features.encoder import Encoder  # the running side imports this module
 
-    return Encoder(spec, tokenizer, model, resolved)
+    return Encoder(spec, tokenizer, model, resolved, number_format=(number_format, why))
 
 
 QUANTIZE_RULES = {"int8": "torch dynamic int8, nn.Linear except the MLP output projection "

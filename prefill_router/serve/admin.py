@@ -72,7 +72,7 @@ def load_scorer(config: GatewayConfig, checkpoint: Path, running: RouterScorer,
                 f"gateway runs {_identity_text(running.router.encoder_identity)}; send reload_encoder: true to "
                 "load that encoder too")
         new.encoder = running.router.encoder  # the same identity: share the loaded model
-    scorer = RouterScorer(new, config.router.max_route_tokens, config.router.prefix_cache_mb, config.router.quantize)
+    scorer = RouterScorer(new, config.router.max_route_tokens, config.router.prefix_cache_mb, config.router.dtype)
     scorer.warm_up()  # also proves the checkpoint reads this encoder's hidden states before it serves
     return scorer
 

@@ -76,7 +76,7 @@ def build_gateway(config: GatewayConfig, router: Router | None = None) -> FastAP
     """Load the router (unless given), load its encoder and warm it up, and build the app."""
     set_cpu_threads(config.router.threads)
     scorer = RouterScorer(router if router is not None else load_router(config), config.router.max_route_tokens,
-                          config.router.prefix_cache_mb, config.router.quantize)
+                          config.router.prefix_cache_mb, config.router.dtype)
     scorer.warm_up()
     if config.batching.max_batch_size is None:  # measure whether batches pay on this machine (a second or two)
         capacity = measure_capacity(scorer, seconds=1.0)

@@ -9,7 +9,8 @@
       default_target: null               # null: the strongest target (see sessions.strength)
       threads: null                      # torch CPU threads for the encoder; null: every core it may use
       prefix_cache_mb: 256                # reuse of prompt prefixes seen before (turns, system prompts); 0: off
-      quantize: int8                     # CPU: the encoder in dynamic int8 (about 2x faster); null: as trained
+      dtype: auto                        # encoder number format on a CPU: auto (bf16 with AMX/avx512_bf16, else
+                                         # int8 with VNNI, else fp32), fp32, bf16 or int8; `quantize` is its old name
     sessions: {mode: first_turn, ttl_s: 3600, max_sessions: 100000, escalate_only: false, strength: null}
     presets:                             # `model: "router:<name>"` picks one of these per request
       best: {lam: 0}                     # policy omitted: the default policy's kind, with this lambda
@@ -90,9 +91,29 @@ class RouterSection(BaseModel):
     # Prefix reuse (features/prefix_cache.py): MB of cached prompt prefixes (keys, values and running sums);
     # a turn or request that starts like an earlier one computes only its new tokens. 0 turns it off.
     prefix_cache_mb: float = Field(default=256.0, ge=0)
-    # int8: serve a float32-trained router with the encoder's Linear layers in dynamic int8 (CPU only; mean AUC
-    # 0.693 vs 0.695 on MMLU-Pro, bench/route_latency.py). null: the checkpoint's own encoder as trained.
-    quantize: Literal["int8"] | None = "int8"
+    # The encoder's number format on a CPU (features/formats.py): auto follows the CPU (bf16 where it has AMX or
+    # avx512_bf16, else int8 where it has VNNI, else fp32); fp32 serves as trained. The format is not part of the
+    # encoder identity, so a float32-trained checkpoint serves in any of them (AUC against fp32: bench/formats.py).
+    dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantize_is_the_old_dtype(cls, data: object) -> object:
+        """`quantize: int8` (deprecated) is dtype int8; `quantize: null` is dtype fp32 (the encoder as trained)."""
+        if not isinstance(data, dict) or "quantize" not in data:
+            return data
+        data = dict(data)
+        quantize = data.pop("quantize")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize: {quantize!r} is not int8 or null (quantize is deprecated: use dtype)")
+        dtype = "int8" if quantize == "int8" else "fp32"
+        if data.get("dtype", dtype) != dtype:
+            raise ValueError(f"quantize: {quantize} contradicts dtype: {data['dtype']} (quantize is the deprecated "
+                             "name of dtype: give dtype only)")
+        import logging  # here, so the deprecated name's whole handling sits in this one validator
+
+        logging.getLogger(__name__).warning("router.quantize is deprecated: use router.dtype: %s", dtype)
+        return {**data, "dtype": dtype}
 
 
 class Sessions(BaseModel):

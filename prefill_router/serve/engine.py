@@ -402,10 +402,12 @@ class RouterScorer:
     (a different number is refused). A checkpoint trained on whole prompts is served with this window (default
     DEFAULT_MAX_ROUTE_TOKENS) so that a long prompt costs bounded time; `window_source` says which applies.
     prefix_cache_mb: prefix reuse in the encoder (features/prefix_cache.py); 0 turns it off.
+    dtype: the encoder's number format on a CPU (`router.dtype`: auto, fp32, bf16 or int8; features/formats.py);
+    None serves the encoder as it is. `quantize="int8"` is the deprecated name of dtype="int8".
     """
 
     def __init__(self, router: Router, max_route_tokens: int | None = None, prefix_cache_mb: float = 0,
-                 quantize: str | None = None):
+                 dtype: str | None = None, *, quantize: str | None = None):
         from prefill_router.errors import ConfigError
 
         # A shallow copy: the serving window's encoder (see _apply_window) is set on this copy only.
@@ -418,7 +420,8 @@ class RouterScorer:
         self.max_route_tokens = trained or max_route_tokens or DEFAULT_MAX_ROUTE_TOKENS
         self.window_source = "checkpoint" if trained else "serving"
         self.prefix_cache_mb = prefix_cache_mb
-        self.quantize = quantize
+        self.dtype = dtype or quantize
+        self.dtype_reason: str | None = None  # why the encoder serves in its format, once _apply_dtype decided
         # Set from a capacity measurement (serve/capacity.py) when the gateway measures one at start.
         self.preferred_batch_size = 1
         self.seconds_per_char: float | None = None
@@ -428,41 +431,46 @@ class RouterScorer:
         """Load the encoder now (the router loads it lazily) and run one forward, so the first request is fast."""
         self.router.predict_batch([[{"role": "user", "content": "warm up"}]])
         self._apply_window()
-        self._apply_quantize()
+        self._apply_dtype()
         use_prefix_cache = getattr(self.router.encoder, "use_prefix_cache", None)
         if use_prefix_cache is not None:  # local encoders only; a remote one has its own
             use_prefix_cache(self.prefix_cache_mb)
 
-    def _apply_quantize(self) -> None:
-        """Serve with the encoder's Linear layers in dynamic int8 (`router.quantize`): the same model loaded again
-        quantized, so a router handed in keeps its own encoder. Only a local float32 encoder on the CPU, loaded
-        from files, can be; otherwise the router serves as trained and `runtime_info` says so."""
-        import torch
-
+    def _apply_dtype(self) -> None:
+        """Serve with the encoder in the number format `router.dtype` resolves to on this CPU: the same model
+        loaded again in that format (its identity unchanged: the format is not part of it), so a router handed in
+        keeps its own encoder. Only a local encoder on the CPU, loaded from files, and not trained on int8
+        features, can change; otherwise it serves as it is, and `runtime_info` says why."""
         from prefill_router.features.encoder import Encoder, load_encoder
+        from prefill_router.features.formats import resolve_format
 
         encoder = getattr(self.router, "encoder", None)
-        if self.quantize is None or not isinstance(encoder, Encoder) or encoder.spec.quantize is not None:
+        if self.dtype is None or not isinstance(encoder, Encoder):
             return
-        if encoder.device.type != "cpu" or encoder.dtype != torch.float32 or encoder._resolved is None:
-            logger.info("router.quantize: int8 is for a float32 encoder on the CPU loaded from files; "
-                           "serving %s as trained", encoder)
+        if encoder.device.type != "cpu" or encoder._resolved is None or encoder.spec.quantize is not None:
+            self.dtype_reason = (f"router.dtype applies to an encoder on the CPU loaded from files and trained "
+                                 f"without quantize; serving {encoder} as it is")
+            logger.info(self.dtype_reason)
             return
-        quantized = load_encoder(encoder.spec.model_copy(update={"quantize": self.quantize}))
-        self.router.features_of(quantized, ["warm up"])
-        self.router.encoder = quantized
+        number_format, self.dtype_reason = resolve_format(self.dtype, "cpu")
+        if number_format == encoder.number_format:
+            return
+        served = load_encoder(encoder.spec.model_copy(update={"dtype": number_format}))
+        self.router.features_of(served, ["warm up"])
+        self.router.encoder = served
 
     @property
     def runtime_info(self) -> dict:
-        """How routing runs: quantization, prefix reuse, encoder layers run, torch threads."""
+        """How routing runs: the encoder's number format (and why), prefix reuse, encoder layers run, torch
+        threads, and whether the checkpoint has a fallback scorer."""
         import torch
 
         encoder = getattr(self.router, "encoder", None)
-        spec = getattr(encoder, "spec", None)
         cache = getattr(encoder, "prefix_cache", None)
-        return {"capacity": self.capacity, "fallback_scorer": self.has_fallback,
-                "quantize": getattr(spec, "quantize", None), "trained_quantize":
-                (self.router.encoder_identity or {}).get("quantize"),
+        return {"dtype": getattr(encoder, "number_format", None), "dtype_requested": self.dtype,
+                "dtype_reason": self.dtype_reason or getattr(encoder, "format_reason", None),
+                "trained_quantize": (self.router.encoder_identity or {}).get("quantize"),
+                "fallback_scorer": self.has_fallback, "capacity": self.capacity,
                 "layers_run": getattr(self.router, "layers_run", None), "torch_threads": torch.get_num_threads(),
                 "prefix_cache": cache.stats() if cache is not None else None}
 
