@@ -9,7 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from prefill_router.cli.common import DATA_ROOT_HELP, PRICES_HELP, HelpFormatter
+from prefill_router.errors import ConfigError
+
+from prefill_router.cli.common import (
+    COLUMN_OPTIONS,
+    DATA_ROOT_HELP,
+    PRICES_HELP,
+    HelpFormatter,
+    add_column_arguments,
+    column_names,
+    under_flags,
+)
 
 BUILTINS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 
@@ -46,18 +56,24 @@ def _reader_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=("auto", "long", "wide"), default="auto",
                         help="long: one row per (prompt, target); wide: one row per prompt; auto: long when the file "
                              "has 'target' and 'score' columns (default: auto)")
+    add_column_arguments(parser)
 
 
 def _load(args):
+    columns = column_names(args)
     if getattr(args, "builtin", None):
         from prefill_router.data.builtin import load_mmlu_pro, load_routellm
 
+        if columns:
+            flag = next(f for f, param in COLUMN_OPTIONS.items() if param in columns)
+            raise ConfigError(f"{flag} names a column of a data file; the built-in datasets have their own")
         if args.builtin == "mmlu-pro":
             return load_mmlu_pro(args.data_root)
         return load_routellm(args.data_root, benchmark=args.builtin.split("-", 1)[1])
     from prefill_router.data.readers import read_routing_data
 
-    return read_routing_data(args.path, layout=args.layout, prices=args.prices)
+    with under_flags(*COLUMN_OPTIONS.values()):
+        return read_routing_data(args.path, layout=args.layout, prices=args.prices, **columns)
 
 
 def _validate(args) -> int:

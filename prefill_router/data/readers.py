@@ -39,6 +39,7 @@ import gzip
 import json
 import math
 import re
+import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,7 +51,7 @@ from prefill_router.data.dataset import SPLITS, RoutingDataset
 from prefill_router.data.prices import COST_NOTE_PREFIX, CostModel, PriceTable
 from prefill_router.data.prompt import check_prompt, prompt_hash, prompt_key
 from prefill_router.data.tokens import count_tokens, counting_tokenizer
-from prefill_router.errors import DataError
+from prefill_router.errors import ConfigError, DataError
 
 LAYOUTS = ("auto", "long", "wide")
 # Column names read as the prompt's category when `category_col` is not given, first found wins.
@@ -120,9 +121,9 @@ def read_routing_data(path: str | Path, *, layout: str = "auto",
     elif layout == "long" and cost_col not in columns:
         raise _no_column(cost_col, columns, file)
     elif layout == "wide" and TARGET not in cost_col:
-        raise DataError(f"in the wide layout the cost column is a pattern with {TARGET} standing for each "
-                        f"target's name, such as 'cost_{TARGET}' or '{TARGET}|total_cost'; got {cost_col!r}",
-                        file=file, field="cost_col")
+        raise ConfigError(f"in the wide layout the cost column is a pattern with {TARGET} standing for each "
+                          f"target's name, such as 'cost_{TARGET}' or '{TARGET}|total_cost'; got {cost_col!r}",
+                          field="cost_col")
     id_col = id_col or "prompt_id"
     names = _Columns(prompt_col, id_col, target_col, score_col, category_col, cost_col, input_tokens_col,
                      output_tokens_col, split_col)
@@ -159,8 +160,8 @@ def _unread_notes(unread: Sequence[str], cost_pattern: str | None = None) -> lis
             others.append(column)
             continue
         value = cost_pattern if kind == "cost" and cost_pattern else column
-        notes.append(f"{COLUMN_NOTE_PREFIX} '{column}' is present but not read; pass --{kind}-col '{value}' "
-                     f"(or {kind}_col=) to use it")
+        notes.append(f"{COLUMN_NOTE_PREFIX} '{column}' is present but not read; pass --{kind}-col "
+                     f"{shlex.quote(value)} to use it")
     if others:
         listed = ", ".join(f"'{c}'" for c in others)
         notes.append(f"{COLUMN_NOTE_PREFIX}s not read: {listed}" if len(others) > 1
