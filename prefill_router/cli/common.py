@@ -105,7 +105,8 @@ def add_row_selection_arguments(p: argparse.ArgumentParser) -> None:
     """--limit / --sample / --sample-seed, shared by every command that reads a dataset."""
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts (default: all)")
     p.add_argument("--sample", type=int, default=None, metavar="N",
-                   help="use a category-stratified sample of N prompts (seeded; the same N and seed always "
+                   help="use a sample of N prompts, stratified by category when the data has one (seeded; the same "
+                        "N and seed always "
                         "pick the same prompts, in extract, evaluate, probe and train alike) (default: all)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample")
 
