@@ -101,7 +101,7 @@ def read_routing_data(path: str | Path, *, layout: str = "auto",
         raise DataError(f"unknown layout '{layout}'; choose one of {LAYOUTS}", field="layout")
     if isinstance(prices, (str, Path)):
         prices = PriceTable.load(prices)
-    frame, lines, notes = _read_table(path)
+    frame, lines, notes = read_table(path)
     columns = [str(c) for c in frame.columns]
     file = str(path)
     for given in (id_col, category_col, split_col):
@@ -171,7 +171,7 @@ def _unread_notes(unread: Sequence[str], cost_pattern: str | None = None) -> lis
 
 # ---------------------------------------------------------------- files
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+def read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """The file as a DataFrame, the physical line of each row, and notes (columns left out)."""
     if not path.is_file():
         raise DataError("file not found", file=str(path))
