@@ -53,15 +53,15 @@ def register(subparsers) -> None:
     formats = ("routerbench", "llmrouter", "routellm")  # data.importers.FORMATS, without importing pandas here
     imports = sub.add_parser(
         "import", help="convert RouterBench, LLMRouter or RouteLLM outcome files to the documented layout",
-        description="Convert outcome files published in another routing project's layout to the documented long "
-                    "layout (docs/data-formats.md), print what was mapped to what, and check the result.\n"
-                    "  routerbench: sample_id, prompt, eval_name, <model>, <model>|total_cost, ... (its pickle "
-                    "exported as CSV, JSONL or Parquet: pickles are never loaded)\n"
-                    "  llmrouter:   query, model_name, performance, task_name, input_tokens, output_tokens, "
-                    "embedding_id, ... (JSONL)\n"
-                    "  routellm:    prompt, then a True/False column per model (routellm/evals CSVs)\n"
-                    "Several files (LLMRouter's train and test files, RouteLLM's per-subject files) make one "
-                    "output; file names that say train or test fill a split column (--split-col split).",
+        description="Convert outcome files published in another routing project's layout to the documented long\n"
+                    "layout (docs/data-formats.md), print what was mapped to what, and check the result.\n\n"
+                    "  routerbench  sample_id, prompt, eval_name, <model>, <model>|total_cost, ... (its pickle\n"
+                    "               exported as CSV, JSONL or Parquet: pickles are never loaded)\n"
+                    "  llmrouter    query, model_name, performance, task_name, input_tokens, output_tokens,\n"
+                    "               embedding_id, ... (JSONL)\n"
+                    "  routellm     prompt, then a True/False column per model (routellm/evals CSVs)\n\n"
+                    "Several files (LLMRouter's train and test files, RouteLLM's per-subject files) make one output;\n"
+                    "file names that say train or test fill a split column (--split-col split).",
         formatter_class=HelpFormatter)
     imports.add_argument("files", nargs="+", metavar="FILE", help="files in that layout")
     imports.add_argument("--from", dest="layout_from", required=True, choices=formats, help="the files' layout")
