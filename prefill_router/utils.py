@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,7 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     two writers of the same file never share one; the last to finish wins. The parent folder must exist.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_file_beside(path)
     try:
         yield tmp
         if durable:
@@ -53,6 +51,20 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_file_beside(path: Path) -> Path:
+    """A new, empty file with a unique name in `path`'s folder, created with the mode an ordinary write would give
+    (0666 less the umask). tempfile.mkstemp would make it 0600, and the rename would carry that mode to `path`:
+    a gateway running as another user could then not read the checkpoint it is given."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> Path:

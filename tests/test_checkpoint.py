@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -62,6 +64,18 @@ def test_checkpoint_json_holds_the_contract(array_router):
     assert len(chosen["oof_auc"]) == 3 and chosen["best_single"] == 0  # "big" is the most accurate target
     assert meta["policy"]["default"] == (f"utility:{chosen['lambda']:g}" if chosen["reached"] else "fixed:0")
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in folder.iterdir())
+
+
+def test_checkpoint_files_follow_the_umask(array_router, tmp_path):
+    # A gateway that runs as another user (group) must be able to read what `train` wrote.
+    router, _, _ = array_router
+    old = os.umask(0o027)
+    try:
+        folder = router.save(tmp_path / "shared")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert modes == {CONFIG_FILE: 0o640, TENSORS_FILE: 0o640}
 
 
 def test_truncated_tensors_are_refused_naming_the_file(array_router, tmp_path):

@@ -45,6 +45,8 @@ CASES = [
     ("data validate bad.csv", "bad.csv, line 2, field 'score'"),
     ("data stats --builtin nope", "argument --builtin: invalid choice: 'nope'"),
     ("data stats bad.csv", "bad.csv, line 2, field 'score'"),
+    ("data import --from routerbench bad.csv --out out", "bad.csv, line 1: no model columns"),
+    ("data validate bad.csv --cost-col price", "bad.csv, line 1, field 'price': no 'price' column"),
     ("extract --dataset missing.csv --out out", "--dataset: 'missing.csv' is neither"),
     ("extract --data missing.csv --out out", "--dataset: 'missing.csv' is neither"),  # the old name still parses
     ("extract --dataset mmlu-pro --limit abc --out out", "argument --limit: invalid int value: 'abc'"),

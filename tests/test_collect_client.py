@@ -262,7 +262,8 @@ def test_read_prompts_jsonl_and_csv(tmp_path):
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('prompt_id,prompt,answer\nq1,"Pick one:\nA. x\nB. y",B\nq2,Hello,A\n')
     items = read_prompts(csv_file)
-    assert [(i.prompt_id, i.reference, i.line) for i in items] == [("q1", "B", 2), ("q2", "A", 3)]
+    # physical lines: q1's prompt spans lines 2-4
+    assert [(i.prompt_id, i.reference, i.line) for i in items] == [("q1", "B", 2), ("q2", "A", 5)]
     assert items[0].prompt == "Pick one:\nA. x\nB. y"
 
 

@@ -79,3 +79,29 @@ def test_reference_layout_import_then_fill(tiny_encoder_dir, data_file, tmp_path
     assert filled.complete
     own = enc.encode(prompts[5:], layers=[0, 1])["mean"]
     np.testing.assert_allclose(filled.get("mean", rows=~done), own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled", "wrong shape"])
+def test_extract_names_a_damaged_done_mask_and_overwrite_recovers(tiny_encoder_dir, data_file, tmp_path, capsys,
+                                                                  damage):
+    import pickle
+
+    path, _ = data_file
+    out = tmp_path / "store"
+    argv = ["extract", "--data", str(path), "--encoder", str(tiny_encoder_dir), "--no-progress", "--limit", "4",
+            "--out", str(out)]
+    assert main(argv) == 0
+    done = out / "done.npy"
+    if damage == "truncated":
+        done.write_bytes(done.read_bytes()[:-3])
+    elif damage == "pickled":  # never unpickled: loading a store must not run code
+        done.write_bytes(pickle.dumps(np.ones(4, dtype=bool)))
+    else:
+        np.save(done, np.ones(7, dtype=bool))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    error = err.splitlines()[-1]
+    assert "Traceback" not in err and error.startswith("error: ") and "done.npy" in error and "--overwrite" in error
+    assert main(argv + ["--overwrite"]) == 0
+    assert FeatureSet.open(out).complete

@@ -102,6 +102,29 @@ def test_pool_summary_shows_savings_at_best_single_accuracy_only_when_every_fold
     assert math.isnan(rows["once"]["savings_at_best_single_accuracy"])  # one fold never got there
 
 
+def test_tables_say_how_many_folds_a_partial_figure_averages():
+    from prefill_router.evaluate.report import pool_markdown, pool_summary
+
+    folds = [{"accuracy": 0.6, "savings_at_best_single_accuracy": 0.3},
+             {"accuracy": 0.6, "savings_at_best_single_accuracy": 0.4},
+             {"accuracy": 0.6}, {"accuracy": 0.6}, {"accuracy": 0.6}]
+    twice = ReportRow("knn", "router", folds=folds)
+    never = ReportRow("prior", "router", folds=[{"accuracy": 0.5}] * 5)
+    every = ReportRow("trunk", "router", folds=[{"accuracy": 0.7, "savings_at_best_single_accuracy": 0.2}] * 5)
+    report = Report(["a", "b"], 50, 5, [twice, never, every])
+    md = report.to_markdown()
+    operating = md.split("## Utility-policy operating points")[1].splitlines()
+    line = {name: next(ln for ln in operating if ln.startswith(f"| {name} |")) for name in ("knn", "prior", "trunk")}
+    assert "35.00% ± 7.07 (2 of 5 folds)" in line["knn"]
+    assert "— (0 of 5 folds)" in line["prior"]
+    assert "of 5 folds" not in line["trunk"] and "20.00%" in line["trunk"]
+    assert "(k of n folds) is the mean over the k folds" in md
+    assert "of 5 folds" not in small_report().to_markdown()  # every figure covers every fold: no marks
+
+    pool = pool_markdown("pool", pool_summary(report))
+    assert "— (2 of 5 folds reach it)" in pool and "— (0 of 5 folds reach it)" in pool
+
+
 def test_p_auccc_is_a_column_beside_aiq_in_the_main_and_pool_tables():
     from prefill_router.evaluate.report import pool_markdown, pool_summary
 

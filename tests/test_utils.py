@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -30,6 +32,21 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
     atomic_write_bytes(path, b"\x00\x01", durable=True)
     assert path.read_bytes() == b"\x00\x01"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    # An ordinary write gives 0666 less the umask; a 0600 temporary renamed into place would hide the file from
+    # a gateway that runs as another user.
+    old = os.umask(umask)
+    try:
+        written = [atomic_write_text(tmp_path / "a.json", "{}"), atomic_write_bytes(tmp_path / "b.bin", b"x")]
+        with atomic_path(tmp_path / "c.npy") as tmp:
+            np.save(tmp, np.arange(3))
+    finally:
+        os.umask(old)
+    for path in [*written, tmp_path / "c.npy"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):

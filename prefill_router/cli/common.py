@@ -18,6 +18,9 @@ DATA_ROOT_HELP = ("data folder of the built-in datasets (default: $PREFILL_ROUTE
                   "the package)")
 PRICES_HELP = ("price table for a data file without costs: a CSV or YAML file giving each target "
                "its usd_per_m_input and usd_per_m_output (format: docs/data-formats.md)")
+# The columns of a routing data file that may carry other names: option -> read_routing_data's parameter.
+COLUMN_OPTIONS = {"--id-col": "id_col", "--category-col": "category_col", "--cost-col": "cost_col",
+                  "--split-col": "split_col"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -46,16 +49,44 @@ def add_parser(subparsers, name: str, *, help: str, description: str | None = No
 def load_dataset(args: argparse.Namespace):
     """`data.load_dataset` with the command's options: --dataset, with --data-root, --prices, --targets, --limit,
     --sample and --sample-seed where the command has them. A bad value is reported under its flag."""
+    import sys
+
     from prefill_router import data
+    from prefill_router.data.readers import COLUMN_NOTE_PREFIX
 
     if getattr(args, "limit", None) is not None and getattr(args, "sample", None) is not None:
         raise ConfigError("--limit and --sample are alternatives; give one")
-    with under_flags("dataset", "targets", "limit"):
-        return data.load_dataset(
+    with under_flags("dataset", "targets", "limit", *COLUMN_OPTIONS.values()):
+        ds = data.load_dataset(
             args.dataset, data_root=getattr(args, "data_root", None), prices=getattr(args, "prices", None),
             targets=split_names(args.targets) if getattr(args, "targets", None) else None,
             limit=getattr(args, "limit", None), sample=getattr(args, "sample", None),
-            sample_seed=getattr(args, "sample_seed", 0))
+            sample_seed=getattr(args, "sample_seed", 0), columns=column_names(args))
+    for note in ds.notes:  # a column the file has but the reader left out: the user may have meant it
+        if note.startswith(COLUMN_NOTE_PREFIX):
+            print(f"note: {note}", file=sys.stderr)
+    return ds
+
+
+def add_column_arguments(p: argparse.ArgumentParser) -> None:
+    """--id-col / --category-col / --cost-col / --split-col: other names for a data file's columns."""
+    g = p.add_argument_group("columns of a data file with other names (docs/data-formats.md)")
+    g.add_argument("--id-col", metavar="COLUMN", help="prompt id column (default: prompt_id when present)")
+    g.add_argument("--category-col", metavar="COLUMN",
+                   help="prompt category column, stratifying folds and samples (default: category, else task)")
+    g.add_argument("--cost-col", metavar="COLUMN",
+                   help="USD cost of each row's call: a column in the long layout (default: cost); in the wide "
+                        "layout a pattern with {target}, such as '{target}|total_cost' (default: cost_{target}). "
+                        "Without --prices, train's cost model is each target's mean cost")
+    g.add_argument("--split-col", metavar="COLUMN",
+                   help="column saying which prompts train (train, val, dev) and which are held out (test); train "
+                        "and evaluate then use that split (default: none)")
+
+
+def column_names(args: argparse.Namespace) -> dict[str, str]:
+    """The column names given on the command line, as read_routing_data's keyword arguments."""
+    names = {param: getattr(args, param, None) for param in COLUMN_OPTIONS.values()}
+    return {param: name for param, name in names.items() if name}
 
 
 @contextlib.contextmanager
@@ -74,7 +105,8 @@ def add_row_selection_arguments(p: argparse.ArgumentParser) -> None:
     """--limit / --sample / --sample-seed, shared by every command that reads a dataset."""
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts (default: all)")
     p.add_argument("--sample", type=int, default=None, metavar="N",
-                   help="use a category-stratified sample of N prompts (seeded; the same N and seed always "
+                   help="use a sample of N prompts, stratified by category when the data has one (seeded; the same "
+                        "N and seed always "
                         "pick the same prompts, in extract, evaluate, probe and train alike) (default: all)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample")
 
@@ -87,6 +119,7 @@ def add_store_dataset_arguments(p: argparse.ArgumentParser, required: bool = Tru
     p.add_argument("--prices", default=None, help=PRICES_HELP + " (default: none)")
     p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
     add_row_selection_arguments(p)
+    add_column_arguments(p)
 
 
 def open_store_and_dataset(args: argparse.Namespace):

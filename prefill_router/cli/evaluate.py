@@ -20,6 +20,7 @@ from prefill_router.cli.common import (
     DATA_ROOT_HELP,
     PRICES_HELP,
     HelpFormatter,
+    add_column_arguments,
     add_row_selection_arguments,
     load_dataset,
     split_names,
@@ -53,7 +54,17 @@ def run(args: argparse.Namespace) -> int:
         chosen = check_contenders(split_names(args.contenders))
     ds = load_dataset(args)
     print(f"dataset: {ds.n} prompts x {ds.k} targets", file=sys.stderr)
-    folds = data.kfold(ds, k=args.folds, seed=args.seed, stratify=True)
+    if ds.splits is not None:  # the file's own split (--split-col) is the one fold
+        train, test = ds.split_rows()
+        if not train.size or not test.size:
+            raise ConfigError(f"--split-col {args.split_col}: {train.size} training and {test.size} test prompts; "
+                              "both need some")
+        folds = [(train, test)]
+        how = f"the file's split (--split-col {args.split_col}): {train.size} training, {test.size} test prompts"
+    else:
+        folds = data.kfold(ds, k=args.folds, seed=args.seed, stratify=True)
+        how = (f"{args.folds}, prompt-level (duplicate prompts share a fold), seed {args.seed}"
+               + (", stratified by category" if ds.groups is not None else ""))
 
     settings = ContenderSettings(
         cache_dir=args.cache_dir, batch_size=args.batch_size, embedding_model=args.embedding_model,
@@ -63,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
         contenders = build_contenders(chosen, ds, settings)
 
     notes = list(ds.notes)
-    notes.append(f"folds: {args.folds}, prompt-level (duplicate prompts share a fold), seed {args.seed}"
-                 + (", stratified by category" if ds.groups is not None else ""))
+    notes.append(f"folds: {how}")
     report = evaluate_contenders(ds.Y, ds.C, folds, contenders, targets=ds.targets, seed=args.seed,
                                  calibration_folds=args.calibration_folds,
                                  calibration_holdout=args.calibration_holdout, groups=ds.groups, notes=notes)
@@ -99,6 +109,7 @@ def register(subparsers) -> None:
     p.add_argument("--prices", default=None, help=PRICES_HELP + " (default: none)")
     p.add_argument("--targets", default=None, help="comma-separated subset of targets (default: all)")
     add_row_selection_arguments(p)
+    add_column_arguments(p)
     p.add_argument("--out", default="runs/eval", help="output folder for report.json/.md and cost_quality.png")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
                    help=f"comma-separated contenders (default {DEFAULT_CONTENDERS}); known: "

@@ -14,6 +14,7 @@ from prefill_router.cli.common import (
     BUILTIN_DATASETS,
     DATA_ROOT_HELP,
     HelpFormatter,
+    add_column_arguments,
     add_row_selection_arguments,
     load_dataset,
 )
@@ -59,6 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-tokens", type=int, help="token budget per batch (default: 4096 on CPU, 32768 on GPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     add_row_selection_arguments(p)
+    add_column_arguments(p)
     p.add_argument("--import-reference", metavar="DIR",
                    help="import reference features (layout.json, int8 arrays, done.npy) before computing the rest")
     p.add_argument("--overwrite", action="store_true",

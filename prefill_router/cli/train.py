@@ -150,7 +150,11 @@ def run(args: argparse.Namespace) -> int:
 
     rows = np.arange(ds.n)
     test = np.zeros(0, dtype=np.int64)
-    if args.holdout > 0:
+    if ds.splits is not None:  # the file's own split (--split-col): its test prompts are the holdout
+        if args.holdout > 0:
+            raise ConfigError("--holdout and --split-col both choose held-out prompts; give one")
+        rows, test = ds.split_rows()
+    elif args.holdout > 0:
         rows, test = train_test_split(ds, test_size=args.holdout, seed=args.seed)
     rows, test = rows[done[rows]], test[done[test]]
     skipped = int((~done).sum())

@@ -10,15 +10,13 @@ Fields (JSONL keys or CSV columns):
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefill_router.data.prompt import Prompt, check_prompt, message_text, prompt_hash, prompt_text, unknown_role
-from prefill_router.data.readers import iter_jsonl_objects
+from prefill_router.data.readers import iter_jsonl_objects, read_csv_records
 from prefill_router.errors import DataError
 
 REFERENCE_FIELDS = ("answer", "reference")
@@ -59,6 +57,8 @@ def _check_messages(value: Any, file: str, line: int) -> list[dict]:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON: {exc.msg}", file=file, line=line, field="messages") from exc
+        except RecursionError:
+            raise DataError("JSON nested too deeply", file=file, line=line, field="messages") from None
     if not isinstance(value, list) or not value:
         raise DataError("must be a non-empty list of {role, content} objects", file=file, line=line,
                         field="messages")
@@ -112,14 +112,13 @@ def read_prompts(path: str | Path, *, reference_field: str | None = None) -> lis
     is_csv = (path.with_suffix("") if gz else path).suffix.lower() == ".csv"
 
     if is_csv:
-        opened = gzip.open(path, "rt", newline="", encoding="utf-8") if gz else path.open(newline="", encoding="utf-8")
-        with opened as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not ({"prompt", "messages"} & set(reader.fieldnames)):
-                raise DataError(f"header needs a 'prompt' or 'messages' column, has {reader.fieldnames}",
-                                file=file, line=1, field="prompt")
-            for line, row in enumerate(reader, start=2):  # header is line 1
-                items.append(_item(row, file, line, reference_field))
+        # physical lines (a prompt may hold newlines); invalid UTF-8 and short rows are named errors
+        header, records, starts = read_csv_records(path)
+        if not ({"prompt", "messages"} & set(header)):
+            raise DataError(f"header needs a 'prompt' or 'messages' column, has {header}", file=file, line=1,
+                            field="prompt")
+        for line, record in zip(starts, records):
+            items.append(_item(dict(zip(header, record)), file, line, reference_field))
     else:
         for line, row in iter_jsonl_objects(path):
             items.append(_item(row, file, line, reference_field))

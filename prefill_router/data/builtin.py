@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -227,11 +227,12 @@ BUILTIN_DATASETS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 
 def load_dataset(name: str, *, data_root: str | Path | None = None, prices: str | Path | None = None,
                  targets: Sequence[str] | None = None, limit: int | None = None, sample: int | None = None,
-                 sample_seed: int = 0) -> RoutingDataset:
+                 sample_seed: int = 0, columns: Mapping[str, str] | None = None) -> RoutingDataset:
     """A dataset by name, as every command reads one: a built-in dataset (BUILTIN_DATASETS, under `data_root`)
     or a routing data file (with `prices` for a file without costs). Then the subset `targets`, in that order,
     and at most one of `limit` (the first N prompts) and `sample` (a seeded, category-stratified N). Both are
     deterministic, so features extracted with one line up with a later evaluation or training using it.
+    `columns` names a data file's columns (read_routing_data's id_col, category_col, cost_col, split_col).
 
     A bad argument is a ConfigError whose `field` is the parameter's name."""
     from prefill_router.data.readers import read_routing_data
@@ -240,13 +241,17 @@ def load_dataset(name: str, *, data_root: str | Path | None = None, prices: str 
         raise ConfigError("give limit or sample, not both", field="limit")
     if limit is not None and limit <= 0:
         raise ConfigError("must be a positive number of prompts", field="limit")
+    columns = dict(columns or {})
+    if columns and name in BUILTIN_DATASETS:
+        raise ConfigError(f"names a column of a data file; the built-in dataset {name!r} has its own",
+                          field=next(iter(columns)))
     if name == "mmlu-pro":
         ds = load_mmlu_pro(data_root, targets=targets, limit=limit)
         targets = None  # already selected by the loader, which names unknown models
     elif name in ("routellm-mmlu", "routellm-gsm8k"):
         ds = load_routellm(data_root, benchmark=name.split("-", 1)[1])
     elif Path(name).exists():
-        ds = read_routing_data(name, prices=prices)
+        ds = read_routing_data(name, prices=prices, **columns)
     else:
         raise ConfigError(f"{name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor an "
                           f"existing file", field="dataset")
@@ -269,6 +274,7 @@ def select_rows(ds: RoutingDataset, *, limit: int | None = None, sample: int | N
         rows = stratified_sample(ds, sample, seed=sample_seed)
         if rows.size < ds.n:
             ds = ds.subset(rows)
-            ds.notes.append(f"rows: a category-stratified sample of {rows.size} prompts (--sample {sample}, "
+            kind = "a category-stratified" if ds.groups is not None else "a random"
+            ds.notes.append(f"rows: {kind} sample of {rows.size} prompts (--sample {sample}, "
                             f"--sample-seed {sample_seed})")
     return ds

@@ -16,6 +16,9 @@ from prefill_router.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from prefill_router.data.prices import CostModel, PriceTable
 
+# The values of `RoutingDataset.splits`: a training prompt, or one held out from training.
+SPLITS = ("train", "test")
+
 @dataclass
 class RoutingDataset:
     """Prompts, target names, labels and costs.
@@ -27,6 +30,7 @@ class RoutingDataset:
     input_tokens[i], when known, is the prompt's token count; output_tokens[i, k] the answer length of
     target k in tokens, NaN where unknown. prices, when known, is the table C was computed from. Together
     they let `with_costs` recompute C with output lengths imputed from training rows only.
+    splits, when given, is the data file's own split per prompt ("train" or "test", see SPLITS).
     """
 
     prompt_ids: list[str]
@@ -39,6 +43,7 @@ class RoutingDataset:
     input_tokens: np.ndarray | None = None  # [N]
     output_tokens: np.ndarray | None = None  # [N, K], NaN where unknown
     prices: PriceTable | None = None
+    splits: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.Y = np.asarray(self.Y, dtype=np.float64)
@@ -60,8 +65,21 @@ class RoutingDataset:
             raise DataError(f"C has shape {self.C.shape}, expected ({n}, {k})")
         if self.groups is not None and len(self.groups) != n:
             raise DataError(f"groups has {len(self.groups)} entries, expected {n}")
+        if self.splits is not None:
+            if len(self.splits) != n:
+                raise DataError(f"splits has {len(self.splits)} entries, expected {n}")
+            unknown = sorted(set(self.splits) - set(SPLITS))
+            if unknown:
+                raise DataError(f"unknown split value(s) {unknown}; expected {SPLITS}")
         if len(set(self.targets)) != k:
             raise DataError(f"target names repeat: {self.targets}")
+
+    def split_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, held-out rows) of the file's own split; a ConfigError when the dataset has none."""
+        if self.splits is None:
+            raise ConfigError("the dataset has no split column", field="split_col")
+        test = np.asarray([s == "test" for s in self.splits], dtype=bool)
+        return np.flatnonzero(~test), np.flatnonzero(test)
 
     @property
     def n(self) -> int:
@@ -86,6 +104,7 @@ class RoutingDataset:
             input_tokens=None if self.input_tokens is None else self.input_tokens[rows],
             output_tokens=None if self.output_tokens is None else self.output_tokens[rows],
             prices=self.prices,
+            splits=None if self.splits is None else [self.splits[i] for i in rows],
         )
 
     def select_targets(self, names: Sequence[str]) -> RoutingDataset:
@@ -97,7 +116,7 @@ class RoutingDataset:
                               self.groups, list(self.notes), input_tokens=self.input_tokens,
                               output_tokens=(None if self.output_tokens is None
                                              else self.output_tokens[:, cols]),
-                              prices=self.prices)
+                              prices=self.prices, splits=self.splits)
 
     def with_costs(self, cost_model: CostModel) -> RoutingDataset:
         """A copy whose C is recomputed by `cost_model` from this dataset's token counts.
@@ -111,4 +130,4 @@ class RoutingDataset:
         return RoutingDataset(self.prompt_ids, self.prompts, list(self.targets), self.Y, C, self.groups,
                               notes,
                               input_tokens=self.input_tokens, output_tokens=self.output_tokens,
-                              prices=cost_model.prices)
+                              prices=cost_model.prices, splits=self.splits)

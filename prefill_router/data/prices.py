@@ -1,8 +1,11 @@
 """Token prices per target, and the cost model that turns token counts into USD per (prompt, target).
 
-Cost of one call = input_tokens * usd_per_m_input / 1e6 + output_tokens * usd_per_m_output / 1e6.
+Cost of one call = input_tokens * usd_per_m_input / 1e6 + output_tokens * usd_per_m_output / 1e6 + usd_per_call.
 The output length is unknown before a call, so the cost model stands in each target's median output length,
 computed over training rows only (so the test split never leaks into cost estimates).
+
+Data with its own per-row costs and no price table gets a cost model too (`CostModel.from_row_costs`): each
+target costs its mean known cost over the training rows, a fixed price per call.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +33,7 @@ COST_NOTE_PREFIX = "cost: "
 class Price:
     usd_per_m_input: float
     usd_per_m_output: float
+    usd_per_call: float = 0.0  # a fixed cost per call (the mean of per-row costs when no token prices are known)
 
 
 def _price_value(value, *, file, line, field_name) -> float:
@@ -147,16 +151,22 @@ class PriceTable:
         """USD for one call (or element-wise for arrays of token counts)."""
         price = self[target]
         return (np.asarray(input_tokens, dtype=np.float64) * price.usd_per_m_input
-                + np.asarray(output_tokens, dtype=np.float64) * price.usd_per_m_output) / 1e6
+                + np.asarray(output_tokens, dtype=np.float64) * price.usd_per_m_output) / 1e6 + price.usd_per_call
 
     def to_dict(self) -> dict:
-        return {name: {"usd_per_m_input": p.usd_per_m_input, "usd_per_m_output": p.usd_per_m_output}
+        return {name: {"usd_per_m_input": p.usd_per_m_input, "usd_per_m_output": p.usd_per_m_output,
+                       **({"usd_per_call": p.usd_per_call} if p.usd_per_call else {})}
                 for name, p in self.prices.items()}
 
     @classmethod
     def from_dict(cls, data: Mapping, source: str | None = None) -> PriceTable:
-        return cls._from_rows(((None, name, e["usd_per_m_input"], e["usd_per_m_output"])
-                               for name, e in data.items()), source or "price table")
+        table = cls._from_rows(((None, name, e["usd_per_m_input"], e["usd_per_m_output"])
+                                for name, e in data.items()), source or "price table")
+        for name, e in data.items():
+            if e.get("usd_per_call"):
+                per_call = _price_value(e["usd_per_call"], file=table.source, line=None, field_name="usd_per_call")
+                table.prices[str(name).strip()] = replace(table.prices[str(name).strip()], usd_per_call=per_call)
+        return table
 
     def __repr__(self) -> str:
         return f"PriceTable({len(self.prices)} targets, source={self.source!r})"
@@ -229,6 +239,25 @@ class CostModel:
             medians[:] = 0.0
             notes.append(f"{COST_NOTE_PREFIX}no output lengths are known, so costs count input tokens only")
         return cls(prices, targets, medians, notes)
+
+    @classmethod
+    def from_row_costs(cls, data: RoutingDataset, train_rows: Sequence[int] | np.ndarray | None = None) -> CostModel:
+        """Each target's mean known cost (data.C) over `train_rows` (all rows when None), as a price per call: the
+        cost model of data that carries its own costs and no price table. A target without a known cost there
+        is a DataError naming it (it would look free to the policy)."""
+        rows = np.arange(data.n) if train_rows is None else np.asarray(train_rows)
+        C = np.asarray(data.C, dtype=np.float64)[rows]
+        known = np.isfinite(C)
+        unpriced = [t for t, any_known in zip(data.targets, known.any(axis=0)) if not any_known]
+        if unpriced:
+            raise DataError(f"no known cost for target(s) {unpriced} in the {len(rows)} training rows; give their "
+                            "costs or a price table", field="cost")
+        means = np.where(known, C, 0.0).sum(axis=0) / known.sum(axis=0)
+        source = f"mean per-row cost over {len(rows)} training rows"
+        prices = PriceTable({t: Price(0.0, 0.0, float(m)) for t, m in zip(data.targets, means)}, source)
+        note = (f"{COST_NOTE_PREFIX}no price table: each target costs its mean per-row cost over {len(rows)} "
+                f"training rows (the data's own costs), whatever the prompt's length")
+        return cls(prices, list(data.targets), np.zeros(len(data.targets)), [note])
 
     def estimate(self, input_tokens) -> np.ndarray:
         """C[N, K] in USD for prompts of the given token counts, with median output lengths."""

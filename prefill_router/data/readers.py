@@ -12,130 +12,343 @@ scores such as a judge's 0.7 are kept as they are); True/False read as 1/0. A (p
 row, an empty score (long) or an empty cell (wide) is NaN in Y: not run, never 0. Empty means an empty or
 blank CSV cell, JSON null (or a missing key), or a Parquet null.
 
+Other column names are given with `id_col`, `category_col`, `cost_col` and `split_col` (the CLI's --id-col,
+...). A column the reader does not read is named in a note, with the option that would read it when its name
+suggests one (`split` -> --split-col split). In the wide layout `cost_col` is a pattern such as
+`{target}|total_cost`, and a column whose name says it is an id, a split, a category or a cost is not a target.
+
 The category column (`category`, or `task` when the file has no `category` column) groups prompts: folds are
-stratified by it and reports break accuracy down by it.
+stratified by it and reports break accuracy down by it. The split column, when named, says which prompts are
+for training (`train`; `val`, `validation` and `dev` count as training too) and which are held out (`test`).
 
 Costs: a given `cost` is used as it is. Otherwise, with a price table, cost = tokens x price, where the input
 tokens come from the file or are counted (see `tokens.count_tokens`) and unknown output tokens take each
 target's median (see `prices.CostModel`). Without prices or costs, C is NaN.
 
-Every refusal is a DataError naming the file, the line and the field. Lines: in CSV the header is line 1 and
-the first record is line 2 (a record with a quoted newline still counts as one); in JSONL line i is line i;
-in Parquet, "line" i is row i counting from 1.
+Every refusal is a DataError naming the file, the line and the field. Lines are physical lines: in CSV the
+header is line 1 and a record is named by the line it starts on (a prompt holding newlines spans several); in
+JSONL line i is line i; in Parquet, "line" i is row i counting from 1. Damaged files (invalid UTF-8, a short
+CSV row, a repeated column, JSON nested too deeply, a lone surrogate) are refused the same way.
 """
 
 from __future__ import annotations
 
+import csv
+import difflib
+import gzip
 import json
 import math
-from collections.abc import Sequence
+import re
+import shlex
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
 
 from prefill_router.data.dataset import RoutingDataset
-from prefill_router.data.prices import CostModel, PriceTable
+from prefill_router.data.prices import COST_NOTE_PREFIX, CostModel, PriceTable
 from prefill_router.data.prompt import check_prompt, prompt_hash, prompt_key
 from prefill_router.data.tokens import count_tokens, counting_tokenizer
-from prefill_router.errors import DataError
+from prefill_router.errors import ConfigError, DataError
 
 LAYOUTS = ("auto", "long", "wide")
 # Column names read as the prompt's category when `category_col` is not given, first found wins.
 CATEGORY_COLUMNS = ("category", "task")
 COST_PREFIX = "cost_"
 OUTPUT_TOKENS_PREFIX = "output_tokens_"
+TARGET = "{target}"  # stands for a target's name in a wide layout's cost column pattern
+# Values of the split column: training rows (validation rows help choose a model, so they train too) and held-out.
+SPLIT_VALUES = {"train": "train", "training": "train", "val": "train", "valid": "train", "validation": "train",
+                "dev": "train", "test": "test", "testing": "test"}
+# Deeper JSON is no routing data (a chat prompt nests 4 levels): refused before it can exhaust the stack.
+MAX_JSON_DEPTH = 64
+# Notes about columns the reader left out start with this, so that a command can show them when it reads a file.
+COLUMN_NOTE_PREFIX = "column"
+
+# Column names that say what an unread column probably is, and the option that reads it.
+_HINTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("split", re.compile(r"^(split|fold|partition|subset|set)$", re.I)),
+    ("id", re.compile(r"^(id|uid|qid|.*_id|.*_uid)$", re.I)),
+    ("category", re.compile(r"^(subject|domain|topic|eval_name|dataset|benchmark|source|task_name|"
+                            r"task_type|category_name)$", re.I)),
+    ("cost", re.compile(r"cost|price|usd|dollar", re.I)),
+)
 
 
 def read_routing_data(path: str | Path, *, layout: str = "auto",
                       prices: PriceTable | str | Path | None = None,
-                      prompt_col: str = "prompt", id_col: str = "prompt_id", target_col: str = "target",
-                      score_col: str = "score", category_col: str | None = None, cost_col: str = "cost",
+                      prompt_col: str = "prompt", id_col: str | None = None, target_col: str = "target",
+                      score_col: str = "score", category_col: str | None = None, cost_col: str | None = None,
                       input_tokens_col: str = "input_tokens", output_tokens_col: str = "output_tokens",
-                      targets: Sequence[str] | None = None) -> RoutingDataset:
+                      split_col: str | None = None, targets: Sequence[str] | None = None) -> RoutingDataset:
     """Read and validate one routing data file (.csv, .jsonl, .parquet; .gz accepted for CSV and JSONL).
 
-    layout: "long", "wide", or "auto" (long when the file has `target_col` and `score_col` columns).
+    layout: "long", "wide", or "auto" (long when the file has `target_col` and `score_col` columns; a file with
+        only one of the two is refused naming the other, so a misspelt `score` is not read as the wide layout).
     prices: a PriceTable or a path to one; every target must then be priced.
+    id_col: the prompt id column (default: `prompt_id` when the file has one, else ids hash the prompt).
     category_col: the prompts' category column (default: the first of CATEGORY_COLUMNS the file has).
+    cost_col: long layout: the column of each row's cost in USD (default `cost`); wide layout: a pattern naming
+        each target's cost column with "{target}" (default `cost_{target}`).
+    split_col: a column saying which prompts are training rows and which are held out (default: none read).
     targets: keep only these targets, in this order (default: all, in order of first appearance).
+    A column given by name must be in the file.
     """
     path = Path(path)
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout '{layout}'; choose one of {LAYOUTS}", field="layout")
     if isinstance(prices, (str, Path)):
         prices = PriceTable.load(prices)
-    frame, lines = _read_table(path)
-    columns = list(frame.columns)
+    frame, lines, notes = read_table(path)
+    columns = [str(c) for c in frame.columns]
+    file = str(path)
+    for given in (id_col, category_col, split_col):
+        if given is not None and given not in columns:
+            raise _no_column(given, columns, file)
+    if prompt_col not in columns:
+        raise _no_column(prompt_col, columns, file)
     if layout == "auto":
-        layout = "long" if target_col in columns and score_col in columns else "wide"
+        has_target, has_score = target_col in columns, score_col in columns
+        if has_target != has_score:  # one of the long layout's two columns: the other is missing, not wide
+            raise _no_column(score_col if has_target else target_col, columns, file)
+        layout = "long" if has_target else "wide"
     if category_col is None:
         category_col = next((c for c in CATEGORY_COLUMNS if c in columns), CATEGORY_COLUMNS[0])
+    if cost_col is None:
+        cost_col = "cost" if layout == "long" else COST_PREFIX + TARGET
+    elif layout == "long" and cost_col not in columns:
+        raise _no_column(cost_col, columns, file)
+    elif layout == "wide" and TARGET not in cost_col:
+        raise ConfigError(f"in the wide layout the cost column is a pattern with {TARGET} standing for each "
+                          f"target's name, such as 'cost_{TARGET}' or '{TARGET}|total_cost'; got {cost_col!r}",
+                          field="cost_col")
+    id_col = id_col or "prompt_id"
     names = _Columns(prompt_col, id_col, target_col, score_col, category_col, cost_col, input_tokens_col,
-                     output_tokens_col)
-    builder = _Builder(str(path), names, prices, id_col in columns, category_col in columns)
-    if prompt_col not in columns:
-        raise DataError(f"missing column (found {columns})", file=str(path), line=1, field=prompt_col)
+                     output_tokens_col, split_col)
+    builder = _Builder(file, names, prices, id_col in columns, category_col in columns)
     if layout == "long":
         _read_long(frame, lines, builder)
+        read = {prompt_col, id_col, target_col, score_col, category_col, cost_col, input_tokens_col,
+                output_tokens_col, split_col}
+        notes += _unread_notes([c for c in columns if c not in read])
     else:
-        _read_wide(frame, lines, builder, targets)
+        notes += _read_wide(frame, lines, builder, targets)
+    builder.notes += notes
     return builder.build(targets)
+
+
+def _no_column(name: str, columns: Sequence[str], file: str) -> DataError:
+    """'no 'score' column; found 'scroe'' when a column's name is close, else the columns found."""
+    close = difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
+    found = f"found '{close[0]}'" if close else f"found {list(columns)}"
+    return DataError(f"no '{name}' column; {found}", file=file, line=1, field=name)
+
+
+def _hint(column: str) -> str | None:
+    """The kind of column ("split", "id", "category", "cost") its name suggests, or None."""
+    return next((kind for kind, pattern in _HINTS if pattern.search(column)), None)
+
+
+def _unread_notes(unread: Sequence[str], cost_pattern: str | None = None) -> list[str]:
+    """One note per unread column whose name says what it is (with the option that reads it), one for the rest."""
+    notes, others = [], []
+    for column in unread:
+        kind = _hint(column)
+        if kind is None:
+            others.append(column)
+            continue
+        value = cost_pattern if kind == "cost" and cost_pattern else column
+        notes.append(f"{COLUMN_NOTE_PREFIX} '{column}' is present but not read; pass --{kind}-col "
+                     f"{shlex.quote(value)} to use it")
+    if others:
+        listed = ", ".join(f"'{c}'" for c in others)
+        notes.append(f"{COLUMN_NOTE_PREFIX}s not read: {listed}" if len(others) > 1
+                     else f"{COLUMN_NOTE_PREFIX} {listed} is present but not read")
+    return notes
 
 
 # ---------------------------------------------------------------- files
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """The file as a DataFrame, plus the line number of each row."""
+def read_table(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """The file as a DataFrame, the physical line of each row, and notes (columns left out)."""
     if not path.is_file():
         raise DataError("file not found", file=str(path))
     name = path.name.lower()
     if name.endswith((".csv", ".csv.gz")):
-        try:
-            # Everything as text, nothing turned into NaN: validation below decides what a cell means.
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-        except pd.errors.EmptyDataError:
-            raise DataError("file is empty", file=str(path)) from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"not readable as CSV: {exc}", file=str(path)) from None
-        return frame, np.arange(len(frame)) + 2
+        header, records, starts = read_csv_records(path)
+        # Everything as text, nothing turned into NaN: validation below decides what a cell means.
+        frame = pd.DataFrame(records, columns=header, dtype=object)
+        unnamed = [i for i, c in enumerate(header) if not c.strip()]
+        notes = []
+        if unnamed:  # a saved index (pandas' to_csv) or a trailing comma: nothing to read in it
+            frame = frame.drop(columns=[header[i] for i in unnamed])
+            notes.append(f"{COLUMN_NOTE_PREFIX}s without a name in the header (column "
+                         f"{', '.join(str(i + 1) for i in unnamed)}) are not read")
+        return frame, np.asarray(starts, dtype=np.int64), notes
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return _read_jsonl(path)
+        frame, lines = _read_jsonl(path)
+        return frame, lines, []
     if name.endswith((".parquet", ".pq")):
         try:
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise DataError(f"not readable as Parquet: {exc}", file=str(path)) from None
-        return frame, np.arange(len(frame)) + 1
+        _check_header([str(c) for c in frame.columns], str(path))
+        return frame, np.arange(len(frame)) + 1, []
+    if name.endswith(".pkl") or name.endswith(".pickle"):
+        raise DataError("pickle files are not read (loading one can run code); export it as CSV, JSONL or "
+                        "Parquet first", file=str(path))
     raise DataError("unsupported file type (use .csv, .jsonl or .parquet; .gz for CSV and JSONL)",
                     file=str(path))
 
 
-def iter_jsonl_objects(path: str | Path):
-    """(line number, object) for each non-blank line of a JSONL file (.gz accepted); a line that is not a JSON
-    object is a DataError naming the file and line. Shared by the routing-data and prompt readers."""
-    import gzip
+def _check_header(columns: Sequence[str], file: str) -> None:
+    """Refuse a column name given twice: one of the two would be dropped (or renamed `a.1`, a phantom target)."""
+    first: dict[str, int] = {}
+    for i, column in enumerate(columns, start=1):
+        if column.strip() and column in first:
+            raise DataError(f"column '{column}' appears twice (columns {first[column]} and {i}); rename or "
+                            "remove one", file=file, line=1, field=column)
+        first.setdefault(column, i)
 
+
+def _open_binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _text_lines(raw: BinaryIO, file: str) -> Iterator[str]:
+    """The file's physical lines decoded as UTF-8 (a BOM dropped); invalid UTF-8 is a DataError naming the line."""
+    for line_no, data in enumerate(raw, start=1):
+        try:
+            yield data.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"invalid UTF-8 (byte {data[exc.start]:#04x} at column {exc.start + 1}); save the file "
+                            "as UTF-8", file=file, line=line_no) from None
+        except (OSError, EOFError) as exc:  # a damaged .gz
+            raise DataError(f"cannot read the file: {exc}", file=file, line=line_no) from None
+
+
+def read_csv_records(path: str | Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """(header, records, physical line each record starts on) of a CSV file (.gz accepted), every cell as text.
+
+    Blank lines are skipped. A record with more or fewer cells than the header, invalid UTF-8 and a repeated
+    column name are DataErrors naming the physical line, which differs from the record number when cells hold
+    newlines. Shared by the routing-data and prompt readers."""
     path = Path(path)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    file = str(path)
+    # Prompts can be long; the csv module's default limit (128 KiB a cell) would refuse a long document.
+    csv.field_size_limit(1 << 30)
+    with _open_binary(path) as raw:
+        reader = csv.reader(_text_lines(raw, file))
+        records: list[list[str]] = []
+        starts: list[int] = []
+        header: list[str] | None = None
+        end = 0
+        try:
+            for record in reader:
+                start, end = end + 1, reader.line_num
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue  # a blank line
+                if header is None:
+                    header = record
+                    _check_header(header, file)
+                    continue
+                if len(record) != len(header):
+                    fewer = "fewer" if len(record) < len(header) else "more"
+                    raise DataError(f"row has {len(record)} cells, {fewer} than the header's {len(header)} "
+                                    "(an unquoted comma or newline?)", file=file, line=start)
+                records.append(record)
+                starts.append(start)
+        except csv.Error as exc:
+            raise DataError(f"not readable as CSV: {exc}", file=file, line=end + 1) from None
+    if header is None:
+        raise DataError("file is empty", file=file)
+    return header, records, starts
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and objects deeper than `limit` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string in `value` that holds a lone surrogate (JSON "\\ud800" escapes to one), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads' object hook: an object whose key repeats is refused (JSON would keep the last value)."""
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise DataError(f"key '{key}' appears twice in one object")
+        record[key] = value
+    return record
+
+
+def iter_jsonl_objects(path: str | Path, *, allow_surrogates: bool = True) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file (.gz accepted). A line that is not a JSON
+    object, invalid UTF-8, a key given twice and nesting deeper than MAX_JSON_DEPTH are DataErrors naming the
+    file and line; so is a lone surrogate ("\\ud800", not valid Unicode) unless `allow_surrogates` (`collect`
+    records such a prompt as failed rather than refusing the file). Shared by the routing-data and prompt readers."""
+    path = Path(path)
+    file = str(path)
+    with _open_binary(path) as raw:
+        for line_no, line in enumerate(_text_lines(raw, file), start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", file=str(path),
+                raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", file=file,
                                 line=line_no) from None
+            except RecursionError:
+                raise DataError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)", file=file,
+                                line=line_no) from None
+            except DataError as exc:
+                raise DataError(exc.reason, file=file, line=line_no) from None
             if not isinstance(record, dict):
-                raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(path),
+                raise DataError(f"expected a JSON object, got {type(record).__name__}", file=file, line=line_no)
+            # Counting brackets first keeps the walk off ordinary lines.
+            if line.count("[") + line.count("{") > MAX_JSON_DEPTH and _depth_over(record, MAX_JSON_DEPTH):
+                raise DataError(f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)", file=file,
                                 line=line_no)
+            if not allow_surrogates and _SURROGATE_ESCAPE.search(line):
+                bad = _lone_surrogate(record)
+                if bad is not None:
+                    raise DataError(f"text {bad[:40]!r} holds a lone surrogate escape, which is not valid "
+                                    "Unicode", file=file, line=line_no)
             yield line_no, record
 
 
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     records, lines = [], []
-    for line_no, record in iter_jsonl_objects(path):
+    for line_no, record in iter_jsonl_objects(path, allow_surrogates=False):
         records.append(record)
         lines.append(line_no)
     if not records:
@@ -187,9 +400,9 @@ def _prompt(value):
 
 
 class _Columns:
-    def __init__(self, prompt, id, target, score, category, cost, input_tokens, output_tokens):
+    def __init__(self, prompt, id, target, score, category, cost, input_tokens, output_tokens, split):
         self.prompt, self.id, self.target, self.score, self.category = prompt, id, target, score, category
-        self.cost, self.input_tokens, self.output_tokens = cost, input_tokens, output_tokens
+        self.cost, self.input_tokens, self.output_tokens, self.split = cost, input_tokens, output_tokens, split
 
 
 class _Builder:
@@ -204,7 +417,9 @@ class _Builder:
         self.prompts: list = []
         self.first_line: list[int] = []
         self.groups: list[str] = []
+        self.splits: list[str] = []
         self.input_tokens: list[float] = []
+        self.notes: list[str] = []
         self.target_index: dict[str, int] = {}
         # (prompt, target) -> (score, cost, output tokens, line)
         self.cells: dict[tuple[int, int], tuple[float, float, float, int]] = {}
@@ -247,6 +462,7 @@ class _Builder:
         if self.has_groups:
             raw = row.get(n.category)
             group = "(none)" if _missing(raw) else str(raw).strip()
+        split = self.split(row, line)
         tokens = self.number(row.get(n.input_tokens), line, n.input_tokens, what="input token count")
         i = self.index.get(key)
         if i is None:
@@ -255,6 +471,7 @@ class _Builder:
             self.prompts.append(prompt)
             self.first_line.append(line)
             self.groups.append(group)
+            self.splits.append(split)
             self.input_tokens.append(tokens)
             return i
         first = self.first_line[i]
@@ -263,9 +480,23 @@ class _Builder:
         if self.has_groups and group != self.groups[i]:
             raise self.error(f"prompt '{pid}' has category '{self.groups[i]}' on line {first}, "
                              f"'{group}' here", line, n.category)
+        if split != self.splits[i]:
+            raise self.error(f"prompt '{pid}' is in split '{self.splits[i]}' on line {first}, '{split}' here", line,
+                             n.split)
         if math.isnan(self.input_tokens[i]):
             self.input_tokens[i] = tokens
         return i
+
+    def split(self, row: dict, line: int) -> str:
+        """The row's split, "train" or "test" (see SPLIT_VALUES); "train" when no split column is read."""
+        if self.names.split is None:
+            return "train"
+        raw = row.get(self.names.split)
+        value = SPLIT_VALUES.get("" if _missing(raw) else str(raw).strip().lower())
+        if value is None:
+            shown = "empty" if _missing(raw) else repr(raw)
+            raise self.error(f"split {shown} is not one of {sorted(SPLIT_VALUES)}", line, self.names.split)
+        return value
 
     def add_cell(self, i: int, target: str, score, cost, output_tokens, line: int, *, score_field: str,
                  cost_field: str, output_field: str) -> None:
@@ -314,17 +545,26 @@ class _Builder:
                 notes.append(f"input tokens of {int(unknown_in.sum())} prompt(s) counted with the "
                              f"{counting_tokenizer().name} tokenizer")
         has_tokens = not np.isnan(input_tokens).any()
+        if self.names.split is not None:
+            held = self.splits.count("test")
+            notes.append(f"split: {n - held} training and {held} held-out prompts from column "
+                         f"'{self.names.split}'")
         ds = RoutingDataset(self.ids, self.prompts, names, Y, C, self.groups if self.has_groups else None,
-                            notes,
+                            self.notes + notes,
                             input_tokens=input_tokens if has_tokens else None, output_tokens=out,
-                            prices=self.prices)
+                            prices=self.prices, splits=self.splits if self.names.split is not None else None)
         if self.prices is not None:
             priced = ds.with_costs(CostModel.fit(ds))
             # Costs given in the file win over estimates.
             priced.C = np.where(np.isnan(C), priced.C, C)
             return priced
-        if np.isnan(C[~np.isnan(Y)]).any():
-            ds.notes.append("cost: some costs are unknown (NaN); pass a price table to estimate them")
+        unknown = np.isnan(C[~np.isnan(Y)])
+        if unknown.all():
+            ds.notes.append(f"{COST_NOTE_PREFIX}no costs are known; pass a price table to estimate them, or name "
+                            "the file's cost column (--cost-col)")
+        elif unknown.any():
+            ds.notes.append(f"{COST_NOTE_PREFIX}{int(unknown.sum())} of {unknown.size} costs are unknown (NaN); pass "
+                            "a price table to estimate them")
         return ds
 
 
@@ -338,9 +578,10 @@ def _records(frame: pd.DataFrame):
 
 def _read_long(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder) -> None:
     n = builder.names
+    columns = [str(c) for c in frame.columns]
     for needed in (n.target, n.score):
-        if needed not in frame.columns:
-            raise builder.error(f"missing column (found {list(frame.columns)})", 1, needed)
+        if needed not in columns:
+            raise _no_column(needed, columns, builder.file)
     for row, line in zip(_records(frame), lines.tolist()):
         target = row.get(n.target)
         if _missing(target):
@@ -350,34 +591,67 @@ def _read_long(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder) -> Non
                          line, score_field=n.score, cost_field=n.cost, output_field=n.output_tokens)
 
 
-def _read_wide(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder, keep: Sequence[str] | None) -> None:
+def _cost_pattern_of(columns: Sequence[str], targets: Sequence[str]) -> str | None:
+    """The wide cost pattern ("{target}|total_cost") that cost-like `columns` follow for the given targets."""
+    for column in columns:
+        for t in sorted(targets, key=len, reverse=True):
+            at = column.find(t)
+            if at >= 0:
+                return column[:at] + TARGET + column[at + len(t):]
+    return None
+
+
+def _read_wide(frame: pd.DataFrame, lines: np.ndarray, builder: _Builder, keep: Sequence[str] | None) -> list[str]:
+    """Read the wide layout into `builder`; returns notes on the columns left out."""
     n = builder.names
     columns = [str(c) for c in frame.columns]
-    reserved = {n.prompt, n.id, n.category, n.input_tokens, *CATEGORY_COLUMNS}
+    before, _, after = n.cost.partition(TARGET)
+
+    def is_cost(c: str) -> bool:
+        return c.startswith(before) and c.endswith(after) and len(c) > len(before) + len(after)
+
+    reserved = {n.prompt, n.id, n.category, n.input_tokens, n.split, *CATEGORY_COLUMNS}
+    others = [c for c in columns if c not in reserved and not is_cost(c) and not c.startswith(OUTPUT_TOKENS_PREFIX)]
+    unread: list[str] = []
     if keep is not None:
         missing = [t for t in keep if t not in columns]
         if missing:
             raise builder.error(f"missing target column(s) {missing}", 1, missing[0])
         targets = list(keep)
     else:
-        targets = [c for c in columns if c not in reserved
-                   and not c.startswith((COST_PREFIX, OUTPUT_TOKENS_PREFIX))]
+        # A column named like an id, a split, a category or a cost is not a target's scores.
+        unread = [c for c in others if _hint(c)]
+        targets = [c for c in others if c not in unread]
     if not targets:
         raise builder.error("no target score columns (wide layout needs one column per target)", 1, None)
     for c in columns:
-        for prefix in (COST_PREFIX, OUTPUT_TOKENS_PREFIX):
-            if c.startswith(prefix) and c[len(prefix):] not in columns:
-                raise builder.error(f"column '{c}' names no target column", 1, c)
+        if c.startswith(OUTPUT_TOKENS_PREFIX) and c[len(OUTPUT_TOKENS_PREFIX):] not in columns:
+            raise builder.error(f"column '{c}' names no target column", 1, c)
+        if is_cost(c) and c[len(before):len(c) - len(after)] not in columns:
+            raise builder.error(f"column '{c}' names no target column (cost columns are '{n.cost}')", 1, c)
+    if n.cost != COST_PREFIX + TARGET and not any(n.cost.replace(TARGET, t) in columns for t in targets):
+        raise builder.error(f"no column follows the cost pattern '{n.cost}' for targets {targets}", 1, "cost_col")
     if builder.prices is not None:
         for t in targets:
             if t not in builder.prices:
                 raise builder.error(f"unknown target '{t}' in the price table ({builder.prices.source}); "
                                     f"priced: {builder.prices.targets}", 1, t)
+    # What a misspelt reserved column would otherwise fail with: "score 'q1' is not a number" under its name.
+    known = [n.prompt, n.id, n.category, n.input_tokens, n.target, n.score]
+    misspelt = {t: difflib.get_close_matches(t, known, n=1, cutoff=0.75) for t in targets}
     for t in targets:  # registered up front so a column with no scores still keeps its place
         builder.target_index.setdefault(t, len(builder.target_index))
     for row, line in zip(_records(frame), lines.tolist()):
         i = builder.add_prompt(row, line)
         for t in targets:
-            cost_field, output_field = COST_PREFIX + t, OUTPUT_TOKENS_PREFIX + t
-            builder.add_cell(i, t, row.get(t), row.get(cost_field), row.get(output_field), line,
-                             score_field=t, cost_field=cost_field, output_field=output_field)
+            cost_field, output_field = n.cost.replace(TARGET, t), OUTPUT_TOKENS_PREFIX + t
+            try:
+                builder.add_cell(i, t, row.get(t), row.get(cost_field), row.get(output_field), line,
+                                 score_field=t, cost_field=cost_field, output_field=output_field)
+            except DataError as exc:
+                if not misspelt[t] or exc.field != t:
+                    raise
+                raise builder.error(f"{exc.reason} (is '{t}' a misspelt '{misspelt[t][0]}'? the file is read in the "
+                                    "wide layout, one score column per target)", line, t) from None
+    pattern = _cost_pattern_of([c for c in unread if _hint(c) == "cost"], targets)
+    return _unread_notes(unread, cost_pattern=pattern)

@@ -90,11 +90,12 @@ def format_stats(stats: dict, *, max_matrix: int = 8) -> str:
     for name, s in rows:
         lines.append(f"{name:<{width}}  {_fmt(s['accuracy'], '8.4f')}  {s['coverage']:8.4f}  "
                      f"{_fmt(s['mean_cost'], '12.3e')}")
-    best, dear = stats["best_single"], stats["most_expensive"]
+    best, dear = stats["best_single"] or "-", stats["most_expensive"]
     lines += ["",
               f"best single:     {best}  accuracy {_fmt(stats['best_single_accuracy'], '.4f')}  "
               f"mean cost ${_fmt(stats['best_single_cost'], '.3e')}",
-              f"most expensive:  {dear}  mean cost ${_fmt(stats['most_expensive_cost'], '.3e')}",
+              f"most expensive:  {dear}  mean cost ${_fmt(stats['most_expensive_cost'], '.3e')}" if dear else
+              "most expensive:  - (no costs are known: pass --prices, or --cost-col to read the file's costs)",
               f"oracle:          accuracy {_fmt(stats['oracle_accuracy'], '.4f')}  "
               f"mean cost ${_fmt(stats['oracle_cost'], '.3e')}"]
     if stats["prompts_without_scores"]:

@@ -73,6 +73,10 @@ class ReportRow:
             return float("nan"), float("nan")
         return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float("nan")
 
+    def covered(self, metric: str) -> int:
+        """How many folds have a value of `metric` (the folds `stat` averages)."""
+        return sum(math.isfinite(f.get(metric, np.nan)) for f in self.folds)
+
     def group_stat(self, group: str, metric: str = "accuracy") -> float:
         """Mean over folds of a group's metric (NaN folds and folds without the group ignored)."""
         values = np.array([f[group][metric] for f in self.by_group if group in f], dtype=np.float64)
@@ -95,6 +99,21 @@ def _unclean(x):
     if isinstance(x, list):
         return [_unclean(v) for v in x]
     return float("nan") if x is None else x
+
+
+# Under a table where some figure exists in only some folds.
+_PARTIAL_LEGEND = ("A figure marked (k of n folds) is the mean over the k folds where it exists: savings at "
+                   "best-single accuracy, for one, exist only in folds whose utility curve reaches the best single "
+                   "target's accuracy, so its mean flatters a router that often falls short.")
+
+
+def _cell(row: ReportRow, metric: str, how: str) -> str:
+    """mean ± std across folds, then "(k of n folds)" when only k of the row's n folds have a value."""
+    covered, total = row.covered(metric), len(row.folds)
+    text = _fmt(*row.stat(metric), how)
+    if covered < total and (covered or metric == "savings_at_best_single_accuracy"):
+        text += f" ({covered} of {total} folds)"
+    return text
 
 
 def _fmt(mean: float, std: float, how: str) -> str:
@@ -178,7 +197,11 @@ class Report:
 
     def _table(self, columns, rows) -> list[str]:
         return markdown_table(["", *(title for title, _, _ in columns)],
-                              [[r.name, *(_fmt(*r.stat(key), how) for _, key, how in columns)] for r in rows])
+                              [[r.name, *(_cell(r, key, how) for _, key, how in columns)] for r in rows])
+
+    def _partial(self, columns, rows) -> bool:
+        """Whether some cell of these columns averages fewer folds than its row has."""
+        return any(0 < r.covered(key) < len(r.folds) for r in rows for _, key, _ in columns)
 
     def _group_table(self) -> list[str]:
         with_groups = [r for r in self.rows if r.by_group]
@@ -196,12 +219,16 @@ class Report:
                  f"{self.n_folds} fold{'s' if self.n_folds != 1 else ''}")
         lines = [title, ""]
         lines += self._table(_MAIN_COLUMNS, self.rows)
+        partial = self._partial(_MAIN_COLUMNS, self.rows)
         if any(math.isfinite(r.stat(key)[0]) for r in self.rows for key in ("aiq", "p_auccc")):
             lines += ["", _AREA_LEGEND]
         routers = [r for r in self.rows if r.kind == "router"]
         if routers:
             lines += ["", "## Utility-policy operating points", ""]
             lines += self._table(_OPERATING_COLUMNS, routers)
+            partial = partial or self._partial(_OPERATING_COLUMNS, routers)
+        if partial:
+            lines += ["", _PARTIAL_LEGEND]
         with_dist = [r for r in self.rows if r.distributions]
         if with_dist:
             # targets as rows: a table 28 targets wide would not fit a page
@@ -318,7 +345,8 @@ def pool_summary(report: Report) -> list[dict]:
     for r in report.rows:
         entry = {"name": r.name, **{key: r.stat(key)[0] for key, _, _ in POOL_COLUMNS},
                  **{f"{key}_std": r.stat(key)[1] for key in POOL_SPREAD}}
-        reached = sum(np.isfinite(f.get("savings_at_best_single_accuracy", np.nan)) for f in r.folds)
+        reached = r.covered("savings_at_best_single_accuracy")
+        entry["folds"], entry["folds_reaching_best_single_accuracy"] = len(r.folds), reached
         if reached < len(r.folds):  # a mean over the few folds that got there would flatter a weak router
             entry["savings_at_best_single_accuracy"] = float("nan")
         entry["max_curve_accuracy"] = (float(np.mean([np.nanmax(Curve.from_dict(c).accuracy) for c in r.curves]))
@@ -328,7 +356,13 @@ def pool_summary(report: Report) -> list[dict]:
 
 
 def pool_markdown(title: str, rows: list[dict]) -> str:
+    def cell(r: dict, key: str, how: str) -> str:
+        text = _fmt(r[key], r.get(f"{key}_std", float("nan")), how)
+        reached, folds = r.get("folds_reaching_best_single_accuracy"), r.get("folds")
+        if key == "savings_at_best_single_accuracy" and reached is not None and reached < folds:
+            text += f" ({reached} of {folds} folds reach it)"
+        return text
+
     table = markdown_table(["contender", *(h for _, h, _ in POOL_COLUMNS)],
-                           [[r["name"], *(_fmt(r[key], r.get(f"{key}_std", float("nan")), how)
-                                          for key, _, how in POOL_COLUMNS)] for r in rows])
+                           [[r["name"], *(cell(r, key, how) for key, _, how in POOL_COLUMNS)] for r in rows])
     return "\n".join([f"### {title}", "", *table]) + "\n"

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from prefill_router.data.prompt import prompt_hashes
-from prefill_router.errors import ConfigError
+from prefill_router.errors import ConfigError, DataError
 from prefill_router.features.encoder import Encoder, EncoderSpec, _as_prompt_list, _check_poolings
-from prefill_router.features.store import FeatureSet, FeatureStore, identity_diff, is_store, remove_store
+from prefill_router.features.store import REPAIR, FeatureSet, FeatureStore, identity_diff, is_store, remove_store
 from prefill_router.features.surprise import SURPRISE
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def _mismatch(store: FeatureSet, identity: dict, hashes: list[str], wanted: dict
         missing = [layer for layer in layers if layer not in store.hidden_states[pooling]]
         if missing:
             return f"its {pooling!r} pooling lacks hidden state(s) {missing}"
+    try:
+        store.done, store.tokens  # noqa: B018 (read to check them)
+    except DataError as exc:  # damaged: --overwrite recomputes it
+        return exc.reason.removesuffix(f"; {REPAIR}")
     return None
 
 

@@ -32,6 +32,8 @@ STORE_FORMAT = "prefill-router-features"
 STORE_VERSION = 1
 STORE_DTYPES = ("float16", "float32")
 MANIFEST = "manifest.json"
+# How to recover a store whose done or tokens array is damaged: which rows hold features is then unknown.
+REPAIR = "run `prefill-router extract` again with --overwrite to recompute every row"
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -91,14 +93,30 @@ class FeatureSet:
     @property
     def done(self) -> np.ndarray:
         """bool [rows], read from disk each time (a writer may be filling the store)."""
-        done: np.ndarray = np.load(self.path / "done.npy", allow_pickle=False)
-        return done
+        return self._vector("done.npy", np.bool_, "which rows are finished is unknown")
 
     @property
     def tokens(self) -> np.ndarray:
-        file = self.path / "tokens.npy"
-        tokens: np.ndarray = np.load(file, allow_pickle=False) if file.is_file() else np.zeros(self.n, dtype=np.int32)
-        return tokens
+        if not (self.path / "tokens.npy").is_file():
+            return np.zeros(self.n, dtype=np.int32)
+        return self._vector("tokens.npy", np.integer, "prompt lengths are unknown")
+
+    def _vector(self, name: str, kind: type, loss: str) -> np.ndarray:
+        """One of the store's [rows] arrays; a damaged one (truncated, pickled, the wrong shape or type) is a
+        DataError that says how to recover. Never unpickled: loading a store must not run code."""
+        file = self.path / name
+        try:
+            array: np.ndarray = np.load(file, allow_pickle=False)
+            problem = None
+            if array.shape != (self.n,) or not np.issubdtype(array.dtype, kind):
+                problem = f"holds {array.dtype} {array.shape}, expected {np.dtype(kind).name} ({self.n},)"
+        except FileNotFoundError:
+            problem = "is missing"
+        except (OSError, ValueError, EOFError) as exc:  # truncated, pickled, or not a .npy file at all
+            problem = f"cannot be read ({exc})"
+        if problem is None:
+            return array
+        raise DataError(f"{name} {problem}, so {loss}; {REPAIR}", file=str(file))
 
     @property
     def complete(self) -> bool:

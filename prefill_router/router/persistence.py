@@ -27,7 +27,7 @@ from prefill_router.router.fallback import FallbackScorer
 from prefill_router.router.runtime import Router
 from prefill_router.router.transform import transform_from_state
 from prefill_router.router.trunk import TrunkEnsemble
-from prefill_router.utils import atomic_write_json, file_sha256
+from prefill_router.utils import atomic_write_bytes, atomic_write_json, file_sha256
 
 FORMAT = "prefill-router-checkpoint/1"
 CONFIG_FILE = "router.json"
@@ -36,14 +36,16 @@ TENSORS_FILE = "router.safetensors"
 
 def save_router(router: Router, path: str | Path) -> Path:
     """Write `router` to the folder `path` (created if needed): the tensors, then router.json with their SHA-256."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {**router.transform.state_arrays(), **router.predictor.state_arrays(),
               **(router.fallback.state_arrays() if router.fallback is not None else {})}
     tensors_path = folder / TENSORS_FILE
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tensors_path))
+    # As bytes, then an atomic write: safetensors' save_file makes the file 0600 whatever the umask, and a gateway
+    # running as another user could not read it.
+    atomic_write_bytes(tensors_path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
     meta = {
         "format": FORMAT,
         "targets": router.targets,

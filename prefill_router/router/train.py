@@ -6,7 +6,10 @@ The default policy ("auto" at training time) is the one the evaluation reports (
 utility at the largest lambda whose smoothed accuracy on out-of-fold predictions of the training rows stays
 within `max_accuracy_drop` (one point by default) of the best single target's, or always that target
 ("fixed:<k>") when routing loses more even at lambda 0.
-Without prices there is nothing to trade, and the default is argmax.
+The cost model comes from the dataset's price table; without one, from the data's own per-row costs (each
+target's mean cost over the training rows, `CostModel.from_row_costs`), and the policy is then chosen on those
+mean costs, the ones the router sees when it routes. Without prices or costs there is nothing to trade, and
+the default is argmax.
 
 The same call fits the fast fallback scorer (router/fallback.py) on the same rows, with its own default policy
 chosen the same way, when the token-embedding mean of the rows is at hand: given as `fallback_features`, or read
@@ -206,17 +209,18 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     Z = transform.transform(X)
     predictor = TrunkEnsemble(trunk_cfg).fit(Z, Y)
 
-    if cost_model is None and getattr(dataset, "prices", None) is not None:
-        from prefill_router.data.prices import CostModel
-
-        cost_model = CostModel.fit(dataset, rows)
+    C = dataset.C[rows]
+    if cost_model is None:
+        cost_model = _cost_model_of(dataset, rows)
+        if cost_model is not None and getattr(dataset, "prices", None) is None:
+            C = cost_model.estimate(np.zeros(len(rows)))  # the mean costs routing will see, not each row's own
     metrics: dict = {"train_rows": len(rows), "feature_dim": int(Z.shape[1]),
                      "val_losses": predictor.val_losses}
     if layer_choice is not None:
         metrics["layer_choice"] = layer_choice
     policy = config.policy.strip()
     if policy.lower() == "auto":
-        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model)
+        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, C, cost_model)
     else:
         policy_from_spec(policy)  # fail now on a bad spec
     fallback = None
@@ -241,14 +245,32 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
                   sources=[main, *(s.record() for s in sources)] if sources else None, fallback=fallback)
 
 
+def _cost_model_of(dataset, rows: np.ndarray):
+    """The dataset's price table fitted on the training rows; else the mean of its own per-row costs when every
+    target has some; else None (with a warning when only some targets have costs)."""
+    from prefill_router.data.prices import CostModel
+
+    if getattr(dataset, "prices", None) is not None:
+        return CostModel.fit(dataset, rows)
+    known = np.isfinite(dataset.C[rows])
+    if not (dataset.C[rows][known] > 0).any():  # no costs, or all free: nothing to trade
+        return None
+    unpriced = [t for t, k in zip(dataset.targets, known.any(axis=0)) if not k]
+    if unpriced:
+        warnings.warn(f"no per-row cost for target(s) {unpriced} in the training rows, so the data's costs are not "
+                      "used; pass prices to trade cost for accuracy", UserWarning, stacklevel=3)
+        return None
+    return CostModel.from_row_costs(dataset, rows)
+
+
 def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,
                         C: np.ndarray, cost_model) -> tuple[str, dict]:
     """The "auto" default policy and how it was chosen (see the module docstring)."""
     known = np.isfinite(C) & (C > 0)
     if cost_model is None or not known.any():
-        warnings.warn("training without prices: the router cannot trade cost for accuracy, so its default "
-                      "policy is argmax (always the target most likely to be right); pass prices to save money",
-                      UserWarning, stacklevel=3)
+        warnings.warn("training without prices or per-row costs: the router cannot trade cost for accuracy, so "
+                      "its default policy is argmax (always the target most likely to be right); pass prices (or "
+                      "name the data's cost column) to save money", UserWarning, stacklevel=3)
         return "argmax", {"rule": "argmax: no prices to trade against"}
     if config.calibration_folds < 2:
         raise ConfigError("policy: 'auto' needs calibration_folds >= 2 (out-of-fold predictions to choose lambda "
