@@ -61,6 +61,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["gemini-1.5-pro-002", "gemini-1.5-flash-002", "Meta-Llama-3_1-8B-Instruct"]
+# --load routes over the pool `make run` ships a money-saving default for: the best model and its cheap sibling.
+LOAD_TARGETS = ["gemini-1.5-pro-002", "gemini-1.5-flash-002"]
 
 
 def log(message: str) -> None:
@@ -74,7 +76,7 @@ def free_port() -> int:
 
 
 def train_router(out: Path, encoder_name: str, train_rows: int, total_rows: int, data_root: str,
-                 policy: str | None = "argmax"):
+                 policy: str | None = "argmax", targets: list[str] = TARGETS):
     """A router on the first `train_rows` MMLU-Pro questions; returns the prompts of the rows after them.
 
     It trains on the shared reference features (SmolLM2 mean pooling, 6 hidden states), so no prompt is
@@ -84,7 +86,7 @@ def train_router(out: Path, encoder_name: str, train_rows: int, total_rows: int,
     from prefill_router.features import load_encoder
     from prefill_router.router import train_router as fit
 
-    data = load_mmlu_pro(data_root, targets=TARGETS, limit=total_rows)
+    data = load_mmlu_pro(data_root, targets=targets, limit=total_rows)
     reference = Path(data_root) / "mmlu-pro" / "features-smollm2-135m"
     layout = json.loads((reference / "layout.json").read_text())
     done = np.load(reference / "done.npy")[:train_rows]
@@ -252,7 +254,6 @@ async def load_decisions(url: str, prompts: list, concurrency: int) -> tuple[flo
 
 def main_load(args) -> None:
     from prefill_router.data import load_mmlu_pro
-    from prefill_router.data.builtin import SHIPPED_DATA
     from prefill_router.router import Router
 
     n, cores = args.load_prompts, os.cpu_count() or 1
@@ -260,8 +261,8 @@ def main_load(args) -> None:
         folder = Path(tmp)
         start = time.perf_counter()
         prompts = train_router(folder / "router", args.encoder, args.train_rows, args.train_rows + n, args.data,
-                               policy=None)[:n]
-        data = load_mmlu_pro(SHIPPED_DATA, targets=TARGETS, limit=args.train_rows + n)
+                               policy=None, targets=LOAD_TARGETS)[:n]
+        data = load_mmlu_pro(args.data, targets=LOAD_TARGETS, limit=args.train_rows + n)
         router = Router.load(folder / "router")
         log(f"router trained in {time.perf_counter() - start:.0f}s: default policy {router.default_policy}, "
             f"fallback {router.fallback.policy if router.fallback else None}")
@@ -271,7 +272,7 @@ def main_load(args) -> None:
         train_acc = np.nanmean(data.Y[:args.train_rows], axis=0)
         best = int(np.argmax(train_acc))
         Y, C = data.Y[args.train_rows:args.train_rows + n], data.C[args.train_rows:args.train_rows + n]
-        prices = {t: p for t, p in zip(TARGETS, (price_of(t) for t in TARGETS))}
+        prices = {t: price_of(t) for t in LOAD_TARGETS}
         upstream, match = start_process([sys.executable, "-m", "prefill_router", "fake-upstream", "--port", "0",
                                          "--delay", str(args.upstream_delay_ms / 1000), "--content",
                                          "The answer is (B)."], r"listening on (http://\S+)")
@@ -283,7 +284,7 @@ def main_load(args) -> None:
                 config = {"router": {"checkpoint": str(folder / checkpoint), "prefix_cache_mb": 0},
                           "targets": [{"name": t, "base_url": match.group(1), "timeout_s": 60,
                                        "usd_per_m_input": prices[t][0], "usd_per_m_output": prices[t][1]}
-                                      for t in TARGETS],
+                                      for t in LOAD_TARGETS],
                           "batching": batching, "cache_size": 0, "max_body_bytes": 10_000_000,
                           "listen": {"max_connections": 4096}}
                 log(f"gateway: {mode}")
@@ -296,8 +297,8 @@ def main_load(args) -> None:
         finally:
             upstream.terminate()
             upstream.wait(timeout=30)
-    print(f"\nRouting under traffic: {n} held-out MMLU-Pro prompts per level, targets {', '.join(TARGETS)}; "
-          f"best single target (training accuracy): {TARGETS[best]} "
+    print(f"\nRouting under traffic: {n} held-out MMLU-Pro prompts per level, targets {', '.join(LOAD_TARGETS)}; "
+          f"best single target (training accuracy): {LOAD_TARGETS[best]} "
           f"({100 * np.nanmean(Y[:, best]):.2f} % on these prompts, ${np.nansum(C[:, best]):.4f}); "
           f"{cpu_model()}, {cores} cores, load average at the end {os.getloadavg()[0]:.1f}; fake upstream delay "
           f"{args.upstream_delay_ms:g} ms. Accuracy and dollars from the targets' known outcomes and costs.")
@@ -316,7 +317,7 @@ def main_load(args) -> None:
 def load_row(mode: str, concurrency: int, wall: float, seen: list[dict], Y: np.ndarray, C: np.ndarray, best: int,
              cores: int) -> dict:
     ok = [s for s in seen if s["status"] == 200]
-    picks = np.array([TARGETS.index(s["target"]) for s in ok])
+    picks = np.array([LOAD_TARGETS.index(s["target"]) for s in ok])
     rows = np.array([s["i"] for s in ok])
     spent, always_best = float(np.nansum(C[rows, picks])), float(np.nansum(C[rows, best]))
     by = [s["by"] for s in ok]

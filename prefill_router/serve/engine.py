@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROUTE_TOKENS = 512
 CHARS_PER_TOKEN = 4  # to estimate the input tokens the router did not read, for the cost estimate only
 PROMPT_OVERHEAD_CHARS = 64  # a prompt's fixed share of a forward pass (template, call), in characters of work
+# Admission sends a prompt to the encoder only when its estimated wait is within this share of the deadline: the
+# drain rate is an average, and a prompt admitted on an optimistic estimate waits the whole deadline out.
+ADMISSION_MARGIN = 0.8
 
 
 class BadMessages(DataError):
@@ -333,7 +336,8 @@ class RoutingEngine:
         exceeded = False
         key = messages_key(window)
         if fast is not None and self.deadline_s is not None and key not in self.cache and \
-                key not in self._inflight and self.batcher.estimated_wait(window) > self.deadline_s:
+                key not in self._inflight and \
+                self.batcher.estimated_wait(window) > ADMISSION_MARGIN * self.deadline_s:
             # Admission control: the queue ahead cannot be scored in time, so decide now rather than wait the
             # deadline out (the prompt is not queued: nobody would wait for it).
             if self.metrics is not None:
