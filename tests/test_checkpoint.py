@@ -95,21 +95,26 @@ def test_truncated_tensors_are_refused_naming_the_file(array_router, tmp_path):
         Router.load(bad)
 
 
-def test_non_finite_tensors_are_refused_even_with_a_matching_hash(array_router, tmp_path):
+def tampered(folder, out, change):
+    """A copy of the checkpoint in `folder` with each float tensor replaced by `change(name, array)`, and the
+    tensors' SHA-256 in router.json updated to match (only the content check can refuse it)."""
     from safetensors.numpy import load_file, save_file
 
     from prefill_router.utils import file_sha256
 
-    _, folder, _ = array_router
-    bad = tmp_path / "nan"
-    bad.mkdir()
-    arrays = load_file(str(folder / TENSORS_FILE))
-    arrays = {name: np.full_like(a, np.nan) if np.issubdtype(a.dtype, np.floating) else a
-              for name, a in arrays.items()}
-    save_file(arrays, str(bad / TENSORS_FILE))
+    out.mkdir()
+    arrays = {name: change(name, a) if np.issubdtype(a.dtype, np.floating) else a
+              for name, a in load_file(str(folder / TENSORS_FILE)).items()}
+    save_file(arrays, str(out / TENSORS_FILE))
     meta = json.loads((folder / CONFIG_FILE).read_text())
-    meta["tensors_sha256"] = file_sha256(bad / TENSORS_FILE)
-    (bad / CONFIG_FILE).write_text(json.dumps(meta))
+    meta["tensors_sha256"] = file_sha256(out / TENSORS_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    return out
+
+
+def test_non_finite_tensors_are_refused_even_with_a_matching_hash(array_router, tmp_path):
+    _, folder, _ = array_router
+    bad = tampered(folder, tmp_path / "nan", lambda name, a: np.full_like(a, np.nan))
     with pytest.raises(CheckpointError, match="NaN or infinity"):
         Router.load(bad)
 
@@ -266,19 +271,9 @@ def test_checkpoint_module_still_exports_the_split_parts():
 @pytest.mark.parametrize("value", [1e30, 0.0])
 def test_a_checkpoint_with_saturated_or_constant_outputs_is_refused(array_router, tmp_path, value):
     """Finite weights that pass the NaN check but make P meaningless (all 1e30: saturated; all 0: constant)."""
-    from safetensors.numpy import load_file, save_file
-
-    from prefill_router.utils import file_sha256
-
     _, folder, _ = array_router
-    bad = tmp_path / "absurd"
-    bad.mkdir()
-    arrays = {name: np.full_like(a, value) if name.startswith("trunk") and np.issubdtype(a.dtype, np.floating)
-              else a for name, a in load_file(str(folder / TENSORS_FILE)).items()}
-    save_file(arrays, str(bad / TENSORS_FILE))
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    meta["tensors_sha256"] = file_sha256(bad / TENSORS_FILE)
-    (bad / CONFIG_FILE).write_text(json.dumps(meta))
+    bad = tampered(folder, tmp_path / "absurd",
+                   lambda name, a: np.full_like(a, value) if name.startswith("trunk") else a)
     with pytest.raises(CheckpointError, match="saturated|same probabilities"):
         Router.load(bad)
     Router.load(folder)  # the trained one passes the same check

@@ -328,55 +328,31 @@ def test_reload_needs_the_admin_key_and_refuses_a_foreign_encoder(checkpoint, en
 def test_sighup_reloads_the_checkpoint_of_a_serving_process(checkpoint, encoder, upstreams, tmp_path):
     """`python -m prefill_router serve` in its own process: SIGHUP re-reads router.checkpoint; the new router
     decides from then on."""
-    import re
     import shutil
     import signal
-    import subprocess
-    import sys
-    import threading
+
+    from gateway_helpers import gateway_process
 
     served = tmp_path / "served"
     shutil.copytree(checkpoint, served)
     replacement = Router.load(train_tiny_router(encoder, tmp_path / "replacement", n=24), encoder=encoder)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(json.dumps({"router": {"checkpoint": str(served), "quantize": None},
-                                "targets": upstream_targets(upstreams)}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "prefill_router", "serve", "--config", str(path), "--port", "0",
-                             "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    lines: list[str] = []
-    bound = threading.Event()
-
-    def drain() -> None:  # keep reading, so the server never blocks on a full pipe
-        for line in proc.stdout:
-            lines.append(line)
-            if "Uvicorn running on" in line:
-                bound.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        assert bound.wait(120), "".join(lines)
-        url = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", "".join(lines)).group(1)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            loaded = client.get("/health").json()["loaded_unix"]
-            for name in ("router.safetensors", "router.json"):
-                shutil.copy(tmp_path / "replacement" / name, served / name)
-            proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 60
-            while client.get("/health").json()["loaded_unix"] == loaded and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert client.get("/health").json()["loaded_unix"] > loaded, "".join(lines)
-            decision = client.post("/v1/route", json={"messages": question(5)}).json()
-        expected = replacement.route(question(5))
-        assert decision["target"] == expected.target
-        assert [decision["probabilities"][t] for t in TARGETS] == \
-            pytest.approx([expected.probabilities[t] for t in TARGETS], abs=1e-5)
-        assert sum("router reloaded" in line for line in lines) == 1  # logged once, naming the signal
-        assert any("SIGHUP: router reloaded" in line for line in lines)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    config = {"router": {"checkpoint": str(served), "quantize": None}, "targets": upstream_targets(upstreams)}
+    with gateway_process(config, tmp_path) as (url, lines, proc), httpx.Client(base_url=url, timeout=30) as client:
+        loaded = client.get("/health").json()["loaded_unix"]
+        for name in ("router.safetensors", "router.json"):
+            shutil.copy(tmp_path / "replacement" / name, served / name)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while client.get("/health").json()["loaded_unix"] == loaded and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get("/health").json()["loaded_unix"] > loaded, "".join(lines)
+        decision = client.post("/v1/route", json={"messages": question(5)}).json()
+    expected = replacement.route(question(5))
+    assert decision["target"] == expected.target
+    assert [decision["probabilities"][t] for t in TARGETS] == \
+        pytest.approx([expected.probabilities[t] for t in TARGETS], abs=1e-5)
+    assert sum("router reloaded" in line for line in lines) == 1  # logged once, naming the signal
+    assert any("SIGHUP: router reloaded" in line for line in lines)
 
 
 @pytest.mark.slow
