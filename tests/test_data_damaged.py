@@ -128,7 +128,7 @@ def test_a_surrogate_pair_is_valid_text(tmp_path):
 
 def test_invalid_utf8_in_a_csv_names_the_line(tmp_path):
     path = tmp_path / "latin1.csv"
-    path.write_bytes("prompt,target,score\nok,a,1\n".encode() + "café,a,1\n".encode("latin-1"))
+    path.write_bytes(b"prompt,target,score\nok,a,1\n" + "café,a,1\n".encode("latin-1"))
     with pytest.raises(DataError, match="invalid UTF-8") as info:
         read_routing_data(path)
     assert info.value.line == 3

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from prefill_router.errors import ConfigError
-
 from prefill_router.cli.common import (
     COLUMN_OPTIONS,
     DATA_ROOT_HELP,
@@ -20,6 +18,7 @@ from prefill_router.cli.common import (
     column_names,
     under_flags,
 )
+from prefill_router.errors import ConfigError
 
 BUILTINS = ("mmlu-pro", "routellm-mmlu", "routellm-gsm8k")
 

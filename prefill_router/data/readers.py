@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
-from prefill_router.data.dataset import SPLITS, RoutingDataset
+from prefill_router.data.dataset import RoutingDataset
 from prefill_router.data.prices import COST_NOTE_PREFIX, CostModel, PriceTable
 from prefill_router.data.prompt import check_prompt, prompt_hash, prompt_key
 from prefill_router.data.tokens import count_tokens, counting_tokenizer
@@ -215,7 +215,7 @@ def _check_header(columns: Sequence[str], file: str) -> None:
 
 
 def _open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # type: ignore[return-value]
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def _text_lines(raw: BinaryIO, file: str) -> Iterator[str]:
