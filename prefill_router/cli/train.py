@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         if args.holdout > 0:
             raise ConfigError("--holdout and --split-col both choose held-out prompts; give one")
         rows, test = ds.split_rows()
+        if not rows.size:
+            raise ConfigError(f"--split-col {args.split_col}: every prompt is a test prompt; none is left to train on")
     elif args.holdout > 0:
         rows, test = train_test_split(ds, test_size=args.holdout, seed=args.seed)
     rows, test = rows[done[rows]], test[done[test]]
