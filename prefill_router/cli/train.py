@@ -154,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         if args.holdout > 0:
             raise ConfigError("--holdout and --split-col both choose held-out prompts; give one")
         rows, test = ds.split_rows()
+        if not rows.size:
+            raise ConfigError(f"--split-col {args.split_col}: every prompt is a test prompt; none is left to train on")
     elif args.holdout > 0:
         rows, test = train_test_split(ds, test_size=args.holdout, seed=args.seed)
     rows, test = rows[done[rows]], test[done[test]]
@@ -183,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
         Xte = X[test][:, [states.index(s) for s in router.hidden_states]]
         P = router.predict_proba_features(stack_sources(Xte, sources, test) if sources else Xte)
         Yte, Cte = ds.Y[test], ds.C[test]
-        choice = router.choose(P, Cte)
+        # Routed on the router's own cost estimates, as it routes when deployed (a prompt's real cost is known
+        # only after the call); what that spends is then counted at the rows' real costs.
+        tokens = ds.input_tokens[test] if ds.input_tokens is not None else np.zeros(test.size)
+        choice = router.choose(P, router.estimate_costs(tokens))
         best_k, _, _ = metrics.best_single(ds.Y[rows], ds.C[rows])
         router.metrics["holdout"] = {
             "rows": int(test.size),

@@ -7,9 +7,9 @@ utility at the largest lambda whose smoothed accuracy on out-of-fold predictions
 within `max_accuracy_drop` (one point by default) of the best single target's, or always that target
 ("fixed:<k>") when routing loses more even at lambda 0.
 The cost model comes from the dataset's price table; without one, from the data's own per-row costs (each
-target's mean cost over the training rows, `CostModel.from_row_costs`), and the policy is then chosen on those
-mean costs, the ones the router sees when it routes. Without prices or costs there is nothing to trade, and
-the default is argmax.
+target's mean cost over the training rows, `CostModel.from_row_costs`). Either way the policy is chosen on the
+training rows' own costs, as the evaluation chooses it, so a file's costs give the same lambda whether or not a
+price table comes with them. Without prices or costs there is nothing to trade, and the default is argmax.
 
 The same call fits the fast fallback scorer (router/fallback.py) on the same rows, with its own default policy
 chosen the same way, when the token-embedding mean of the rows is at hand: given as `fallback_features`, or read
@@ -209,18 +209,15 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     Z = transform.transform(X)
     predictor = TrunkEnsemble(trunk_cfg).fit(Z, Y)
 
-    C = dataset.C[rows]
     if cost_model is None:
         cost_model = _cost_model_of(dataset, rows)
-        if cost_model is not None and getattr(dataset, "prices", None) is None:
-            C = cost_model.estimate(np.zeros(len(rows)))  # the mean costs routing will see, not each row's own
     metrics: dict = {"train_rows": len(rows), "feature_dim": int(Z.shape[1]),
                      "val_losses": predictor.val_losses}
     if layer_choice is not None:
         metrics["layer_choice"] = layer_choice
     policy = config.policy.strip()
     if policy.lower() == "auto":
-        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, C, cost_model)
+        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model)
     else:
         policy_from_spec(policy)  # fail now on a bad spec
     fallback = None
