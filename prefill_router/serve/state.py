@@ -174,8 +174,9 @@ class Gateway:
         keep = self.config.ui.recent_decisions - 1
         commands: list[Command] = [("SET", s.key("decision", entry["id"]), dumps(entry), "EX",
                                     int(self.config.feedback.retention_s))]
-        if new:
-            for listing in (s.key("decisions"), s.key("decisions", str(entry["key"]))):
+        if new:  # listed for operators, and for its key (an open API has none)
+            listings = [s.key("decisions")] + ([s.key("decisions", entry["key"])] if entry["key"] else [])
+            for listing in listings:
                 commands += [("LPUSH", listing, entry["id"]), ("LTRIM", listing, 0, keep)]
         return commands
 
