@@ -44,7 +44,7 @@ class SlowEncoder(RouterScorer):
 @contextmanager
 def gateway(scorer, ups, **router_section):
     config = gateway_config(ups, router={"checkpoint": None, "deadline_ms": DEADLINE_MS, **router_section},
-                            batching={"max_batch_size": 1}, cache_size=0)
+                            batching={"max_batch_size": 1})
     with BackgroundServer(create_app(parse_gateway_config(config), scorer)) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
@@ -61,10 +61,18 @@ def test_a_saturated_gateway_decides_every_request_with_a_learned_scorer_in_time
     scorer = SlowEncoder(router, max_route_tokens=32)
     with gateway(scorer, upstreams) as client:
         replies = flood(client, 60)
+        # A conversation whose first turn the fallback decided stays on its target once the encoder is free.
+        first = next(i for i, r in enumerate(replies) if r.headers["x-router-decided-by"] == "fallback")
+        time.sleep(FORWARD_S * 70)  # the queue has drained
+        turn_2 = client.post("/v1/chat/completions", json={"model": "router", "messages": question(1000 + first) + [
+            {"role": "assistant", "content": "The answer is 4."}, {"role": "user", "content": "Why?"}]})
         decisions = client.get("/v1/decisions", params={"limit": 100}).json()["data"]
         stats = client.get("/v1/stats").json()
         prometheus = client.get("/metrics").text
     assert [r.status_code for r in replies] == [200] * 60
+    assert turn_2.headers["x-router-cache"] == "hit"
+    assert turn_2.headers["x-router-target"] == replies[first].headers["x-router-target"]
+    assert turn_2.headers["x-router-decided-by"] == "fallback"  # the cached decision is the fallback's
     decided = [r.headers["x-router-decided-by"] for r in replies]
     assert set(decided) <= {"prefill", "fallback"} and decided.count("fallback") > 0 and "prefill" in decided
     for r in replies:
@@ -79,6 +87,7 @@ def test_a_saturated_gateway_decides_every_request_with_a_learned_scorer_in_time
     got = fallback_reply.json()["router_decision"]["probabilities"]
     assert [got[t] for t in router.targets] == pytest.approx(P[0].tolist(), abs=1e-6)
     assert metric(prometheus, "prefill_router_decisions_total", scorer="default") == 0
+    decided.append("fallback")  # turn 2
     assert metric(prometheus, "prefill_router_decisions_total", scorer="fallback") == decided.count("fallback")
     assert metric(prometheus, "prefill_router_admission_fallbacks_total") > 0  # decided at arrival, not waited out
     assert stats["decided_by"] == {k: decided.count(k) for k in set(decided)}

@@ -285,7 +285,8 @@ class RoutingEngine:
             result = await self.batcher.submit(messages, wanted=lambda: entry.waiters > 0)
         finally:
             self._inflight.pop(key, None)
-        self.cache.put(key, result)
+        if key not in self.cache:  # a fallback decision made meanwhile stays: the conversation keeps its target
+            self.cache.put(key, result)
         return result
 
     async def decide(self, messages: list[Message], *, policy: str | None = None, lam: float | None = None,
@@ -350,6 +351,9 @@ class RoutingEngine:
         if scores is None and fast is not None:
             try:
                 scores = fast([window])[0]
+                # Cached like the prefill's: the next turn of a `first_turn` conversation (the same window) then
+                # goes where this one went, even once the encoder has caught up.
+                self.cache.put(key, scores)
             except Exception:  # noqa: BLE001 - the default target is the last resort; the cause is logged
                 logger.exception("fallback scorer failed; routing to the default target")
         if scores is None:
