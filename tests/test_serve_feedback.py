@@ -383,3 +383,15 @@ def test_train_on_feedback_errors_are_one_line(checkpoint, encoder, upstreams, t
     message = error(["train", "--feedback", str(journal), "--from", str(other), "--out", out])
     assert "encoder" in message and str(journal) in message
     assert not (tmp_path / "new" / "router.json").exists()
+
+
+def test_a_decision_from_v1_route_takes_feedback_by_its_request_id(checkpoint, encoder, upstreams, tmp_path):
+    """A caller that sends the request upstream itself (a LiteLLM plugin) scores the decision by its id."""
+    with serving(checkpoint, encoder, upstreams, feedback={"dir": str(tmp_path / "journal")}) as (client, _):
+        decision = client.post("/v1/route", json={"messages": question(4)}).json()
+        scored = client.post("/v1/feedback", json={"id": decision["request_id"], "score": 1})
+    assert decision["request_id"].startswith("rr-")
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["target"] == decision["target"]
+    rows = read_feedback(tmp_path / "journal")
+    assert rows.ids == [decision["request_id"]] and rows.chosen == [decision["target"]]

@@ -345,7 +345,11 @@ async def route(request: Request, gw: GatewayDep, who: CallerDep) -> JSONRespons
                                param="model")
         options, choice = router_options(engine, body, choice, who)
         decision = await decide(gw, engine, choice, messages, options, request, body)
-    return JSONResponse({**decision.to_dict(), "model": choice.requested,
+        # The caller sends the request upstream itself (a LiteLLM plugin, say); the id lets it post feedback on
+        # this decision later, as for a chat reply.
+        request_id = f"rr-{uuid.uuid4().hex}"
+        await gw.publish(gw.record_features(engine, request_id, None, decision, decision.target, who.alias))
+    return JSONResponse({**decision.to_dict(), "model": choice.requested, "request_id": request_id,
                          "fallback_chain": gw.config.fallback_chain(decision.target)})
 
 
