@@ -144,7 +144,9 @@ class SentenceEmbedder:
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids as the model reads them (truncated at MAX_TOKENS)."""
         tokenizer, _ = self._load()
-        return tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS, add_special_tokens=True)["input_ids"]
+        ids: list[list[int]] = tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS,
+                                         add_special_tokens=True)["input_ids"]
+        return ids
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = True,
                bar: TokenBar | None = None) -> np.ndarray:

@@ -158,13 +158,13 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
 
         cost_model = CostModel.fit(dataset, rows)
     trunk_cfg = config.trunk.model_copy(update={"progress": progress or config.trunk.progress})
-    if config.layers == "auto" and states is None:
-        raise ConfigError("layers: 'auto' needs features with a hidden-state axis ([N, L, H]), not a flat array")
     work = WorkBar(_plan(config, len(rows), states, _calibrates(config, cost_model, dataset.C[rows])),
                    title=f"training a router on {len(rows):,} prompts x {dataset.k} targets",
                    disable=not trunk_cfg.progress)
     layer_choice = None
     if config.layers == "auto":
+        if states is None:
+            raise ConfigError("layers: 'auto' needs features with a hidden-state axis ([N, L, H]), not a flat array")
         work.step("layers")
         chosen, layer_choice = choose_states(
             X, states, Y, pca=config.pca, trunk=trunk_cfg, folds=config.calibration_folds,
