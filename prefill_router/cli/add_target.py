@@ -49,10 +49,6 @@ def _price(value: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_router.data import read_routing_data
-    from prefill_router.router import Router
-    from prefill_router.router.add_target import add_target, check_new_labels, price_from_costs, require_price
-
     name = args.add_target.strip()
     if args.feedback:
         raise ConfigError("--add-target and --feedback are alternatives; give one")
@@ -63,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset:
         raise ConfigError("--add-target reads its prompts from --labels, not --dataset")
     price = _price(args.price)
+    # Imported after the argument checks, so that a mistyped command answers without loading torch.
+    from prefill_router.data import read_routing_data
+    from prefill_router.router import Router
+    from prefill_router.router.add_target import add_target, check_new_labels, price_from_costs, require_price
+
     router = Router.load(args.from_checkpoint)
     if name in router.targets:
         raise ConfigError(f"{name!r} is already a target of {args.from_checkpoint} "

@@ -125,10 +125,10 @@ def add_store_dataset_arguments(p: argparse.ArgumentParser, required: bool = Tru
 def open_store_and_dataset(args: argparse.Namespace):
     """(FeatureSet, dataset, store row of each dataset row, done mask over the dataset's rows). Rows are
     matched by prompt hash, so the store may hold more prompts than the dataset selects."""
-    from prefill_router.features import FeatureSet
-
     if not Path(args.features).exists():
         raise ConfigError(f"--features: {args.features} does not exist (create it with `prefill-router extract`)")
+    from prefill_router.features import FeatureSet  # after the check: torch loads only for real work
+
     features = FeatureSet.open(args.features)
     ds = load_dataset(args)
     rows = features.rows_of(ds.prompts)

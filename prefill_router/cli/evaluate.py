@@ -38,10 +38,6 @@ DEFAULT_CONTENDERS = "knn,logreg,mlp,tfidf"
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_router import data
-    from prefill_router.evaluate.harness import evaluate_contenders
-    from prefill_router.evaluate.two_model import two_target_markdown, two_target_summary
-
     if args.folds < 2:
         raise ConfigError(f"--folds must be >= 2, got {args.folds}")
     if args.limit is not None and args.limit < args.folds:
@@ -52,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     with under_flags("contenders"):
         chosen = check_contenders(split_names(args.contenders))
+    # Imported after the argument checks, so that a mistyped command answers without loading torch.
+    from prefill_router import data
+    from prefill_router.evaluate.harness import evaluate_contenders
+    from prefill_router.evaluate.two_model import two_target_markdown, two_target_summary
+
     ds = load_dataset(args)
     print(f"dataset: {ds.n} prompts x {ds.k} targets", file=sys.stderr)
     if ds.splits is not None:  # the file's own split (--split-col) is the one fold

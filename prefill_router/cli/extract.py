@@ -97,13 +97,6 @@ def _import_finished(out) -> bool:
 
 
 def run(args) -> int:
-    import torch
-
-    from prefill_router.features import extract_to_store, import_reference, load_encoder
-    from prefill_router.features.store import is_store
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.import_reference and (args.limit is not None or args.sample is not None):
         raise ConfigError("--limit/--sample cannot be combined with --import-reference (the reference covers "
                           "every row)")
@@ -112,6 +105,14 @@ def run(args) -> int:
     # Argument errors before the encoder loads (a minute on a busy CPU) and before the dataset is read.
     poolings = args.poolings.split(",") if args.poolings else None
     layers = _parse_layers(args.layers)
+    # Imported after the argument checks, so that a mistyped command answers without loading torch.
+    import torch
+
+    from prefill_router.features import extract_to_store, import_reference, load_encoder
+    from prefill_router.features.store import is_store
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load = load_encoder
     if args.engine == "ray":
         from prefill_router.features.distributed import describe_encoder, require_ray

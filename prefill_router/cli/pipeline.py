@@ -272,11 +272,11 @@ def _example(router) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    pools, semantic_names = _check_args(args)  # before importing torch: a mistyped option answers at once
     import torch
 
     from prefill_router.data import kfold
 
-    pools, semantic_names = _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()

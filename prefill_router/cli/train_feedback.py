@@ -33,14 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_router.router import Router
-    from prefill_router.router.refit import compare_on_feedback, refit_router
-    from prefill_router.serve.journal import identity_digest, read_feedback
-
     if not args.from_checkpoint:
         raise ConfigError("--feedback needs --from CHECKPOINT (the router the gateway served)")
     if not 0 < args.feedback_holdout < 1:
         raise ConfigError(f"--feedback-holdout must be between 0 and 1, got {args.feedback_holdout}")
+    # Imported after the argument checks, so that a mistyped command answers without loading torch.
+    from prefill_router.router import Router
+    from prefill_router.router.refit import compare_on_feedback, refit_router
+    from prefill_router.serve.journal import identity_digest, read_feedback
+
     old = Router.load(args.from_checkpoint)  # its encoder is never loaded: the features are stored
     rows = read_feedback(args.feedback)
     digest = identity_digest(old.encoder_identity)

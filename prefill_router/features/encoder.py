@@ -31,7 +31,6 @@ import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +60,7 @@ from prefill_router.features.loading import (  # noqa: F401  (re-exported: featu
 from prefill_router.features.prefix_cache import BLOCK, PrefixCache, PrefixHit, sums_at_blocks
 from prefill_router.features.surprise import SURPRISE, pooling_width, surprise_stats
 from prefill_router.features.template import render
+from prefill_router.progress import TokenBar
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -278,12 +278,8 @@ class Encoder:
                            self.max_tokens, TRUNCATION_RULE)
         budget = batch_tokens or DEFAULT_BATCH_TOKENS.get(self.device.type, 4096)
         lengths = [len(x) for x in ids]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), unit="prompt", desc="prefill", dynamic_ncols=True)
-        tokens_done, started = 0, time.perf_counter()
+        # Counted in tokens: batches run longest first, so a count of prompts would extrapolate the slowest ones.
+        bar = TokenBar(sum(lengths), len(ids), desc="prefill") if progress else None
         # With prefix reuse, a prompt whose prefix is cached runs alone on top of that prefix; the others are
         # batched as usual and leave their own state in the cache.
         cache = self._prefix_cache_for(poolings)
@@ -304,9 +300,7 @@ class Encoder:
                     pooled = self._forward([ids[i] for i in rows], poolings, layer_ids)
                 yield rows, pooled
                 if bar is not None:
-                    tokens_done += sum(lengths[i] for i in rows)
-                    bar.set_postfix(tok_s=f"{tokens_done / max(time.perf_counter() - started, 1e-9):,.0f}")
-                    bar.update(len(rows))
+                    bar.advance(sum(lengths[i] for i in rows), len(rows))
         finally:
             if bar is not None:
                 bar.close()

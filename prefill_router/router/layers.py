@@ -12,6 +12,8 @@ depths within `layer_budget` when one is set. Every candidate's score is kept in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from prefill_router.errors import ConfigError
@@ -20,6 +22,9 @@ from prefill_router.router.transform import FeatureTransform
 from prefill_router.router.trunk import TrunkConfig, TrunkEnsemble
 from prefill_router.utils import roc_auc
 
+if TYPE_CHECKING:
+    from prefill_router.progress import WorkBar
+
 
 def depth_candidates(states: list[int]) -> list[list[int]]:
     """The held states cut at each held depth: [0, 6, 12] -> [[0], [0, 6], [0, 6, 12]]."""
@@ -27,24 +32,31 @@ def depth_candidates(states: list[int]) -> list[list[int]]:
     return [[s for s in ordered if s <= depth] for depth in ordered]
 
 
-def choose_states(X: np.ndarray, states: list[int], Y: np.ndarray, *, pca: int | None, trunk: TrunkConfig,
-                  folds: int, seeds: int, tolerance: float, budget: int | None,
-                  seed: int = 0) -> tuple[list[int], dict]:
-    """(the chosen states, a JSON-safe record of every candidate's out-of-fold AUC and the rule applied).
-
-    X: [N, len(states), H] features of the training rows at `states`; Y: their labels [N, K].
-    """
-    if folds < 2:
-        raise ConfigError("layers: 'auto' needs calibration_folds >= 2 (out-of-fold AUC to compare depths on)")
+def candidate_states(states: list[int], budget: int | None) -> list[list[int]]:
+    """The depth candidates `choose_states` scores: those within `budget` layers when one is set."""
     candidates = [c for c in depth_candidates(states) if budget is None or max(c) <= budget]
     if not candidates:
         raise ConfigError(f"layer_budget: {budget} is below every hidden state held ({sorted(states)})")
+    return candidates
+
+
+def choose_states(X: np.ndarray, states: list[int], Y: np.ndarray, *, pca: int | None, trunk: TrunkConfig,
+                  folds: int, seeds: int, tolerance: float, budget: int | None,
+                  seed: int = 0, work: WorkBar | None = None) -> tuple[list[int], dict]:
+    """(the chosen states, a JSON-safe record of every candidate's out-of-fold AUC and the rule applied).
+
+    X: [N, len(states), H] features of the training rows at `states`; Y: their labels [N, K].
+    work: a progress bar every fitted seed advances (progress.WorkBar).
+    """
+    if folds < 2:
+        raise ConfigError("layers: 'auto' needs calibration_folds >= 2 (out-of-fold AUC to compare depths on)")
+    candidates = candidate_states(states, budget)
     small = trunk.for_calibration(seeds)
     scored = []
     for cand in candidates:
         Xc = X[:, [states.index(s) for s in cand]]
         Z = FeatureTransform(dims=pca).fit(Xc, seed=seed).transform(Xc)
-        P = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small), folds, seed)
+        P = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(small, work=work), folds, seed)
         aucs = [roc_auc(Y[:, k], P[:, k]) for k in range(Y.shape[1])]
         scored.append({"states": cand, "layers_run": max(cand), "oof_auc": float(np.nanmean(aucs))})
     best = max(s["oof_auc"] for s in scored)

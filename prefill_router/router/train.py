@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from prefill_router.errors import ConfigError, parse_config
 from prefill_router.features.protocol import PrefillEncoder
 from prefill_router.features.store import FeatureSet
+from prefill_router.progress import Step, WorkBar
 from prefill_router.router.base import out_of_fold_proba
 from prefill_router.router.fallback import fit_fallback
-from prefill_router.router.layers import choose_states
+from prefill_router.router.layers import candidate_states, choose_states
 from prefill_router.router.policy import DEFAULT_MAX_ACCURACY_DROP, choose_default_policy, policy_from_spec
 from prefill_router.router.runtime import Router, encoder_identity, encoder_spec_dict, spec_from_identity
 from prefill_router.router.transform import FeatureTransform, SourceTransform, select_hidden_states
@@ -184,17 +185,25 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
         fallback_features = state0_mean(features, hidden_states)
     if fallback_features is not None and len(fallback_features) != dataset.n:
         raise ConfigError(f"fallback_features have {len(fallback_features)} rows but the dataset has {dataset.n}")
+    # Before any training, so that the progress plan knows whether the default policy will be calibrated.
+    if cost_model is None:
+        cost_model = _cost_model_of(dataset, rows)
     trunk_cfg = config.trunk.model_copy(update={"progress": progress or config.trunk.progress})
+    work = WorkBar(_plan(config, len(rows), states, _calibrates(config, cost_model, dataset.C[rows])),
+                   title=f"training a router on {len(rows):,} prompts x {dataset.k} targets",
+                   disable=not trunk_cfg.progress)
     layer_choice = None
     if config.layers == "auto":
         if states is None:
             raise ConfigError("layers: 'auto' needs features with a hidden-state axis ([N, L, H]), not a flat array")
+        work.step("layers")
         chosen, layer_choice = choose_states(
             X, states, Y, pca=config.pca, trunk=trunk_cfg, folds=config.calibration_folds,
             seeds=config.calibration_seeds, tolerance=config.layer_tolerance, budget=config.layer_budget,
-            seed=config.seed)
+            seed=config.seed, work=work)
         X, states = X[:, [states.index(s) for s in chosen]], chosen
 
+    work.step("transform")
     transform: FeatureTransform | SourceTransform
     if sources:
         for source in sources:
@@ -207,17 +216,17 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     else:
         transform = FeatureTransform(dims=config.pca).fit(X, seed=config.seed)
     Z = transform.transform(X)
-    predictor = TrunkEnsemble(trunk_cfg).fit(Z, Y)
+    work.step("ensemble")
+    predictor = TrunkEnsemble(trunk_cfg, work=work).fit(Z, Y)
 
-    if cost_model is None:
-        cost_model = _cost_model_of(dataset, rows)
     metrics: dict = {"train_rows": len(rows), "feature_dim": int(Z.shape[1]),
                      "val_losses": predictor.val_losses}
     if layer_choice is not None:
         metrics["layer_choice"] = layer_choice
     policy = config.policy.strip()
     if policy.lower() == "auto":
-        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model)
+        policy, metrics["default_policy"] = _calibrated_default(config, trunk_cfg, Z, Y, dataset.C[rows], cost_model,
+                                                                work)
     else:
         policy_from_spec(policy)  # fail now on a bad spec
     fallback = None
@@ -235,6 +244,7 @@ def train_router(dataset, features, train_rows=None, config: RouterTrainConfig |
     training = {"config": {**config.model_dump(mode="json"), "layers": states}, "created_unix": int(time.time()),
                 "notes": list(getattr(dataset, "notes", [])), **(notes or {})}
     main = {"pooling": config.pooling, "hidden_states": states}
+    work.close()
     return Router(targets=dataset.targets, transform=transform, predictor=predictor, pooling=config.pooling,
                   hidden_states=states, encoder_identity=identity, encoder_spec=spec, cost_model=cost_model,
                   policy=policy, metrics=metrics, training=training,
@@ -260,11 +270,33 @@ def _cost_model_of(dataset, rows: np.ndarray):
     return CostModel.from_row_costs(dataset, rows)
 
 
-def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,
-                        C: np.ndarray, cost_model) -> tuple[str, dict]:
-    """The "auto" default policy and how it was chosen (see the module docstring)."""
+def _calibrates(config: RouterTrainConfig, cost_model, C: np.ndarray) -> bool:
+    """Whether the default policy is chosen on out-of-fold predictions: "auto", with known costs to trade."""
     known = np.isfinite(C) & (C > 0)
-    if cost_model is None or not known.any():
+    return config.policy.strip().lower() == "auto" and cost_model is not None and bool(known.any())
+
+
+def _plan(config: RouterTrainConfig, n: int, states: list[int] | None, calibrates: bool) -> list[Step]:
+    """The steps `train_router` shows, each with its work in training rows (progress.WorkBar): an ensemble of
+    s seeds trains s * n rows; cross-fitting it over f folds trains s * n * (f - 1)."""
+    folds, seeds, small = config.calibration_folds, config.trunk.seeds, config.calibration_seeds
+    steps = []
+    if config.layers == "auto" and states is not None:
+        depths = len(candidate_states(states, config.layer_budget))
+        steps.append(Step("layers", f"choosing hidden states: {depths} depths x {folds} folds x {small} seeds",
+                          depths * small * n * max(folds - 1, 0)))
+    steps.append(Step("transform", f"scaler + PCA {config.pca or '(off)'}", 0))
+    steps.append(Step("ensemble", f"the router: {seeds} seeds on {n:,} prompts", seeds * n))
+    if calibrates:
+        steps.append(Step("policy", f"its default policy: {folds} folds x {seeds} seeds for out-of-fold predictions",
+                          seeds * n * max(folds - 1, 0)))
+    return steps
+
+
+def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np.ndarray, Y: np.ndarray,
+                        C: np.ndarray, cost_model, work: WorkBar | None = None) -> tuple[str, dict]:
+    """The "auto" default policy and how it was chosen (see the module docstring)."""
+    if not _calibrates(config, cost_model, C):
         warnings.warn("training without prices or per-row costs: the router cannot trade cost for accuracy, so "
                       "its default policy is argmax (always the target most likely to be right); pass prices (or "
                       "name the data's cost column) to save money", UserWarning, stacklevel=3)
@@ -278,7 +310,9 @@ def _calibrated_default(config: RouterTrainConfig, trunk_cfg: TrunkConfig, Z: np
     # gives noisier P, and on make run's 2,000 prompts its curve fell a point short, so the checkpoint kept the
     # best model alone (fixed:24) where the evaluation measured 29 % savings; with 10 seeds it is utility:0.04.
     full = trunk_cfg.model_copy(update={"progress": False})
-    P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(full), config.calibration_folds, config.seed)
+    if work is not None:
+        work.step("policy")
+    P_oof = out_of_fold_proba(Z, Y, lambda: TrunkEnsemble(full, work=work), config.calibration_folds, config.seed)
     spec, info = choose_default_policy(P_oof, Y, C, max_drop=config.max_accuracy_drop)
     info["oof_auc"] = _per_target_auc(Y, P_oof)
     return spec, info

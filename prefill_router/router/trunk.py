@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ from tqdm.auto import tqdm
 
 from prefill_router.errors import CheckpointError, ConfigError, DataError, parse_config
 from prefill_router.router.baselines import check_labels
+
+if TYPE_CHECKING:
+    from prefill_router.progress import WorkBar
 
 
 class TrunkConfig(BaseModel):
@@ -109,14 +114,18 @@ def _torch_threads(n: int | None):
 
 
 class TrunkEnsemble:
-    """Predictor (fit / predict_proba) wrapping the SharedTrunkNet seed ensemble."""
+    """Predictor (fit / predict_proba) wrapping the SharedTrunkNet seed ensemble.
 
-    def __init__(self, config: TrunkConfig | dict | None = None, **overrides):
+    `work`: a job-wide progress bar (progress.WorkBar) that each trained seed advances by its rows, in place of
+    the ensemble's own bar (`config.progress`)."""
+
+    def __init__(self, config: TrunkConfig | dict | None = None, *, work: WorkBar | None = None, **overrides):
         if isinstance(config, dict) or config is None:
             config = TrunkConfig.parse({**(config or {}), **overrides})
         elif overrides:
             config = TrunkConfig.parse({**config.model_dump(), **overrides})
         self.config: TrunkConfig = config
+        self.work = work
         self.members: list[SharedTrunkNet] = []
         self.member_seeds: list[int] = []
         self.val_losses: list[float] = []      # of the kept members, same order
@@ -153,8 +162,11 @@ class TrunkEnsemble:
                                       ("Xva", X, val), ("Yva", targets, val), ("Mva", mask, val)]}
             trained = []
             seeds = [cfg.seed + i for i in range(cfg.seeds)]
-            for s in tqdm(seeds, desc="SharedTrunkNet seeds", disable=not cfg.progress):
+            for s in tqdm(seeds, desc="SharedTrunkNet seeds", disable=not cfg.progress or self.work is not None):
+                started = time.perf_counter()
                 trained.append(self._train_one(t, s))
+                if self.work is not None:
+                    self.work.fitted(len(labelled), time.perf_counter() - started)
         self.all_val_losses = [loss for _, loss, _ in trained]
         self.epochs = [ep for _, _, ep in trained]
         # Stable sort: equal losses keep seed order, so the choice is deterministic.
