@@ -71,10 +71,10 @@ def test_the_prefill_bar_counts_every_token_once_and_the_prompts_beside_them(tin
     assert f"{lengths.sum()}/{lengths.sum()}" in shown and f"{len(prompts)}/{len(prompts)} prompts" in shown
 
 
-def _dataset(n: int, seed: int = 0):
+def _dataset(n: int, seed: int = 0, costs: bool = True):
     rng = np.random.default_rng(seed)
     Y = np.stack([rng.random(n) < 0.8, rng.random(n) < 0.4, rng.random(n) < 0.6], axis=1).astype(float)
-    C = np.tile([3e-3, 3e-5, 3e-4], (n, 1))
+    C = np.tile([3e-3, 3e-5, 3e-4], (n, 1)) if costs else np.full((n, 3), np.nan)  # no costs: nothing to trade
     return RoutingDataset([str(i) for i in range(n)], [f"prompt {i}" for i in range(n)], TARGETS, Y, C)
 
 
@@ -89,8 +89,8 @@ def test_the_training_bar_covers_exactly_the_work_it_announced(layers, prices, s
     X = np.random.default_rng(1).normal(size=(90, 3, 8)).astype(np.float32)
     cost_model = CostModel(PriceTable(PRICES), TARGETS, np.array([40.0, 40.0, 40.0])) if prices else None
     with contextlib.nullcontext() if prices else pytest.warns(UserWarning, match="without prices"):
-        train_router(_dataset(90), X, np.arange(80), {**SMALL, "layers": layers}, hidden_states=[0, 6, 12],
-                              cost_model=cost_model, progress=True)
+        train_router(_dataset(90, costs=prices), X, np.arange(80), {**SMALL, "layers": layers},
+                     hidden_states=[0, 6, 12], cost_model=cost_model, progress=True)
     (bar,) = RecordingWorkBar.made
     assert [s.key for s in bar.steps] == steps and bar.started == steps
     assert sum(bar.fitted_rows) == bar.total > 0  # the plan's arithmetic matches the fits that ran
