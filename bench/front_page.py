@@ -31,8 +31,10 @@ RESULTS = ROOT / "bench" / "results" / "front-page.json"
 PICTURE = ROOT / "docs" / "img" / "cost-accuracy.png"
 STATES = [0, 6, 12, 18]  # the hidden states `make run`'s router reads (pipeline.QUICK_STATES)
 SEMANTIC = ["mlp", "knn"]  # evaluate.contenders names: routers on MiniLM sentence embeddings
+PREFILL = "prefill-trunk [mean-0-6-12-18]"
+ROUTERS = {PREFILL: "tab:blue", "mlp-minilm": "tab:orange", "knn-minilm": "tab:green"}  # report rows, colours
 # Report row name -> the label a reader sees.
-LABELS = {"prefill-trunk [mean-0-6-12-18]": "prefill router (SmolLM2-135M)", "mlp-minilm": "MLP on MiniLM",
+LABELS = {PREFILL: "prefill router (SmolLM2-135M)", "mlp-minilm": "MLP on MiniLM",
           "knn-minilm": "kNN on MiniLM", "random": "random", "best single": "best single model",
           "oracle": "oracle"}
 HEADLINE = [("accuracy", "argmax accuracy"), ("cost_per_1k", "USD / 1k (argmax)"),
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
 
     folds = kfold(ds, k=5, seed=0, stratify=True)
     settings = ContenderSettings(cache_dir=args.embedding_cache, seed=0, threads=args.threads)
-    trunk = TrunkConfig(seeds=10, keep=5, seed=0, threads=args.threads)
+    trunk = TrunkConfig(seeds=args.seeds, keep=args.keep, seed=0, threads=args.threads)
     contenders = prefill_contenders(X, ds.Y, ds.C, list(range(ds.k)), "mean-0-6-12-18",
                                     PrefillSettings(pca=200, trunk=trunk, logistic=False), FitCache())
     contenders += build_contenders(SEMANTIC, ds, settings)
@@ -93,10 +95,11 @@ def run(args: argparse.Namespace) -> None:
     args.results.write_text(json.dumps({
         "what": f"MMLU-Pro, {ds.n} prompts (those the SmolLM2-135M reference store holds"
                 + (f", a stratified sample of {args.rows}" if args.rows else "") + f"), all {ds.k} targets, "
-                "5-fold, held-out prompts, mean over folds",
-        "command": "bench/front_page.py run" + (f" --rows {args.rows}" if args.rows else ""),
+                f"5-fold, held-out prompts, mean over folds; SharedTrunkNet {args.seeds} seeds, best {args.keep} kept",
+        "command": "bench/front_page.py run" + (f" --rows {args.rows}" if args.rows else "")
+                   + (f" --seeds {args.seeds} --keep {args.keep}" if (args.seeds, args.keep) != (10, 5) else ""),
         "seconds": round(time.time() - started), "date": time.strftime("%Y-%m-%d"),
-        "targets": ds.targets,
+        "prompts": ds.n, "targets": ds.targets,
         "target_accuracy": np.nanmean([p["accuracy"] for p in points], axis=0).tolist(),
         "target_cost_per_1k": (np.nanmean([p["cost"] for p in points], axis=0) * 1000).tolist(),
         "rows": rows}, indent=1, allow_nan=False) + "\n")
@@ -110,46 +113,51 @@ def _number(value: float) -> float | None:
 
 def plot(results: dict, path: Path) -> Path:
     """Cost (log) against accuracy: each router's utility sweep, its default policy as a star, the fixed
-    baselines, and every single model as a grey dot. The oracle sits far above the rest, so it is drawn
-    as an arrow at the top edge with its numbers, which keeps the routers' region readable."""
+    baselines, and every single model as a grey dot. The oracle sits far above the rest, so an arrow at the top
+    edge gives its numbers, which keeps the routers' region readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(8, 4.6))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     ax.scatter(results["target_cost_per_1k"], results["target_accuracy"], s=12, color="0.75", zorder=1,
                label="single models")
-    colors = {"prefill-trunk [mean-0-6-12-18]": "tab:blue", "mlp-minilm": "tab:orange", "knn-minilm": "tab:green"}
-    for name, color in colors.items():
-        if name not in rows:
-            continue
+    for name, color in ROUTERS.items():
         r = rows[name]
-        ax.plot(r["curve"]["cost_per_1k"], r["curve"]["accuracy"], color=color, lw=2 if "prefill" in name else 1.3,
+        ax.plot(r["curve"]["cost_per_1k"], r["curve"]["accuracy"], color=color, lw=2.2 if "prefill" in name else 1.3,
                 label=LABELS[name], zorder=3)
-        ax.scatter([r["cost_per_1k_at_lambda_train"]], [r["accuracy_at_lambda_train"]], marker="*", s=160,
+        ax.scatter([r["cost_per_1k_at_lambda_train"]], [r["accuracy_at_lambda_train"]], marker="*", s=170,
                    color=color, edgecolor="black", zorder=5)
     for name, marker in (("best single", "D"), ("random", "s")):
         r = rows[name]
         ax.scatter([r["cost_per_1k"]], [r["accuracy"]], marker=marker, s=60, color="white", edgecolor="black",
                    zorder=4, label=LABELS[name])
-    ax.scatter([], [], marker="*", s=160, color="white", edgecolor="black",
-               label="default policy (λ from training rows)")
-    top = max(r["accuracy"] for name, r in rows.items() if name != "oracle") + 0.04
+    ax.scatter([], [], marker="*", s=170, color="white", edgecolor="black",
+               label="default policy (λ chosen on training prompts)")
+    prefill = rows[PREFILL]
+    ax.annotate(f"default: {prefill['accuracy_at_lambda_train']:.1%}, "
+                f"{prefill['savings_vs_best_single_at_lambda_train']:.0%} cheaper\nthan the best single model",
+                xy=(prefill["cost_per_1k_at_lambda_train"], prefill["accuracy_at_lambda_train"]),
+                xytext=(-150, -38), textcoords="offset points", fontsize=8,
+                arrowprops={"arrowstyle": "->", "color": "0.3"})
+    top = max(max(r["curve"]["accuracy"]) for r in (rows[n] for n in ROUTERS)) + 0.05
     ax.set_ylim(rows["random"]["accuracy"] - 0.03, top)
     oracle = rows["oracle"]
-    ax.annotate(f"oracle: {oracle['accuracy']:.1%} at ${oracle['cost_per_1k']:.2f} / 1k",
-                xy=(oracle["cost_per_1k"], top),
-                xytext=(oracle["cost_per_1k"] * 1.4, top - 0.05), fontsize=8,
+    ax.annotate(f"oracle (off the chart): {oracle['accuracy']:.1%} at ${oracle['cost_per_1k']:.3f} / 1k",
+                xy=(oracle["cost_per_1k"], top), xytext=(0, -30), textcoords="offset points", fontsize=8,
                 arrowprops={"arrowstyle": "->", "color": "0.3"})
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.0%}"))
     ax.set_xlabel("USD per 1,000 queries (log scale)")
     ax.set_ylabel("accuracy on held-out prompts")
-    ax.set_title("MMLU-Pro, 28 models: each curve sweeps the router's cost weight λ", fontsize=10)
+    ax.set_title(f"MMLU-Pro, {len(results['targets'])} models, {results['prompts']:,} questions: each curve sweeps "
+                 "a router's cost weight λ", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -166,7 +174,7 @@ def table(results: dict) -> str:
     rows = results["rows"]
     best = rows["best single"]["cost_per_1k"]
     lines = []
-    for name in ("prefill-trunk [mean-0-6-12-18]", "mlp-minilm", "knn-minilm", "best single", "random", "oracle"):
+    for name in (*ROUTERS, "best single", "random", "oracle"):
         r = rows[name]
         if r.get("accuracy_at_lambda_train") is not None:
             default = (f"{r['accuracy_at_lambda_train']:.1%} ± {r['accuracy_at_lambda_train_std'] * 100:.1f}",
@@ -188,6 +196,8 @@ def main() -> int:
     p.add_argument("--features", default="runs/features/mmlu-pro-smollm2-135m",
                    help="run: the feature store over all MMLU-Pro prompts (the reference is imported here once)")
     p.add_argument("--embedding-cache", default="runs/cache/minilm", help="run: MiniLM embedding cache folder")
+    p.add_argument("--seeds", type=int, default=10, help="run: SharedTrunkNet seeds trained (the shipped recipe)")
+    p.add_argument("--keep", type=int, default=5, help="run: seeds kept by validation loss")
     p.add_argument("--threads", type=int, default=2, help="run: torch and BLAS threads")
     p.add_argument("--results", type=Path, default=RESULTS, help="the JSON `run` writes and `plot` and `table` read")
     p.add_argument("--out", type=Path, default=PICTURE, help="plot: the PNG to write")

@@ -7,6 +7,7 @@ table when the store lacks it); --no-fallback leaves it out.
     prefill-router train --dataset mmlu-pro --features runs/feats --out runs/router
     prefill-router train --dataset labels.csv --prices prices.yaml --features runs/feats --layers 12,18 --out ckpt
     prefill-router train --dataset mmlu-pro --features runs/feats --add-source mean=runs/gemma-feats --out ckpt
+    prefill-router train --dataset labels.csv --features runs/feats --fast --out runs/try   # quick, to try things
     prefill-router train --feedback runs/feedback --from runs/router --out runs/router-2   # gateway feedback
     prefill-router train --add-target gpt-5-mini --labels labels.csv --price 0.25,2 --from runs/router --out ckpt
 """
