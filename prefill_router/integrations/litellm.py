@@ -49,6 +49,7 @@ from prefill_router.features.window import first_turn, window_messages
 
 try:
     import httpx
+    from litellm.exceptions import BadRequestError
     from litellm.integrations.custom_logger import CustomLogger
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(f"prefill_router.integrations.litellm needs LiteLLM ({exc}); install it with "
@@ -261,6 +262,10 @@ class PrefillRouting(CustomLogger):
     # -- the routing plugin ----------------------------------------------------------------------------------
     async def run(self, context: RoutingContext) -> RoutingContext:
         """LiteLLM's routing-plugin hook: narrow the candidates to the chosen target's deployments."""
+        try:  # a bad override fails the request in every group it reaches, a fallback's included
+            override = request_override(context.metadata)
+        except ConfigError as exc:
+            raise BadRequestError(str(exc), model=context.metadata.get("model_group"), llm_provider=SIGNAL) from None
         by_target: dict[str, list[str]] = {}
         for model in context.candidate_models:
             if model in self._by_model:
@@ -273,11 +278,10 @@ class PrefillRouting(CustomLogger):
             if earlier is not None:
                 context.signals[SIGNAL] = earlier
             return context
-        override = request_override(context.metadata)
         try:
             decision = await self.decide(context.structured_messages, list(by_target), override)
-        except ConfigError:
-            raise  # the request's own override is wrong: say so
+        except ConfigError as exc:  # the request asks for what this plugin cannot do (a preset, an empty allow-list)
+            raise BadRequestError(str(exc), model=context.metadata.get("model_group"), llm_provider=SIGNAL) from None
         except (PrefillRouterError, httpx.HTTPError, ValueError) as exc:
             log.warning("prefill routing failed (%s); %s", exc, f"sending to {self.config.default_target}"
                         if self.config.default_target in by_target else "LiteLLM picks among the candidates")
