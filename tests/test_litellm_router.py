@@ -210,3 +210,73 @@ def test_config_errors_name_the_problem(checkpoint, tmp_path):
     beside.write_text(f"prefill_router:\n  checkpoint: {checkpoint.name}\n  targets: {TARGET_MODELS}\n  lambda: 2\n")
     loaded = PrefillRouting.from_litellm_config(beside)
     assert loaded.router is not None and loaded.router.targets == TARGETS and loaded.config.lam == 2
+
+
+@pytest.fixture
+def gateway(checkpoint, upstreams, tmp_path):
+    """The URL of a running gateway (the same router, served, with feedback on)."""
+    from gateway_helpers import gateway_config
+
+    from prefill_router.serve.app import build_gateway
+    from prefill_router.serve.config import parse_gateway_config
+    from prefill_router.serve.server import BackgroundServer
+
+    config = parse_gateway_config(gateway_config(upstreams, feedback={"dir": str(tmp_path / "feedback")}))
+    with BackgroundServer(build_gateway(config, Router.load(checkpoint))) as server:
+        yield server.url
+
+
+def test_routes_through_a_running_gateway(gateway, upstreams, callbacks):
+    """`gateway_url`: the decision comes from the gateway's POST /v1/route."""
+    import httpx
+
+    remote = PrefillRouting(gateway_url=gateway, targets=TARGET_MODELS)
+    router = litellm.Router(model_list=model_list(upstreams), plugins=[remote], num_retries=0)
+
+    async def main() -> dict:
+        return {lam: [await ask(router, i, **{"lambda": lam}) for i in range(N)] for lam in (0.0, 50.0)}
+
+    replies = run(main())
+    with httpx.Client(base_url=gateway, timeout=60) as client:
+        for lam, answered in replies.items():
+            for i, reply in enumerate(answered):
+                decision = reply._hidden_params["prefill_router"]
+                direct = client.post("/v1/route", json={"model": "router", "messages": question(i),
+                                                        "router": {"lambda": lam}}).json()
+                assert decision["source"] == "gateway" and decision["target"] == direct["target"]
+                assert decision["probabilities"] == pytest.approx(direct["probabilities"])
+                assert reply._hidden_params["litellm_model_name"] == TARGET_MODELS[decision["target"]]
+    big = {lam: sum(r._hidden_params["prefill_router"]["target"] == "big" for r in rs) for lam, rs in replies.items()}
+    assert big[50.0] < big[0.0]
+
+
+def test_a_scorer_sends_feedback_to_the_gateway(gateway, upstreams):
+    """The callback posts the scorer's score for each routed answer to the gateway's /v1/feedback."""
+    import httpx
+    from gateway_helpers import metric
+
+    scored = []
+
+    def scorer(kwargs, reply):
+        scored.append(reply.choices[0].message.content)
+        return 1.0 if "big" in scored[-1] else 0.0
+
+    remote = PrefillRouting(gateway_url=gateway, targets=TARGET_MODELS, scorer=scorer)
+    saved = list(litellm.callbacks)
+    litellm.callbacks = [remote]
+    try:
+        router = litellm.Router(model_list=model_list(upstreams), plugins=[remote], num_retries=0)
+
+        async def main() -> list:
+            replies = [await ask(router, i) for i in range(4)]
+            await asyncio.sleep(2)  # LiteLLM runs success callbacks after the reply
+            return replies
+
+        replies = run(main())
+    finally:
+        litellm.callbacks = saved
+    if not replies[0]._hidden_params["prefill_router"].get("request_id"):
+        pytest.skip("this gateway's /v1/route returns no request_id, so feedback cannot name the decision")
+    assert len(scored) == 4
+    with httpx.Client(base_url=gateway, timeout=60) as client:
+        assert metric(client.get("/metrics").text, "prefill_router_feedback_total", outcome="recorded") == 4
