@@ -32,7 +32,7 @@ from prefill_router.router import Router  # noqa: E402
 from prefill_router.serve.fake_upstream import Fail  # noqa: E402
 
 START_TIMEOUT_S = 240  # the proxy imports LiteLLM, torch and the checkpoint; a busy 2-core machine is slow
-N = 6  # prompts per lambda
+N = 5  # prompts per lambda
 SPEND_LOGGER = '''
 import json, os
 from litellm.integrations.custom_logger import CustomLogger

@@ -24,7 +24,7 @@ from prefill_router.integrations.litellm import PrefillRouting  # noqa: E402
 from prefill_router.router import Router  # noqa: E402
 from prefill_router.serve.fake_upstream import Fail  # noqa: E402
 
-N = 12  # prompts per lambda
+N = 8  # prompts per lambda
 
 
 def deployment(name: str, upstream, group: str) -> dict:
