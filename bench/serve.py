@@ -48,6 +48,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -262,9 +263,15 @@ def main_load(args) -> None:
         folder = Path(tmp)
         start = time.perf_counter()
         train_rows = args.load_train_rows
-        prompts = train_router(folder / "router", args.encoder, train_rows, train_rows + n, args.data,
-                               policy=None, targets=LOAD_TARGETS)[:n]
         data = load_mmlu_pro(args.data, targets=LOAD_TARGETS, limit=train_rows + n)
+        if args.load_checkpoint:  # a router this mode trained before (its folder, kept with --keep-checkpoint)
+            shutil.copytree(args.load_checkpoint, folder / "router")
+        else:
+            train_router(folder / "router", args.encoder, train_rows, train_rows + n, args.data, policy=None,
+                         targets=LOAD_TARGETS)
+        if args.keep_checkpoint:
+            shutil.copytree(folder / "router", args.keep_checkpoint, dirs_exist_ok=True)
+        prompts = [[{"role": "user", "content": p}] for p in data.prompts[train_rows:train_rows + n]]
         router = Router.load(folder / "router")
         log(f"router trained in {time.perf_counter() - start:.0f}s: default policy {router.default_policy}, "
             f"fallback {router.fallback.policy if router.fallback else None}")
@@ -491,6 +498,9 @@ def main() -> None:
     parser.add_argument("--load-prompts", type=int, default=2000, help="held-out prompts per concurrency level")
     parser.add_argument("--load-concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--load-train-rows", type=int, default=4000, help="training rows of the --load router")
+    parser.add_argument("--load-checkpoint", type=Path, default=None,
+                        help="use this router (trained by an earlier --load run on the same rows) instead of training")
+    parser.add_argument("--keep-checkpoint", type=Path, default=None, help="copy the --load router here")
     parser.add_argument("--flood-shorts", type=int, default=40, help="short requests timed, quiet and flooded")
     parser.add_argument("--flood-workers", type=int, default=2, help="clients sending long prompts")
     parser.add_argument("--flood-baseline", action="store_true",

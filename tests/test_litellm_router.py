@@ -8,6 +8,7 @@ deployments of the target the checkpoint chooses; LiteLLM then calls it, retries
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import Counter
 
@@ -69,14 +70,31 @@ def routing(checkpoint):
     return PrefillRouting(checkpoint=checkpoint, targets=TARGET_MODELS)
 
 
+CALLBACK_LISTS = ("input_callback", "success_callback", "failure_callback", "_async_success_callback",
+                  "_async_failure_callback", "callbacks")
+
+
+@contextlib.contextmanager
+def only_callbacks(*callbacks):
+    """LiteLLM's global callbacks are these for the block only. Every list LiteLLM dispatches from is emptied
+    first: it copies `litellm.callbacks` into its success and failure lists on first use, so an earlier test's
+    loggers would otherwise stay registered."""
+    saved = {name: list(getattr(litellm, name)) for name in CALLBACK_LISTS}
+    litellm.logging_callback_manager._reset_all_callbacks()
+    litellm.callbacks = list(callbacks)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(litellm, name, value)
+
+
 @pytest.fixture
 def callbacks(routing):
     """LiteLLM's global callback list holds the plugin (and a spend-row logger) for one test only."""
     spend = SpendRows()
-    saved = list(litellm.callbacks)
-    litellm.callbacks = [routing, spend]
-    yield spend
-    litellm.callbacks = saved
+    with only_callbacks(routing, spend):
+        yield spend
 
 
 def run(coroutine):
@@ -262,9 +280,7 @@ def test_a_scorer_sends_feedback_to_the_gateway(gateway, upstreams):
         return 1.0 if "big" in scored[-1] else 0.0
 
     remote = PrefillRouting(gateway_url=gateway, targets=TARGET_MODELS, scorer=scorer)
-    saved = list(litellm.callbacks)
-    litellm.callbacks = [remote]
-    try:
+    with only_callbacks(remote):
         router = litellm.Router(model_list=model_list(upstreams), plugins=[remote], num_retries=0)
 
         async def main() -> list:
@@ -273,8 +289,6 @@ def test_a_scorer_sends_feedback_to_the_gateway(gateway, upstreams):
             return replies
 
         replies = run(main())
-    finally:
-        litellm.callbacks = saved
     if not replies[0]._hidden_params["prefill_router"].get("request_id"):
         pytest.skip("this gateway's /v1/route returns no request_id, so feedback cannot name the decision")
     assert len(scored) == 4
