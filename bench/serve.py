@@ -287,9 +287,9 @@ def main_load(args) -> None:
                                          "The answer is (B)."], r"listening on (http://\S+)")
         rows = []
         try:
-            for mode, checkpoint, batching in (("learned fallback (defaults)", "router", {}),
-                                               ("baseline: deadline -> default", "router-without-fallback",
-                                                {"max_batch_size": 16})):
+            modes = (("learned fallback (defaults)", "router", {}),
+                     ("baseline: deadline -> default", "router-without-fallback", {"max_batch_size": 16}))
+            for mode, checkpoint, batching in [m for i, m in enumerate(modes) if str(i) in args.load_modes]:
                 config = {"router": {"checkpoint": str(folder / checkpoint), "prefix_cache_mb": 0},
                           "targets": [{"name": t, "base_url": match.group(1), "timeout_s": 60,
                                        "usd_per_m_input": prices[t][0], "usd_per_m_output": prices[t][1]}
@@ -501,6 +501,7 @@ def main() -> None:
     parser.add_argument("--load-checkpoint", type=Path, default=None,
                         help="use this router (trained by an earlier --load run on the same rows) instead of training")
     parser.add_argument("--keep-checkpoint", type=Path, default=None, help="copy the --load router here")
+    parser.add_argument("--load-modes", default="01", help="which gateways: 0 defaults, 1 the baseline")
     parser.add_argument("--flood-shorts", type=int, default=40, help="short requests timed, quiet and flooded")
     parser.add_argument("--flood-workers", type=int, default=2, help="clients sending long prompts")
     parser.add_argument("--flood-baseline", action="store_true",

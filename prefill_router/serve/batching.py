@@ -106,6 +106,12 @@ class MicroBatcher(Generic[In, Out]):
                      deadline_s: float | None = None) -> Out:
         """The result of `fn` on a batch holding `item`. deadline_s: how long the caller will wait; a batch is
         kept small enough to finish before the earliest deadline of its items."""
+        return await self.enqueue(item, wanted, deadline_s)
+
+    def enqueue(self, item: In, wanted: Callable[[], bool] | None = None,
+                deadline_s: float | None = None) -> asyncio.Future[Out]:
+        """`submit` without waiting: the item is queued (and counted in the drain estimate) before this returns,
+        so the next arrival's admission sees it."""
         if self._worker is None or self._worker.done():
             self._arrived = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
@@ -116,7 +122,7 @@ class MicroBatcher(Generic[In, Out]):
                                      None if deadline_s is None else time.monotonic() + deadline_s))
         self.drain.queued += cost
         self._arrived.set()
-        return await future
+        return future
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -244,6 +250,10 @@ class LengthBuckets(Generic[In, Out]):
     async def submit(self, item: In, wanted: Callable[[], bool] | None = None,
                      deadline_s: float | None = None) -> Out:
         return await self.lanes[self.bucket(item)].submit(item, wanted, deadline_s)
+
+    def enqueue(self, item: In, wanted: Callable[[], bool] | None = None,
+                deadline_s: float | None = None) -> asyncio.Future[Out]:
+        return self.lanes[self.bucket(item)].enqueue(item, wanted, deadline_s)
 
     async def close(self) -> None:
         for lane in self.lanes:

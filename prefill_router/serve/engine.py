@@ -267,7 +267,9 @@ class RoutingEngine:
         if entry is None:
             source = "miss"
             entry = self._inflight[key] = _Inflight()
-            entry.task = asyncio.get_running_loop().create_task(self._compute(key, messages, entry))
+            # Queued now, not when the task first runs: the next arrival's admission must see this prompt's work.
+            queued = self.batcher.enqueue(messages, wanted=lambda: entry.waiters > 0, deadline_s=self.deadline_s)
+            entry.task = asyncio.get_running_loop().create_task(self._compute(key, queued))
             # Retrieve the exception even when every waiter has gone, so none is reported as lost.
             entry.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._count_cache(source)
@@ -280,9 +282,9 @@ class RoutingEngine:
         finally:
             entry.waiters -= 1
 
-    async def _compute(self, key: str, messages: list[Message], entry: _Inflight) -> Scores:
+    async def _compute(self, key: str, queued: asyncio.Future[Scores]) -> Scores:
         try:
-            result = await self.batcher.submit(messages, wanted=lambda: entry.waiters > 0)
+            result = await queued
         finally:
             self._inflight.pop(key, None)
         if key not in self.cache:  # a fallback decision made meanwhile stays: the conversation keeps its target
