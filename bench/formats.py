@@ -29,6 +29,8 @@ machine the spinning threads of one worker take the cores its other thread needs
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/formats.py --threads 2 --n-speed 32 --n-test 300 --repeats 2
 
 The main table runs under the wait policy of the command's environment; its header says which.
+
+    .venv/bin/python bench/formats.py --fallback-cost      # only the fallback's cost, beside the encoder's (2 min)
 """
 
 from __future__ import annotations
@@ -87,12 +89,15 @@ def tokens_per_s(encoder, prompts: list, batch: int, warm_up: list) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def latencies_ms(call, prompts: list) -> np.ndarray:
+def latencies_ms(call, prompts: list, cpu: bool = False) -> np.ndarray:
+    """Wall ms of `call([prompt])` per prompt; with `cpu`, the calling thread's CPU ms instead (what the call
+    costs whatever else the machine runs: on a busy one, wall time adds the time spent waiting for a core)."""
+    clock = time.thread_time if cpu else time.perf_counter
     out = []
     for p in prompts:
-        start = time.perf_counter()
+        start = clock()
         call([p])
-        out.append((time.perf_counter() - start) * 1e3)
+        out.append((clock() - start) * 1e3)
     return np.array(out)
 
 
@@ -131,13 +136,63 @@ def worker_layouts(args, prompts: list) -> dict:
     return {fmt: {k: float(np.median(v)) for k, v in d.items()} for fmt, d in out.items()}
 
 
-def long_prompts(ds, encoder, n: int, seed: int = 3) -> list[str]:
-    """`n` prompts of at least WINDOW templated tokens, made of consecutive MMLU-Pro questions."""
+def fallback_cost(args) -> int:
+    """The fallback scorer's cost per prompt (its P being beside the point here, its router is a quick one), and
+    the fp32 encoder's at batch 1 on the same prompts, the baseline it stands in for."""
+    started = machine()
+    ds = load_mmlu_pro(args.data_root)
+    encoder = load_encoder(max_route_tokens=WINDOW, dtype="fp32")
+    done, X_ref = reference_features(Path(args.data_root) / "mmlu-pro" / "features-smollm2-135m")
+    train = np.flatnonzero(done)[:1000]
+    router = train_router(ds.subset(train), X_ref[train][:, :1], None,
+                          {"pca": 50, "policy": "argmax", "calibration_folds": 2,
+                           "trunk": {"seeds": 1, "keep": 1, "max_epochs": 2, "threads": args.threads}},
+                          hidden_states=[0], encoder=encoder)
+    order = np.random.default_rng(1).permutation(stratified_sample(ds, args.n_speed, seed=1))
+    sets = {"MMLU-Pro prompts": [ds.prompts[i] for i in order],
+            f"{WINDOW}-token prompts": sized_prompts(ds, encoder, args.n_speed, WINDOW),
+            f"2,000-token prompts (the window keeps {WINDOW})": sized_prompts(ds, encoder, args.n_speed, 2000)}
+    router.predict_fallback(sets["MMLU-Pro prompts"][:2])  # its tokenizer copy and table are made at the first call
+    rows = []
+    for label, prompts in sets.items():
+        tokens = np.median(encoder.count_tokens(prompts))
+        wall = np.concatenate([latencies_ms(router.predict_fallback, prompts) for _ in range(5)])
+        cpu = np.concatenate([latencies_ms(router.predict_fallback, prompts, cpu=True) for _ in range(5)])
+        call = lambda p: encoder.encode(p, poolings=("mean",), layers=STATES)  # noqa: E731
+        call(prompts[:1])
+        prefill = latencies_ms(call, prompts[:8])
+        rows.append((label, tokens, wall, cpu, prefill))
+    print(f"\n{started}\n{machine()}\n\n| prompts | median tokens | fallback wall ms, median / p90 | fallback CPU ms "
+          f"(its thread), median / p90 | fp32 prefill (early exit at {max(STATES)}) wall ms, median | ratio of "
+          f"medians (wall) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, tokens, wall, cpu, prefill in rows:
+        print(f"| {label} | {tokens:.0f} | {np.median(wall):.2f} / {np.percentile(wall, 90):.2f} | "
+              f"{np.median(cpu):.2f} / {np.percentile(cpu, 90):.2f} | {np.median(prefill):.0f} | "
+              f"{np.median(prefill) / np.median(wall):.0f}x |")
+    return 0
+
+
+def sized_prompts(ds, encoder, n: int, tokens: int, seed: int = 5) -> list[str]:
+    """`n` prompts of exactly `tokens` templated tokens: consecutive MMLU-Pro questions, cut to length."""
+    overhead = int(encoder.count_tokens(["x"])[0]) - 1  # the chat template's tokens around the text
+    out = []
+    for text in long_prompts(ds, encoder, n, seed=seed, tokens=tokens):
+        ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens - overhead]
+        cut = encoder.tokenizer.decode(ids)
+        while encoder.count_tokens([cut])[0] > tokens:  # decoding can merge across the cut: trim a character
+            cut = cut[:-1]
+        out.append(cut)
+    return out
+
+
+def long_prompts(ds, encoder, n: int, seed: int = 3, tokens: int = WINDOW + 8) -> list[str]:
+    """`n` prompts of at least `tokens` templated tokens, made of consecutive MMLU-Pro questions."""
     order = np.random.default_rng(seed).permutation(ds.n)
     out, i = [], 0
     while len(out) < n:
         text = ""
-        while encoder.count_tokens([text or "-"])[0] < WINDOW + 8:
+        while encoder.count_tokens([text or "-"])[0] < tokens:
             text += ("\n\n" if text else "") + ds.prompts[order[i]]
             i += 1
         out.append(text)
@@ -178,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-workers", type=int, default=16, help="prompts of the workers comparison")
     ap.add_argument("--no-auc", action="store_true", help="speed only")
     ap.add_argument("--workers-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fallback-cost", action="store_true",
+                    help="only the fallback scorer's cost per prompt, beside the fp32 encoder's at batch 1")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.workers_child:  # one wait policy's workers comparison, as JSON (see the docstring)
@@ -185,6 +242,8 @@ def main(argv=None) -> int:
         order = np.random.default_rng(1).permutation(stratified_sample(ds, args.n_speed + 16, seed=1))
         print(json.dumps(worker_layouts(args, [ds.prompts[i] for i in order[:args.n_workers]])))
         return 0
+    if args.fallback_cost:
+        return fallback_cost(args)
     started = machine()
     log(started)
     auto, why = resolve_format("auto", "cpu")

@@ -64,9 +64,8 @@ def test_a_long_prompt_is_read_from_its_head_and_tail_only(encoder):
     featurizer = EmbeddingMean.of(encoder)
     assert featurizer._pieces_exact
     calls = []
-    original = featurizer._backend.encode
-    featurizer._backend = type("Counting", (), {"encode": lambda _, text, **kw: calls.append(len(text))
-                                                or original(text, **kw)})()
+    original = featurizer._encode
+    featurizer._encode = lambda text, special: calls.append(len(text)) or original(text, special)
     X, tokens = featurizer(long)
     rendered = [len(encoder.tokenizer.apply_chat_template(
         [{"role": "user", "content": p}] if isinstance(p, str) else p, tokenize=False, add_generation_prompt=True))
@@ -76,6 +75,21 @@ def test_a_long_prompt_is_read_from_its_head_and_tail_only(encoder):
                                rtol=1e-5, atol=1e-6)
     exact = encoder.count_tokens(long)
     assert np.all(np.abs(tokens - exact) <= 0.1 * exact)
+
+
+def test_the_word_cache_tokenizes_as_the_rust_tokenizer_does(encoder):
+    """ByteLevelWords (pre-tokens split as the tokenizer splits them, each one's ids kept) gives the tokenizer's
+    own ids, on text with runs of spaces and newlines, digits, punctuation, accents, emoji and special tokens."""
+    from prefill_router.features.embedding_mean import ByteLevelWords
+
+    backend = encoder.tokenizer.backend_tokenizer
+    words = ByteLevelWords.of(backend)
+    assert words is not None
+    texts = ["<|im_start|>user\nwhat is   the capital of france?<|im_end|>\n<|im_start|>assistant\n",
+             "  leading spaces, trailing\t\t\n\n", "0123456789 + 12.5e-3 = ( x ) ! ?", "café naïve 日本語 😀 ümlaut",
+             "it's they're we've I'm you'll he'd", "a\n \n  b<pad><unk>c", " ".join(WORDS) * 3, ""]
+    for text in texts * 2:  # the second time from the cache
+        assert words(text) == backend.encode(text, add_special_tokens=False).ids, text
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,10 @@ it equals the encoder's own `mean` pooling at hidden state 0 (up to float roundi
 An `EmbeddingMean` holds its own copy of the tokenizer and a read-only NumPy table, so one thread may call it
 while another runs the encoder; a lock keeps two callers of the same instance from sharing its tokenizer.
 
-Its cost is tokenization, so it is bounded the way the routing window bounds the encoder's: a rendered prompt
+Its cost is tokenization. For a byte-level BPE tokenizer (SmolLM2's, GPT-2's) `ByteLevelWords` gives the same ids
+as the Rust tokenizer about three times faster: it splits the text into the same pre-tokens and keeps each
+pre-token's ids, so a word seen before costs one dictionary lookup. The cost is also bounded the way the routing
+window bounds the encoder's: a rendered prompt
 longer than LONG_CHARS_PER_TOKEN characters per window token is not tokenized whole. Only a head and a tail
 piece are, each cut where a whitespace run starts, which is a pre-token boundary of a byte-level BPE tokenizer
 (SmolLM2's, GPT-2's): their tokens are exactly the whole text's first and last tokens, and the truncation rule
@@ -31,6 +34,7 @@ import numpy as np
 from prefill_router.errors import EncoderError
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
     from prefill_router.features.encoder import Encoder
@@ -58,6 +62,7 @@ class EmbeddingMean:
         self._backend: Any = backend
         self._pieces_exact = backend is not None and backend.normalizer is None and \
             type(backend.pre_tokenizer).__name__ == "ByteLevel"
+        self._words = ByteLevelWords.of(backend) if backend is not None else None
 
     @classmethod
     def of(cls, encoder: Encoder, table: np.ndarray | None = None) -> EmbeddingMean:
@@ -116,6 +121,8 @@ class EmbeddingMean:
 
     def _encode(self, text: str, special: bool) -> list[int]:
         assert self._backend is not None
+        if self._words is not None and not special:
+            return self._words(text)
         # encode_batch_fast skips the character offsets, which nothing here reads: about a fifth faster.
         fast = getattr(self._backend, "encode_batch_fast", None)
         if fast is not None:
@@ -141,6 +148,72 @@ class EmbeddingMean:
                 return first[:head] + last[len(last) - tail:], len(first) + len(last) + round(middle)
             chars *= 2
         return None
+
+
+class ByteLevelWords:
+    """Token ids of a byte-level BPE tokenizer without a normalizer, computed as it computes them (added tokens
+    split out, the GPT-2 pre-token pattern, bytes mapped to characters, the BPE model on each pre-token), with
+    each pre-token's ids kept: a prompt's words were nearly all seen before, and a dictionary lookup is far
+    cheaper than the Rust tokenizer's whole pipeline on a few hundred tokens. `of` makes one only for a tokenizer
+    of exactly this kind whose ids it reproduces on a sample text; the ids are the same (tested)."""
+
+    # tokenizers' ByteLevel pre-tokenizer pattern (GPT-2's)
+    PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    MAX_WORDS = 200_000  # pre-tokens kept (a few MB); then the cache starts again
+    SAMPLE = "Hello  world!\n\n  It's 2,048 tokens\t— café, naïve 日本語 😀 x=1;  \n end "
+
+    def __init__(self, backend: Tokenizer):
+        import regex  # \p{L} and \p{N}, which `re` lacks (transformers depends on it too)
+
+        self._model = backend.model
+        added = {token.content: index for index, token in backend.get_added_tokens_decoder().items()}
+        self._added = added
+        longest_first = sorted(added, key=len, reverse=True)  # leftmost-longest, as the Rust tokenizer matches
+        self._split = regex.compile("(" + "|".join(regex.escape(a) for a in longest_first) + ")") if added else None
+        self._words = regex.compile(self.PATTERN)
+        self._bytes = str.maketrans(_byte_characters())
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def of(cls, backend: Tokenizer) -> ByteLevelWords | None:
+        pre, model = backend.pre_tokenizer, backend.model
+        plain = backend.normalizer is None and type(pre).__name__ == "ByteLevel" and \
+            not pre.add_prefix_space and pre.use_regex and type(model).__name__ == "BPE" and model.dropout is None
+        added = backend.get_added_tokens_decoder().values()
+        if not plain or any(a.lstrip or a.rstrip or a.single_word for a in added):
+            return None
+        try:
+            import regex  # noqa: F401
+        except ImportError:
+            return None
+        words = cls(backend)
+        sample = cls.SAMPLE + "".join(a.content for a in list(added)[:3])
+        return words if words(sample) == backend.encode(sample, add_special_tokens=False).ids else None
+
+    def __call__(self, text: str) -> list[int]:
+        ids: list[int] = []
+        cache = self._cache
+        if len(cache) > self.MAX_WORDS:
+            cache.clear()
+        for part in self._split.split(text) if self._split is not None else (text,):
+            if part in self._added:
+                ids.append(self._added[part])
+                continue
+            for word in self._words.findall(part):
+                found = cache.get(word)
+                if found is None:
+                    mapped = word.encode("utf-8").decode("latin-1").translate(self._bytes)
+                    found = cache[word] = [token.id for token in self._model.tokenize(mapped)]
+                ids.extend(found)
+        return ids
+
+
+def _byte_characters() -> dict[str, str]:
+    """Byte-level BPE's byte -> character map (GPT-2's bytes_to_unicode), keyed by the Latin-1 character of each
+    byte: printable bytes stand for themselves, the others for characters from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): chr(b) for b in printable}, **{chr(b): chr(256 + i) for i, b in enumerate(others)}}
 
 
 def _last_boundary(text: str, end: int) -> int | None:
