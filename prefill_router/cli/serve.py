@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from prefill_router.cli.common import HelpFormatter
@@ -32,6 +33,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # The encoder's OpenMP threads sleep rather than spin between the forward's parallel regions: they share the
+    # cores with the event loop and tokenization, and on a busy CPU spinning threads made one worker of two
+    # threads 7-10x slower (bench/README.md, number formats). Read once, when torch loads, so it is set first.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from prefill_router.serve.app import build_gateway, load_router
     from prefill_router.serve.config import load_gateway_config
     from prefill_router.serve.server import serve_forever
