@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from prefill_router.data.prompt import Message, check_prompt, prompt_hash, unknown_role
-from prefill_router.errors import DataError
+from prefill_router.errors import DataError, PrefillRouterError
 from prefill_router.features.window import first_turn, window_messages
 from prefill_router.serve.batching import LengthBuckets, LRUCache
 from prefill_router.serve.metrics import GatewayMetrics
@@ -432,6 +432,7 @@ class RouterScorer:
         self.prefix_cache_mb = prefix_cache_mb
         self.dtype = dtype or quantize
         self.dtype_reason: str | None = None  # why the encoder serves in its format, once _apply_dtype decided
+        self.fallback_unusable: str | None = None  # why the fallback scorer cannot run (found at warm-up)
         # Set from a capacity measurement (serve/capacity.py) when the gateway measures one at start.
         self.preferred_batch_size = 1
         self.seconds_per_char: float | None = None
@@ -445,6 +446,13 @@ class RouterScorer:
         use_prefix_cache = getattr(self.router.encoder, "use_prefix_cache", None)
         if use_prefix_cache is not None:  # local encoders only; a remote one has its own
             use_prefix_cache(self.prefix_cache_mb)
+        if self.has_fallback:  # its first call copies the tokenizer and reads the embedding table
+            try:
+                self.score_fallback([[{"role": "user", "content": "warm up"}]])
+            except PrefillRouterError as exc:  # a remote encoder has no embedding table to read
+                self.fallback_unusable = str(exc)
+                logger.warning("the checkpoint's fallback scorer cannot run here (%s); a request the prefill router "
+                               "cannot decide in time goes to the default target", exc)
 
     def _apply_dtype(self) -> None:
         """Serve with the encoder in the number format `router.dtype` resolves to on this CPU: the same model
@@ -526,8 +534,8 @@ class RouterScorer:
 
     @property
     def has_fallback(self) -> bool:
-        """Whether the checkpoint holds a fast fallback scorer (older ones do not)."""
-        return getattr(self.router, "fallback", None) is not None
+        """Whether the checkpoint holds a fast fallback scorer (older ones do not) that can run here."""
+        return getattr(self.router, "fallback", None) is not None and self.fallback_unusable is None
 
     def score_fallback(self, prompts: list[list[Message]]) -> list[Scores]:
         """P and C from the checkpoint's fast scorer: no encoder forward, so it answers in well under a
