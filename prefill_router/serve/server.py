@@ -136,6 +136,10 @@ def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_
     listen = getattr(getattr(app.state, "config", None), "listen", None)
     read_timeout_s = getattr(listen, "read_timeout_s", RequestDeadline.read_timeout_s)
     protocol = type("RequestDeadline", (RequestDeadline,), {"read_timeout_s": read_timeout_s})
+    # loop "asyncio", not uvicorn's "auto": uvloop, when some other package installs it (LiteLLM's proxy extra
+    # does), handles running out of file descriptors and slow clients differently from what is built and tested
+    # here (_ThrottleAcceptErrors, RequestDeadline).
+    kwargs.setdefault("loop", "asyncio")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol,
                             timeout_keep_alive=getattr(listen, "keep_alive_s", 5),
                             limit_concurrency=getattr(listen, "max_connections", None), **kwargs)
