@@ -112,55 +112,66 @@ def _number(value: float) -> float | None:
 
 
 def plot(results: dict, path: Path) -> Path:
-    """Cost (log) against accuracy: each router's utility sweep, its default policy as a star, the fixed
-    baselines, and every single model as a grey dot. The oracle sits far above the rest, so an arrow at the top
-    edge gives its numbers, which keeps the routers' region readable."""
+    """Two panels of cost (log) against accuracy. Left, the whole range: each router's utility sweep, every single
+    model as a grey dot, random, the best single model and the oracle. Right, a zoom on where the routers'
+    default policies (stars) sit next to the best single model, which the whole range squeezes into a corner."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    ax.scatter(results["target_cost_per_1k"], results["target_accuracy"], s=12, color="0.75", zorder=1,
-               label="single models")
-    for name, color in ROUTERS.items():
-        r = rows[name]
-        ax.plot(r["curve"]["cost_per_1k"], r["curve"]["accuracy"], color=color, lw=2.2 if "prefill" in name else 1.3,
-                label=LABELS[name], zorder=3)
-        ax.scatter([r["cost_per_1k_at_lambda_train"]], [r["accuracy_at_lambda_train"]], marker="*", s=170,
-                   color=color, edgecolor="black", zorder=5)
-    for name, marker in (("best single", "D"), ("random", "s")):
-        r = rows[name]
-        ax.scatter([r["cost_per_1k"]], [r["accuracy"]], marker=marker, s=60, color="white", edgecolor="black",
-                   zorder=4, label=LABELS[name])
-    ax.scatter([], [], marker="*", s=170, color="white", edgecolor="black",
-               label="default policy (λ chosen on training prompts)")
-    prefill = rows[PREFILL]
-    ax.annotate(f"default: {prefill['accuracy_at_lambda_train']:.1%}, "
-                f"{prefill['savings_vs_best_single_at_lambda_train']:.0%} cheaper\nthan the best single model",
-                xy=(prefill["cost_per_1k_at_lambda_train"], prefill["accuracy_at_lambda_train"]),
-                xytext=(-150, -38), textcoords="offset points", fontsize=8,
-                arrowprops={"arrowstyle": "->", "color": "0.3"})
-    top = max(max(r["curve"]["accuracy"]) for r in (rows[n] for n in ROUTERS)) + 0.05
-    ax.set_ylim(rows["random"]["accuracy"] - 0.03, top)
-    oracle = rows["oracle"]
-    ax.annotate(f"oracle (off the chart): {oracle['accuracy']:.1%} at ${oracle['cost_per_1k']:.3f} / 1k",
-                xy=(oracle["cost_per_1k"], top), xytext=(0, -30), textcoords="offset points", fontsize=8,
-                arrowprops={"arrowstyle": "->", "color": "0.3"})
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.0%}"))
-    ax.set_xlabel("USD per 1,000 queries (log scale)")
-    ax.set_ylabel("accuracy on held-out prompts")
-    ax.set_title(f"MMLU-Pro, {len(results['targets'])} models, {results['prompts']:,} questions: each curve sweeps "
-                 "a router's cost weight λ", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 5.2), width_ratios=[1, 1.15])
+    for ax in (full, zoom):
+        ax.scatter(results["target_cost_per_1k"], results["target_accuracy"], s=12, color="0.75", zorder=1,
+                   label="single models")
+        for name, color in ROUTERS.items():
+            r = rows[name]
+            ax.plot(r["curve"]["cost_per_1k"], r["curve"]["accuracy"], color=color,
+                    lw=2.2 if name == PREFILL else 1.3, label=LABELS[name], zorder=3)
+            ax.scatter([r["cost_per_1k_at_lambda_train"]], [r["accuracy_at_lambda_train"]], marker="*", s=170,
+                       color=color, edgecolor="black", zorder=5)
+        for name, marker in (("best single", "D"), ("random", "s"), ("oracle", "o")):
+            r = rows[name]
+            ax.scatter([r["cost_per_1k"]], [r["accuracy"]], marker=marker, s=60, color="white", edgecolor="black",
+                       zorder=4, label=LABELS[name])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.0%}"))
+        ax.set_xlabel("USD per 1,000 queries (log scale)")
+        ax.grid(True, alpha=0.3)
+    full.scatter([], [], marker="*", s=170, color="white", edgecolor="black",
+                 label="default policy (λ chosen on training prompts only)")
+    full.set_ylabel("accuracy on held-out prompts")
+    full.set_title("the whole range", fontsize=10)
+
+    best, prefill = rows["best single"], rows[PREFILL]
+    x0, x1 = prefill["cost_per_1k_at_lambda_train"] * 0.6, best["cost_per_1k"] * 1.3
+    y0 = min(rows[name]["accuracy_at_lambda_train"] for name in ROUTERS) - 0.02
+    y1 = max(max(rows[name]["curve"]["accuracy"]) for name in ROUTERS) + 0.01
+    zoom.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)))
+    zoom.set_xlim(x0, x1)
+    zoom.set_ylim(y0, y1)
+    full.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls="--", lw=1, color="0.4", zorder=6))
+    zoom.annotate(f"{LABELS[PREFILL]}, default policy:\n{prefill['accuracy_at_lambda_train']:.1%} accurate, "
+                  f"{prefill['savings_vs_best_single_at_lambda_train']:.0%} cheaper\nthan the best single model",
+                  xy=(prefill["cost_per_1k_at_lambda_train"], prefill["accuracy_at_lambda_train"]),
+                  xytext=(10, -52), textcoords="offset points", fontsize=8,
+                  arrowprops={"arrowstyle": "->", "color": "0.3"})
+    knn_is_best = rows["knn-minilm"]["savings_vs_best_single_at_lambda_train"] == 0  # its default never routes
+    zoom.annotate("best single model" + (" = kNN's default" if knn_is_best else ""),
+                  xy=(best["cost_per_1k"], best["accuracy"]), xytext=(-40, 18), textcoords="offset points",
+                  fontsize=8, ha="center")
+    zoom.set_title("zoom (dashed box): the default policies next to the best single model", fontsize=10)
+    fig.suptitle(f"MMLU-Pro, {len(results['targets'])} models, {results['prompts']:,} questions, 5-fold: each curve "
+                 "sweeps a router's cost weight λ", fontsize=11)
+    handles, labels = full.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
