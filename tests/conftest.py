@@ -137,3 +137,19 @@ def make_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 32, max_po
 def tiny_encoder_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama (hidden 32, context 128) with a chat-template tokenizer, saved to disk."""
     return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_encoder_dir):
+    """The tiny encoder loaded through the real loading code (a module may define its own `encoder`)."""
+    from prefill_router.features import load_encoder
+
+    return load_encoder(str(tiny_encoder_dir))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(encoder, tmp_path_factory):
+    """A tiny router on `encoder` over the gateway tests' three priced targets (gateway_helpers), saved."""
+    from gateway_helpers import train_tiny_router
+
+    return train_tiny_router(encoder, tmp_path_factory.mktemp("router"))

@@ -30,18 +30,6 @@ from prefill_router.serve.server import BackgroundServer
 ADMIN = "admin-secret"
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_encoder_dir):
-    from prefill_router.features import load_encoder
-
-    return load_encoder(str(tiny_encoder_dir))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(encoder, tmp_path_factory):
-    return train_tiny_router(encoder, tmp_path_factory.mktemp("router"))
-
-
 @contextmanager
 def serving(checkpoint, encoder, upstreams, **overrides):
     config = {"router": {"checkpoint": str(checkpoint), "quantize": None}, "targets": upstream_targets(upstreams),

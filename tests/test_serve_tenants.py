@@ -13,7 +13,13 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from gateway_helpers import TARGETS, metric, question, train_tiny_router, upstream_targets
+from gateway_helpers import (  # noqa: F401 - encoder, checkpoint: fixtures
+    TARGETS,
+    metric,
+    question,
+    train_tiny_router,
+    upstream_targets,
+)
 
 from prefill_router.router import Router
 from prefill_router.serve.app import create_app
@@ -32,18 +38,6 @@ TENANTS = [
 
 def bearer(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_encoder_dir):
-    from prefill_router.features import load_encoder
-
-    return load_encoder(str(tiny_encoder_dir))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(encoder, tmp_path_factory):
-    return train_tiny_router(encoder, tmp_path_factory.mktemp("router"))
 
 
 @contextmanager
