@@ -48,6 +48,12 @@ def run(args) -> int:
         raise ConfigError(f"{args.config}: " + "; ".join(unset))
     config.auth.all_keys()  # an unset auth.keys_env stops the gateway too: it would accept no client
     config.admin.all_keys("admin")  # likewise for admin.keys_env: reported once, as the error it is
+    try:  # tenants' keys and the shared state's URL: found now, not after the encoder has loaded
+        for i, tenant in enumerate(config.auth.all_tenants()):
+            tenant.secret(f"auth.tenants.{i}")
+        config.state.url()
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     for problem in unset:  # a target without its key: its requests go to the fallbacks
         print(f"warning: {problem}", file=sys.stderr)
     router = load_router(config)  # reads the checkpoint; its encoder loads at warm-up below

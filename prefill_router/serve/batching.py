@@ -57,6 +57,7 @@ class DrainRate:
         self.queued = 0.0
         self.running = 0.0
         self._running_since = 0.0
+        self.learned = False  # whether seconds_per_unit comes from batches run (not only a measurement)
 
     def started(self, cost: float, now: float) -> None:
         self.running, self._running_since = cost, now
@@ -66,13 +67,20 @@ class DrainRate:
         if cost > 0:
             rate = seconds / cost
             spu = self.seconds_per_unit
-            self.seconds_per_unit = rate if spu is None else (1 - self.smoothing) * spu + self.smoothing * rate
+            # The first real batch replaces a start-up measurement (taken once, maybe during a load spike).
+            learned = self.learned
+            self.seconds_per_unit = rate if spu is None or not learned else \
+                (1 - self.smoothing) * spu + self.smoothing * rate
+            self.learned = True
 
     def time_for(self, cost: float) -> float:
         return 0.0 if self.seconds_per_unit is None else cost * self.seconds_per_unit
 
     def wait(self, cost: float, now: float) -> float:
-        """Seconds until an item of `cost` queued now would have its result."""
+        """Seconds until an item of `cost` queued now would have its result; 0 while nothing is queued or
+        running: an idle encoder always tries (the deadline still bounds the wait)."""
+        if not self.queued and not self.running:
+            return 0.0
         left_running = max(0.0, self.time_for(self.running) - (now - self._running_since))
         return left_running + self.time_for(self.queued + cost)
 

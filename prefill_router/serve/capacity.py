@@ -12,6 +12,7 @@ one at a time and in batches, and returns prompts/s for each batch size. It deci
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,9 +36,21 @@ def measure_capacity(scorer: Any, seconds: float = 10.0, batch_sizes: Sequence[i
                      min_batches: int = 2) -> dict:
     """prompts/s at each batch size over about `seconds` in all (at least `min_batches` batches each, after one
     warm-up batch), the batch size to use, and seconds per window character at that size."""
-    from prefill_router.serve.engine import CHARS_PER_TOKEN, DEFAULT_MAX_ROUTE_TOKENS, PROMPT_OVERHEAD_CHARS
+    from prefill_router.serve.engine import DEFAULT_MAX_ROUTE_TOKENS
 
     window = int(getattr(scorer, "max_route_tokens", DEFAULT_MAX_ROUTE_TOKENS))
+    quiet = logging.getLogger("prefill_router.features.encoder")  # its prompts are cut to the window on purpose
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return _measure(scorer, window, seconds, batch_sizes, min_batches)
+    finally:
+        quiet.setLevel(level)
+
+
+def _measure(scorer: Any, window: int, seconds: float, batch_sizes: Sequence[int], min_batches: int) -> dict:
+    from prefill_router.serve.engine import CHARS_PER_TOKEN, PROMPT_OVERHEAD_CHARS
+
     per_size = seconds / len(batch_sizes)
     rates: dict[int, float] = {}
     seed = 0

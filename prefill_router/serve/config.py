@@ -383,6 +383,12 @@ class GatewayConfig(BaseModel):
         for section, auth in (("auth", self.auth), ("admin", self.admin)):
             if auth.keys_env and os.environ.get(auth.keys_env) is None:
                 problems.append(f"{section}.keys_env: environment variable {auth.keys_env} is not set")
+        for i, tenant in enumerate(self.auth.tenants):
+            if tenant.key_env and not os.environ.get(tenant.key_env):
+                problems.append(f"auth.tenants.{i}.key_env: environment variable {tenant.key_env} (key of tenant "
+                                f"{tenant.alias!r}) is not set")
+        if self.state.redis_url_env and not os.environ.get(self.state.redis_url_env):
+            problems.append(f"state.redis_url_env: environment variable {self.state.redis_url_env} is not set")
         for i, t in enumerate(self.targets):
             if t.api_key_env and os.environ.get(t.api_key_env) is None:
                 problems.append(f"targets.{i}.api_key_env: environment variable {t.api_key_env} "
