@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections import defaultdict
+from typing import Any
 
 from prefill_router.serve.auth import Caller
 from prefill_router.serve.errors import GatewayError
@@ -53,8 +54,8 @@ class Limits:
         if self.shared is not None:
             s = self.shared
 
-            async def shared_counts(client: object) -> list:
-                async with s.client.pipeline(transaction=False) as pipe:
+            async def shared_counts(client: Any) -> list:
+                async with client.pipeline(transaction=False) as pipe:
                     pipe.incr(s.key(rate_key))
                     pipe.expire(s.key(rate_key), RATE_TTL_S)
                     pipe.mget([s.key(k) for k in budget_keys])
